@@ -1,0 +1,285 @@
+//! Command-line definitions and `-o a,b=c` mount-option parsing. Both argv forms (the command
+//! line and what mount(8) passes to a helper) go through [`parse_args`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser};
+
+const EXAMPLES: &str = "\
+Examples:
+  s3mount my-bucket /mnt/data
+  s3mount my-bucket:/logs/2026 /mnt/logs --read-only
+  s3mount s3://my-bucket/team/ /mnt/team --profile prod --allow-other
+  s3mount test /mnt/test --endpoint-url http://127.0.0.1:3900 --region garage --force-path-style
+  s3mount my-bucket /mnt/data -o ro,allow_other,uid=1000,gid=1000,metadata_ttl=60
+
+Without -f the command returns once the mount is live (exit 0) and the daemon logs to syslog.
+Unmount with `umount DIR` or `fusermount3 -u DIR`.";
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "s3mount", version, about = "Mount an S3 bucket, or a prefix of one, as a directory", after_help = EXAMPLES)]
+pub struct Cli {
+    /// What to mount: BUCKET, BUCKET:/PREFIX or s3://BUCKET/PREFIX/
+    pub source: String,
+
+    /// Existing empty directory to mount on
+    pub mountpoint: PathBuf,
+
+    /// S3 endpoint for S3-compatible stores (MinIO, Garage, Ceph, R2, ...)
+    #[arg(long, env = "AWS_ENDPOINT_URL", value_name = "URL")]
+    pub endpoint_url: Option<String>,
+
+    /// Region of the bucket (default: from the AWS config, else us-east-1)
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
+
+    /// Address buckets as URL paths (http://host/bucket) instead of host names
+    #[arg(long)]
+    pub force_path_style: bool,
+
+    /// Named profile from ~/.aws/config and ~/.aws/credentials (incl. SSO and assume-role)
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
+
+    /// Send unsigned requests (public buckets)
+    #[arg(long)]
+    pub no_sign_request: bool,
+
+    /// Mount read-only: every write fails with EROFS
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Let other users access the mount (root, or user_allow_other in /etc/fuse.conf)
+    #[arg(long)]
+    pub allow_other: bool,
+
+    /// Let root access the mount besides the mounting user
+    #[arg(long)]
+    pub allow_root: bool,
+
+    /// Owner of objects without s3fs uid metadata (default: the mounting user)
+    #[arg(long, value_name = "UID")]
+    pub uid: Option<u32>,
+
+    /// Group of objects without s3fs gid metadata (default: the mounting user's group)
+    #[arg(long, value_name = "GID")]
+    pub gid: Option<u32>,
+
+    /// Permission bits of files without s3fs mode metadata, octal
+    #[arg(long, value_name = "MODE", value_parser = parse_mode, default_value = "0644")]
+    pub file_mode: u16,
+
+    /// Permission bits of directories without s3fs mode metadata, octal
+    #[arg(long, value_name = "MODE", value_parser = parse_mode, default_value = "0755")]
+    pub dir_mode: u16,
+
+    /// Umask applied to the default file and directory modes, octal (mount form: umask=022)
+    #[arg(long, value_name = "MASK", value_parser = parse_mode)]
+    pub umask: Option<u16>,
+
+    /// How long listings and attributes are trusted: seconds, or "indefinite"
+    #[arg(long, value_name = "SECONDS", value_parser = parse_ttl, default_value = "5")]
+    pub metadata_ttl: Duration,
+
+    /// Memory budget for all read and write buffers, e.g. 512MiB, 2GiB
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "512MiB")]
+    pub max_memory: u64,
+
+    /// Largest read-ahead window of one open file
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64MiB")]
+    pub max_prefetch: u64,
+
+    /// Attempts per S3 request, including the first (retries use exponential backoff)
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub max_attempts: u32,
+
+    /// Stay in the foreground and log to stderr
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+
+    /// Log debug details (S3MOUNT_LOG takes a tracing filter for finer control)
+    #[arg(short = 'd', long)]
+    pub debug: bool,
+
+    /// Log to this file instead of syslog when in the background
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+
+    /// Mount options, comma separated: any long option without dashes (endpoint_url=URL,
+    /// force_path_style, read_only...) plus the standard ro, rw, allow_other, uid=, gid=, umask=,
+    /// _netdev, nofail, noauto, user, nosuid, nodev, x-systemd.*
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+}
+
+/// Standard mount(8)/fstab options that only matter to mount(8), systemd or the kernel defaults
+/// we always set (nosuid, nodev, default_permissions).
+const IGNORED_MOUNT_OPTIONS: &[&str] = &[
+    "rw", "defaults", "auto", "noauto", "_netdev", "nofail", "user", "users", "nouser", "owner", "group", "nosuid",
+    "nodev", "suid", "dev", "exec", "noexec", "async", "atime", "noatime", "relatime", "nodiratime", "strictatime",
+    "lazytime", "default_permissions", "nonempty", "bg", "fg",
+];
+
+fn is_ignored(name: &str) -> bool {
+    IGNORED_MOUNT_OPTIONS.contains(&name)
+        || name.starts_with("x-")
+        || name == "comment"
+        || name == "fsname"
+        || name == "subtype"
+}
+
+/// Turn one `-o` item into long options, or say why it can't be.
+fn translate_option(item: &str, known: &[String]) -> Result<Vec<String>, String> {
+    let (name, value) = match item.split_once('=') {
+        Some((n, v)) => (n.trim(), Some(v)),
+        None => (item.trim(), None),
+    };
+    if is_ignored(name) {
+        return Ok(vec![]);
+    }
+    if name == "ro" {
+        return Ok(vec!["--read-only".into()]);
+    }
+    let long = name.replace('_', "-");
+    if matches!(long.as_str(), "help" | "version" | "options" | "o") || !known.contains(&long) {
+        return Err(format!("unknown mount option '{name}' (see s3mount --help for the options)"));
+    }
+    Ok(vec![match value {
+        Some(v) => format!("--{long}={v}"),
+        None => format!("--{long}"),
+    }])
+}
+
+/// Expand every `-o a,b=c` (also `-oa,b`) into the equivalent long options.
+pub fn expand_mount_options(args: &[String]) -> Result<Vec<String>, String> {
+    let known: Vec<String> =
+        Cli::command().get_arguments().filter_map(|a| a.get_long().map(str::to_string)).collect();
+    let mut out = Vec::with_capacity(args.len());
+    let mut iter = args.iter();
+    if let Some(first) = iter.next() {
+        out.push(first.clone());
+    }
+    while let Some(a) = iter.next() {
+        let list = if a == "-o" {
+            iter.next().ok_or("option -o needs a value, e.g. -o ro,allow_other")?.clone()
+        } else if let Some(rest) = a.strip_prefix("-o").filter(|r| !r.is_empty()) {
+            rest.to_string()
+        } else if a == "--" {
+            out.push(a.clone());
+            out.extend(iter.cloned());
+            break;
+        } else {
+            out.push(a.clone());
+            continue;
+        };
+        for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            out.extend(translate_option(item, &known)?);
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Debug)]
+pub enum ArgsError {
+    /// clap's own error (usage, --help, --version): print it its way.
+    Clap(clap::Error),
+    Invalid(String),
+}
+
+pub fn parse_args(args: &[String]) -> Result<Cli, ArgsError> {
+    let expanded = expand_mount_options(args).map_err(ArgsError::Invalid)?;
+    Cli::try_parse_from(expanded).map_err(ArgsError::Clap)
+}
+
+pub fn parse_mode(s: &str) -> Result<u16, String> {
+    let t = s.trim();
+    let digits = t.strip_prefix("0o").unwrap_or(t);
+    let v = u16::from_str_radix(digits, 8).map_err(|_| format!("'{s}' is not an octal mode like 0644"))?;
+    if v > 0o7777 {
+        return Err(format!("'{s}' is larger than 07777"));
+    }
+    Ok(v)
+}
+
+pub fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("indefinite") {
+        return Ok(Duration::from_secs(100 * 365 * 24 * 3600));
+    }
+    let secs: f64 = t.trim_end_matches('s').parse().map_err(|_| format!("'{s}' is not a number of seconds or 'indefinite'"))?;
+    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+        return Err(format!("'{s}' is out of range (0 to 1e9 seconds)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Sizes like `4096`, `64KiB`, `8MiB`, `2GiB`, `1G` (K/M/G/T are powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size like 512MiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("'{s}' has an unknown unit (use KiB, MiB, GiB or TiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn mount_options_equal_long_options() {
+        let a = parse_args(&args(&[
+            "s3mount", "b:/p", "/mnt", "-o", "endpoint_url=http://h:1,force_path_style,region=r,ro,_netdev,x-systemd.automount",
+        ]))
+        .unwrap();
+        let b = parse_args(&args(&["s3mount", "b:/p", "/mnt", "--endpoint-url", "http://h:1", "--force-path-style", "--region", "r", "--read-only"])).unwrap();
+        assert_eq!(a.endpoint_url, b.endpoint_url);
+        assert_eq!((a.force_path_style, a.read_only, a.region.clone()), (true, true, Some("r".into())));
+        assert_eq!((b.force_path_style, b.read_only), (true, true));
+    }
+
+    #[test]
+    fn o_can_come_anywhere_and_glued() {
+        let a = parse_args(&args(&["s3mount", "-oallow_other,uid=5", "b", "/mnt", "-o", "gid=6,umask=027"])).unwrap();
+        assert!(a.allow_other);
+        assert_eq!((a.uid, a.gid, a.umask), (Some(5), Some(6), Some(0o027)));
+    }
+
+    #[test]
+    fn unknown_options_are_named() {
+        match parse_args(&args(&["s3mount", "b", "/mnt", "-o", "ro,bogus=1"])) {
+            Err(ArgsError::Invalid(m)) => assert!(m.contains("bogus"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse_args(&args(&["s3mount", "b", "/mnt", "-o"])).is_err());
+    }
+
+    #[test]
+    fn values_are_validated() {
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert!(parse_size("12parsecs").is_err());
+        assert!(parse_size("99999999999999999999T").is_err());
+        assert_eq!(parse_mode("0750"), Ok(0o750));
+        assert!(parse_mode("0999").is_err());
+        assert!(parse_mode("77777").is_err());
+        assert_eq!(parse_ttl("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_ttl("-1").is_err());
+        assert!(parse_ttl("soon").is_err());
+        assert!(parse_args(&args(&["s3mount", "b", "/mnt", "--file-mode", "rw-r--r--"])).is_err());
+        assert!(parse_args(&args(&["s3mount", "b", "/mnt", "-o", "max_memory=lots"])).is_err());
+    }
+}

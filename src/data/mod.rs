@@ -1,0 +1,4 @@
+//! Bytes in motion: prefetching reads and the memory budget they draw from.
+
+pub mod budget;
+pub mod prefetch;

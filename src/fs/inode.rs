@@ -1,0 +1,125 @@
+//! The inode table: inode numbers <-> (parent, name), what each inode is in the bucket, and the
+//! kernel's lookup counts (an inode is dropped when the kernel forgets it).
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use super::attrs::{Attr, Kind};
+use crate::store::ObjectMeta;
+
+pub const ROOT_INO: u64 = 1;
+
+#[derive(Clone, Debug)]
+pub struct Inode {
+    pub ino: u64,
+    pub parent: u64,
+    pub name: String,
+    pub kind: Kind,
+    /// Files: the object key. Directories: the key prefix, ending in `/` (or empty at a bucket root).
+    pub key: String,
+    pub attr: Attr,
+    /// What the bucket said last, with when; `None` for directories without a marker.
+    pub meta: Option<ObjectMeta>,
+    pub fetched: Instant,
+    pub lookups: u64,
+    /// The ETag whose bytes the kernel page cache may hold for this inode.
+    pub page_cache_etag: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct InodeTable {
+    inodes: HashMap<u64, Inode>,
+    by_name: HashMap<(u64, String), u64>,
+    next_ino: u64,
+}
+
+impl InodeTable {
+    pub fn new(root: Inode) -> Self {
+        let mut inodes = HashMap::new();
+        inodes.insert(ROOT_INO, root);
+        InodeTable { inodes, by_name: HashMap::new(), next_ino: ROOT_INO + 1 }
+    }
+
+    pub fn get(&self, ino: u64) -> Option<&Inode> {
+        self.inodes.get(&ino)
+    }
+
+    pub fn get_mut(&mut self, ino: u64) -> Option<&mut Inode> {
+        self.inodes.get_mut(&ino)
+    }
+
+    pub fn find(&self, parent: u64, name: &str) -> Option<u64> {
+        self.by_name.get(&(parent, name.to_string())).copied()
+    }
+
+    /// Insert or refresh the inode for `parent/name` and count one kernel lookup on it.
+    /// A change of kind (file replaced by a directory) gets a fresh inode number.
+    pub fn upsert(
+        &mut self,
+        parent: u64,
+        name: &str,
+        kind: Kind,
+        key: String,
+        meta: Option<ObjectMeta>,
+        make_attr: impl Fn(u64) -> Attr,
+    ) -> Attr {
+        let existing = self.find(parent, name).filter(|ino| self.inodes.get(ino).is_some_and(|i| i.kind == kind));
+        let ino = match existing {
+            Some(ino) => ino,
+            None => {
+                let ino = self.next_ino;
+                self.next_ino += 1;
+                self.by_name.insert((parent, name.to_string()), ino);
+                ino
+            }
+        };
+        let attr = make_attr(ino);
+        let entry = self.inodes.entry(ino).or_insert_with(|| Inode {
+            ino,
+            parent,
+            name: name.to_string(),
+            kind,
+            key: key.clone(),
+            attr,
+            meta: None,
+            fetched: Instant::now(),
+            lookups: 0,
+            page_cache_etag: None,
+        });
+        entry.key = key;
+        entry.attr = attr;
+        entry.meta = meta;
+        entry.fetched = Instant::now();
+        entry.lookups += 1;
+        attr
+    }
+
+    /// Undo one counted lookup that never reached the kernel.
+    pub fn unlookup(&mut self, ino: u64) {
+        self.forget(ino, 1);
+    }
+
+    /// The kernel dropped `n` references.
+    pub fn forget(&mut self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let Some(inode) = self.inodes.get_mut(&ino) else { return };
+        inode.lookups = inode.lookups.saturating_sub(n);
+        if inode.lookups == 0 {
+            let key = (inode.parent, inode.name.clone());
+            self.inodes.remove(&ino);
+            if self.by_name.get(&key) == Some(&ino) {
+                self.by_name.remove(&key);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.inodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inodes.is_empty()
+    }
+}

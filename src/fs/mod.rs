@@ -1,0 +1,490 @@
+//! POSIX semantics on objects. No fuser types and no AWS types: everything here is testable
+//! against [`crate::store::mock::MockStore`].
+
+pub mod attrs;
+pub mod dir;
+pub mod inode;
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use lru::LruCache;
+use parking_lot::Mutex;
+
+use crate::data::budget::Budget;
+use crate::data::prefetch::{ObjectReader, PrefetchConfig};
+use crate::store::{ByteRange, ObjectMeta, ObjectStore, StoreError, LEGACY_FOLDER_SUFFIX};
+pub use attrs::{Attr, AttrDefaults, Kind};
+use dir::{invalid_name_reason, DirEntry, Listing, WarnOnce};
+use inode::{Inode, InodeTable, ROOT_INO};
+
+/// An errno, the only error the kernel understands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    pub const ENOENT: Errno = Errno(libc::ENOENT);
+    pub const EIO: Errno = Errno(libc::EIO);
+    pub const EROFS: Errno = Errno(libc::EROFS);
+    pub const EBADF: Errno = Errno(libc::EBADF);
+    pub const ENOTDIR: Errno = Errno(libc::ENOTDIR);
+    pub const EISDIR: Errno = Errno(libc::EISDIR);
+    pub const EINVAL: Errno = Errno(libc::EINVAL);
+    pub const EACCES: Errno = Errno(libc::EACCES);
+    pub const ESTALE: Errno = Errno(libc::ESTALE);
+    pub const ENAMETOOLONG: Errno = Errno(libc::ENAMETOOLONG);
+    pub const ENOTSUP: Errno = Errno(libc::ENOTSUP);
+    pub const ETIMEDOUT: Errno = Errno(libc::ETIMEDOUT);
+}
+
+pub type FsResult<T> = Result<T, Errno>;
+
+/// The one place store errors become errnos; everything but "not found" is logged with its key.
+fn errno_of(e: &StoreError, op: &str) -> Errno {
+    let errno = match e {
+        StoreError::NotFound(_) => return Errno::ENOENT,
+        StoreError::NoSuchBucket(_) => Errno::EIO,
+        StoreError::AccessDenied(_) => Errno::EACCES,
+        StoreError::PreconditionFailed(_) => Errno::ESTALE,
+        StoreError::InvalidRange(_) => Errno::EINVAL,
+        StoreError::Timeout(_) => Errno::ETIMEDOUT,
+        StoreError::Unsupported(_) => Errno::ENOTSUP,
+        StoreError::Unreachable(_) | StoreError::Checksum(_) | StoreError::Other(_) => Errno::EIO,
+    };
+    tracing::warn!(op, error = %e, errno = errno.0, "store request failed");
+    errno
+}
+
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    /// Key prefix the mount shows, empty or ending in `/`.
+    pub prefix: String,
+    pub read_only: bool,
+    pub defaults: AttrDefaults,
+    /// How long listings, attributes and negative lookups are trusted.
+    pub metadata_ttl: Duration,
+    pub prefetch: PrefetchConfig,
+    pub max_memory: u64,
+}
+
+impl FsConfig {
+    pub fn new(prefix: &str) -> Self {
+        FsConfig {
+            prefix: prefix.to_string(),
+            read_only: false,
+            defaults: AttrDefaults {
+                uid: unsafe { libc::getuid() },
+                gid: unsafe { libc::getgid() },
+                file_mode: 0o644,
+                dir_mode: 0o755,
+                mount_time: SystemTime::now(),
+            },
+            metadata_ttl: Duration::from_secs(5),
+            prefetch: PrefetchConfig::default(),
+            max_memory: 512 << 20,
+        }
+    }
+}
+
+/// One entry handed to readdir.
+#[derive(Clone, Debug)]
+pub struct DirItem {
+    /// Offset of the entry after this one (what the kernel passes back to continue).
+    pub next_offset: i64,
+    pub name: String,
+    pub kind: Kind,
+    /// The listing entry (None for `.` and `..`).
+    pub entry: Option<DirEntry>,
+    /// Inode to report: known ino, or a stable stand-in for entries never looked up.
+    pub ino: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+struct DirHandle {
+    ino: u64,
+    parent: u64,
+    items: Vec<(String, DirEntry)>,
+}
+
+struct FileHandle {
+    reader: ObjectReader,
+}
+
+pub struct Fs {
+    store: Arc<dyn ObjectStore>,
+    cfg: FsConfig,
+    inodes: Mutex<InodeTable>,
+    listings: Mutex<LruCache<String, (Instant, Arc<Listing>)>>,
+    negative: Mutex<LruCache<String, Instant>>,
+    files: Mutex<HashMap<u64, Arc<FileHandle>>>,
+    dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
+    next_fh: AtomicU64,
+    budget: Arc<Budget>,
+    warn: WarnOnce,
+}
+
+impl std::fmt::Debug for Fs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fs").field("store", &self.store).field("prefix", &self.cfg.prefix).finish()
+    }
+}
+
+fn nz(n: usize) -> NonZeroUsize {
+    NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN)
+}
+
+impl Fs {
+    pub fn new(store: Arc<dyn ObjectStore>, cfg: FsConfig) -> Self {
+        let root_attr = attrs::attr_from_meta(ROOT_INO, Kind::Dir, None, &cfg.defaults);
+        let root = Inode {
+            ino: ROOT_INO,
+            parent: ROOT_INO,
+            name: String::new(),
+            kind: Kind::Dir,
+            key: cfg.prefix.clone(),
+            attr: root_attr,
+            meta: None,
+            fetched: Instant::now(),
+            lookups: 1,
+            page_cache_etag: None,
+        };
+        let budget = Budget::new(cfg.max_memory);
+        Fs {
+            store,
+            inodes: Mutex::new(InodeTable::new(root)),
+            listings: Mutex::new(LruCache::new(nz(256))),
+            negative: Mutex::new(LruCache::new(nz(16_384))),
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            budget,
+            warn: WarnOnce::default(),
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.cfg
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.cfg.metadata_ttl
+    }
+
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
+    /// Inodes currently known (for tests and diagnostics).
+    pub fn inode_count(&self) -> usize {
+        self.inodes.lock().len()
+    }
+
+    fn fresh(&self, at: Instant) -> bool {
+        at.elapsed() < self.cfg.metadata_ttl
+    }
+
+    fn inode(&self, ino: u64) -> FsResult<Inode> {
+        self.inodes.lock().get(ino).cloned().ok_or(Errno::ENOENT)
+    }
+
+    fn dir_inode(&self, ino: u64) -> FsResult<Inode> {
+        let i = self.inode(ino)?;
+        if i.kind != Kind::Dir {
+            return Err(Errno::ENOTDIR);
+        }
+        Ok(i)
+    }
+
+    /// The whole listing of a directory prefix, from the cache while it is fresh.
+    async fn listing(&self, prefix: &str, allow_cached: bool) -> FsResult<Arc<Listing>> {
+        if allow_cached {
+            if let Some((at, l)) = self.listings.lock().get(prefix) {
+                if self.fresh(*at) {
+                    return Ok(l.clone());
+                }
+            }
+        }
+        let mut listing = Listing::default();
+        let mut token = None;
+        loop {
+            let page = self
+                .store
+                .list_page(prefix, Some("/"), token, None)
+                .await
+                .map_err(|e| errno_of(&e, "list"))?;
+            token = page.next_token.clone();
+            listing.add_page(prefix, page, &self.warn);
+            if token.is_none() {
+                break;
+            }
+        }
+        let listing = Arc::new(listing);
+        if !self.cfg.metadata_ttl.is_zero() {
+            self.listings.lock().put(prefix.to_string(), (Instant::now(), listing.clone()));
+        }
+        Ok(listing)
+    }
+
+    fn make_attr(&self, kind: Kind, meta: Option<&ObjectMeta>) -> impl Fn(u64) -> Attr + '_ {
+        let meta = meta.cloned();
+        move |ino| attrs::attr_from_meta(ino, kind, meta.as_ref(), &self.cfg.defaults)
+    }
+
+    /// Register `parent/name` as found (counting one kernel lookup) and return its attributes.
+    pub fn remember_entry(&self, parent: &Inode, name: &str, entry: &DirEntry) -> Attr {
+        let (kind, meta) = match &entry.meta {
+            Some(m) if m.has_metadata => (attrs::kind_from_meta(m).filter(|k| *k != Kind::Dir || entry.kind == Kind::Dir).unwrap_or(entry.kind), Some(m)),
+            m => (entry.kind, m.as_ref()),
+        };
+        let key = match kind {
+            Kind::Dir => format!("{}{name}/", parent.key),
+            _ => format!("{}{name}", parent.key),
+        };
+        let make = self.make_attr(kind, meta);
+        self.inodes.lock().upsert(parent.ino, name, kind, key, meta.cloned(), make)
+    }
+
+    /// Find what `name` is in directory `parent` without listing the whole directory:
+    /// HEAD of the key and a one-key listing of `key/` in parallel (a directory wins),
+    /// then the legacy `name_$folder$` marker.
+    async fn probe(&self, parent_key: &str, name: &str) -> FsResult<Option<DirEntry>> {
+        let key = format!("{parent_key}{name}");
+        let dir_prefix = format!("{key}/");
+        let (head, list) = tokio::join!(
+            self.store.head(&key),
+            self.store.list_page(&dir_prefix, Some("/"), None, Some(1))
+        );
+        let list = list.map_err(|e| errno_of(&e, "lookup list"))?;
+        if !list.objects.is_empty() || !list.common_prefixes.is_empty() {
+            let marker = list.objects.into_iter().find(|o| o.key == dir_prefix);
+            if head.is_ok() {
+                self.warn.warn(&key, "key is both a file and a directory prefix; showing the directory, hiding the file");
+            }
+            return Ok(Some(DirEntry { kind: Kind::Dir, meta: marker }));
+        }
+        match head {
+            Ok(meta) => {
+                let kind = if attrs::is_directory_content_type(&meta) || attrs::kind_from_meta(&meta) == Some(Kind::Dir) {
+                    Kind::Dir
+                } else {
+                    Kind::File
+                };
+                return Ok(Some(DirEntry { kind, meta: Some(meta) }));
+            }
+            Err(StoreError::NotFound(_)) => {}
+            Err(e) => return Err(errno_of(&e, "lookup head")),
+        }
+        match self.store.head(&format!("{key}{LEGACY_FOLDER_SUFFIX}")).await {
+            Ok(_) => Ok(Some(DirEntry { kind: Kind::Dir, meta: None })),
+            Err(StoreError::NotFound(_)) => Ok(None),
+            Err(e) => Err(errno_of(&e, "lookup head")),
+        }
+    }
+
+    pub async fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        let parent = self.dir_inode(parent)?;
+        let name = std::str::from_utf8(name).map_err(|_| Errno::ENOENT)?;
+        if name.len() > 255 {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        if invalid_name_reason(name).is_some() {
+            return Err(Errno::ENOENT);
+        }
+        let cached = self.listings.lock().get(&parent.key).filter(|(at, _)| self.fresh(*at)).map(|(_, l)| l.clone());
+        let entry = match cached {
+            Some(listing) => listing.entries.get(name).cloned(),
+            None => {
+                let full = format!("{}{name}", parent.key);
+                let negative = self.negative.lock().get(&full).is_some_and(|at| self.fresh(*at));
+                if negative {
+                    None
+                } else {
+                    let found = self.probe(&parent.key, name).await?;
+                    if found.is_none() && !self.cfg.metadata_ttl.is_zero() {
+                        self.negative.lock().put(full, Instant::now());
+                    }
+                    found
+                }
+            }
+        };
+        let entry = entry.ok_or(Errno::ENOENT)?;
+        Ok(self.remember_entry(&parent, name, &entry))
+    }
+
+    /// Cached attributes of a known inode, without any request.
+    pub fn attr_of(&self, ino: u64) -> Option<Attr> {
+        self.inodes.lock().get(ino).map(|i| i.attr)
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.inodes.lock().forget(ino, n);
+    }
+
+    /// Fetch fresh metadata for a file inode and store it.
+    async fn refresh_file(&self, inode: &Inode) -> FsResult<Inode> {
+        let meta = self.store.head(&inode.key).await.map_err(|e| errno_of(&e, "getattr"))?;
+        let kind = match attrs::kind_from_meta(&meta) {
+            Some(Kind::Symlink) => Kind::Symlink,
+            _ => Kind::File,
+        };
+        let attr = attrs::attr_from_meta(inode.ino, kind, Some(&meta), &self.cfg.defaults);
+        let mut table = self.inodes.lock();
+        let i = table.get_mut(inode.ino).ok_or(Errno::ENOENT)?;
+        i.attr = attr;
+        i.kind = kind;
+        i.meta = Some(meta);
+        i.fetched = Instant::now();
+        Ok(i.clone())
+    }
+
+    pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let inode = self.inode(ino)?;
+        if inode.kind == Kind::Dir || self.fresh(inode.fetched) {
+            return Ok(inode.attr);
+        }
+        Ok(self.refresh_file(&inode).await?.attr)
+    }
+
+    /// Open a file for reading. Returns the handle and whether the kernel may keep cached pages.
+    pub async fn open(&self, ino: u64, flags: i32) -> FsResult<(u64, bool)> {
+        let inode = self.inode(ino)?;
+        if inode.kind == Kind::Dir {
+            return Err(Errno::EISDIR);
+        }
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            return Err(Errno::EROFS);
+        }
+        let inode = match &inode.meta {
+            Some(m) if m.etag.is_some() && self.fresh(inode.fetched) => inode,
+            _ => self.refresh_file(&inode).await?,
+        };
+        let meta = inode.meta.clone().unwrap_or_default();
+        let reader = ObjectReader::new(
+            self.store.clone(),
+            inode.key.clone(),
+            meta.etag.clone(),
+            meta.size,
+            self.cfg.prefetch,
+            self.budget.clone(),
+        );
+        let keep_cache = {
+            let mut table = self.inodes.lock();
+            let i = table.get_mut(ino).ok_or(Errno::ENOENT)?;
+            let keep = meta.etag.is_some() && i.page_cache_etag == meta.etag;
+            i.page_cache_etag = meta.etag.clone();
+            keep
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.files.lock().insert(fh, Arc::new(FileHandle { reader }));
+        Ok((fh, keep_cache))
+    }
+
+    pub async fn read(&self, fh: u64, offset: i64, size: u32) -> FsResult<Bytes> {
+        let handle = self.files.lock().get(&fh).cloned().ok_or(Errno::EBADF)?;
+        let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
+        handle.reader.read(offset, size).await.map_err(|e| errno_of(&e, "read"))
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.files.lock().remove(&fh);
+    }
+
+    pub async fn readlink(&self, ino: u64) -> FsResult<Bytes> {
+        let inode = self.inode(ino)?;
+        let inode = if inode.kind == Kind::Symlink && inode.meta.is_some() { inode } else { self.refresh_file(&inode).await? };
+        if inode.kind != Kind::Symlink {
+            return Err(Errno::EINVAL);
+        }
+        let size = inode.meta.as_ref().map(|m| m.size).unwrap_or(0).min(4096);
+        self.store.get_range(&inode.key, ByteRange::new(0, size), None).await.map_err(|e| errno_of(&e, "readlink"))
+    }
+
+    pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let inode = self.dir_inode(ino)?;
+        let listing = self.listing(&inode.key, true).await?;
+        let items = listing.entries.iter().map(|(n, e)| (n.clone(), e.clone())).collect();
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs.lock().insert(fh, Arc::new(DirHandle { ino, parent: inode.parent, items }));
+        Ok(fh)
+    }
+
+    /// Entries from `offset` on (0 is the start; `.` and `..` come first).
+    pub fn readdir(&self, fh: u64, offset: i64) -> FsResult<Vec<DirItem>> {
+        let handle = self.dirs.lock().get(&fh).cloned().ok_or(Errno::EBADF)?;
+        let start = usize::try_from(offset).map_err(|_| Errno::EINVAL)?;
+        let table = self.inodes.lock();
+        let mut out = Vec::new();
+        for idx in start..handle.items.len() + 2 {
+            let next_offset = idx as i64 + 1;
+            let item = match idx {
+                0 => DirItem { next_offset, name: ".".into(), kind: Kind::Dir, entry: None, ino: handle.ino },
+                1 => DirItem { next_offset, name: "..".into(), kind: Kind::Dir, entry: None, ino: handle.parent },
+                _ => {
+                    let (name, entry) = &handle.items[idx - 2];
+                    let ino = table.find(handle.ino, name).unwrap_or_else(|| stand_in_ino(handle.ino, name));
+                    DirItem { next_offset, name: name.clone(), kind: entry.kind, entry: Some(entry.clone()), ino }
+                }
+            };
+            out.push(item);
+        }
+        Ok(out)
+    }
+
+    /// For readdirplus: count a lookup of a listed entry and return its attributes.
+    pub fn lookup_listed(&self, dir_ino: u64, name: &str, entry: &DirEntry) -> FsResult<Attr> {
+        let parent = self.dir_inode(dir_ino)?;
+        Ok(self.remember_entry(&parent, name, entry))
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.lock().remove(&fh);
+    }
+
+    pub fn statfs(&self) -> StatFs {
+        // Buckets have no capacity; report a large, stable size so df and space checks pass.
+        const BSIZE: u32 = 4096;
+        let blocks = (1u64 << 50) / BSIZE as u64;
+        StatFs {
+            blocks,
+            bfree: blocks,
+            bavail: blocks,
+            files: 1 << 32,
+            ffree: 1 << 32,
+            bsize: BSIZE,
+            namelen: 255,
+            frsize: BSIZE,
+        }
+    }
+
+    /// Writes are refused until the write path exists.
+    pub fn refuse_write(&self) -> Errno {
+        Errno::EROFS
+    }
+}
+
+/// A stable inode number for an entry readdir shows but nobody has looked up yet.
+fn stand_in_ino(parent: u64, name: &str) -> u64 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&parent.to_le_bytes());
+    h.update(name.as_bytes());
+    (1u64 << 40) | h.finalize() as u64
+}
+
+#[cfg(test)]
+mod tests;

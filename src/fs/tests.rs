@@ -1,0 +1,254 @@
+//! Filesystem rules against the in-memory store, with request counters and injected faults.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::*;
+use crate::store::mock::{MockStore, Op};
+use crate::store::UserMetadata;
+
+fn setup(prefix: &str) -> (Arc<MockStore>, Fs) {
+    let store = Arc::new(MockStore::new());
+    let fs = Fs::new(store.clone(), FsConfig::new(prefix));
+    (store, fs)
+}
+
+async fn list_names(fs: &Fs, ino: u64) -> Vec<(String, Kind)> {
+    let fh = fs.opendir(ino).await.unwrap();
+    let items = fs.readdir(fh, 0).unwrap();
+    fs.releasedir(fh);
+    items.into_iter().map(|i| (i.name, i.kind)).collect()
+}
+
+async fn read_all(fs: &Fs, ino: u64) -> Vec<u8> {
+    let (fh, _) = fs.open(ino, libc::O_RDONLY).await.unwrap();
+    let mut out = Vec::new();
+    loop {
+        let b = fs.read(fh, out.len() as i64, 128 << 10).await.unwrap();
+        if b.is_empty() {
+            break;
+        }
+        out.extend_from_slice(&b);
+    }
+    fs.release(fh);
+    out
+}
+
+#[tokio::test]
+async fn implicit_and_explicit_directories_and_shadowing() {
+    let (store, fs) = setup("");
+    store.insert("implicit/file", "1");
+    store.insert("explicit/", "");
+    store.insert("legacy_$folder$", "");
+    store.insert("both", "hidden file");
+    store.insert("both/inner", "2");
+    store.insert("plain", "3");
+    let names = list_names(&fs, ROOT_INO).await;
+    assert_eq!(
+        names,
+        vec![
+            (".".into(), Kind::Dir),
+            ("..".into(), Kind::Dir),
+            ("both".into(), Kind::Dir),
+            ("explicit".into(), Kind::Dir),
+            ("implicit".into(), Kind::Dir),
+            ("legacy".into(), Kind::Dir),
+            ("plain".into(), Kind::File),
+        ]
+    );
+    // Lookup without a cached listing gives the same answers.
+    let fs = Fs::new(store.clone(), FsConfig::new(""));
+    for (name, kind) in [("both", Kind::Dir), ("explicit", Kind::Dir), ("implicit", Kind::Dir), ("legacy", Kind::Dir), ("plain", Kind::File)] {
+        let a = fs.lookup(ROOT_INO, name.as_bytes()).await.unwrap();
+        assert_eq!(a.kind, kind, "{name}");
+    }
+    assert_eq!(fs.lookup(ROOT_INO, b"missing").await, Err(Errno::ENOENT));
+    let both = fs.lookup(ROOT_INO, b"both").await.unwrap();
+    let inner = list_names(&fs, both.ino).await;
+    assert_eq!(inner[2], ("inner".into(), Kind::File));
+}
+
+#[tokio::test]
+async fn bad_names_are_skipped_not_fatal() {
+    let (store, fs) = setup("");
+    let long = "x".repeat(300);
+    for k in ["ok", "a//b", "./c", "../d", "e/./f", &long, "trail/"] {
+        store.insert(k, "v");
+    }
+    store.insert("data-with-slash/", "not empty");
+    let names: Vec<String> = list_names(&fs, ROOT_INO).await.into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, vec![".", "..", "a", "data-with-slash", "e", "ok", "trail"]);
+    let a = fs.lookup(ROOT_INO, b"a").await.unwrap();
+    // "a//b" has an empty component: the listing of a/ shows nothing valid.
+    assert_eq!(list_names(&fs, a.ino).await.len(), 2);
+    assert_eq!(fs.lookup(ROOT_INO, long.as_bytes()).await, Err(Errno::ENAMETOOLONG));
+    assert_eq!(fs.lookup(ROOT_INO, b"..").await, Err(Errno::ENOENT));
+}
+
+#[tokio::test]
+async fn prefix_mount_without_marker() {
+    let (store, fs) = setup("team/data/");
+    store.insert("team/data/x.txt", "hello");
+    store.insert("team/data/sub/y", "world");
+    store.insert("team/other", "not visible");
+    let names: Vec<String> = list_names(&fs, ROOT_INO).await.into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, vec![".", "..", "sub", "x.txt"]);
+    let x = fs.lookup(ROOT_INO, b"x.txt").await.unwrap();
+    assert_eq!(read_all(&fs, x.ino).await, b"hello");
+    assert_eq!(fs.lookup(ROOT_INO, b"other").await, Err(Errno::ENOENT));
+}
+
+#[tokio::test]
+async fn pagination_lists_everything() {
+    let (store, fs) = setup("");
+    store.set_page_size(100);
+    for i in 0..2_500 {
+        store.insert(&format!("big/{i:05}"), "");
+    }
+    let big = fs.lookup(ROOT_INO, b"big").await.unwrap();
+    store.reset_counters();
+    assert_eq!(list_names(&fs, big.ino).await.len(), 2_502);
+    assert_eq!(store.counters.list.load(Ordering::Relaxed), 25);
+}
+
+#[tokio::test]
+async fn readdirplus_costs_listing_requests_only() {
+    let (store, fs) = setup("");
+    for i in 0..1_000 {
+        store.insert(&format!("d/f{i}"), vec![0u8; i]);
+    }
+    let d = fs.lookup(ROOT_INO, b"d").await.unwrap();
+    store.reset_counters();
+    let fh = fs.opendir(d.ino).await.unwrap();
+    let items = fs.readdir(fh, 0).unwrap();
+    for item in &items {
+        if let Some(e) = &item.entry {
+            let a = fs.lookup_listed(d.ino, &item.name, e).unwrap();
+            let want: u64 = item.name[1..].parse().unwrap();
+            assert_eq!(a.size, want);
+        }
+    }
+    // ls -l then stats each entry: served from the listing cache.
+    for i in 0..1_000 {
+        let a = fs.lookup(d.ino, format!("f{i}").as_bytes()).await.unwrap();
+        fs.getattr(a.ino).await.unwrap();
+    }
+    assert_eq!(store.counters.total(), 1, "one listing page, nothing else");
+    fs.releasedir(fh);
+}
+
+#[tokio::test]
+async fn s3fs_metadata_is_shown() {
+    let (store, fs) = setup("");
+    let mut md = UserMetadata::new();
+    md.insert("mode".into(), "33261".into());
+    md.insert("uid".into(), "1234".into());
+    md.insert("gid".into(), "5678".into());
+    md.insert("mtime".into(), "1600000000".into());
+    store.insert_with("script.sh", "#!/bin/sh\n", md, None);
+    let a = fs.lookup(ROOT_INO, b"script.sh").await.unwrap();
+    assert_eq!((a.perm, a.uid, a.gid), (0o755, 1234, 5678));
+    assert_eq!(a.mtime, std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000));
+}
+
+#[tokio::test]
+async fn negative_lookups_are_cached() {
+    let (store, fs) = setup("");
+    assert_eq!(fs.lookup(ROOT_INO, b"nope").await, Err(Errno::ENOENT));
+    let n = store.counters.total();
+    assert_eq!(fs.lookup(ROOT_INO, b"nope").await, Err(Errno::ENOENT));
+    assert_eq!(store.counters.total(), n);
+}
+
+#[tokio::test]
+async fn zero_ttl_sees_changes_immediately() {
+    let store = Arc::new(MockStore::new());
+    let mut cfg = FsConfig::new("");
+    cfg.metadata_ttl = std::time::Duration::ZERO;
+    let fs = Fs::new(store.clone(), cfg);
+    assert_eq!(fs.lookup(ROOT_INO, b"late").await, Err(Errno::ENOENT));
+    store.insert("late", "now here");
+    let a = fs.lookup(ROOT_INO, b"late").await.unwrap();
+    assert_eq!(read_all(&fs, a.ino).await, b"now here");
+}
+
+#[tokio::test]
+async fn writes_are_refused_and_errors_map() {
+    let (store, fs) = setup("");
+    store.insert("f", "data");
+    let a = fs.lookup(ROOT_INO, b"f").await.unwrap();
+    assert_eq!(fs.open(a.ino, libc::O_WRONLY).await, Err(Errno::EROFS));
+    assert_eq!(fs.open(a.ino, libc::O_RDONLY | libc::O_TRUNC).await, Err(Errno::EROFS));
+    assert_eq!(fs.open(ROOT_INO, libc::O_RDONLY).await, Err(Errno::EISDIR));
+    store.inject_fault(Op::Head, "g", StoreError::AccessDenied("g".into()), 1);
+    store.inject_fault(Op::List, "g", StoreError::AccessDenied("g".into()), 1);
+    assert_eq!(fs.lookup(ROOT_INO, b"g").await, Err(Errno::EACCES));
+    store.inject_fault(Op::Get, "f", StoreError::Unreachable("down".into()), 1);
+    let (fh, _) = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+    assert_eq!(fs.read(fh, 0, 4).await, Err(Errno::EIO));
+    assert_eq!(&fs.read(fh, 0, 4).await.unwrap()[..], b"data");
+    assert_eq!(fs.read(999, 0, 4).await, Err(Errno::EBADF));
+}
+
+#[tokio::test]
+async fn replaced_object_gives_estale_then_new_content_after_reopen() {
+    let store = Arc::new(MockStore::new());
+    let mut cfg = FsConfig::new("");
+    cfg.metadata_ttl = std::time::Duration::ZERO;
+    cfg.prefetch.initial_window = 128 << 10;
+    let fs = Fs::new(store.clone(), cfg);
+    store.insert("f", vec![1u8; 4 << 20]);
+    let a = fs.lookup(ROOT_INO, b"f").await.unwrap();
+    let (fh, keep) = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+    assert!(!keep);
+    assert!(fs.read(fh, 0, 4096).await.unwrap().iter().all(|b| *b == 1));
+    store.insert("f", vec![2u8; 4 << 20]);
+    assert_eq!(fs.read(fh, 3 << 20, 4096).await, Err(Errno::ESTALE));
+    fs.release(fh);
+    assert!(read_all(&fs, a.ino).await.iter().all(|b| *b == 2));
+}
+
+#[tokio::test]
+async fn page_cache_kept_only_while_etag_unchanged() {
+    let store = Arc::new(MockStore::new());
+    let mut cfg = FsConfig::new("");
+    cfg.metadata_ttl = std::time::Duration::ZERO;
+    let fs = Fs::new(store.clone(), cfg);
+    store.insert("f", "one");
+    let a = fs.lookup(ROOT_INO, b"f").await.unwrap();
+    let (h1, k1) = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+    let (h2, k2) = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+    store.insert("f", "two");
+    let (h3, k3) = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+    assert_eq!((k1, k2, k3), (false, true, false));
+    for h in [h1, h2, h3] {
+        fs.release(h);
+    }
+}
+
+#[tokio::test]
+async fn forget_drops_inodes() {
+    let (store, fs) = setup("");
+    store.insert("f", "x");
+    let before = fs.inode_count();
+    let a = fs.lookup(ROOT_INO, b"f").await.unwrap();
+    let b = fs.lookup(ROOT_INO, b"f").await.unwrap();
+    assert_eq!(a.ino, b.ino);
+    assert_eq!(fs.inode_count(), before + 1);
+    fs.forget(a.ino, 1);
+    assert_eq!(fs.inode_count(), before + 1);
+    fs.forget(a.ino, 1);
+    assert_eq!(fs.inode_count(), before);
+    assert_eq!(fs.getattr(a.ino).await, Err(Errno::ENOENT));
+}
+
+#[tokio::test]
+async fn symlink_written_by_s3fs_reads_its_target() {
+    let (store, fs) = setup("");
+    let mut md = UserMetadata::new();
+    md.insert("mode".into(), "41471".into()); // 0120777
+    store.insert_with("link", "target/file", md, None);
+    let a = fs.lookup(ROOT_INO, b"link").await.unwrap();
+    assert_eq!(a.kind, Kind::Symlink);
+    assert_eq!(&fs.readlink(a.ino).await.unwrap()[..], b"target/file");
+}

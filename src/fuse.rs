@@ -1,0 +1,356 @@
+//! The only user of fuser: turns kernel requests into `Fs` calls and answers from async tasks,
+//! so the request loop never waits on the network.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use fuser::{
+    consts, FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+};
+use tokio::runtime::Handle;
+
+use crate::fs::{Attr, Errno, Fs, Kind};
+
+pub struct FuseAdapter {
+    fs: Arc<Fs>,
+    rt: Handle,
+}
+
+impl FuseAdapter {
+    pub fn new(fs: Arc<Fs>, rt: Handle) -> Self {
+        FuseAdapter { fs, rt }
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+    }
+}
+
+fn to_file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: a.ino,
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.atime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: a.mtime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 1 << 20,
+        flags: 0,
+    }
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
+        // readdirplus lets `ls -l` be answered from the listing; larger requests cut per-request cost.
+        let _ = config.add_capabilities(consts::FUSE_DO_READDIRPLUS | consts::FUSE_READDIRPLUS_AUTO);
+        let _ = config.add_capabilities(consts::FUSE_PARALLEL_DIROPS);
+        let _ = config.add_capabilities(consts::FUSE_MAX_PAGES);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        let fs = self.fs.clone();
+        let name = name.as_bytes().to_vec();
+        self.rt.spawn(async move {
+            match fs.lookup(parent, &name).await {
+                Ok(attr) => reply.entry(&fs.ttl(), &to_file_attr(&attr), 0),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
+    }
+
+    fn forget(&mut self, _req: &Request<'_>, ino: u64, nlookup: u64) {
+        self.fs.forget(ino, nlookup);
+    }
+
+    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            match fs.getattr(ino).await {
+                Ok(attr) => reply.attr(&fs.ttl(), &to_file_attr(&attr)),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
+    }
+
+    fn setattr(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        _fh: Option<u64>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<u32>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(self.fs.refuse_write().0);
+    }
+
+    fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            match fs.readlink(ino).await {
+                Ok(target) => reply.data(&target),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
+    }
+
+    fn mknod(&mut self, _req: &Request<'_>, _p: u64, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
+        reply.error(self.fs.refuse_write().0);
+    }
+
+    fn mkdir(&mut self, _req: &Request<'_>, _p: u64, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
+        reply.error(self.fs.refuse_write().0);
+    }
+
+    fn unlink(&mut self, _req: &Request<'_>, _p: u64, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(self.fs.refuse_write().0);
+    }
+
+    fn rmdir(&mut self, _req: &Request<'_>, _p: u64, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(self.fs.refuse_write().0);
+    }
+
+    fn symlink(&mut self, _req: &Request<'_>, _p: u64, _n: &OsStr, _l: &std::path::Path, reply: ReplyEntry) {
+        reply.error(self.fs.refuse_write().0);
+    }
+
+    fn rename(&mut self, _req: &Request<'_>, _p: u64, _n: &OsStr, _np: u64, _nn: &OsStr, _f: u32, reply: ReplyEmpty) {
+        reply.error(self.fs.refuse_write().0);
+    }
+
+    fn link(&mut self, _req: &Request<'_>, _ino: u64, _np: u64, _nn: &OsStr, reply: ReplyEntry) {
+        reply.error(libc::EPERM);
+    }
+
+    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            match fs.open(ino, flags).await {
+                Ok((fh, keep_cache)) => reply.opened(fh, if keep_cache { consts::FOPEN_KEEP_CACHE } else { 0 }),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
+    }
+
+    fn read(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: i64,
+        size: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyData,
+    ) {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            match fs.read(fh, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
+    }
+
+    fn write(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _fh: u64,
+        _offset: i64,
+        _data: &[u8],
+        _write_flags: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(self.fs.refuse_write().0);
+    }
+
+    fn flush(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _lock_owner: u64, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh);
+        reply.ok();
+    }
+
+    fn fsync(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _datasync: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            match fs.opendir(ino).await {
+                Ok(fh) => reply.opened(fh, 0),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
+    }
+
+    fn readdir(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, offset: i64, mut reply: ReplyDirectory) {
+        match self.fs.readdir(fh, offset) {
+            Ok(items) => {
+                for item in items {
+                    if reply.add(item.ino, item.next_offset, file_type(item.kind), &item.name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(Errno(e)) => reply.error(e),
+        }
+    }
+
+    fn readdirplus(&mut self, _req: &Request<'_>, ino: u64, fh: u64, offset: i64, mut reply: ReplyDirectoryPlus) {
+        let items = match self.fs.readdir(fh, offset) {
+            Ok(items) => items,
+            Err(Errno(e)) => return reply.error(e),
+        };
+        let ttl = self.fs.ttl();
+        for item in items {
+            let (attr, counted) = match &item.entry {
+                // `.` and `..` carry attributes but no lookup count.
+                None => match self.fs.attr_of(item.ino) {
+                    Some(a) => (a, false),
+                    None => continue,
+                },
+                Some(entry) => match self.fs.lookup_listed(ino, &item.name, entry) {
+                    Ok(a) => (a, true),
+                    Err(Errno(e)) => return reply.error(e),
+                },
+            };
+            if reply.add(attr.ino, item.next_offset, &item.name, &ttl, &to_file_attr(&attr), 0) {
+                if counted {
+                    self.fs.forget(attr.ino, 1);
+                }
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _flags: i32, reply: ReplyEmpty) {
+        self.fs.releasedir(fh);
+        reply.ok();
+    }
+
+    fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
+        let s = self.fs.statfs();
+        reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize);
+    }
+
+    fn access(&mut self, _req: &Request<'_>, ino: u64, mask: i32, reply: ReplyEmpty) {
+        // The kernel checks mode bits (default_permissions); here only existence and read-only.
+        if mask & libc::W_OK != 0 {
+            return reply.error(self.fs.refuse_write().0);
+        }
+        match self.fs.attr_of(ino) {
+            Some(_) => reply.ok(),
+            None => reply.error(libc::ENOENT),
+        }
+    }
+
+    fn create(&mut self, _req: &Request<'_>, _p: u64, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
+        reply.error(self.fs.refuse_write().0);
+    }
+}
+
+/// How the kernel should present the mount.
+#[derive(Clone, Debug)]
+pub struct KernelMountOptions {
+    /// Shown as the source in `mount` and /proc/mounts.
+    pub fsname: String,
+    pub read_only: bool,
+    pub allow_other: bool,
+    pub allow_root: bool,
+}
+
+/// A mounted filesystem whose request loop has not started yet.
+pub struct MountedSession {
+    session: fuser::Session<FuseAdapter>,
+}
+
+/// Unmounts a [`MountedSession`] from another thread (signal handler, shutdown).
+pub struct Unmounter(fuser::SessionUnmounter);
+
+impl Unmounter {
+    pub fn unmount(&mut self) -> std::io::Result<()> {
+        self.0.unmount()
+    }
+}
+
+/// Mount `fs` on `mountpoint`: as root through mount(2) directly, otherwise through fusermount3.
+pub fn mount(
+    fs: Arc<Fs>,
+    rt: Handle,
+    mountpoint: &std::path::Path,
+    opts: &KernelMountOptions,
+) -> std::io::Result<MountedSession> {
+    use fuser::MountOption as M;
+    let mut options = vec![
+        M::FSName(opts.fsname.clone()),
+        M::Subtype("s3mount".into()),
+        M::DefaultPermissions,
+        M::NoDev,
+        M::NoSuid,
+        M::NoAtime,
+        M::Async,
+    ];
+    options.push(if opts.read_only { M::RO } else { M::RW });
+    if opts.allow_other {
+        options.push(M::AllowOther);
+    }
+    if opts.allow_root {
+        options.push(M::AllowRoot);
+    }
+    let session = fuser::Session::new(FuseAdapter::new(fs, rt), mountpoint, &options)?;
+    Ok(MountedSession { session })
+}
+
+impl MountedSession {
+    pub fn unmounter(&mut self) -> Unmounter {
+        Unmounter(self.session.unmount_callable())
+    }
+
+    /// Serve kernel requests until the filesystem is unmounted.
+    pub fn run(mut self) -> std::io::Result<()> {
+        self.session.run()
+    }
+}

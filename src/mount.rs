@@ -1,0 +1,360 @@
+//! Everything between a validated [`Config`] and a live mount: pre-flight checks with one clear
+//! message each, logging, going to the background, and unmounting on SIGTERM/SIGINT.
+
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::fs::Fs;
+use crate::fuse::{self, KernelMountOptions};
+use crate::store::s3::S3Store;
+use crate::store::{ObjectStore, StoreError};
+
+/// How long the bucket check may take before the endpoint counts as unreachable.
+const REACH_TIMEOUT: Duration = Duration::from_secs(10);
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+
+/// A failure that ends the command: one line for the user and the exit status.
+#[derive(Debug)]
+pub struct Fatal {
+    pub message: String,
+    pub code: i32,
+}
+
+impl Fatal {
+    fn new(message: impl Into<String>) -> Self {
+        Fatal { message: message.into(), code: 1 }
+    }
+}
+
+/// Decode the octal escapes (`\040` for a space) /proc/self/mountinfo uses.
+fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// The filesystem type mounted exactly at `path`, if something is.
+pub fn mounted_fstype(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.as_os_str().as_bytes();
+    info.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let mp = fields.get(4)?;
+        if unescape_mountinfo(mp) != want {
+            return None;
+        }
+        let sep = fields.iter().position(|f| *f == "-")?;
+        fields.get(sep + 1).map(|s| s.to_string())
+    })
+}
+
+/// The checks that need no network: the mount point and /dev/fuse.
+pub fn check_local(cfg: &Config) -> Result<PathBuf, Fatal> {
+    let mp = &cfg.mountpoint;
+    let shown = mp.display();
+    let meta = match std::fs::metadata(mp) {
+        Ok(m) => m,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(Fatal::new(format!(
+                "mount point {shown} is a stale FUSE mount whose daemon died (\"transport endpoint is not connected\"); \
+                 clean it with `fusermount3 -u {shown}` (or `umount -l {shown}`) and mount again"
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Fatal::new(format!("mount point {shown} does not exist; create it with `mkdir -p {shown}`")))
+        }
+        Err(e) => return Err(Fatal::new(format!("cannot use mount point {shown}: {e}"))),
+    };
+    if !meta.is_dir() {
+        return Err(Fatal::new(format!("mount point {shown} is not a directory")));
+    }
+    let canonical = std::fs::canonicalize(mp).map_err(|e| Fatal::new(format!("cannot resolve mount point {shown}: {e}")))?;
+    if let Some(fstype) = mounted_fstype(&canonical) {
+        return Err(Fatal::new(format!(
+            "mount point {shown} is already mounted ({fstype}); unmount it first with `umount {shown}`"
+        )));
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err(Fatal::new(
+            "/dev/fuse is missing: load the FUSE kernel module (`modprobe fuse`) or, in a container, pass the device \
+             (e.g. `--device /dev/fuse`)",
+        ));
+    }
+    Ok(canonical)
+}
+
+fn endpoint_name(cfg: &Config) -> String {
+    cfg.s3.endpoint_url.clone().unwrap_or_else(|| "the AWS S3 endpoint".to_string())
+}
+
+/// One listing of one key proves the bucket and prefix are reachable with these credentials.
+pub async fn check_bucket(store: &dyn ObjectStore, cfg: &Config) -> Result<(), Fatal> {
+    let b = &cfg.bucket;
+    let res = tokio::time::timeout(REACH_TIMEOUT, store.list_page(&cfg.prefix, Some("/"), None, Some(1))).await;
+    let err = match res {
+        Ok(Ok(_)) => return Ok(()),
+        Ok(Err(e)) => e,
+        Err(_) => {
+            return Err(Fatal::new(format!(
+                "cannot reach {}: no answer within {} s; check --endpoint-url, the network and any proxy",
+                endpoint_name(cfg),
+                REACH_TIMEOUT.as_secs()
+            )))
+        }
+    };
+    Err(Fatal::new(match err {
+        StoreError::NoSuchBucket(_) => format!(
+            "bucket '{b}' does not exist at {}; check the bucket name, --region and --endpoint-url",
+            endpoint_name(cfg)
+        ),
+        StoreError::NotFound(_) => format!(
+            "bucket '{b}' was not found at {} (404); check the bucket name, --endpoint-url and --force-path-style",
+            endpoint_name(cfg)
+        ),
+        StoreError::AccessDenied(d) => format!(
+            "access denied to bucket '{b}' ({d}); check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
+             --profile) and the bucket policy"
+        ),
+        StoreError::Unreachable(d) | StoreError::Timeout(d) => {
+            format!("cannot reach {}: {d}; check --endpoint-url and the network", endpoint_name(cfg))
+        }
+        other => format!("cannot list bucket '{b}': {other}"),
+    }))
+}
+
+/// Logging: stderr in the foreground, a file or syslog in the background.
+pub fn init_logging(cfg: &Config, to_stderr: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if cfg.debug { "s3mount=debug,info" } else { "s3mount=info,warn" };
+    let filter = EnvFilter::try_from_env("S3MOUNT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = if to_stderr {
+        builder.with_writer(std::io::stderr).try_init()
+    } else if let Some(path) = &cfg.log_file {
+        match std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            Ok(file) => builder.with_ansi(false).with_writer(std::sync::Mutex::new(file)).try_init(),
+            Err(e) => {
+                eprintln!("s3mount: cannot open log file {}: {e}; logging to syslog", path.display());
+                builder.with_ansi(false).without_time().with_writer(syslog::Syslog::open()).try_init()
+            }
+        }
+    } else {
+        builder.with_ansi(false).without_time().with_writer(syslog::Syslog::open()).try_init()
+    };
+}
+
+mod syslog {
+    //! A tracing writer that hands each line to syslog(3) with the event's level.
+    use std::ffi::CString;
+    use tracing_subscriber::fmt::MakeWriter;
+
+    pub struct Syslog;
+
+    impl Syslog {
+        pub fn open() -> Self {
+            static IDENT: &[u8] = b"s3mount\0";
+            unsafe { libc::openlog(IDENT.as_ptr().cast(), libc::LOG_PID, libc::LOG_DAEMON) };
+            Syslog
+        }
+    }
+
+    pub struct Line {
+        priority: libc::c_int,
+        buf: Vec<u8>,
+    }
+
+    impl std::io::Write for Line {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.buf.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Drop for Line {
+        fn drop(&mut self) {
+            let text: Vec<u8> = self.buf.iter().copied().filter(|b| *b != 0).collect();
+            if let Ok(c) = CString::new(text) {
+                unsafe { libc::syslog(self.priority, b"%s\0".as_ptr().cast(), c.as_ptr()) };
+            }
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Syslog {
+        type Writer = Line;
+        fn make_writer(&'a self) -> Line {
+            Line { priority: libc::LOG_INFO, buf: Vec::new() }
+        }
+        fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Line {
+            let priority = match *meta.level() {
+                tracing::Level::ERROR => libc::LOG_ERR,
+                tracing::Level::WARN => libc::LOG_WARNING,
+                tracing::Level::INFO => libc::LOG_INFO,
+                _ => libc::LOG_DEBUG,
+            };
+            Line { priority, buf: Vec::new() }
+        }
+    }
+}
+
+/// The write end of the pipe a backgrounded child uses to tell its parent the mount is live.
+pub struct ReadyPipe(OwnedFd);
+
+impl ReadyPipe {
+    fn send_ok(self) {
+        let mut f = std::fs::File::from(self.0);
+        let _ = f.write_all(b"0");
+    }
+}
+
+/// Fork. The parent waits for the child to report the mount live (exit 0) or to fail (its exit
+/// status; the child has printed why), and never returns. The child returns its end of the pipe.
+pub fn daemonize() -> Result<ReadyPipe, Fatal> {
+    let mut fds = [0; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Fatal::new(format!("cannot create a pipe: {}", std::io::Error::last_os_error())));
+    }
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    match unsafe { libc::fork() } {
+        -1 => Err(Fatal::new(format!("cannot fork: {}", std::io::Error::last_os_error()))),
+        0 => {
+            drop(rd);
+            unsafe { libc::setsid() };
+            Ok(ReadyPipe(wr))
+        }
+        child => {
+            drop(wr);
+            let mut byte = [0u8; 1];
+            let mut f = std::fs::File::from(rd);
+            if matches!(f.read(&mut byte), Ok(1)) && byte[0] == b'0' {
+                std::process::exit(0);
+            }
+            let mut status = 0;
+            unsafe { libc::waitpid(child, &mut status, 0) };
+            let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 1 };
+            std::process::exit(if code == 0 { 1 } else { code });
+        }
+    }
+}
+
+/// Detach from the terminal once the mount is live: stdio to /dev/null, cwd to /.
+fn detach_stdio() {
+    if let Ok(null) = CString::new("/dev/null") {
+        unsafe {
+            let fd = libc::open(null.as_ptr(), libc::O_RDWR);
+            if fd >= 0 {
+                libc::dup2(fd, 0);
+                libc::dup2(fd, 1);
+                libc::dup2(fd, 2);
+                if fd > 2 {
+                    libc::close(fd);
+                }
+            }
+        }
+    }
+    let _ = std::env::set_current_dir("/");
+}
+
+/// Is a FUSE filesystem answering at `path`? (statfs goes through the kernel to our daemon.)
+fn mount_is_live(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else { return false };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == FUSE_SUPER_MAGIC }
+}
+
+/// Connect, check, mount, report readiness, serve until unmounted.
+pub fn run(cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Result<(), Fatal> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map(|n| n.get().max(4)).unwrap_or(4))
+        .thread_name("s3mount-io")
+        .enable_all()
+        .build()
+        .map_err(|e| Fatal::new(format!("cannot start the runtime: {e}")))?;
+    let store = rt.block_on(S3Store::connect(&cfg.s3)).map_err(|e| Fatal::new(format!("cannot set up S3 client: {e}")))?;
+    rt.block_on(check_bucket(&store, &cfg))?;
+    let store: Arc<dyn ObjectStore> = Arc::new(store);
+    let fs = Arc::new(Fs::new(store, cfg.fs.clone()));
+    let opts = KernelMountOptions {
+        fsname: cfg.source.clone(),
+        read_only: cfg.read_only,
+        allow_other: cfg.allow_other,
+        allow_root: cfg.allow_root,
+    };
+    let mut session = fuse::mount(fs, rt.handle().clone(), &mountpoint, &opts).map_err(|e| {
+        Fatal::new(match e.kind() {
+            std::io::ErrorKind::PermissionDenied => format!(
+                "not allowed to mount on {}: {e} (non-root users need fusermount3 from the fuse3 package, and \
+                 user_allow_other in /etc/fuse.conf for --allow-other)",
+                mountpoint.display()
+            ),
+            std::io::ErrorKind::NotFound => format!(
+                "cannot mount on {}: {e} (install the fuse3 package for fusermount3)",
+                mountpoint.display()
+            ),
+            _ => format!("cannot mount on {}: {e}", mountpoint.display()),
+        })
+    })?;
+    let mut unmounter = session.unmounter();
+    let serving = std::thread::Builder::new()
+        .name("s3mount-fuse".into())
+        .spawn(move || session.run())
+        .map_err(|e| Fatal::new(format!("cannot start the request loop: {e}")))?;
+
+    // Unmount cleanly on SIGTERM/SIGINT/SIGHUP; the request loop then ends by itself.
+    let mp = mountpoint.clone();
+    rt.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+        else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = hup.recv() => {}
+        }
+        tracing::info!(mountpoint = %mp.display(), "signal received, unmounting");
+        if let Err(e) = unmounter.unmount() {
+            tracing::error!("unmount failed: {e}");
+        }
+    });
+
+    // The mount exists; wait until it answers before telling anyone it is live.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !mount_is_live(&mountpoint) {
+        if serving.is_finished() || std::time::Instant::now() > deadline {
+            return Err(Fatal::new(format!("the mount on {} did not come up", mountpoint.display())));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tracing::info!(source = %cfg.source, mountpoint = %mountpoint.display(), "mounted");
+    if let Some(ready) = ready {
+        ready.send_ok();
+        detach_stdio();
+    }
+    let result = serving.join().map_err(|_| Fatal::new("the request loop panicked"))?;
+    tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
+    rt.shutdown_timeout(Duration::from_secs(5));
+    result.map_err(|e| Fatal::new(format!("request loop failed: {e}")))
+}

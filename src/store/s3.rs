@@ -1,0 +1,222 @@
+//! The S3 implementation of [`ObjectStore`], on the AWS SDK. The only file that imports it.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::ChecksumAlgorithm;
+use aws_sdk_s3::Client;
+use bytes::Bytes;
+
+use super::*;
+
+/// How to reach the bucket. Built by `config.rs` from the command line.
+#[derive(Clone, Debug, Default)]
+pub struct S3Settings {
+    pub bucket: String,
+    pub endpoint_url: Option<String>,
+    pub region: Option<String>,
+    pub force_path_style: bool,
+    pub profile: Option<String>,
+    pub no_sign_request: bool,
+    /// Attempts per request, including the first.
+    pub max_attempts: u32,
+    pub connect_timeout: Duration,
+}
+
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+}
+
+impl fmt::Debug for S3Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Store").field("bucket", &self.bucket).finish()
+    }
+}
+
+impl S3Store {
+    pub async fn connect(s: &S3Settings) -> StoreResult<Self> {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(RetryConfig::standard().with_max_attempts(s.max_attempts.max(1)))
+            .timeout_config(TimeoutConfig::builder().connect_timeout(s.connect_timeout).build());
+        if let Some(p) = &s.profile {
+            loader = loader.profile_name(p);
+        }
+        if let Some(r) = &s.region {
+            loader = loader.region(Region::new(r.clone()));
+        }
+        if s.no_sign_request {
+            loader = loader.no_credentials();
+        }
+        if let Some(e) = &s.endpoint_url {
+            loader = loader.endpoint_url(e);
+        }
+        let sdk = loader.load().await;
+        let mut b = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(s.force_path_style);
+        if sdk.region().is_none() {
+            // S3-compatible stores rarely care; AWS redirects are handled by the SDK.
+            b = b.region(Region::new("us-east-1"));
+        }
+        Ok(S3Store { client: Client::from_conf(b.build()), bucket: s.bucket.clone() })
+    }
+}
+
+fn to_system_time(t: Option<&aws_sdk_s3::primitives::DateTime>) -> Option<SystemTime> {
+    t.and_then(|d| SystemTime::try_from(*d).ok())
+}
+
+/// One place that turns SDK errors into [`StoreError`]s.
+fn map_err<E>(err: SdkError<E, aws_smithy_runtime_api::http::Response>, what: &str) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let detail = || format!("{what}: {}", DisplayErrorContext(&err));
+    let status = match &err {
+        SdkError::DispatchFailure(d) => {
+            return if d.is_timeout() { StoreError::Timeout(detail()) } else { StoreError::Unreachable(detail()) };
+        }
+        SdkError::TimeoutError(_) => return StoreError::Timeout(detail()),
+        SdkError::ServiceError(se) => se.raw().status().as_u16(),
+        SdkError::ResponseError(re) => re.raw().status().as_u16(),
+        _ => return StoreError::Other(detail()),
+    };
+    let code = err.code().unwrap_or("");
+    match (status, code) {
+        (_, "NoSuchBucket") => StoreError::NoSuchBucket(what.to_string()),
+        (404, _) | (_, "NoSuchKey") => StoreError::NotFound(what.to_string()),
+        (403, _) | (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch") => {
+            StoreError::AccessDenied(format!("{what}: {}", if code.is_empty() { "403 Forbidden" } else { code }))
+        }
+        (412, _) | (_, "PreconditionFailed") => StoreError::PreconditionFailed(what.to_string()),
+        (416, _) | (_, "InvalidRange") => StoreError::InvalidRange(what.to_string()),
+        (501, _) | (_, "NotImplemented") => StoreError::Unsupported(detail()),
+        _ => StoreError::Other(detail()),
+    }
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    async fn list_page(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        continuation: Option<String>,
+        max_keys: Option<i32>,
+    ) -> StoreResult<ListPage> {
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .set_delimiter(delimiter.map(str::to_string))
+            .set_continuation_token(continuation)
+            .set_max_keys(max_keys)
+            .send()
+            .await
+            .map_err(|e| map_err(e, &format!("list s3://{}/{prefix}", self.bucket)))?;
+        let objects = out
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                Some(ObjectMeta {
+                    key: o.key()?.to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: o.e_tag().map(str::to_string),
+                    last_modified: to_system_time(o.last_modified()),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        let common_prefixes = out.common_prefixes().iter().filter_map(|p| p.prefix().map(str::to_string)).collect();
+        let next_token = if out.is_truncated().unwrap_or(false) {
+            out.next_continuation_token().map(str::to_string)
+        } else {
+            None
+        };
+        Ok(ListPage { objects, common_prefixes, next_token })
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        let out = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| map_err(e, key))?;
+        let metadata = out
+            .metadata()
+            .map(|m| m.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect())
+            .unwrap_or_default();
+        Ok(ObjectMeta {
+            key: key.to_string(),
+            size: out.content_length().unwrap_or(0).max(0) as u64,
+            etag: out.e_tag().map(str::to_string),
+            last_modified: to_system_time(out.last_modified()),
+            content_type: out.content_type().map(str::to_string),
+            metadata,
+            has_metadata: true,
+        })
+    }
+
+    async fn get_range(&self, key: &str, range: ByteRange, if_match: Option<&str>) -> StoreResult<Bytes> {
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .range(format!("bytes={}-{}", range.start, range.end - 1))
+            .set_if_match(if_match.map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| map_err(e, key))?;
+        let body = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::Unreachable(format!("{key}: reading body: {e}")))?;
+        Ok(body.into_bytes())
+    }
+
+    async fn put(&self, key: &str, body: Bytes, opts: &PutOptions) -> StoreResult<PutResult> {
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .checksum_algorithm(ChecksumAlgorithm::Crc32)
+            .set_content_type(opts.content_type.clone())
+            .body(ByteStream::from(body));
+        for (k, v) in &opts.metadata {
+            req = req.metadata(k, v);
+        }
+        req = match &opts.condition {
+            PutCondition::Overwrite => req,
+            PutCondition::IfNoneMatch => req.if_none_match("*"),
+            PutCondition::IfMatch(tag) => req.if_match(tag),
+        };
+        let out = req.send().await.map_err(|e| map_err(e, key))?;
+        Ok(PutResult { etag: out.e_tag().map(str::to_string) })
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| map_err(e, key))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,139 @@
+//! Every way a mount can fail gives one clear line, a non-zero exit within 15 seconds, and leaves
+//! the mount point untouched.
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn fails_with(server: &S3Server, args: &[&str], code: i32, needle: &str) {
+    let start = Instant::now();
+    let out = run_s3mount(server, args);
+    let took = start.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "args {args:?}: stderr {err}");
+    assert!(err.contains(needle), "expected '{needle}' in: {err}");
+    assert!(err.trim().lines().count() <= 2, "one clear line, got: {err}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+}
+
+fn args_for<'a>(server: &'a S3Server, source: &'a str, dir: &'a str) -> Vec<String> {
+    let mut v = vec![source.to_string(), dir.to_string()];
+    v.extend(server.args());
+    v
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn missing_bucket() {
+    let server = garage();
+    let dir = tempfile::tempdir().unwrap();
+    let a = args_for(server, "no-such-bucket-s3mount", dir.path().to_str().unwrap());
+    fails_with(server, &refs(&a), 1, "does not exist");
+    assert!(!is_mounted(dir.path()));
+}
+
+#[test]
+fn wrong_keys() {
+    let server = garage();
+    let bucket = server.new_bucket();
+    let dir = tempfile::tempdir().unwrap();
+    let a = args_for(server, &bucket, dir.path().to_str().unwrap());
+    let start = Instant::now();
+    let out = Command::new(s3mount_bin())
+        .args(&a)
+        .envs(server.env())
+        .env("AWS_SECRET_ACCESS_KEY", "0000000000000000000000000000000000000000000000000000000000000000")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("access denied"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(15));
+    assert!(!is_mounted(dir.path()));
+}
+
+#[test]
+fn unreachable_endpoint() {
+    let server = garage();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let a = ["b", dir.path().to_str().unwrap(), "--endpoint-url", &url, "--region", "garage", "--force-path-style"];
+    fails_with(server, &a, 1, "cannot reach");
+    assert!(!is_mounted(dir.path()));
+}
+
+#[test]
+fn missing_mountpoint_and_not_a_directory() {
+    let server = garage();
+    let bucket = server.new_bucket();
+    let a = args_for(server, &bucket, "/nonexistent/s3mount/dir");
+    fails_with(server, &refs(&a), 1, "does not exist");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let a = args_for(server, &bucket, file.path().to_str().unwrap());
+    fails_with(server, &refs(&a), 1, "not a directory");
+}
+
+#[test]
+fn already_mounted_and_stale_mounts() {
+    let server = garage();
+    let bucket = server.new_bucket();
+    server.put(&bucket, "f", "x");
+    let m = Mount::new(server, &bucket, &[]);
+    let a = args_for(server, &bucket, m.path().to_str().unwrap());
+    fails_with(server, &refs(&a), 1, "already mounted");
+    assert_eq!(std::fs::read(m.join("f")).unwrap(), b"x", "first mount still serves");
+
+    // Kill the daemon: the mount goes stale, and the next attempt says how to clean it.
+    let pid = sh(&format!("pgrep -f 's3mount {bucket} {}'", m.path().display()));
+    let pid = String::from_utf8_lossy(&pid.stdout).trim().lines().next().unwrap_or("").to_string();
+    assert!(!pid.is_empty(), "daemon pid");
+    sh(&format!("kill -9 {pid}"));
+    std::thread::sleep(Duration::from_millis(300));
+    fails_with(server, &refs(&a), 1, "fusermount3 -u");
+    let _ = Command::new("umount").arg("-l").arg(m.path()).status();
+}
+
+#[test]
+fn invalid_option_values() {
+    let server = garage();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    fails_with(server, &["b", d, "--metadata-ttl", "soon"], 2, "soon");
+    fails_with(server, &["b", d, "-o", "bogus_option"], 2, "bogus_option");
+    fails_with(server, &["b", d, "--file-mode", "999"], 2, "octal");
+    fails_with(server, &["bad bucket!", d], 2, "not a valid bucket name");
+    fails_with(server, &["b", d, "--endpoint-url", "localhost:9000"], 2, "http://");
+    assert!(!is_mounted(dir.path()));
+}
+
+#[test]
+fn dev_fuse_missing() {
+    let server = garage();
+    let bucket = server.new_bucket();
+    let dir = tempfile::tempdir().unwrap();
+    // A private mount namespace whose /dev lacks fuse.
+    let mut cmd = format!("mount -t tmpfs none /dev && exec {}", s3mount_bin());
+    for a in args_for(server, &bucket, dir.path().to_str().unwrap()) {
+        cmd.push_str(&format!(" '{a}'"));
+    }
+    let out = Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &cmd]).envs(server.env()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("/dev/fuse"), "{err}");
+}
+
+#[test]
+fn help_and_version() {
+    let out = Command::new(s3mount_bin()).arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("Examples:") && text.contains("--endpoint-url"), "{text}");
+    let out = Command::new(s3mount_bin()).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}

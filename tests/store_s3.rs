@@ -1,0 +1,115 @@
+//! The S3 store against a real server (Garage): listing with pagination, ranged GETs, HEAD with
+//! metadata, conditional GETs, and error mapping.
+
+mod support;
+
+use std::time::Duration;
+
+use s3mount::store::s3::{S3Settings, S3Store};
+use s3mount::store::{ByteRange, ObjectStore, PutOptions, StoreError};
+use support::*;
+
+fn settings(server: &S3Server, bucket: &str) -> S3Settings {
+    S3Settings {
+        bucket: bucket.into(),
+        endpoint_url: Some(server.endpoint.clone()),
+        region: Some(server.region.clone()),
+        force_path_style: true,
+        profile: None,
+        no_sign_request: false,
+        max_attempts: 2,
+        connect_timeout: Duration::from_secs(2),
+    }
+}
+
+fn store(server: &S3Server, bucket: &str) -> S3Store {
+    // The store reads credentials from the standard chain: the environment here.
+    for (k, v) in server.env() {
+        std::env::set_var(k, v);
+    }
+    rt().block_on(S3Store::connect(&settings(server, bucket))).expect("connect")
+}
+
+#[test]
+fn list_paginates_and_groups() {
+    let server = garage();
+    let bucket = server.new_bucket();
+    for i in 0..25 {
+        server.put(&bucket, &format!("dir/f{i:02}"), vec![b'x'; i]);
+    }
+    server.put(&bucket, "dir/sub/inner", "y");
+    server.put(&bucket, "dir/marker/", "");
+    let s = store(server, &bucket);
+    let (objects, prefixes) = rt().block_on(async {
+        let mut objects = Vec::new();
+        let mut prefixes = Vec::new();
+        let mut token = None;
+        let mut pages = 0;
+        loop {
+            let p = s.list_page("dir/", Some("/"), token, Some(7)).await.expect("list");
+            pages += 1;
+            objects.extend(p.objects);
+            prefixes.extend(p.common_prefixes);
+            token = p.next_token;
+            if token.is_none() {
+                break;
+            }
+        }
+        assert!(pages >= 4, "pagination used: {pages} pages");
+        (objects, prefixes)
+    });
+    assert_eq!(objects.len(), 25);
+    assert_eq!(objects[3].key, "dir/f03");
+    assert_eq!(objects[3].size, 3);
+    assert!(objects[3].etag.is_some());
+    assert!(objects[3].last_modified.is_some());
+    prefixes.sort();
+    assert_eq!(prefixes, vec!["dir/marker/", "dir/sub/"]);
+}
+
+#[test]
+fn ranged_get_head_and_conditions() {
+    let server = garage();
+    let bucket = server.new_bucket();
+    let body = pattern(3 << 20, 1);
+    server.put_with_meta(&bucket, "obj", body.clone(), &[("mode", "33188"), ("uid", "7")]);
+    let s = store(server, &bucket);
+    rt().block_on(async {
+        let meta = s.head("obj").await.expect("head");
+        assert_eq!(meta.size, body.len() as u64);
+        assert_eq!(meta.metadata.get("mode").map(String::as_str), Some("33188"));
+        assert_eq!(meta.metadata.get("uid").map(String::as_str), Some("7"));
+        let etag = meta.etag.clone().expect("etag");
+        let got = s.get_range("obj", ByteRange::new(1_000_000, 1_000_100), Some(&etag)).await.expect("get");
+        assert_eq!(&got[..], &body[1_000_000..1_000_100]);
+        // A range past the end is clipped.
+        let tail = s.get_range("obj", ByteRange::new(body.len() as u64 - 10, body.len() as u64 + 100), None).await.unwrap();
+        assert_eq!(&tail[..], &body[body.len() - 10..]);
+        let stale = s.get_range("obj", ByteRange::new(0, 10), Some("\"0123456789abcdef\"")).await;
+        assert!(matches!(stale, Err(StoreError::PreconditionFailed(_))), "{stale:?}");
+        assert!(matches!(s.head("missing").await, Err(StoreError::NotFound(_))));
+        assert!(matches!(s.get_range("missing", ByteRange::new(0, 1), None).await, Err(StoreError::NotFound(_))));
+        s.put("small", bytes::Bytes::from_static(b"hello"), &PutOptions::default()).await.expect("put with crc32");
+        assert_eq!(&s.get_range("small", ByteRange::new(0, 5), None).await.unwrap()[..], b"hello");
+        s.delete("small").await.expect("delete");
+        assert!(matches!(s.head("small").await, Err(StoreError::NotFound(_))));
+    });
+}
+
+#[test]
+fn errors_are_classified() {
+    let server = garage();
+    let s = store(server, "no-such-bucket-here");
+    let r = rt().block_on(s.list_page("", Some("/"), None, Some(1)));
+    assert!(matches!(r, Err(StoreError::NoSuchBucket(_))), "{r:?}");
+
+    let bucket = server.new_bucket();
+    let mut bad = settings(server, &bucket);
+    bad.endpoint_url = Some(format!("http://127.0.0.1:{}", {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }));
+    let s = rt().block_on(S3Store::connect(&bad)).unwrap();
+    let r = rt().block_on(s.list_page("", Some("/"), None, Some(1)));
+    assert!(matches!(r, Err(StoreError::Unreachable(_))), "{r:?}");
+}
