@@ -54,6 +54,8 @@ struct ReaderState {
     window: u64,
     /// How far ahead fetches have been issued.
     fetched_end: u64,
+    /// Bytes read sequentially since the window last grew.
+    consumed: u64,
 }
 
 pub struct ObjectReader {
@@ -79,7 +81,7 @@ impl ObjectReader {
         cfg: PrefetchConfig,
         budget: Arc<Budget>,
     ) -> Self {
-        let state = ReaderState { chunks: BTreeMap::new(), last_end: 0, window: cfg.initial_window, fetched_end: 0 };
+        let state = ReaderState { chunks: BTreeMap::new(), last_end: 0, window: cfg.initial_window, fetched_end: 0, consumed: 0 };
         ObjectReader { store, key, etag, size, cfg, budget, state: tokio::sync::Mutex::new(state) }
     }
 
@@ -103,15 +105,20 @@ impl ObjectReader {
                 || (offset > st.last_end && offset < st.fetched_end.max(st.last_end + st.window))
                 || (offset < st.last_end && st.last_end - offset <= BACK_KEEP);
             if sequential {
-                // Grow while the reader catches up with what has been fetched (not on the first
-                // read, so a small read of a large file stays small).
-                if st.last_end > 0 && end + st.window / 2 >= st.fetched_end {
-                    st.window = (st.window * 2).min(self.cfg.max_window);
+                // Double the window each time the reader has consumed half of it (not on the
+                // first read, so a small read of a large file stays small).
+                if st.last_end > 0 {
+                    st.consumed += end.saturating_sub(st.last_end.max(offset));
+                    if st.consumed >= st.window / 2 {
+                        st.window = (st.window * 2).min(self.cfg.max_window);
+                        st.consumed = 0;
+                    }
                 }
                 st.chunks.retain(|_, c| c.range.end + BACK_KEEP > offset);
             } else {
                 st.window = self.cfg.initial_window;
                 st.fetched_end = 0;
+                st.consumed = 0;
                 while st.chunks.len() > RANDOM_KEEP {
                     st.chunks.pop_first();
                 }
@@ -171,7 +178,7 @@ impl ObjectReader {
             let prev_end = st.chunks.range(..=pos).next_back().map(|(_, c)| c.range.end).unwrap_or(0);
             let next_start = st.chunks.range(pos + 1..).next().map(|(s, _)| *s).unwrap_or(self.size);
             let (start, want) = if sequential {
-                let piece = (st.window / 4).clamp(self.cfg.block_size, self.cfg.max_request);
+                let piece = (st.window / 2).clamp(self.cfg.block_size, self.cfg.max_request);
                 (pos, piece.max(to.min(pos + self.cfg.max_request) - pos))
             } else {
                 let start = align_down(pos, self.cfg.block_size).max(prev_end);
