@@ -287,6 +287,15 @@ impl Filesystem for FuseAdapter {
         }
     }
 
+    fn getxattr(&mut self, _req: &Request<'_>, _ino: u64, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+        // ENOSYS tells the kernel not to ask again (extended attributes are not stored yet).
+        reply.error(libc::ENOSYS);
+    }
+
+    fn listxattr(&mut self, _req: &Request<'_>, _ino: u64, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(libc::ENOSYS);
+    }
+
     fn create(&mut self, _req: &Request<'_>, _p: u64, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
         reply.error(self.fs.refuse_write().0);
     }

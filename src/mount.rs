@@ -88,6 +88,13 @@ pub fn check_local(cfg: &Config) -> Result<PathBuf, Fatal> {
     }
     let canonical = std::fs::canonicalize(mp).map_err(|e| Fatal::new(format!("cannot resolve mount point {shown}: {e}")))?;
     if let Some(fstype) = mounted_fstype(&canonical) {
+        // Attributes may be cached by the kernel; statfs always reaches the daemon.
+        if fstype.starts_with("fuse") && statfs_errno(&canonical) == Some(libc::ENOTCONN) {
+            return Err(Fatal::new(format!(
+                "mount point {shown} is a stale FUSE mount whose daemon died (\"transport endpoint is not connected\"); \
+                 clean it with `fusermount3 -u {shown}` (or `umount -l {shown}`) and mount again"
+            )));
+        }
         return Err(Fatal::new(format!(
             "mount point {shown} is already mounted ({fstype}); unmount it first with `umount {shown}`"
         )));
@@ -143,7 +150,8 @@ pub async fn check_bucket(store: &dyn ObjectStore, cfg: &Config) -> Result<(), F
 /// Logging: stderr in the foreground, a file or syslog in the background.
 pub fn init_logging(cfg: &Config, to_stderr: bool) {
     use tracing_subscriber::EnvFilter;
-    let default = if cfg.debug { "s3mount=debug,info" } else { "s3mount=info,warn" };
+    // fuser's own "unmount failed" after an external umount is noise, not an error.
+    let default = if cfg.debug { "s3mount=debug,fuser::mnt=off,info" } else { "s3mount=info,fuser::mnt=off,warn" };
     let filter = EnvFilter::try_from_env("S3MOUNT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let _ = if to_stderr {
@@ -273,6 +281,17 @@ fn detach_stdio() {
         }
     }
     let _ = std::env::set_current_dir("/");
+}
+
+/// The errno of statfs(2) on `path`, if it fails.
+fn statfs_errno(path: &Path) -> Option<i32> {
+    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 {
+        None
+    } else {
+        std::io::Error::last_os_error().raw_os_error()
+    }
 }
 
 /// Is a FUSE filesystem answering at `path`? (statfs goes through the kernel to our daemon.)

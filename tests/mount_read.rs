@@ -31,7 +31,7 @@ fn walk(root: &Path) -> BTreeMap<String, Vec<u8>> {
 
 #[test]
 fn tree_reads_back_exactly() {
-    let server = garage();
+    let server = server();
     let bucket = server.new_bucket();
     let mut expected = BTreeMap::new();
     let files: Vec<(&str, usize)> = vec![
@@ -78,7 +78,7 @@ fn tree_reads_back_exactly() {
 
 #[test]
 fn large_object_reads_back_in_every_pattern() {
-    let server = garage();
+    let server = server();
     let bucket = server.new_bucket();
     let body = pattern(200 << 20, 9);
     server.put(&bucket, "big.bin", body.clone());
@@ -140,7 +140,7 @@ fn directory_semantics_on_garage() {
 
 #[test]
 fn prefix_mount_and_s3fs_metadata() {
-    let server = garage();
+    let server = server();
     let bucket = server.new_bucket();
     server.put(&bucket, "outside.txt", "no");
     server.put(&bucket, "team/data/report.txt", "yes");
@@ -169,7 +169,7 @@ fn prefix_mount_and_s3fs_metadata() {
 
 #[test]
 fn big_directory_lists_completely() {
-    let server = garage();
+    let server = server();
     let bucket = server.new_bucket();
     let client = server.client();
     let b = bucket.clone();
@@ -196,7 +196,7 @@ fn big_directory_lists_completely() {
 
 #[test]
 fn writes_are_refused_with_erofs() {
-    let server = garage();
+    let server = server();
     let bucket = server.new_bucket();
     server.put(&bucket, "f", "data");
     let m = Mount::new(server, &bucket, &["--read-only"]);
@@ -212,7 +212,7 @@ fn writes_are_refused_with_erofs() {
 
 #[test]
 fn replaced_object_is_never_read_mixed() {
-    let server = garage();
+    let server = server();
     let bucket = server.new_bucket();
     let old = vec![b'o'; 32 << 20];
     server.put(&bucket, "f", old.clone());

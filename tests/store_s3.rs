@@ -32,7 +32,7 @@ fn store(server: &S3Server, bucket: &str) -> S3Store {
 
 #[test]
 fn list_paginates_and_groups() {
-    let server = garage();
+    let server = server();
     let bucket = server.new_bucket();
     for i in 0..25 {
         server.put(&bucket, &format!("dir/f{i:02}"), vec![b'x'; i]);
@@ -40,7 +40,7 @@ fn list_paginates_and_groups() {
     server.put(&bucket, "dir/sub/inner", "y");
     server.put(&bucket, "dir/marker/", "");
     let s = store(server, &bucket);
-    let (objects, prefixes) = rt().block_on(async {
+    let (objects, mut prefixes) = rt().block_on(async {
         let mut objects = Vec::new();
         let mut prefixes = Vec::new();
         let mut token = None;
@@ -69,7 +69,7 @@ fn list_paginates_and_groups() {
 
 #[test]
 fn ranged_get_head_and_conditions() {
-    let server = garage();
+    let server = server();
     let bucket = server.new_bucket();
     let body = pattern(3 << 20, 1);
     server.put_with_meta(&bucket, "obj", body.clone(), &[("mode", "33188"), ("uid", "7")]);
@@ -98,7 +98,7 @@ fn ranged_get_head_and_conditions() {
 
 #[test]
 fn errors_are_classified() {
-    let server = garage();
+    let server = server();
     let s = store(server, "no-such-bucket-here");
     let r = rt().block_on(s.list_page("", Some("/"), None, Some(1)));
     assert!(matches!(r, Err(StoreError::NoSuchBucket(_))), "{r:?}");

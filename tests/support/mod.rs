@@ -193,6 +193,17 @@ pub fn moto() -> &'static S3Server {
     S.get_or_init(start_moto)
 }
 
+/// The server most tests use: Garage, or the one named by S3MOUNT_TEST_SERVER (garage|moto), so
+/// the same suite can run against a second S3 implementation. Directory-semantics tests call
+/// [`garage`] directly: only a store that keeps keys as strings can hold their layouts.
+pub fn server() -> &'static S3Server {
+    match std::env::var("S3MOUNT_TEST_SERVER").as_deref() {
+        Ok("moto") => moto(),
+        Ok("garage") | Err(_) => garage(),
+        Ok(other) => panic!("S3MOUNT_TEST_SERVER={other}: expected garage or moto"),
+    }
+}
+
 /// A runtime for the independent client, shared by the tests of one process.
 pub fn rt() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
