@@ -73,6 +73,17 @@ impl Reservation {
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
+
+    /// Merge another reservation of the same budget into this one.
+    pub fn absorb(&mut self, mut other: Reservation) {
+        self.bytes += other.bytes;
+        other.bytes = 0;
+    }
+
+    /// An empty reservation to grow with [`Reservation::absorb`].
+    pub fn empty(budget: &Arc<Budget>) -> Reservation {
+        Reservation { budget: budget.clone(), bytes: 0 }
+    }
 }
 
 impl Drop for Reservation {

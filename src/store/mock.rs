@@ -28,6 +28,19 @@ pub enum Op {
     Get,
     Put,
     Delete,
+    CreateMultipart,
+    UploadPart,
+    CopyPart,
+    Complete,
+    Abort,
+}
+
+#[derive(Clone, Debug)]
+struct MockUpload {
+    key: String,
+    parts: BTreeMap<i32, (String, Bytes, Option<u32>)>,
+    metadata: UserMetadata,
+    content_type: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -46,7 +59,12 @@ pub struct Counters {
     pub get: AtomicU64,
     pub put: AtomicU64,
     pub delete: AtomicU64,
+    pub multipart: AtomicU64,
     pub bytes_fetched: AtomicU64,
+    /// Body bytes received by put and upload_part.
+    pub bytes_uploaded: AtomicU64,
+    /// Bytes copied server side by upload_part_copy.
+    pub bytes_copied: AtomicU64,
 }
 
 impl Counters {
@@ -56,6 +74,7 @@ impl Counters {
             + self.get.load(Ordering::Relaxed)
             + self.put.load(Ordering::Relaxed)
             + self.delete.load(Ordering::Relaxed)
+            + self.multipart.load(Ordering::Relaxed)
     }
 }
 
@@ -68,6 +87,8 @@ pub struct MockStore {
     /// Largest page a listing returns (S3: 1000).
     page_size: Mutex<Option<usize>>,
     pub counters: Counters,
+    uploads: Mutex<std::collections::HashMap<String, MockUpload>>,
+    upload_seq: AtomicU64,
 }
 
 impl MockStore {
@@ -118,6 +139,21 @@ impl MockStore {
         self.faults.lock().push(Fault { op, key_contains: key_contains.to_string(), error, remaining: times });
     }
 
+    /// Multipart uploads not yet completed or aborted.
+    pub fn open_uploads(&self) -> usize {
+        self.uploads.lock().len()
+    }
+
+    fn check_condition(&self, key: &str, condition: &PutCondition) -> StoreResult<()> {
+        let objects = self.objects.lock();
+        match (condition, objects.get(key)) {
+            (PutCondition::IfNoneMatch, Some(_)) => Err(StoreError::PreconditionFailed(key.to_string())),
+            (PutCondition::IfMatch(tag), Some(o)) if *tag != o.etag => Err(StoreError::PreconditionFailed(key.to_string())),
+            (PutCondition::IfMatch(_), None) => Err(StoreError::NotFound(key.to_string())),
+            _ => Ok(()),
+        }
+    }
+
     pub fn set_latency(&self, latency: Option<Duration>) {
         *self.latency.lock() = latency;
     }
@@ -133,7 +169,10 @@ impl MockStore {
             &self.counters.get,
             &self.counters.put,
             &self.counters.delete,
+            &self.counters.multipart,
             &self.counters.bytes_fetched,
+            &self.counters.bytes_uploaded,
+            &self.counters.bytes_copied,
         ] {
             c.store(0, Ordering::Relaxed);
         }
@@ -146,6 +185,7 @@ impl MockStore {
             Op::Get => &self.counters.get,
             Op::Put => &self.counters.put,
             Op::Delete => &self.counters.delete,
+            _ => &self.counters.multipart,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let latency = *self.latency.lock();
@@ -250,27 +290,142 @@ impl ObjectStore for MockStore {
         Ok(out)
     }
 
-    async fn put(&self, key: &str, body: Bytes, opts: &PutOptions) -> StoreResult<PutResult> {
+    async fn put(&self, key: &str, body: Bytes, opts: &PutOptions, crc32: Option<u32>) -> StoreResult<PutResult> {
         self.enter(Op::Put, key).await?;
-        {
-            let objects = self.objects.lock();
-            match (&opts.condition, objects.get(key)) {
-                (PutCondition::IfNoneMatch, Some(_)) => return Err(StoreError::PreconditionFailed(key.to_string())),
-                (PutCondition::IfMatch(tag), Some(o)) if *tag != o.etag => {
-                    return Err(StoreError::PreconditionFailed(key.to_string()))
-                }
-                (PutCondition::IfMatch(_), None) => return Err(StoreError::NotFound(key.to_string())),
-                _ => {}
+        self.counters.bytes_uploaded.fetch_add(body.len() as u64, Ordering::Relaxed);
+        if let Some(c) = crc32 {
+            if crc32fast::hash(&body) != c {
+                return Err(StoreError::Checksum(format!("{key}: body does not match its CRC32")));
             }
         }
+        self.check_condition(key, &opts.condition)?;
+        let checksum = crc32.map(crc32_header);
         let etag = self.insert_with(key, body, opts.metadata.clone(), opts.content_type.clone());
-        Ok(PutResult { etag: Some(etag) })
+        Ok(PutResult { etag: Some(etag), checksum_crc32: checksum })
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
         self.enter(Op::Delete, key).await?;
         self.objects.lock().remove(key);
         Ok(())
+    }
+
+    async fn create_multipart(&self, key: &str, opts: &PutOptions, checksum: bool) -> StoreResult<String> {
+        self.enter(Op::CreateMultipart, key).await?;
+        let _ = checksum;
+        let id = format!("upload-{}", self.upload_seq.fetch_add(1, Ordering::Relaxed));
+        self.uploads.lock().insert(
+            id.clone(),
+            MockUpload {
+                key: key.to_string(),
+                parts: BTreeMap::new(),
+                metadata: opts.metadata.clone(),
+                content_type: opts.content_type.clone(),
+            },
+        );
+        Ok(id)
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        body: Bytes,
+        crc32: Option<u32>,
+    ) -> StoreResult<CompletedPart> {
+        self.enter(Op::UploadPart, key).await?;
+        self.counters.bytes_uploaded.fetch_add(body.len() as u64, Ordering::Relaxed);
+        if !(1..=10_000).contains(&part_number) {
+            return Err(StoreError::Other(format!("part number {part_number} out of range")));
+        }
+        if let Some(c) = crc32 {
+            if crc32fast::hash(&body) != c {
+                return Err(StoreError::Checksum(format!("{key} part {part_number}: CRC32 mismatch")));
+            }
+        }
+        let etag = format!("\"part-{}\"", self.etag_seq.fetch_add(1, Ordering::Relaxed));
+        let mut uploads = self.uploads.lock();
+        let u = uploads.get_mut(upload_id).ok_or_else(|| StoreError::NotFound(format!("upload {upload_id}")))?;
+        u.parts.insert(part_number, (etag.clone(), body, crc32));
+        Ok(CompletedPart { part_number, etag, checksum_crc32: crc32.map(crc32_header) })
+    }
+
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        source_key: &str,
+        source_etag: &str,
+        range: ByteRange,
+    ) -> StoreResult<CompletedPart> {
+        self.enter(Op::CopyPart, key).await?;
+        let data = {
+            let objects = self.objects.lock();
+            let o = objects.get(source_key).ok_or_else(|| StoreError::NotFound(source_key.to_string()))?;
+            if o.etag != source_etag {
+                return Err(StoreError::PreconditionFailed(source_key.to_string()));
+            }
+            if range.end > o.data.len() as u64 || range.is_empty() {
+                return Err(StoreError::InvalidRange(source_key.to_string()));
+            }
+            o.data.slice(range.start as usize..range.end as usize)
+        };
+        self.counters.bytes_copied.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let crc = crc32fast::hash(&data);
+        let etag = format!("\"part-{}\"", self.etag_seq.fetch_add(1, Ordering::Relaxed));
+        let mut uploads = self.uploads.lock();
+        let u = uploads.get_mut(upload_id).ok_or_else(|| StoreError::NotFound(format!("upload {upload_id}")))?;
+        u.parts.insert(part_number, (etag.clone(), data, Some(crc)));
+        Ok(CompletedPart { part_number, etag, checksum_crc32: Some(crc32_header(crc)) })
+    }
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<CompletedPart>,
+        condition: &PutCondition,
+    ) -> StoreResult<PutResult> {
+        self.enter(Op::Complete, key).await?;
+        self.check_condition(key, condition)?;
+        let upload = self.uploads.lock().get(upload_id).cloned().ok_or_else(|| StoreError::NotFound(format!("upload {upload_id}")))?;
+        let mut body = Vec::new();
+        let mut crcs = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            let (etag, data, crc) =
+                upload.parts.get(&p.part_number).ok_or_else(|| StoreError::Other(format!("part {} missing", p.part_number)))?;
+            if *etag != p.etag {
+                return Err(StoreError::Other(format!("part {} etag mismatch", p.part_number)));
+            }
+            if i + 1 < parts.len() && data.len() < 5 << 20 {
+                return Err(StoreError::Other(format!("part {} smaller than 5 MiB", p.part_number)));
+            }
+            body.extend_from_slice(data);
+            crcs.extend(*crc);
+        }
+        let checksum = (crcs.len() == parts.len() && !parts.is_empty()).then(|| composite_crc32(&crcs));
+        self.uploads.lock().remove(upload_id);
+        let etag = self.insert_with(key, body, upload.metadata, upload.content_type);
+        Ok(PutResult { etag: Some(etag), checksum_crc32: checksum })
+    }
+
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
+        self.enter(Op::Abort, key).await?;
+        self.uploads.lock().remove(upload_id);
+        Ok(())
+    }
+
+    async fn list_multipart_uploads(&self, prefix: &str) -> StoreResult<Vec<OpenUpload>> {
+        self.enter(Op::List, prefix).await?;
+        Ok(self
+            .uploads
+            .lock()
+            .iter()
+            .filter(|(_, u)| u.key.starts_with(prefix))
+            .map(|(id, u)| OpenUpload { key: u.key.clone(), upload_id: id.clone() })
+            .collect())
     }
 }
 

@@ -81,6 +81,41 @@ pub struct PutOptions {
 #[derive(Clone, Debug, Default)]
 pub struct PutResult {
     pub etag: Option<String>,
+    /// The object's CRC32 checksum as the server reports it (base64, `-N` suffix for a
+    /// multipart object), when it keeps one.
+    pub checksum_crc32: Option<String>,
+}
+
+/// A part that has been uploaded, as CompleteMultipartUpload needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompletedPart {
+    pub part_number: i32,
+    pub etag: String,
+    /// Base64 CRC32 of the part, when checksums are in use.
+    pub checksum_crc32: Option<String>,
+}
+
+/// A multipart upload left open on the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenUpload {
+    pub key: String,
+    pub upload_id: String,
+}
+
+/// Base64 of a CRC32 as S3's `x-amz-checksum-crc32` header carries it (big-endian bytes).
+pub fn crc32_header(crc: u32) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes())
+}
+
+/// The checksum S3 reports for a multipart object with CRC32 part checksums (COMPOSITE type):
+/// the CRC32 of the concatenated binary part checksums, then `-<number of parts>`.
+pub fn composite_crc32(part_crcs: &[u32]) -> String {
+    let mut h = crc32fast::Hasher::new();
+    for c in part_crcs {
+        h.update(&c.to_be_bytes());
+    }
+    format!("{}-{}", crc32_header(h.finalize()), part_crcs.len())
 }
 
 /// Errors, classified by what the layers above do about them.
@@ -136,9 +171,50 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
     /// `InvalidRange`).
     async fn get_range(&self, key: &str, range: ByteRange, if_match: Option<&str>) -> StoreResult<Bytes>;
 
-    async fn put(&self, key: &str, body: Bytes, opts: &PutOptions) -> StoreResult<PutResult>;
+    /// Store `body` as `key` in one request. `crc32` is sent as the body's checksum when given,
+    /// so the server rejects a corrupted body.
+    async fn put(&self, key: &str, body: Bytes, opts: &PutOptions, crc32: Option<u32>) -> StoreResult<PutResult>;
 
     async fn delete(&self, key: &str) -> StoreResult<()>;
+
+    /// Start a multipart upload (declaring CRC32 part checksums when `checksum`); returns its id.
+    async fn create_multipart(&self, key: &str, opts: &PutOptions, checksum: bool) -> StoreResult<String>;
+
+    /// Upload one part (numbers 1..=10000). `crc32` is sent as the part's checksum when given.
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        body: Bytes,
+        crc32: Option<u32>,
+    ) -> StoreResult<CompletedPart>;
+
+    /// Make `range` of the existing object `source_key` (which must still have `source_etag`)
+    /// a part of the upload, server side.
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        source_key: &str,
+        source_etag: &str,
+        range: ByteRange,
+    ) -> StoreResult<CompletedPart>;
+
+    /// Complete the upload; the object appears only now (subject to `condition`).
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<CompletedPart>,
+        condition: &PutCondition,
+    ) -> StoreResult<PutResult>;
+
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()>;
+
+    /// Multipart uploads open under `prefix`.
+    async fn list_multipart_uploads(&self, prefix: &str) -> StoreResult<Vec<OpenUpload>>;
 }
 
 /// The directory-marker name used by old tools (s3fox, s3fs with an option): `dir_$folder$`.

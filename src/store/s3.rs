@@ -9,7 +9,8 @@ use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::ChecksumAlgorithm;
+use aws_sdk_s3::config::RequestChecksumCalculation;
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload};
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 
@@ -58,7 +59,11 @@ impl S3Store {
             loader = loader.endpoint_url(e);
         }
         let sdk = loader.load().await;
-        let mut b = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(s.force_path_style);
+        // Checksums are computed by s3mount (crc32fast, where the data enters) and sent
+        // explicitly; the SDK adds none of its own, so stores without checksum support work.
+        let mut b = aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(s.force_path_style)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired);
         if sdk.region().is_none() {
             // S3-compatible stores rarely care; AWS redirects are handled by the SDK.
             b = b.region(Region::new("us-east-1"));
@@ -96,6 +101,9 @@ where
         (412, _) | (_, "PreconditionFailed") => StoreError::PreconditionFailed(what.to_string()),
         (416, _) | (_, "InvalidRange") => StoreError::InvalidRange(what.to_string()),
         (501, _) | (_, "NotImplemented") => StoreError::Unsupported(detail()),
+        (_, "BadDigest" | "InvalidDigest" | "XAmzContentChecksumMismatch" | "InvalidChecksum") => {
+            StoreError::Checksum(detail())
+        }
         _ => StoreError::Other(detail()),
     }
 }
@@ -188,13 +196,13 @@ impl ObjectStore for S3Store {
         Ok(body.into_bytes())
     }
 
-    async fn put(&self, key: &str, body: Bytes, opts: &PutOptions) -> StoreResult<PutResult> {
+    async fn put(&self, key: &str, body: Bytes, opts: &PutOptions, crc32: Option<u32>) -> StoreResult<PutResult> {
         let mut req = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
-            .checksum_algorithm(ChecksumAlgorithm::Crc32)
+            .set_checksum_crc32(crc32.map(crc32_header))
             .set_content_type(opts.content_type.clone())
             .body(ByteStream::from(body));
         for (k, v) in &opts.metadata {
@@ -206,7 +214,7 @@ impl ObjectStore for S3Store {
             PutCondition::IfMatch(tag) => req.if_match(tag),
         };
         let out = req.send().await.map_err(|e| map_err(e, key))?;
-        Ok(PutResult { etag: out.e_tag().map(str::to_string) })
+        Ok(PutResult { etag: out.e_tag().map(str::to_string), checksum_crc32: out.checksum_crc32().map(str::to_string) })
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
@@ -219,4 +227,164 @@ impl ObjectStore for S3Store {
             .map_err(|e| map_err(e, key))?;
         Ok(())
     }
+
+    async fn create_multipart(&self, key: &str, opts: &PutOptions, checksum: bool) -> StoreResult<String> {
+        let mut req = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_checksum_algorithm(checksum.then_some(ChecksumAlgorithm::Crc32))
+            .set_content_type(opts.content_type.clone());
+        for (k, v) in &opts.metadata {
+            req = req.metadata(k, v);
+        }
+        let out = req.send().await.map_err(|e| map_err(e, key))?;
+        out.upload_id()
+            .map(str::to_string)
+            .ok_or_else(|| StoreError::Other(format!("{key}: CreateMultipartUpload returned no upload id")))
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        body: Bytes,
+        crc32: Option<u32>,
+    ) -> StoreResult<CompletedPart> {
+        let out = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(part_number)
+            .set_checksum_crc32(crc32.map(crc32_header))
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| map_err(e, &format!("{key} part {part_number}")))?;
+        Ok(CompletedPart {
+            part_number,
+            etag: out.e_tag().unwrap_or_default().to_string(),
+            checksum_crc32: crc32.map(crc32_header),
+        })
+    }
+
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        source_key: &str,
+        source_etag: &str,
+        range: ByteRange,
+    ) -> StoreResult<CompletedPart> {
+        let out = self
+            .client
+            .upload_part_copy()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(part_number)
+            .copy_source(format!("{}/{}", self.bucket, encode_key(source_key)))
+            .copy_source_range(format!("bytes={}-{}", range.start, range.end - 1))
+            .copy_source_if_match(source_etag)
+            .send()
+            .await
+            .map_err(|e| map_err(e, &format!("{key} part {part_number} (copy of {source_key})")))?;
+        let result = out.copy_part_result();
+        Ok(CompletedPart {
+            part_number,
+            etag: result.and_then(|r| r.e_tag()).unwrap_or_default().to_string(),
+            checksum_crc32: result.and_then(|r| r.checksum_crc32()).map(str::to_string),
+        })
+    }
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: Vec<CompletedPart>,
+        condition: &PutCondition,
+    ) -> StoreResult<PutResult> {
+        let parts = parts
+            .into_iter()
+            .map(|p| {
+                aws_sdk_s3::types::CompletedPart::builder()
+                    .part_number(p.part_number)
+                    .e_tag(p.etag)
+                    .set_checksum_crc32(p.checksum_crc32)
+                    .build()
+            })
+            .collect();
+        let mut req = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build());
+        req = match condition {
+            PutCondition::Overwrite => req,
+            PutCondition::IfNoneMatch => req.if_none_match("*"),
+            PutCondition::IfMatch(tag) => req.if_match(tag),
+        };
+        let out = req.send().await.map_err(|e| map_err(e, key))?;
+        Ok(PutResult { etag: out.e_tag().map(str::to_string), checksum_crc32: out.checksum_crc32().map(str::to_string) })
+    }
+
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+            .map_err(|e| map_err(e, key))?;
+        Ok(())
+    }
+
+    async fn list_multipart_uploads(&self, prefix: &str) -> StoreResult<Vec<OpenUpload>> {
+        let mut out = Vec::new();
+        let (mut key_marker, mut id_marker) = (None, None);
+        loop {
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_key_marker(key_marker)
+                .set_upload_id_marker(id_marker)
+                .send()
+                .await
+                .map_err(|e| map_err(e, &format!("list uploads s3://{}/{prefix}", self.bucket)))?;
+            out.extend(page.uploads().iter().filter_map(|u| {
+                Some(OpenUpload { key: u.key()?.to_string(), upload_id: u.upload_id()?.to_string() })
+            }));
+            if !page.is_truncated().unwrap_or(false) {
+                return Ok(out);
+            }
+            key_marker = page.next_key_marker().map(str::to_string);
+            id_marker = page.next_upload_id_marker().map(str::to_string);
+            if key_marker.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+/// Percent-encode a key for x-amz-copy-source (everything but unreserved characters and `/`).
+fn encode_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }

@@ -1,0 +1,577 @@
+//! Streaming upload of one object: parts go out in the background while the application keeps
+//! writing; a file smaller than one part becomes a single PUT at close. Every body carries a
+//! CRC32 (crc32fast) the server checks, and the object's checksum is compared after completion.
+//! Nothing becomes visible until every part succeeded; on failure the upload is aborted.
+//!
+//! Part sizes grow with the part number so any stream up to 5 TiB fits in S3's 10,000 parts
+//! without knowing its size in advance: `min_part_size` for parts 1-1000, then doubling every
+//! 1000 parts, capped at `max_part_size` (8 MiB default: 8, 16, 32 ... 4096 MiB; 5 TiB is
+//! reached near part 9,600).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::task::JoinSet;
+
+use super::budget::{Budget, Reservation};
+use crate::store::{
+    composite_crc32, crc32_header, ByteRange, CompletedPart, ObjectStore, PutOptions, PutResult, StoreError, StoreResult,
+};
+
+pub const MAX_PARTS: i32 = 10_000;
+/// S3's smallest non-final part and largest part.
+pub const MIN_PART: u64 = 5 << 20;
+pub const MAX_PART: u64 = 5 << 30;
+
+#[derive(Clone, Copy, Debug)]
+pub struct UploadConfig {
+    pub min_part_size: u64,
+    pub max_part_size: u64,
+    /// Parts of one file uploading at the same time.
+    pub concurrency: usize,
+}
+
+impl Default for UploadConfig {
+    fn default() -> Self {
+        UploadConfig { min_part_size: 8 << 20, max_part_size: 4 << 30, concurrency: 4 }
+    }
+}
+
+impl UploadConfig {
+    /// Size of part `n` (1-based).
+    pub fn part_size(&self, n: i32) -> u64 {
+        let doublings = ((n.max(1) - 1) / 1000).min(20) as u32;
+        (self.min_part_size << doublings).min(self.max_part_size).min(MAX_PART)
+    }
+
+    /// The largest object this schedule can write.
+    pub fn max_object_size(&self) -> u64 {
+        (1..=MAX_PARTS).map(|n| self.part_size(n)).sum()
+    }
+}
+
+/// Whether the store accepts checksum headers; learned once, shared by every upload.
+#[derive(Debug)]
+pub struct Capabilities {
+    checksums: AtomicBool,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Capabilities { checksums: AtomicBool::new(true) }
+    }
+}
+
+impl Capabilities {
+    pub fn checksums(&self) -> bool {
+        self.checksums.load(Ordering::Relaxed)
+    }
+
+    /// Did this error say the store does not understand checksums? Then stop sending them.
+    fn learn(&self, e: &StoreError) -> bool {
+        let unsupported = match e {
+            StoreError::Unsupported(_) => true,
+            StoreError::Other(m) => {
+                let m = m.to_ascii_lowercase();
+                m.contains("checksum") && (m.contains("not implemented") || m.contains("invalid") || m.contains("unsupported"))
+            }
+            _ => false,
+        };
+        if unsupported && self.checksums.swap(false, Ordering::Relaxed) {
+            tracing::warn!(error = %e, "store rejects checksum headers; uploading without them (integrity then rests on TLS and Content-MD5-less transfer)");
+        }
+        unsupported
+    }
+}
+
+/// Attempts at one body when the server reports a checksum mismatch (corruption in transit).
+const CHECKSUM_ATTEMPTS: u32 = 3;
+
+/// What an already committed object contributes to the start of a continued upload.
+#[derive(Clone, Debug)]
+pub struct CommittedPrefix {
+    pub etag: String,
+    pub size: u64,
+}
+
+type PartResult = StoreResult<(CompletedPart, u32, u64)>;
+
+pub struct StreamUpload {
+    store: Arc<dyn ObjectStore>,
+    key: String,
+    opts: PutOptions,
+    cfg: UploadConfig,
+    budget: Arc<Budget>,
+    caps: Arc<Capabilities>,
+    upload_id: Option<String>,
+    next_part: i32,
+    buf: BytesMut,
+    buf_reservation: Reservation,
+    inflight: JoinSet<PartResult>,
+    /// (part, CRC32 of its bytes, its length)
+    done: Vec<(CompletedPart, u32, u64)>,
+    total: u64,
+    failed: Option<StoreError>,
+    /// A committed object whose bytes come first (writes after fsync continue it).
+    prefix: Option<CommittedPrefix>,
+    copied_prefix: bool,
+}
+
+impl StreamUpload {
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        key: String,
+        opts: PutOptions,
+        cfg: UploadConfig,
+        budget: Arc<Budget>,
+        caps: Arc<Capabilities>,
+    ) -> Self {
+        let buf_reservation = Reservation::empty(&budget);
+        StreamUpload {
+            store,
+            key,
+            opts,
+            cfg,
+            budget,
+            caps,
+            upload_id: None,
+            next_part: 1,
+            buf: BytesMut::new(),
+            buf_reservation,
+            inflight: JoinSet::new(),
+            done: Vec::new(),
+            total: 0,
+            failed: None,
+            prefix: None,
+            copied_prefix: false,
+        }
+    }
+
+    /// Continue an object that is already in the bucket: its bytes come first, copied server
+    /// side when large enough to be parts, re-read otherwise (less than 5 MiB).
+    pub async fn continuing(mut self, committed: CommittedPrefix) -> StoreResult<Self> {
+        if committed.size == 0 {
+            return Ok(self);
+        }
+        if committed.size < MIN_PART {
+            let bytes = self.store.get_range(&self.key, ByteRange::new(0, committed.size), Some(&committed.etag)).await?;
+            self.buf_reservation.absorb(self.budget.reserve_required(bytes.len() as u64));
+            self.total = bytes.len() as u64;
+            self.buf.extend_from_slice(&bytes);
+        } else {
+            self.total = committed.size;
+            self.prefix = Some(committed);
+        }
+        Ok(self)
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Bytes written so far (including a continued prefix).
+    pub fn len(&self) -> u64 {
+        self.total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    fn check_failed(&self) -> StoreResult<()> {
+        match &self.failed {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Append bytes. Returns once they are buffered; parts upload in the background, and the
+    /// call waits only when the part concurrency or the memory budget is exhausted.
+    pub async fn write(&mut self, mut data: &[u8]) -> StoreResult<()> {
+        self.check_failed()?;
+        while !data.is_empty() {
+            let cap = self.cfg.part_size(self.next_part);
+            let n = ((cap - self.buf.len() as u64) as usize).min(data.len());
+            // Back-pressure: while the budget is spent, let this file's own parts drain first.
+            while self.budget.available() < n as u64 && !self.inflight.is_empty() {
+                self.reap_one().await?;
+            }
+            self.buf_reservation.absorb(self.budget.reserve_required(n as u64));
+            if self.buf.capacity() - self.buf.len() < n {
+                self.buf.reserve((cap as usize - self.buf.len()).min(n.max(1 << 20)));
+            }
+            self.buf.extend_from_slice(&data[..n]);
+            self.total += n as u64;
+            data = &data[n..];
+            if self.buf.len() as u64 == cap {
+                self.ship_part().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn ensure_multipart(&mut self) -> StoreResult<String> {
+        if let Some(id) = &self.upload_id {
+            return Ok(id.clone());
+        }
+        let id = self.store.create_multipart(&self.key, &self.opts, self.caps.checksums()).await?;
+        tracing::debug!(key = %self.key, upload_id = %id, "multipart upload started");
+        self.upload_id = Some(id.clone());
+        if let Some(prefix) = self.prefix.take() {
+            self.copy_prefix(&id, &prefix).await?;
+        }
+        Ok(id)
+    }
+
+    /// Server-side copy of a committed object into the first parts (5 GiB at most each).
+    async fn copy_prefix(&mut self, id: &str, prefix: &CommittedPrefix) -> StoreResult<()> {
+        let pieces = prefix.size.div_ceil(MAX_PART);
+        let each = prefix.size.div_ceil(pieces);
+        let mut start = 0;
+        while start < prefix.size {
+            let end = (start + each).min(prefix.size);
+            let n = self.next_part;
+            self.next_part += 1;
+            let part = self
+                .store
+                .upload_part_copy(&self.key, id, n, &self.key, &prefix.etag, ByteRange::new(start, end))
+                .await?;
+            self.done.push((part, 0, end - start));
+            self.copied_prefix = true;
+            start = end;
+        }
+        Ok(())
+    }
+
+    async fn reap_one(&mut self) -> StoreResult<()> {
+        match self.inflight.join_next().await {
+            Some(Ok(Ok(part))) => {
+                self.done.push(part);
+                Ok(())
+            }
+            Some(Ok(Err(e))) => {
+                self.failed = Some(e.clone());
+                Err(e)
+            }
+            Some(Err(join)) => {
+                let e = StoreError::Other(format!("part upload task failed: {join}"));
+                self.failed = Some(e.clone());
+                Err(e)
+            }
+            None => Ok(()),
+        }
+    }
+
+    async fn ship_part(&mut self) -> StoreResult<()> {
+        if self.next_part > MAX_PARTS {
+            let e = StoreError::Other(format!(
+                "{}: more than {MAX_PARTS} parts; the largest object with these part sizes is {} bytes",
+                self.key,
+                self.cfg.max_object_size()
+            ));
+            self.failed = Some(e.clone());
+            return Err(e);
+        }
+        let id = match self.ensure_multipart().await {
+            Ok(id) => id,
+            Err(e) => {
+                self.failed = Some(e.clone());
+                return Err(e);
+            }
+        };
+        while self.inflight.len() >= self.cfg.concurrency.max(1) {
+            self.reap_one().await?;
+        }
+        let body = std::mem::take(&mut self.buf).freeze();
+        let reservation = std::mem::replace(&mut self.buf_reservation, Reservation::empty(&self.budget));
+        let n = self.next_part;
+        self.next_part += 1;
+        let (store, key, caps) = (self.store.clone(), self.key.clone(), self.caps.clone());
+        self.inflight.spawn(async move {
+            let _reservation = reservation;
+            let crc = crc32fast::hash(&body);
+            let len = body.len() as u64;
+            let part = send_with_checksum(&caps, |c| {
+                let (store, key, id, body) = (store.clone(), key.clone(), id.clone(), body.clone());
+                async move { store.upload_part(&key, &id, n, body, c.then_some(crc)).await }
+            })
+            .await?;
+            Ok((part, crc, len))
+        });
+        Ok(())
+    }
+
+    /// Make the object durable: a single PUT for a small file, else the last part and
+    /// CompleteMultipartUpload. On any failure the multipart upload is aborted.
+    pub async fn finish(mut self) -> StoreResult<PutResult> {
+        let result = self.finish_inner().await;
+        if result.is_err() {
+            self.abort_remote().await;
+        }
+        result
+    }
+
+    async fn finish_inner(&mut self) -> StoreResult<PutResult> {
+        self.check_failed()?;
+        if self.upload_id.is_none() && self.prefix.is_none() {
+            let body = std::mem::take(&mut self.buf).freeze();
+            let crc = crc32fast::hash(&body);
+            let (store, key, opts) = (self.store.clone(), self.key.clone(), self.opts.clone());
+            let res = send_with_checksum(&self.caps, |c| {
+                let (store, key, opts, body) = (store.clone(), key.clone(), opts.clone(), body.clone());
+                async move { store.put(&key, body, &opts, c.then_some(crc)).await }
+            })
+            .await?;
+            verify_checksum(&self.key, res.checksum_crc32.as_deref(), &[crc], Some(crc));
+            return Ok(res);
+        }
+        if !self.buf.is_empty() || (self.done.is_empty() && self.inflight.is_empty() && self.prefix.is_none()) {
+            self.ship_part().await?;
+        } else {
+            self.ensure_multipart().await?;
+        }
+        while !self.inflight.is_empty() {
+            self.reap_one().await?;
+        }
+        self.done.sort_by_key(|(p, _, _)| p.part_number);
+        let parts: Vec<CompletedPart> = self.done.iter().map(|(p, _, _)| p.clone()).collect();
+        let id = self.upload_id.clone().unwrap_or_default();
+        let res = self.store.complete_multipart(&self.key, &id, parts, &self.opts.condition).await?;
+        self.upload_id = None;
+        // Parts copied server side have no local CRC: then only the part checksums vouch.
+        if !self.copied_prefix {
+            let crcs: Vec<u32> = self.done.iter().map(|(_, c, _)| *c).collect();
+            let mut whole = crc32fast::Hasher::new();
+            for (_, c, len) in &self.done {
+                whole.combine(&crc32fast::Hasher::new_with_initial_len(*c, *len));
+            }
+            let whole = whole.finalize();
+            if !verify_checksum(&self.key, res.checksum_crc32.as_deref(), &crcs, Some(whole)) {
+                return Err(StoreError::Checksum(format!(
+                    "{}: object checksum {} after completion differs from the data written",
+                    self.key,
+                    res.checksum_crc32.as_deref().unwrap_or("?")
+                )));
+            }
+        }
+        Ok(res)
+    }
+
+    async fn abort_remote(&mut self) {
+        self.inflight.abort_all();
+        while self.inflight.join_next().await.is_some() {}
+        if let Some(id) = self.upload_id.take() {
+            if let Err(e) = self.store.abort_multipart(&self.key, &id).await {
+                tracing::error!(key = %self.key, upload_id = %id, error = %e, "could not abort multipart upload");
+            } else {
+                tracing::info!(key = %self.key, upload_id = %id, "multipart upload aborted");
+            }
+        }
+    }
+
+    /// Give up: nothing becomes visible, the multipart upload (if any) is aborted.
+    pub async fn abort(mut self) {
+        self.abort_remote().await;
+    }
+}
+
+/// Send with a checksum while the store takes them; retry a body the server found corrupted.
+async fn send_with_checksum<T, F, Fut>(caps: &Capabilities, send: F) -> StoreResult<T>
+where
+    F: Fn(bool) -> Fut,
+    Fut: std::future::Future<Output = StoreResult<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let with = caps.checksums();
+        match send(with).await {
+            Ok(v) => return Ok(v),
+            Err(e) if with && caps.learn(&e) => continue,
+            Err(StoreError::Checksum(m)) if attempt < CHECKSUM_ATTEMPTS => {
+                tracing::warn!(error = %m, attempt, "server rejected a body as corrupted; sending it again");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Compare the checksum the server reports with ours. Returns false only on a real mismatch;
+/// a store that reports none is accepted (it was told the part checksums).
+fn verify_checksum(key: &str, reported: Option<&str>, part_crcs: &[u32], whole: Option<u32>) -> bool {
+    let Some(reported) = reported else {
+        tracing::debug!(key, "store reported no object checksum");
+        return true;
+    };
+    if reported.contains('-') {
+        return reported == composite_crc32(part_crcs);
+    }
+    whole.is_some_and(|w| reported == crc32_header(w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::mock::{MockStore, Op};
+    use std::sync::atomic::Ordering;
+
+    fn small_cfg() -> UploadConfig {
+        UploadConfig { min_part_size: 5 << 20, max_part_size: 64 << 20, concurrency: 3 }
+    }
+
+    fn upload(store: &Arc<MockStore>, key: &str, budget: u64) -> StreamUpload {
+        StreamUpload::new(
+            store.clone(),
+            key.into(),
+            PutOptions::default(),
+            small_cfg(),
+            Budget::new(budget),
+            Arc::new(Capabilities::default()),
+        )
+    }
+
+    fn data(n: usize, seed: u8) -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    }
+
+    #[test]
+    fn schedule_reaches_five_tebibytes() {
+        let cfg = UploadConfig::default();
+        assert_eq!(cfg.part_size(1), 8 << 20);
+        assert_eq!(cfg.part_size(1000), 8 << 20);
+        assert_eq!(cfg.part_size(1001), 16 << 20);
+        assert_eq!(cfg.part_size(10_000), 4 << 30);
+        assert!(cfg.max_object_size() >= 5 << 40, "{}", cfg.max_object_size());
+    }
+
+    #[tokio::test]
+    async fn small_file_is_one_put_with_checksum() {
+        let store = Arc::new(MockStore::new());
+        let mut u = upload(&store, "f", 1 << 30);
+        u.write(b"hello ").await.unwrap();
+        u.write(b"world").await.unwrap();
+        let res = u.finish().await.unwrap();
+        assert_eq!(res.checksum_crc32, Some(crc32_header(crc32fast::hash(b"hello world"))));
+        assert_eq!(&store.get_bytes("f").unwrap()[..], b"hello world");
+        assert_eq!(store.counters.put.load(Ordering::Relaxed), 1);
+        assert_eq!(store.counters.multipart.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn empty_file_is_an_empty_object() {
+        let store = Arc::new(MockStore::new());
+        upload(&store, "e", 1 << 30).finish().await.unwrap();
+        assert_eq!(store.get_bytes("e").unwrap().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn exact_sizes_around_the_part_boundary() {
+        let part = 5 << 20;
+        for size in [part - 1, part, part + 1, 3 * part, 3 * part + 7] {
+            let store = Arc::new(MockStore::new());
+            let body = data(size, 3);
+            let mut u = upload(&store, "k", 1 << 30);
+            for chunk in body.chunks(1 << 20) {
+                u.write(chunk).await.unwrap();
+            }
+            u.finish().await.unwrap();
+            assert!(store.get_bytes("k").unwrap() == body, "size {size}");
+            assert_eq!(store.open_uploads(), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn parts_upload_while_writing() {
+        let store = Arc::new(MockStore::new());
+        let mut u = upload(&store, "k", 1 << 30);
+        u.write(&data(12 << 20, 1)).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Two full parts went out before close.
+        assert!(store.counters.bytes_uploaded.load(Ordering::Relaxed) >= 10 << 20);
+        u.finish().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn failed_part_aborts_and_keeps_old_object() {
+        let store = Arc::new(MockStore::new());
+        store.insert("k", "old");
+        store.inject_fault(Op::UploadPart, "k", StoreError::Other("500".into()), 100);
+        let mut u = upload(&store, "k", 1 << 30);
+        let mut err = None;
+        for chunk in data(20 << 20, 1).chunks(1 << 20) {
+            if let Err(e) = u.write(chunk).await {
+                err = Some(e);
+                break;
+            }
+        }
+        let res = u.finish().await;
+        assert!(err.is_some() || res.is_err());
+        assert_eq!(&store.get_bytes("k").unwrap()[..], b"old");
+        assert_eq!(store.open_uploads(), 0, "multipart upload aborted");
+    }
+
+    #[tokio::test]
+    async fn corrupted_body_is_resent() {
+        let store = Arc::new(MockStore::new());
+        store.inject_fault(Op::UploadPart, "k", StoreError::Checksum("bad digest".into()), 1);
+        let body = data(11 << 20, 9);
+        let mut u = upload(&store, "k", 1 << 30);
+        u.write(&body).await.unwrap();
+        u.finish().await.unwrap();
+        assert!(store.get_bytes("k").unwrap() == body);
+    }
+
+    #[tokio::test]
+    async fn store_without_checksums_falls_back() {
+        let store = Arc::new(MockStore::new());
+        store.inject_fault(Op::Put, "k", StoreError::Unsupported("x-amz-checksum-crc32 not implemented".into()), 1);
+        let caps = Arc::new(Capabilities::default());
+        let mut u = StreamUpload::new(store.clone(), "k".into(), PutOptions::default(), small_cfg(), Budget::new(1 << 30), caps.clone());
+        u.write(b"data").await.unwrap();
+        u.finish().await.unwrap();
+        assert!(!caps.checksums());
+        assert_eq!(&store.get_bytes("k").unwrap()[..], b"data");
+    }
+
+    #[tokio::test]
+    async fn memory_stays_near_the_budget() {
+        let store = Arc::new(MockStore::new());
+        store.set_latency(Some(std::time::Duration::from_millis(5)));
+        let budget = Budget::new(16 << 20);
+        let mut u = StreamUpload::new(store.clone(), "k".into(), PutOptions::default(), small_cfg(), budget.clone(), Arc::new(Capabilities::default()));
+        for chunk in data(60 << 20, 2).chunks(1 << 20) {
+            u.write(chunk).await.unwrap();
+        }
+        u.finish().await.unwrap();
+        // One part of overdraft at most beyond the budget.
+        assert!(budget.peak() <= (16 << 20) + (5 << 20), "peak {}", budget.peak());
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn continuing_copies_a_large_prefix_server_side() {
+        let store = Arc::new(MockStore::new());
+        let first = data(12 << 20, 4);
+        let etag = store.insert("k", first.clone());
+        let u = upload(&store, "k", 1 << 30);
+        let mut u = u.continuing(CommittedPrefix { etag, size: first.len() as u64 }).await.unwrap();
+        u.write(b"tail").await.unwrap();
+        u.finish().await.unwrap();
+        let mut want = first.clone();
+        want.extend_from_slice(b"tail");
+        assert!(store.get_bytes("k").unwrap() == want);
+        assert_eq!(store.counters.bytes_copied.load(Ordering::Relaxed), first.len() as u64);
+        assert_eq!(store.counters.bytes_uploaded.load(Ordering::Relaxed), 4);
+    }
+
+    #[tokio::test]
+    async fn continuing_rereads_a_small_prefix() {
+        let store = Arc::new(MockStore::new());
+        let etag = store.insert("k", "head-");
+        let mut u = upload(&store, "k", 1 << 30).continuing(CommittedPrefix { etag, size: 5 }).await.unwrap();
+        u.write(b"tail").await.unwrap();
+        u.finish().await.unwrap();
+        assert_eq!(&store.get_bytes("k").unwrap()[..], b"head-tail");
+    }
+}
