@@ -11,7 +11,7 @@ use fuser::{
 };
 use tokio::runtime::Handle;
 
-use crate::fs::{Attr, Errno, Fs, Kind};
+use crate::fs::{Attr, Caller, Errno, Fs, Kind, SetAttr};
 
 pub struct FuseAdapter {
     fs: Arc<Fs>,
@@ -91,22 +91,35 @@ impl Filesystem for FuseAdapter {
     fn setattr(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
         _ctime: Option<std::time::SystemTime>,
-        _fh: Option<u64>,
+        fh: Option<u64>,
         _crtime: Option<std::time::SystemTime>,
         _chgtime: Option<std::time::SystemTime>,
         _bkuptime: Option<std::time::SystemTime>,
         _flags: Option<u32>,
         reply: ReplyAttr,
     ) {
-        reply.error(self.fs.refuse_write().0);
+        let fs = self.fs.clone();
+        let when = |t: Option<TimeOrNow>| {
+            t.map(|t| match t {
+                TimeOrNow::SpecificTime(t) => t,
+                TimeOrNow::Now => std::time::SystemTime::now(),
+            })
+        };
+        let req = SetAttr { mode, uid, gid, size, mtime: when(mtime), atime: when(atime) };
+        self.rt.spawn(async move {
+            match fs.setattr(ino, fh, req).await {
+                Ok(attr) => reply.attr(&fs.ttl(), &to_file_attr(&attr)),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
     }
 
     fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
@@ -120,27 +133,51 @@ impl Filesystem for FuseAdapter {
     }
 
     fn mknod(&mut self, _req: &Request<'_>, _p: u64, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
-        reply.error(self.fs.refuse_write().0);
+        // Device nodes, FIFOs and sockets cannot be objects.
+        reply.error(libc::EPERM);
     }
 
-    fn mkdir(&mut self, _req: &Request<'_>, _p: u64, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
-        reply.error(self.fs.refuse_write().0);
+    fn mkdir(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let fs = self.fs.clone();
+        let name = name.as_bytes().to_vec();
+        let caller = Caller { uid: req.uid(), gid: req.gid() };
+        self.rt.spawn(async move {
+            match fs.mkdir(parent, &name, mode & !umask, caller).await {
+                Ok(attr) => reply.entry(&fs.ttl(), &to_file_attr(&attr), 0),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
     }
 
-    fn unlink(&mut self, _req: &Request<'_>, _p: u64, _n: &OsStr, reply: ReplyEmpty) {
-        reply.error(self.fs.refuse_write().0);
+    fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let fs = self.fs.clone();
+        let name = name.as_bytes().to_vec();
+        self.rt.spawn(async move {
+            match fs.unlink(parent, &name).await {
+                Ok(()) => reply.ok(),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
     }
 
-    fn rmdir(&mut self, _req: &Request<'_>, _p: u64, _n: &OsStr, reply: ReplyEmpty) {
-        reply.error(self.fs.refuse_write().0);
+    fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let fs = self.fs.clone();
+        let name = name.as_bytes().to_vec();
+        self.rt.spawn(async move {
+            match fs.rmdir(parent, &name).await {
+                Ok(()) => reply.ok(),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
     }
 
     fn symlink(&mut self, _req: &Request<'_>, _p: u64, _n: &OsStr, _l: &std::path::Path, reply: ReplyEntry) {
-        reply.error(self.fs.refuse_write().0);
+        reply.error(if self.fs.config().read_only { libc::EROFS } else { libc::ENOTSUP });
     }
 
     fn rename(&mut self, _req: &Request<'_>, _p: u64, _n: &OsStr, _np: u64, _nn: &OsStr, _f: u32, reply: ReplyEmpty) {
-        reply.error(self.fs.refuse_write().0);
+        // EXDEV makes mv fall back to copy + unlink, which works; server-side rename comes later.
+        reply.error(if self.fs.config().read_only { libc::EROFS } else { libc::EXDEV });
     }
 
     fn link(&mut self, _req: &Request<'_>, _ino: u64, _np: u64, _nn: &OsStr, reply: ReplyEntry) {
@@ -181,19 +218,32 @@ impl Filesystem for FuseAdapter {
         &mut self,
         _req: &Request<'_>,
         _ino: u64,
-        _fh: u64,
-        _offset: i64,
-        _data: &[u8],
+        fh: u64,
+        offset: i64,
+        data: &[u8],
         _write_flags: u32,
         _flags: i32,
         _lock_owner: Option<u64>,
         reply: ReplyWrite,
     ) {
-        reply.error(self.fs.refuse_write().0);
+        let fs = self.fs.clone();
+        let data = data.to_vec();
+        self.rt.spawn(async move {
+            match fs.write(fh, offset, &data).await {
+                Ok(n) => reply.written(n),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
     }
 
-    fn flush(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _lock_owner: u64, reply: ReplyEmpty) {
-        reply.ok();
+    fn flush(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _lock_owner: u64, reply: ReplyEmpty) {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            match fs.flush(fh).await {
+                Ok(()) => reply.ok(),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
     }
 
     fn release(
@@ -206,12 +256,23 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.fs.release(fh);
-        reply.ok();
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            match fs.release(fh).await {
+                Ok(()) => reply.ok(),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
     }
 
-    fn fsync(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _datasync: bool, reply: ReplyEmpty) {
-        reply.ok();
+    fn fsync(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _datasync: bool, reply: ReplyEmpty) {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            match fs.fsync(fh).await {
+                Ok(()) => reply.ok(),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
     }
 
     fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
@@ -278,8 +339,8 @@ impl Filesystem for FuseAdapter {
 
     fn access(&mut self, _req: &Request<'_>, ino: u64, mask: i32, reply: ReplyEmpty) {
         // The kernel checks mode bits (default_permissions); here only existence and read-only.
-        if mask & libc::W_OK != 0 {
-            return reply.error(self.fs.refuse_write().0);
+        if mask & libc::W_OK != 0 && self.fs.config().read_only {
+            return reply.error(libc::EROFS);
         }
         match self.fs.attr_of(ino) {
             Some(_) => reply.ok(),
@@ -296,8 +357,25 @@ impl Filesystem for FuseAdapter {
         reply.error(libc::ENOSYS);
     }
 
-    fn create(&mut self, _req: &Request<'_>, _p: u64, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
-        reply.error(self.fs.refuse_write().0);
+    fn create(
+        &mut self,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let fs = self.fs.clone();
+        let name = name.as_bytes().to_vec();
+        let caller = Caller { uid: req.uid(), gid: req.gid() };
+        self.rt.spawn(async move {
+            match fs.create(parent, &name, mode & !umask, flags, caller).await {
+                Ok((attr, fh)) => reply.created(&fs.ttl(), &to_file_attr(&attr), 0, fh, 0),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
     }
 }
 

@@ -166,6 +166,11 @@ impl StreamUpload {
         Ok(self)
     }
 
+    /// Metadata for the object, as long as the upload has not started on the server.
+    pub fn set_metadata(&mut self, metadata: crate::store::UserMetadata) {
+        self.opts.metadata = metadata;
+    }
+
     pub fn key(&self) -> &str {
         &self.key
     }

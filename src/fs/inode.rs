@@ -94,6 +94,12 @@ impl InodeTable {
         attr
     }
 
+    /// `parent/name` no longer exists: later lookups must not find the old inode (the kernel
+    /// may still hold it until it forgets).
+    pub fn remove_name(&mut self, parent: u64, name: &str) {
+        self.by_name.remove(&(parent, name.to_string()));
+    }
+
     /// Undo one counted lookup that never reached the kernel.
     pub fn unlookup(&mut self, ino: u64) {
         self.forget(ino, 1);

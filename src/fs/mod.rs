@@ -4,6 +4,7 @@
 pub mod attrs;
 pub mod dir;
 pub mod inode;
+mod write;
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -17,9 +18,11 @@ use parking_lot::Mutex;
 
 use crate::data::budget::Budget;
 use crate::data::prefetch::{ObjectReader, PrefetchConfig};
+use crate::data::upload::{Capabilities, UploadConfig};
 use crate::store::{ByteRange, ObjectMeta, ObjectStore, StoreError, LEGACY_FOLDER_SUFFIX};
 pub use attrs::{Attr, AttrDefaults, Kind};
 use dir::{invalid_name_reason, DirEntry, Listing, WarnOnce};
+pub use write::{Caller, SetAttr};
 use inode::{Inode, InodeTable, ROOT_INO};
 
 /// An errno, the only error the kernel understands.
@@ -39,6 +42,11 @@ impl Errno {
     pub const ENAMETOOLONG: Errno = Errno(libc::ENAMETOOLONG);
     pub const ENOTSUP: Errno = Errno(libc::ENOTSUP);
     pub const ETIMEDOUT: Errno = Errno(libc::ETIMEDOUT);
+    pub const EEXIST: Errno = Errno(libc::EEXIST);
+    pub const ENOTEMPTY: Errno = Errno(libc::ENOTEMPTY);
+    pub const EXDEV: Errno = Errno(libc::EXDEV);
+    pub const EBUSY: Errno = Errno(libc::EBUSY);
+    pub const EFBIG: Errno = Errno(libc::EFBIG);
 }
 
 pub type FsResult<T> = Result<T, Errno>;
@@ -68,6 +76,7 @@ pub struct FsConfig {
     /// How long listings, attributes and negative lookups are trusted.
     pub metadata_ttl: Duration,
     pub prefetch: PrefetchConfig,
+    pub upload: UploadConfig,
     pub max_memory: u64,
 }
 
@@ -85,6 +94,7 @@ impl FsConfig {
             },
             metadata_ttl: Duration::from_secs(5),
             prefetch: PrefetchConfig::default(),
+            upload: UploadConfig::default(),
             max_memory: 512 << 20,
         }
     }
@@ -121,8 +131,17 @@ struct DirHandle {
     items: Vec<(String, DirEntry)>,
 }
 
-struct FileHandle {
-    reader: ObjectReader,
+enum FileHandle {
+    Read(ObjectReader),
+    Write(tokio::sync::Mutex<write::WriteState>),
+}
+
+/// A file created or being rewritten by this mount and not yet committed to the bucket.
+#[derive(Clone, Debug)]
+struct Pending {
+    ino: u64,
+    /// Set by unlink while the file is still open: the upload is then dropped.
+    unlinked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub struct Fs {
@@ -135,6 +154,9 @@ pub struct Fs {
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
     budget: Arc<Budget>,
+    caps: Arc<Capabilities>,
+    /// Files written through this mount and not committed yet, by key.
+    pending: Mutex<HashMap<String, Pending>>,
     warn: WarnOnce,
 }
 
@@ -173,6 +195,8 @@ impl Fs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             budget,
+            caps: Arc::new(Capabilities::default()),
+            pending: Mutex::new(HashMap::new()),
             warn: WarnOnce::default(),
             cfg,
         }
@@ -306,6 +330,12 @@ impl Fs {
         if invalid_name_reason(name).is_some() {
             return Err(Errno::ENOENT);
         }
+        if let Some(attr) = self.pending_attr(&format!("{}{name}", parent.key)) {
+            if let Some(i) = self.inodes.lock().get_mut(attr.ino) {
+                i.lookups += 1;
+            }
+            return Ok(attr);
+        }
         let cached = self.listings.lock().get(&parent.key).filter(|(at, _)| self.fresh(*at)).map(|(_, l)| l.clone());
         let entry = match cached {
             Some(listing) => listing.entries.get(name).cloned(),
@@ -355,7 +385,7 @@ impl Fs {
 
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
         let inode = self.inode(ino)?;
-        if inode.kind == Kind::Dir || self.fresh(inode.fetched) {
+        if inode.kind == Kind::Dir || self.fresh(inode.fetched) || self.pending.lock().contains_key(&inode.key) {
             return Ok(inode.attr);
         }
         Ok(self.refresh_file(&inode).await?.attr)
@@ -368,7 +398,11 @@ impl Fs {
             return Err(Errno::EISDIR);
         }
         if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
-            return Err(Errno::EROFS);
+            return self.open_for_write(&inode, flags).await;
+        }
+        if self.pending.lock().contains_key(&inode.key) {
+            // Bytes being streamed to the bucket cannot be read back until the file is closed.
+            return Err(Errno::EBUSY);
         }
         let inode = match &inode.meta {
             Some(m) if m.etag.is_some() && self.fresh(inode.fetched) => inode,
@@ -391,18 +425,18 @@ impl Fs {
             keep
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.files.lock().insert(fh, Arc::new(FileHandle { reader }));
+        self.files.lock().insert(fh, Arc::new(FileHandle::Read(reader)));
         Ok((fh, keep_cache))
     }
 
     pub async fn read(&self, fh: u64, offset: i64, size: u32) -> FsResult<Bytes> {
         let handle = self.files.lock().get(&fh).cloned().ok_or(Errno::EBADF)?;
         let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
-        handle.reader.read(offset, size).await.map_err(|e| errno_of(&e, "read"))
-    }
-
-    pub fn release(&self, fh: u64) {
-        self.files.lock().remove(&fh);
+        match &*handle {
+            FileHandle::Read(reader) => reader.read(offset, size).await.map_err(|e| errno_of(&e, "read")),
+            // Written bytes are on their way to the bucket; reading them back needs staging.
+            FileHandle::Write(_) => Err(Errno::EBUSY),
+        }
     }
 
     pub async fn readlink(&self, ino: u64) -> FsResult<Bytes> {
@@ -418,7 +452,9 @@ impl Fs {
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
         let inode = self.dir_inode(ino)?;
         let listing = self.listing(&inode.key, true).await?;
-        let items = listing.entries.iter().map(|(n, e)| (n.clone(), e.clone())).collect();
+        let mut entries = listing.entries.clone();
+        self.add_pending_entries(ino, &inode.key, &mut entries);
+        let items = entries.into_iter().collect();
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.dirs.lock().insert(fh, Arc::new(DirHandle { ino, parent: inode.parent, items }));
         Ok(fh)
@@ -472,10 +508,6 @@ impl Fs {
         }
     }
 
-    /// Writes are refused until the write path exists.
-    pub fn refuse_write(&self) -> Errno {
-        Errno::EROFS
-    }
 }
 
 /// A stable inode number for an entry readdir shows but nobody has looked up yet.

@@ -30,7 +30,7 @@ async fn read_all(fs: &Fs, ino: u64) -> Vec<u8> {
         }
         out.extend_from_slice(&b);
     }
-    fs.release(fh);
+    fs.release(fh).await.unwrap();
     out
 }
 
@@ -174,7 +174,10 @@ async fn zero_ttl_sees_changes_immediately() {
 
 #[tokio::test]
 async fn writes_are_refused_and_errors_map() {
-    let (store, fs) = setup("");
+    let store = Arc::new(MockStore::new());
+    let mut cfg = FsConfig::new("");
+    cfg.read_only = true;
+    let fs = Fs::new(store.clone(), cfg);
     store.insert("f", "data");
     let a = fs.lookup(ROOT_INO, b"f").await.unwrap();
     assert_eq!(fs.open(a.ino, libc::O_WRONLY).await, Err(Errno::EROFS));
@@ -204,7 +207,7 @@ async fn replaced_object_gives_estale_then_new_content_after_reopen() {
     assert!(fs.read(fh, 0, 4096).await.unwrap().iter().all(|b| *b == 1));
     store.insert("f", vec![2u8; 4 << 20]);
     assert_eq!(fs.read(fh, 3 << 20, 4096).await, Err(Errno::ESTALE));
-    fs.release(fh);
+    fs.release(fh).await.unwrap();
     assert!(read_all(&fs, a.ino).await.iter().all(|b| *b == 2));
 }
 
@@ -222,7 +225,7 @@ async fn page_cache_kept_only_while_etag_unchanged() {
     let (h3, k3) = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
     assert_eq!((k1, k2, k3), (false, true, false));
     for h in [h1, h2, h3] {
-        fs.release(h);
+        fs.release(h).await.unwrap();
     }
 }
 

@@ -1,0 +1,568 @@
+//! Creating, replacing, appending to and deleting files and directories.
+//!
+//! A write handle streams its bytes into a [`StreamUpload`]; flush (close) and fsync make them
+//! durable and report failures. After a commit, more writes continue the same object (its
+//! committed bytes are copied server side). Writing inside existing bytes needs local staging
+//! and is refused with ENOTSUP until staging exists.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use super::attrs::{self, format_time, Attr, Kind, S_IFDIR, S_IFREG};
+use super::dir::{invalid_name_reason, DirEntry};
+use super::inode::Inode;
+use super::{errno_of, Errno, FileHandle, Fs, FsResult, Pending};
+use crate::data::upload::{CommittedPrefix, StreamUpload};
+use crate::store::{ObjectMeta, PutOptions, StoreError, UserMetadata};
+
+/// Who is asking (for the owner of new files and directories).
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Attribute changes requested by setattr.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub mtime: Option<SystemTime>,
+    pub atime: Option<SystemTime>,
+}
+
+pub(super) struct WriteState {
+    ino: u64,
+    key: String,
+    /// Upload in progress; None when everything written so far is committed.
+    upload: Option<StreamUpload>,
+    /// What the bucket holds for this key as far as this handle knows (size 0 = nothing to keep).
+    base: CommittedPrefix,
+    /// Logical size of the file.
+    size: u64,
+    /// Bytes that must reach the bucket at the next flush.
+    dirty: bool,
+    /// A failed upload poisons the handle: every later call reports it.
+    error: Option<Errno>,
+    metadata: UserMetadata,
+    unlinked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn new_file_metadata(mode: u32, caller: Caller, now: SystemTime) -> UserMetadata {
+    let mut md = UserMetadata::new();
+    md.insert("mode".into(), ((mode & 0o7777) | S_IFREG).to_string());
+    md.insert("uid".into(), caller.uid.to_string());
+    md.insert("gid".into(), caller.gid.to_string());
+    md.insert("mtime".into(), format_time(now));
+    md
+}
+
+impl Fs {
+    fn check_writable(&self) -> FsResult<()> {
+        if self.cfg.read_only {
+            Err(Errno::EROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn check_new_name(name: &[u8]) -> FsResult<&str> {
+        let name = std::str::from_utf8(name).map_err(|_| Errno::EINVAL)?;
+        if name.len() > 255 {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        if invalid_name_reason(name).is_some() {
+            return Err(Errno::EINVAL);
+        }
+        Ok(name)
+    }
+
+    /// Forget cached knowledge about `key` in directory `dir_key` after a change.
+    fn invalidate(&self, dir_key: &str, key: &str) {
+        self.listings.lock().pop(dir_key);
+        self.negative.lock().pop(key);
+        self.negative.lock().pop(key.trim_end_matches('/'));
+    }
+
+    pub(super) fn pending_attr(&self, key: &str) -> Option<Attr> {
+        let ino = self.pending.lock().get(key)?.ino;
+        self.inodes.lock().get(ino).map(|i| i.attr)
+    }
+
+    /// Files being written show in their directory with their current size.
+    pub(super) fn add_pending_entries(
+        &self,
+        dir_ino: u64,
+        dir_key: &str,
+        entries: &mut std::collections::BTreeMap<String, DirEntry>,
+    ) {
+        let pending: Vec<(String, u64)> = self
+            .pending
+            .lock()
+            .iter()
+            .filter(|(k, _)| k.strip_prefix(dir_key).is_some_and(|rest| !rest.is_empty() && !rest.contains('/')))
+            .map(|(k, p)| (k[dir_key.len()..].to_string(), p.ino))
+            .collect();
+        let table = self.inodes.lock();
+        for (name, ino) in pending {
+            if let Some(i) = table.get(ino).filter(|i| i.parent == dir_ino) {
+                let meta = ObjectMeta {
+                    key: i.key.clone(),
+                    size: i.attr.size,
+                    last_modified: Some(i.attr.mtime),
+                    ..Default::default()
+                };
+                entries.insert(name, DirEntry { kind: Kind::File, meta: Some(meta) });
+            }
+        }
+    }
+
+    fn mark_pending(&self, key: &str, ino: u64) -> Arc<std::sync::atomic::AtomicBool> {
+        let mut pending = self.pending.lock();
+        let p = pending.entry(key.to_string()).or_insert_with(|| Pending { ino, unlinked: Default::default() });
+        p.ino = ino;
+        p.unlinked.clone()
+    }
+
+    fn set_local_size(&self, ino: u64, size: u64) {
+        if let Some(i) = self.inodes.lock().get_mut(ino) {
+            i.attr.size = size;
+            i.attr.mtime = SystemTime::now();
+            i.attr.ctime = i.attr.mtime;
+        }
+    }
+
+    fn new_handle(&self, state: WriteState) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.files.lock().insert(fh, Arc::new(FileHandle::Write(tokio::sync::Mutex::new(state))));
+        fh
+    }
+
+    fn start_upload(&self, key: &str, metadata: &UserMetadata) -> StreamUpload {
+        let opts = PutOptions { metadata: metadata.clone(), ..Default::default() };
+        StreamUpload::new(self.store.clone(), key.to_string(), opts, self.cfg.upload, self.budget.clone(), self.caps.clone())
+    }
+
+    /// Stored metadata of an existing object, fetched if the cached entry came from a listing.
+    async fn metadata_of(&self, inode: &Inode) -> FsResult<(UserMetadata, Option<ObjectMeta>)> {
+        if let Some(m) = inode.meta.as_ref().filter(|m| m.has_metadata) {
+            return Ok((m.metadata.clone(), Some(m.clone())));
+        }
+        match self.store.head(&inode.key).await {
+            Ok(m) => Ok((m.metadata.clone(), Some(m))),
+            Err(StoreError::NotFound(_)) => Ok((UserMetadata::new(), None)),
+            Err(e) => Err(errno_of(&e, "open for write")),
+        }
+    }
+
+    pub async fn create(&self, parent: u64, name: &[u8], mode: u32, flags: i32, caller: Caller) -> FsResult<(Attr, u64)> {
+        self.check_writable()?;
+        let parent = self.dir_inode(parent)?;
+        let name = Self::check_new_name(name)?;
+        let key = format!("{}{name}", parent.key);
+        let now = SystemTime::now();
+        let metadata = new_file_metadata(mode, caller, now);
+        let meta = ObjectMeta { key: key.clone(), metadata: metadata.clone(), has_metadata: true, last_modified: Some(now), ..Default::default() };
+        let entry = DirEntry { kind: Kind::File, meta: Some(meta) };
+        let attr = self.remember_entry(&parent, name, &entry);
+        let unlinked = self.mark_pending(&key, attr.ino);
+        self.invalidate(&parent.key, &key);
+        let _ = flags;
+        let state = WriteState {
+            ino: attr.ino,
+            key: key.clone(),
+            upload: Some(self.start_upload(&key, &metadata)),
+            base: CommittedPrefix { etag: String::new(), size: 0 },
+            size: 0,
+            dirty: true,
+            error: None,
+            metadata,
+            unlinked,
+        };
+        Ok((attr, self.new_handle(state)))
+    }
+
+    pub(super) async fn open_for_write(&self, inode: &Inode, flags: i32) -> FsResult<(u64, bool)> {
+        self.check_writable()?;
+        if inode.kind != Kind::File {
+            return Err(Errno::EINVAL);
+        }
+        let (mut metadata, meta) = self.metadata_of(inode).await?;
+        let truncate = flags & libc::O_TRUNC != 0;
+        let base = match (&meta, truncate) {
+            (Some(m), false) => CommittedPrefix { etag: m.etag.clone().unwrap_or_default(), size: m.size },
+            _ => CommittedPrefix { etag: String::new(), size: 0 },
+        };
+        if truncate || meta.is_none() {
+            metadata.insert("mtime".into(), format_time(SystemTime::now()));
+        }
+        let unlinked = Default::default();
+        let mut state = WriteState {
+            ino: inode.ino,
+            key: inode.key.clone(),
+            upload: None,
+            size: base.size,
+            base,
+            dirty: false,
+            error: None,
+            metadata,
+            unlinked,
+        };
+        if truncate || meta.is_none() {
+            state.upload = Some(self.start_upload(&inode.key, &state.metadata));
+            state.dirty = true;
+            state.unlinked = self.mark_pending(&inode.key, inode.ino);
+            self.set_local_size(inode.ino, 0);
+        }
+        if let Some(i) = self.inodes.lock().get_mut(inode.ino) {
+            i.page_cache_etag = None;
+        }
+        Ok((self.new_handle(state), false))
+    }
+
+    fn write_handle(&self, fh: u64) -> FsResult<Arc<FileHandle>> {
+        let h = self.files.lock().get(&fh).cloned().ok_or(Errno::EBADF)?;
+        match &*h {
+            FileHandle::Write(_) => Ok(h),
+            FileHandle::Read(_) => Err(Errno::EBADF),
+        }
+    }
+
+    /// Make sure `st` has an upload positioned at the end of the file.
+    async fn ensure_upload(&self, st: &mut WriteState) -> FsResult<()> {
+        if st.upload.is_some() {
+            return Ok(());
+        }
+        let upload = self.start_upload(&st.key, &st.metadata);
+        let upload = upload.continuing(st.base.clone()).await.map_err(|e| {
+            tracing::error!(key = %st.key, error = %e, "cannot continue the committed object");
+            errno_of(&e, "append")
+        })?;
+        st.upload = Some(upload);
+        st.dirty = true;
+        st.unlinked = self.mark_pending(&st.key, st.ino);
+        Ok(())
+    }
+
+    async fn append(&self, st: &mut WriteState, data: &[u8]) -> FsResult<()> {
+        self.ensure_upload(st).await?;
+        let Some(upload) = st.upload.as_mut() else { return Err(Errno::EIO) };
+        if let Err(e) = upload.write(data).await {
+            tracing::error!(key = %st.key, error = %e, "upload failed while writing");
+            st.error = Some(Errno::EIO);
+            return Err(Errno::EIO);
+        }
+        st.size += data.len() as u64;
+        self.set_local_size(st.ino, st.size);
+        Ok(())
+    }
+
+    /// Grow the file with zeros up to `to` (holes, ftruncate up).
+    async fn fill_zeros(&self, st: &mut WriteState, to: u64) -> FsResult<()> {
+        const ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        while st.size < to {
+            let n = ((to - st.size) as usize).min(ZEROS.len());
+            self.append(st, &ZEROS[..n]).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn write(&self, fh: u64, offset: i64, data: &[u8]) -> FsResult<u32> {
+        let h = self.write_handle(fh)?;
+        let FileHandle::Write(lock) = &*h else { return Err(Errno::EBADF) };
+        let mut st = lock.lock().await;
+        if let Some(e) = st.error {
+            return Err(e);
+        }
+        let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
+        if offset < st.size {
+            tracing::warn!(key = %st.key, offset, size = st.size, "write inside existing bytes is not supported yet (needs local staging)");
+            return Err(Errno::ENOTSUP);
+        }
+        self.fill_zeros(&mut st, offset).await?;
+        self.append(&mut st, data).await?;
+        Ok(data.len() as u32)
+    }
+
+    /// Upload whatever is pending so the bucket holds the file; errors are returned, not lost.
+    async fn commit(&self, st: &mut WriteState) -> FsResult<()> {
+        if let Some(e) = st.error {
+            return Err(e);
+        }
+        if !st.dirty {
+            return Ok(());
+        }
+        let Some(upload) = st.upload.take() else { return Ok(()) };
+        if st.unlinked.load(Ordering::Relaxed) {
+            upload.abort().await;
+            st.dirty = false;
+            return Ok(());
+        }
+        match upload.finish().await {
+            Ok(res) => {
+                st.dirty = false;
+                st.base = CommittedPrefix { etag: res.etag.clone().unwrap_or_default(), size: st.size };
+                let now = SystemTime::now();
+                let meta = ObjectMeta {
+                    key: st.key.clone(),
+                    size: st.size,
+                    etag: res.etag,
+                    last_modified: Some(now),
+                    content_type: None,
+                    metadata: st.metadata.clone(),
+                    has_metadata: true,
+                };
+                let mut parent_key = None;
+                {
+                    let mut table = self.inodes.lock();
+                    if let Some(i) = table.get_mut(st.ino) {
+                        i.attr = attrs::attr_from_meta(i.ino, Kind::File, Some(&meta), &self.cfg.defaults);
+                        i.meta = Some(meta);
+                        i.fetched = Instant::now();
+                        i.page_cache_etag = None;
+                        parent_key = table.get(table.get(st.ino).map(|i| i.parent).unwrap_or(0)).map(|p| p.key.clone());
+                    }
+                }
+                {
+                    let mut pending = self.pending.lock();
+                    if pending.get(&st.key).is_some_and(|p| p.ino == st.ino) {
+                        pending.remove(&st.key);
+                    }
+                }
+                if let Some(pk) = parent_key {
+                    self.invalidate(&pk, &st.key);
+                }
+                tracing::debug!(key = %st.key, size = st.size, "committed");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(key = %st.key, error = %e, "upload failed; the previous object (if any) is unchanged");
+                st.error = Some(Errno::EIO);
+                self.pending.lock().remove(&st.key);
+                Err(Errno::EIO)
+            }
+        }
+    }
+
+    /// close(2) of one descriptor: the data is in the bucket when this returns Ok.
+    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        let Some(h) = self.files.lock().get(&fh).cloned() else { return Err(Errno::EBADF) };
+        match &*h {
+            FileHandle::Read(_) => Ok(()),
+            FileHandle::Write(lock) => {
+                let mut st = lock.lock().await;
+                self.commit(&mut st).await
+            }
+        }
+    }
+
+    pub async fn fsync(&self, fh: u64) -> FsResult<()> {
+        self.flush(fh).await
+    }
+
+    /// The last reference to a handle is gone; anything still uncommitted is committed now.
+    pub async fn release(&self, fh: u64) -> FsResult<()> {
+        let Some(h) = self.files.lock().remove(&fh) else { return Ok(()) };
+        if let FileHandle::Write(lock) = &*h {
+            let mut st = lock.lock().await;
+            if st.dirty && st.error.is_none() {
+                return self.commit(&mut st).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// chmod/chown/utimens/truncate.
+    pub async fn setattr(&self, ino: u64, fh: Option<u64>, req: SetAttr) -> FsResult<Attr> {
+        self.check_writable()?;
+        let inode = self.inode(ino)?;
+        // An open write handle of this inode (the one given, or any pending one).
+        let handle = fh.and_then(|fh| self.write_handle(fh).ok());
+        if let Some(h) = &handle {
+            let FileHandle::Write(lock) = &**h else { return Err(Errno::EBADF) };
+            let mut st = lock.lock().await;
+            if let Some(e) = st.error {
+                return Err(e);
+            }
+            if let Some(size) = req.size {
+                if size == 0 && st.size > 0 {
+                    if let Some(u) = st.upload.take() {
+                        u.abort().await;
+                    }
+                    st.base = CommittedPrefix { etag: String::new(), size: 0 };
+                    st.size = 0;
+                    st.upload = Some(self.start_upload(&st.key, &st.metadata));
+                    st.dirty = true;
+                    st.unlinked = self.mark_pending(&st.key, st.ino);
+                    self.set_local_size(ino, 0);
+                } else if size > st.size {
+                    self.fill_zeros(&mut st, size).await?;
+                } else if size < st.size {
+                    tracing::warn!(key = %st.key, size, "truncating to a non-zero smaller size is not supported yet");
+                    return Err(Errno::ENOTSUP);
+                }
+            }
+            let md = &mut st.metadata;
+            if let Some(m) = req.mode {
+                md.insert("mode".into(), ((m & 0o7777) | S_IFREG).to_string());
+            }
+            if let Some(u) = req.uid {
+                md.insert("uid".into(), u.to_string());
+            }
+            if let Some(g) = req.gid {
+                md.insert("gid".into(), g.to_string());
+            }
+            if let Some(t) = req.mtime {
+                md.insert("mtime".into(), format_time(t));
+            }
+            let metadata_changed = req.mode.is_some() || req.uid.is_some() || req.gid.is_some() || req.mtime.is_some();
+            if metadata_changed && !st.dirty {
+                tracing::warn!(key = %st.key, "changing metadata of a committed object is not supported yet");
+                return Err(Errno::ENOTSUP);
+            }
+            let md = st.metadata.clone();
+            if let Some(u) = st.upload.as_mut() {
+                u.set_metadata(md);
+            }
+            let meta = ObjectMeta { key: st.key.clone(), size: st.size, metadata: st.metadata.clone(), has_metadata: true, ..Default::default() };
+            let mut table = self.inodes.lock();
+            let i = table.get_mut(ino).ok_or(Errno::ENOENT)?;
+            let mut attr = attrs::attr_from_meta(ino, Kind::File, Some(&meta), &self.cfg.defaults);
+            attr.mtime = req.mtime.unwrap_or(i.attr.mtime);
+            i.attr = attr;
+            return Ok(attr);
+        }
+        if inode.kind == Kind::Dir {
+            return Err(Errno::ENOTSUP);
+        }
+        // No handle: truncate to zero replaces the object with an empty one.
+        let only_size_zero = req.size == Some(0) && req.mode.is_none() && req.uid.is_none() && req.gid.is_none();
+        if only_size_zero {
+            let (mut metadata, _) = self.metadata_of(&inode).await?;
+            metadata.insert("mtime".into(), format_time(req.mtime.unwrap_or_else(SystemTime::now)));
+            let opts = PutOptions { metadata: metadata.clone(), ..Default::default() };
+            let res = self.store.put(&inode.key, bytes::Bytes::new(), &opts, self.caps.checksums().then_some(0)).await;
+            let res = res.map_err(|e| errno_of(&e, "truncate"))?;
+            let meta = ObjectMeta { key: inode.key.clone(), size: 0, etag: res.etag, metadata, has_metadata: true, last_modified: Some(SystemTime::now()), ..Default::default() };
+            let mut table = self.inodes.lock();
+            let i = table.get_mut(ino).ok_or(Errno::ENOENT)?;
+            i.attr = attrs::attr_from_meta(ino, Kind::File, Some(&meta), &self.cfg.defaults);
+            i.meta = Some(meta);
+            i.fetched = Instant::now();
+            i.page_cache_etag = None;
+            return Ok(i.attr);
+        }
+        if req.size.is_none() && req.mode.is_none() && req.uid.is_none() && req.gid.is_none() {
+            // Only times on a pending file (e.g. touch of a new file, handled above) or atime: keep.
+            if req.mtime.is_none() {
+                return Ok(inode.attr);
+            }
+        }
+        tracing::warn!(key = %inode.key, "changing attributes of a committed object is not supported yet");
+        Err(Errno::ENOTSUP)
+    }
+
+    /// Resolve `name` in `parent` to its entry (from a fresh listing, the inode table or a probe).
+    async fn resolve(&self, parent: &Inode, name: &str) -> FsResult<(String, DirEntry)> {
+        let key = format!("{}{name}", parent.key);
+        if self.pending.lock().contains_key(&key) {
+            return Ok((key, DirEntry { kind: Kind::File, meta: None }));
+        }
+        let entry = self.probe(&parent.key, name).await?.ok_or(Errno::ENOENT)?;
+        Ok((key, entry))
+    }
+
+    /// Keep a directory visible once its last entry is gone by giving it a marker.
+    async fn keep_visible(&self, dir: &Inode) {
+        if dir.key.is_empty() || dir.key == self.cfg.prefix {
+            return;
+        }
+        match self.store.list_page(&dir.key, None, None, Some(1)).await {
+            Ok(page) if page.objects.is_empty() && page.common_prefixes.is_empty() => {
+                let opts = PutOptions { content_type: Some("application/x-directory".into()), ..Default::default() };
+                if let Err(e) = self.store.put(&dir.key, bytes::Bytes::new(), &opts, self.caps.checksums().then_some(0)).await {
+                    tracing::warn!(key = %dir.key, error = %e, "could not write a marker to keep the emptied directory");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(key = %dir.key, error = %e, "could not check whether the directory became empty"),
+        }
+    }
+
+    pub async fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        self.check_writable()?;
+        let parent = self.dir_inode(parent)?;
+        let name = std::str::from_utf8(name).map_err(|_| Errno::ENOENT)?;
+        let (key, entry) = self.resolve(&parent, name).await?;
+        if entry.kind == Kind::Dir {
+            return Err(Errno::EISDIR);
+        }
+        let was_pending = match self.pending.lock().remove(&key) {
+            Some(p) => {
+                p.unlinked.store(true, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        };
+        match self.store.delete(&key).await {
+            Ok(()) => {}
+            Err(StoreError::NotFound(_)) if was_pending => {}
+            Err(e) => return Err(errno_of(&e, "unlink")),
+        }
+        self.inodes.lock().remove_name(parent.ino, name);
+        self.invalidate(&parent.key, &key);
+        self.keep_visible(&parent).await;
+        Ok(())
+    }
+
+    pub async fn mkdir(&self, parent: u64, name: &[u8], mode: u32, caller: Caller) -> FsResult<Attr> {
+        self.check_writable()?;
+        let parent = self.dir_inode(parent)?;
+        let name = Self::check_new_name(name)?;
+        let key = format!("{}{name}/", parent.key);
+        let now = SystemTime::now();
+        let mut metadata = new_file_metadata(mode, caller, now);
+        metadata.insert("mode".into(), ((mode & 0o7777) | S_IFDIR).to_string());
+        let opts = PutOptions { metadata: metadata.clone(), content_type: Some("application/x-directory".into()), ..Default::default() };
+        let res = self
+            .store
+            .put(&key, bytes::Bytes::new(), &opts, self.caps.checksums().then_some(0))
+            .await
+            .map_err(|e| errno_of(&e, "mkdir"))?;
+        let meta = ObjectMeta { key: key.clone(), etag: res.etag, metadata, has_metadata: true, last_modified: Some(now), ..Default::default() };
+        self.invalidate(&parent.key, &key);
+        Ok(self.remember_entry(&parent, name, &DirEntry { kind: Kind::Dir, meta: Some(meta) }))
+    }
+
+    pub async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        self.check_writable()?;
+        let parent = self.dir_inode(parent)?;
+        let name = std::str::from_utf8(name).map_err(|_| Errno::ENOENT)?;
+        let (key, entry) = self.resolve(&parent, name).await?;
+        if entry.kind != Kind::Dir {
+            return Err(Errno::ENOTDIR);
+        }
+        let prefix = format!("{key}/");
+        if self.pending.lock().keys().any(|k| k.starts_with(&prefix)) {
+            return Err(Errno::ENOTEMPTY);
+        }
+        let page = self.store.list_page(&prefix, None, None, Some(2)).await.map_err(|e| errno_of(&e, "rmdir"))?;
+        if page.objects.iter().any(|o| o.key != prefix) || !page.common_prefixes.is_empty() {
+            return Err(Errno::ENOTEMPTY);
+        }
+        for k in [prefix.clone(), format!("{key}{}", crate::store::LEGACY_FOLDER_SUFFIX)] {
+            match self.store.delete(&k).await {
+                Ok(()) | Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(errno_of(&e, "rmdir")),
+            }
+        }
+        self.inodes.lock().remove_name(parent.ino, name);
+        self.listings.lock().pop(&prefix);
+        self.invalidate(&parent.key, &key);
+        self.keep_visible(&parent).await;
+        Ok(())
+    }
+}
