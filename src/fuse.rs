@@ -353,6 +353,14 @@ impl Filesystem for FuseAdapter {
         reply.error(libc::ENOSYS);
     }
 
+    fn setxattr(&mut self, _req: &Request<'_>, _ino: u64, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
+        reply.error(libc::ENOTSUP);
+    }
+
+    fn removexattr(&mut self, _req: &Request<'_>, _ino: u64, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(libc::ENOTSUP);
+    }
+
     fn listxattr(&mut self, _req: &Request<'_>, _ino: u64, _size: u32, reply: fuser::ReplyXattr) {
         reply.error(libc::ENOSYS);
     }

@@ -157,6 +157,8 @@ pub struct Fs {
     caps: Arc<Capabilities>,
     /// Files written through this mount and not committed yet, by key.
     pending: Mutex<HashMap<String, Pending>>,
+    /// The most recent write handle of each inode (setattr without a handle uses it).
+    writers: Mutex<HashMap<u64, u64>>,
     warn: WarnOnce,
 }
 
@@ -197,6 +199,7 @@ impl Fs {
             budget,
             caps: Arc::new(Capabilities::default()),
             pending: Mutex::new(HashMap::new()),
+            writers: Mutex::new(HashMap::new()),
             warn: WarnOnce::default(),
             cfg,
         }

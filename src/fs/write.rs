@@ -51,6 +51,21 @@ pub(super) struct WriteState {
     unlinked: Arc<std::sync::atomic::AtomicBool>,
 }
 
+fn apply_metadata(md: &mut UserMetadata, req: &SetAttr) {
+    if let Some(m) = req.mode {
+        md.insert("mode".into(), ((m & 0o7777) | S_IFREG).to_string());
+    }
+    if let Some(u) = req.uid {
+        md.insert("uid".into(), u.to_string());
+    }
+    if let Some(g) = req.gid {
+        md.insert("gid".into(), g.to_string());
+    }
+    if let Some(t) = req.mtime {
+        md.insert("mtime".into(), format_time(t));
+    }
+}
+
 fn new_file_metadata(mode: u32, caller: Caller, now: SystemTime) -> UserMetadata {
     let mut md = UserMetadata::new();
     md.insert("mode".into(), ((mode & 0o7777) | S_IFREG).to_string());
@@ -137,6 +152,7 @@ impl Fs {
 
     fn new_handle(&self, state: WriteState) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.writers.lock().insert(state.ino, fh);
         self.files.lock().insert(fh, Arc::new(FileHandle::Write(tokio::sync::Mutex::new(state))));
         fh
     }
@@ -368,6 +384,12 @@ impl Fs {
         let Some(h) = self.files.lock().remove(&fh) else { return Ok(()) };
         if let FileHandle::Write(lock) = &*h {
             let mut st = lock.lock().await;
+            {
+                let mut writers = self.writers.lock();
+                if writers.get(&st.ino) == Some(&fh) {
+                    writers.remove(&st.ino);
+                }
+            }
             if st.dirty && st.error.is_none() {
                 return self.commit(&mut st).await;
             }
@@ -375,12 +397,18 @@ impl Fs {
         Ok(())
     }
 
+    /// The open write handle of an inode, if any (setattr from utimensat/chmod carries none).
+    fn writer_of(&self, ino: u64) -> Option<Arc<FileHandle>> {
+        let fh = *self.writers.lock().get(&ino)?;
+        self.write_handle(fh).ok()
+    }
+
     /// chmod/chown/utimens/truncate.
     pub async fn setattr(&self, ino: u64, fh: Option<u64>, req: SetAttr) -> FsResult<Attr> {
         self.check_writable()?;
         let inode = self.inode(ino)?;
-        // An open write handle of this inode (the one given, or any pending one).
-        let handle = fh.and_then(|fh| self.write_handle(fh).ok());
+        let handle = fh.and_then(|fh| self.write_handle(fh).ok()).or_else(|| self.writer_of(ino));
+        let metadata_change = req.mode.is_some() || req.uid.is_some() || req.gid.is_some() || req.mtime.is_some();
         if let Some(h) = &handle {
             let FileHandle::Write(lock) = &**h else { return Err(Errno::EBADF) };
             let mut st = lock.lock().await;
@@ -388,7 +416,7 @@ impl Fs {
                 return Err(e);
             }
             if let Some(size) = req.size {
-                if size == 0 && st.size > 0 {
+                if size == 0 && (st.size > 0 || !st.dirty) {
                     if let Some(u) = st.upload.take() {
                         u.abort().await;
                     }
@@ -405,23 +433,13 @@ impl Fs {
                     return Err(Errno::ENOTSUP);
                 }
             }
-            let md = &mut st.metadata;
-            if let Some(m) = req.mode {
-                md.insert("mode".into(), ((m & 0o7777) | S_IFREG).to_string());
-            }
-            if let Some(u) = req.uid {
-                md.insert("uid".into(), u.to_string());
-            }
-            if let Some(g) = req.gid {
-                md.insert("gid".into(), g.to_string());
-            }
-            if let Some(t) = req.mtime {
-                md.insert("mtime".into(), format_time(t));
-            }
-            let metadata_changed = req.mode.is_some() || req.uid.is_some() || req.gid.is_some() || req.mtime.is_some();
-            if metadata_changed && !st.dirty {
-                tracing::warn!(key = %st.key, "changing metadata of a committed object is not supported yet");
-                return Err(Errno::ENOTSUP);
+            apply_metadata(&mut st.metadata, &req);
+            if metadata_change && !st.dirty {
+                // Committed already: rewrite the metadata server side.
+                let etag = st.base.etag.clone();
+                let new_etag = self.replace_metadata(&st.key, &etag, &st.metadata).await?;
+                st.base.etag = new_etag.clone();
+                return Ok(self.store_committed(ino, &st.key, st.size, Some(new_etag), st.metadata.clone()));
             }
             let md = st.metadata.clone();
             if let Some(u) = st.upload.as_mut() {
@@ -430,39 +448,69 @@ impl Fs {
             let meta = ObjectMeta { key: st.key.clone(), size: st.size, metadata: st.metadata.clone(), has_metadata: true, ..Default::default() };
             let mut table = self.inodes.lock();
             let i = table.get_mut(ino).ok_or(Errno::ENOENT)?;
-            let mut attr = attrs::attr_from_meta(ino, Kind::File, Some(&meta), &self.cfg.defaults);
-            attr.mtime = req.mtime.unwrap_or(i.attr.mtime);
-            i.attr = attr;
-            return Ok(attr);
-        }
-        if inode.kind == Kind::Dir {
-            return Err(Errno::ENOTSUP);
-        }
-        // No handle: truncate to zero replaces the object with an empty one.
-        let only_size_zero = req.size == Some(0) && req.mode.is_none() && req.uid.is_none() && req.gid.is_none();
-        if only_size_zero {
-            let (mut metadata, _) = self.metadata_of(&inode).await?;
-            metadata.insert("mtime".into(), format_time(req.mtime.unwrap_or_else(SystemTime::now)));
-            let opts = PutOptions { metadata: metadata.clone(), ..Default::default() };
-            let res = self.store.put(&inode.key, bytes::Bytes::new(), &opts, self.caps.checksums().then_some(0)).await;
-            let res = res.map_err(|e| errno_of(&e, "truncate"))?;
-            let meta = ObjectMeta { key: inode.key.clone(), size: 0, etag: res.etag, metadata, has_metadata: true, last_modified: Some(SystemTime::now()), ..Default::default() };
-            let mut table = self.inodes.lock();
-            let i = table.get_mut(ino).ok_or(Errno::ENOENT)?;
             i.attr = attrs::attr_from_meta(ino, Kind::File, Some(&meta), &self.cfg.defaults);
-            i.meta = Some(meta);
-            i.fetched = Instant::now();
-            i.page_cache_etag = None;
             return Ok(i.attr);
         }
-        if req.size.is_none() && req.mode.is_none() && req.uid.is_none() && req.gid.is_none() {
-            // Only times on a pending file (e.g. touch of a new file, handled above) or atime: keep.
-            if req.mtime.is_none() {
-                return Ok(inode.attr);
-            }
+        if inode.kind == Kind::Dir {
+            // Directory metadata lives on the marker; implicit directories have none to change.
+            tracing::warn!(key = %inode.key, "changing directory attributes is not supported yet");
+            return Err(Errno::ENOTSUP);
         }
-        tracing::warn!(key = %inode.key, "changing attributes of a committed object is not supported yet");
-        Err(Errno::ENOTSUP)
+        let (mut metadata, meta) = self.metadata_of(&inode).await?;
+        let meta = meta.ok_or(Errno::ENOENT)?;
+        match req.size {
+            Some(0) => {
+                apply_metadata(&mut metadata, &req);
+                metadata.insert("mtime".into(), format_time(req.mtime.unwrap_or_else(SystemTime::now)));
+                let opts = PutOptions { metadata: metadata.clone(), ..Default::default() };
+                let crc = self.caps.checksums().then_some(0);
+                let res = self.store.put(&inode.key, bytes::Bytes::new(), &opts, crc).await.map_err(|e| errno_of(&e, "truncate"))?;
+                return Ok(self.store_committed(ino, &inode.key, 0, res.etag, metadata));
+            }
+            Some(n) if n != meta.size => {
+                tracing::warn!(key = %inode.key, size = n, "truncating a closed file to a non-zero size is not supported yet");
+                return Err(Errno::ENOTSUP);
+            }
+            _ => {}
+        }
+        if !metadata_change {
+            return Ok(inode.attr);
+        }
+        apply_metadata(&mut metadata, &req);
+        let etag = meta.etag.clone().unwrap_or_default();
+        let new_etag = self.replace_metadata(&inode.key, &etag, &metadata).await?;
+        Ok(self.store_committed(ino, &inode.key, meta.size, Some(new_etag), metadata))
+    }
+
+    /// Rewrite an object's metadata with a server-side copy onto itself (no data transfer).
+    async fn replace_metadata(&self, key: &str, etag: &str, metadata: &UserMetadata) -> FsResult<String> {
+        let opts = PutOptions { metadata: metadata.clone(), ..Default::default() };
+        let res = self.store.copy_object(key, etag, key, &opts).await.map_err(|e| errno_of(&e, "setattr"))?;
+        Ok(res.etag.unwrap_or_default())
+    }
+
+    /// Record what the bucket now holds for `ino` and return its attributes.
+    fn store_committed(&self, ino: u64, key: &str, size: u64, etag: Option<String>, metadata: UserMetadata) -> Attr {
+        let meta = ObjectMeta {
+            key: key.to_string(),
+            size,
+            etag,
+            last_modified: Some(SystemTime::now()),
+            content_type: None,
+            metadata,
+            has_metadata: true,
+        };
+        let mut table = self.inodes.lock();
+        match table.get_mut(ino) {
+            Some(i) => {
+                i.attr = attrs::attr_from_meta(ino, Kind::File, Some(&meta), &self.cfg.defaults);
+                i.meta = Some(meta);
+                i.fetched = Instant::now();
+                i.page_cache_etag = None;
+                i.attr
+            }
+            None => attrs::attr_from_meta(ino, Kind::File, Some(&meta), &self.cfg.defaults),
+        }
     }
 
     /// Resolve `name` in `parent` to its entry (from a fresh listing, the inode table or a probe).

@@ -310,6 +310,21 @@ impl ObjectStore for MockStore {
         Ok(())
     }
 
+    async fn copy_object(&self, source_key: &str, source_etag: &str, key: &str, opts: &PutOptions) -> StoreResult<PutResult> {
+        self.enter(Op::Put, key).await?;
+        let data = {
+            let objects = self.objects.lock();
+            let o = objects.get(source_key).ok_or_else(|| StoreError::NotFound(source_key.to_string()))?;
+            if o.etag != source_etag {
+                return Err(StoreError::PreconditionFailed(source_key.to_string()));
+            }
+            o.data.clone()
+        };
+        self.counters.bytes_copied.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let etag = self.insert_with(key, data, opts.metadata.clone(), opts.content_type.clone());
+        Ok(PutResult { etag: Some(etag), checksum_crc32: None })
+    }
+
     async fn create_multipart(&self, key: &str, opts: &PutOptions, checksum: bool) -> StoreResult<String> {
         self.enter(Op::CreateMultipart, key).await?;
         let _ = checksum;

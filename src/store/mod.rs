@@ -177,6 +177,10 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
 
     async fn delete(&self, key: &str) -> StoreResult<()>;
 
+    /// Server-side copy of a whole object (at most 5 GiB) onto `key`, with `opts.metadata`
+    /// replacing the source's, only while the source still has `source_etag`.
+    async fn copy_object(&self, source_key: &str, source_etag: &str, key: &str, opts: &PutOptions) -> StoreResult<PutResult>;
+
     /// Start a multipart upload (declaring CRC32 part checksums when `checksum`); returns its id.
     async fn create_multipart(&self, key: &str, opts: &PutOptions, checksum: bool) -> StoreResult<String>;
 
