@@ -90,6 +90,18 @@ pub struct Cli {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64MiB")]
     pub max_prefetch: u64,
 
+    /// Size of the first 1000 parts of a multipart upload (later parts double every 1000 parts)
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "8MiB")]
+    pub part_size: u64,
+
+    /// Largest part size the schedule may reach (caps the largest object: see README)
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4GiB")]
+    pub max_part_size: u64,
+
+    /// Parts of one file uploading in parallel
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub upload_concurrency: u32,
+
     /// Attempts per S3 request, including the first (retries use exponential backoff)
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub max_attempts: u32,

@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::cli::Cli;
 use crate::data::prefetch::PrefetchConfig;
+use crate::data::upload::UploadConfig;
 use crate::fs::{AttrDefaults, FsConfig};
 use crate::store::s3::S3Settings;
 
@@ -69,11 +70,22 @@ impl Config {
         if cli.max_prefetch < 1 << 20 {
             return Err("--max-prefetch must be at least 1MiB".into());
         }
+        if cli.part_size < crate::data::upload::MIN_PART || cli.part_size > crate::data::upload::MAX_PART {
+            return Err("--part-size must be between 5MiB and 5GiB (S3's part size limits)".into());
+        }
+        if cli.max_part_size < cli.part_size || cli.max_part_size > crate::data::upload::MAX_PART {
+            return Err("--max-part-size must be at least --part-size and at most 5GiB".into());
+        }
         let umask = cli.umask.unwrap_or(0);
         let mut fs = FsConfig::new(&prefix);
         fs.read_only = cli.read_only;
         fs.metadata_ttl = cli.metadata_ttl;
         fs.max_memory = cli.max_memory;
+        fs.upload = UploadConfig {
+            min_part_size: cli.part_size,
+            max_part_size: cli.max_part_size,
+            concurrency: cli.upload_concurrency as usize,
+        };
         fs.prefetch = PrefetchConfig { max_window: cli.max_prefetch, ..PrefetchConfig::default() };
         fs.defaults = AttrDefaults {
             uid: cli.uid.unwrap_or_else(|| unsafe { libc::getuid() }),

@@ -89,7 +89,7 @@ fn ranged_get_head_and_conditions() {
         assert!(matches!(stale, Err(StoreError::PreconditionFailed(_))), "{stale:?}");
         assert!(matches!(s.head("missing").await, Err(StoreError::NotFound(_))));
         assert!(matches!(s.get_range("missing", ByteRange::new(0, 1), None).await, Err(StoreError::NotFound(_))));
-        s.put("small", bytes::Bytes::from_static(b"hello"), &PutOptions::default()).await.expect("put with crc32");
+        s.put("small", bytes::Bytes::from_static(b"hello"), &PutOptions::default(), Some(crc32fast::hash(b"hello"))).await.expect("put with crc32");
         assert_eq!(&s.get_range("small", ByteRange::new(0, 5), None).await.unwrap()[..], b"hello");
         s.delete("small").await.expect("delete");
         assert!(matches!(s.head("small").await, Err(StoreError::NotFound(_))));

@@ -73,6 +73,16 @@ impl InodeTable {
                 ino
             }
         };
+        // A listing knows less than a HEAD: keep the HEAD's metadata while the ETag is the same.
+        let keep_richer = match (self.inodes.get(&ino).and_then(|i| i.meta.as_ref()), meta.as_ref()) {
+            (Some(old), Some(new)) => old.has_metadata && !new.has_metadata && old.etag.is_some() && old.etag == new.etag,
+            _ => false,
+        };
+        if keep_richer {
+            let inode = self.inodes.get_mut(&ino).expect("checked above");
+            inode.lookups += 1;
+            return inode.attr;
+        }
         let attr = make_attr(ino);
         let entry = self.inodes.entry(ino).or_insert_with(|| Inode {
             ino,

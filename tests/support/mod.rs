@@ -2,6 +2,8 @@
 //! SDK used directly, not s3mount's store), and real FUSE mounts of the real binary.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -247,6 +249,25 @@ impl S3Server {
         rt().block_on(req.send()).unwrap_or_else(|e| panic!("put {key}: {e:?}"));
     }
 
+    /// Multipart uploads left open in the bucket.
+    pub fn open_uploads(&self, bucket: &str) -> Vec<String> {
+        let c = self.client();
+        rt().block_on(async move {
+            let out = c.list_multipart_uploads().bucket(bucket).send().await.expect("list uploads");
+            out.uploads().iter().filter_map(|u| u.key().map(str::to_string)).collect()
+        })
+    }
+
+    /// User metadata of an object.
+    pub fn metadata(&self, bucket: &str, key: &str) -> std::collections::HashMap<String, String> {
+        let c = self.client();
+        rt().block_on(async move { c.head_object().bucket(bucket).key(key).send().await.expect("head").metadata().cloned().unwrap_or_default() })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.endpoint.rsplit(':').next().and_then(|p| p.parse().ok()).expect("endpoint port")
+    }
+
     pub fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
         let c = self.client();
         rt().block_on(async move {
@@ -323,10 +344,15 @@ pub struct Mount {
 
 impl Mount {
     pub fn new(server: &S3Server, source: &str, extra: &[&str]) -> Mount {
+        Self::via(server, &server.endpoint, source, extra)
+    }
+
+    /// Mount through another endpoint (a fault-injecting proxy in front of `server`).
+    pub fn via(server: &S3Server, endpoint: &str, source: &str, extra: &[&str]) -> Mount {
         require_fuse();
         let dir = tempfile::tempdir().expect("mount dir");
         let mut args: Vec<String> = vec![source.to_string(), dir.path().display().to_string()];
-        args.extend(server.args());
+        args.extend(["--endpoint-url".into(), endpoint.to_string(), "--region".into(), server.region.clone(), "--force-path-style".into()]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = std::env::temp_dir().join(format!("s3mount-test-{}.log", rand_suffix()));
         args.extend(["--log-file".into(), log.display().to_string(), "-d".into()]);

@@ -1,0 +1,179 @@
+//! Writing through the real binary: what lands in the bucket is checked with an independent client.
+
+mod support;
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+
+use support::proxy::FaultProxy;
+use support::*;
+
+const PART: usize = 5 << 20;
+
+#[test]
+fn exact_bytes_for_sizes_around_parts() {
+    let server = server();
+    let bucket = server.new_bucket();
+    let m = Mount::new(server, &bucket, &["--part-size", "5MiB"]);
+    let sizes = [0, 1, PART - 1, PART, PART + 1, 3 * PART + 17];
+    for (i, n) in sizes.iter().enumerate() {
+        let body = pattern(*n, i as u64);
+        std::fs::write(m.join(&format!("f{n}")), &body).unwrap();
+        assert!(server.get(&bucket, &format!("f{n}")).unwrap() == body, "size {n}");
+    }
+    assert!(server.open_uploads(&bucket).is_empty());
+    let meta = server.metadata(&bucket, "f1");
+    assert_eq!(meta.get("mode").map(String::as_str), Some("33188"), "s3fs-compatible mode: {meta:?}");
+}
+
+#[test]
+fn large_streamed_file_with_dd() {
+    let server = server();
+    let bucket = server.new_bucket();
+    let m = Mount::new(server, &bucket, &[]);
+    let src = tempfile::NamedTempFile::new().unwrap();
+    let body = pattern(300 << 20, 77);
+    std::fs::write(src.path(), &body).unwrap();
+    let out = sh(&format!("dd if='{}' of='{}' bs=1M 2>&1", src.path().display(), m.join("big.bin").display()));
+    assert!(out.status.success(), "{out:?}");
+    let got = server.get(&bucket, "big.bin").unwrap();
+    assert_eq!(got.len(), body.len());
+    assert!(sha256(&got) == sha256(&body));
+    assert_eq!(std::fs::metadata(m.join("big.bin")).unwrap().len(), body.len() as u64);
+}
+
+#[test]
+fn overwrite_append_and_truncate() {
+    let server = server();
+    let bucket = server.new_bucket();
+    server.put(&bucket, "f", "old old old");
+    let m = Mount::new(server, &bucket, &["--metadata-ttl", "0"]);
+    std::fs::write(m.join("f"), "new").unwrap();
+    assert_eq!(server.get(&bucket, "f").unwrap(), b"new");
+    let mut f = std::fs::OpenOptions::new().append(true).open(m.join("f")).unwrap();
+    f.write_all(b" and more").unwrap();
+    drop(f);
+    assert_eq!(server.get(&bucket, "f").unwrap(), b"new and more");
+    let out = sh(&format!("echo line >> '{}'", m.join("f").display()));
+    assert!(out.status.success());
+    assert_eq!(server.get(&bucket, "f").unwrap(), b"new and moreline\n");
+    let out = sh(&format!("truncate -s 0 '{}'", m.join("f").display()));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(server.get(&bucket, "f").unwrap(), b"");
+}
+
+#[test]
+fn mkdir_rmdir_unlink_in_the_bucket() {
+    let server = garage();
+    let bucket = server.new_bucket();
+    let m = Mount::new(server, &bucket, &[]);
+    std::fs::create_dir(m.join("d")).unwrap();
+    assert_eq!(server.keys(&bucket), vec!["d/"]);
+    std::fs::write(m.join("d/a"), "1").unwrap();
+    let e = std::fs::remove_dir(m.join("d")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTEMPTY));
+    std::fs::remove_file(m.join("d/a")).unwrap();
+    assert_eq!(server.keys(&bucket), vec!["d/"]);
+    // A directory without a marker stays visible when its last file is removed.
+    server.put(&bucket, "implicit/x", "1");
+    std::fs::remove_file(m.join("implicit/x")).unwrap();
+    assert!(m.join("implicit").is_dir());
+    assert!(server.keys(&bucket).contains(&"implicit/".to_string()));
+    std::fs::remove_dir(m.join("d")).unwrap();
+    std::fs::remove_dir(m.join("implicit")).unwrap();
+    assert!(server.keys(&bucket).is_empty(), "{:?}", server.keys(&bucket));
+    let e = std::fs::remove_file(m.join("nothing")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+}
+
+#[test]
+fn fsync_makes_the_object_visible_before_close() {
+    let server = server();
+    let bucket = server.new_bucket();
+    let m = Mount::new(server, &bucket, &[]);
+    let mut f = std::fs::File::create(m.join("synced")).unwrap();
+    f.write_all(b"durable").unwrap();
+    assert_eq!(std::fs::metadata(m.join("synced")).unwrap().len(), 7, "size visible while writing");
+    assert!(server.get(&bucket, "synced").is_none());
+    f.sync_all().unwrap();
+    assert_eq!(server.get(&bucket, "synced").unwrap(), b"durable");
+    f.write_all(b" and then some").unwrap();
+    drop(f);
+    assert_eq!(server.get(&bucket, "synced").unwrap(), b"durable and then some");
+}
+
+#[test]
+fn many_writers_in_parallel() {
+    let server = server();
+    let bucket = server.new_bucket();
+    let m = Mount::new(server, &bucket, &[]);
+    let root = m.path().to_path_buf();
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let root = root.clone();
+            s.spawn(move || {
+                std::fs::create_dir_all(root.join(format!("t{t}"))).unwrap();
+                for i in 0..20 {
+                    std::fs::write(root.join(format!("t{t}/f{i}")), pattern(1000 + i * 4096, (t * 100 + i) as u64)).unwrap();
+                }
+            });
+        }
+    });
+    for t in 0..8 {
+        for i in 0..20 {
+            let got = server.get(&bucket, &format!("t{t}/f{i}")).unwrap_or_default();
+            assert!(got == pattern(1000 + i * 4096, (t * 100 + i) as u64), "t{t}/f{i}");
+        }
+    }
+}
+
+#[test]
+fn metadata_round_trips_through_a_remount() {
+    let server = server();
+    let bucket = server.new_bucket();
+    {
+        let m = Mount::new(server, &bucket, &[]);
+        std::fs::write(m.join("f"), "x").unwrap();
+        let out = sh(&format!("chmod 600 '{0}' && touch -d @1500000000 '{0}'", m.join("f").display()));
+        assert!(out.status.success(), "{out:?}");
+    }
+    let m = Mount::new(server, &bucket, &["--metadata-ttl", "0"]);
+    let meta = std::fs::metadata(m.join("f")).unwrap();
+    assert_eq!((meta.mode() & 0o7777, meta.mtime()), (0o600, 1_500_000_000));
+}
+
+#[test]
+fn failed_part_upload_gives_eio_and_keeps_the_old_object() {
+    let server = server();
+    let bucket = server.new_bucket();
+    server.put(&bucket, "victim", "previous contents");
+    let proxy = FaultProxy::start(server.port());
+    let m = Mount::via(server, &proxy.endpoint(), &bucket, &["--part-size", "5MiB", "--max-attempts", "2"]);
+    proxy.fail("PUT", "partNumber=2", 500, 1000);
+    let body = pattern(12 << 20, 5);
+    let mut f = std::fs::File::create(m.join("victim")).unwrap();
+    let write_result = f.write_all(&body);
+    let close_result = f.sync_all();
+    drop(f);
+    assert!(write_result.is_err() || close_result.is_err(), "the failure must reach the application");
+    let err = write_result.err().or(close_result.err()).unwrap();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(proxy.hits() >= 1);
+    proxy.clear();
+    assert_eq!(server.get(&bucket, "victim").unwrap(), b"previous contents");
+    assert!(server.open_uploads(&bucket).is_empty(), "no dangling multipart upload");
+}
+
+#[test]
+fn read_only_mount_gives_erofs_for_writes() {
+    let server = server();
+    let bucket = server.new_bucket();
+    let m = Mount::new(server, &bucket, &["-o", "ro"]);
+    for r in [
+        std::fs::write(m.join("x"), "1").map(|_| ()),
+        std::fs::create_dir(m.join("d")),
+    ] {
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EROFS));
+    }
+    assert!(server.keys(&bucket).is_empty());
+}
