@@ -42,6 +42,16 @@ pub struct Cli {
     #[arg(long, value_name = "NAME")]
     pub profile: Option<String>,
 
+    /// s3fs-style credentials file: lines `ACCESS_KEY:SECRET` or `BUCKET:ACCESS_KEY:SECRET`;
+    /// refused unless only its owner can read it (chmod 600)
+    #[arg(long, value_name = "PATH")]
+    pub passwd_file: Option<PathBuf>,
+
+    /// PEM file of CA certificates to trust besides the system's (private endpoints);
+    /// default: $AWS_CA_BUNDLE when set
+    #[arg(long, value_name = "PATH")]
+    pub ca_bundle: Option<PathBuf>,
+
     /// Send unsigned requests (public buckets)
     #[arg(long)]
     pub no_sign_request: bool,
@@ -192,6 +202,37 @@ pub fn expand_mount_options(args: &[String]) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
+/// Is this binary running as a mount(8) helper (`mount.s3mount`, `mount.fuse.s3mount`)?
+pub fn is_mount_helper(argv0: &str) -> bool {
+    let name = argv0.rsplit('/').next().unwrap_or(argv0);
+    name.starts_with("mount.")
+}
+
+/// What mount(8) passes a helper: `SOURCE DIR [-sfnv] [-o opts]`. Its `-f` means "fake" (do
+/// everything but mount), `-s` sloppy, `-n` no mtab, `-v` verbose; none of them are ours.
+/// Returns the arguments for [`parse_args`] and whether this is a fake mount.
+pub fn helper_args(args: &[String]) -> (Vec<String>, bool) {
+    let mut out = Vec::with_capacity(args.len());
+    let mut fake = false;
+    let mut iter = args.iter();
+    if let Some(first) = iter.next() {
+        out.push(first.clone());
+    }
+    while let Some(a) = iter.next() {
+        if a == "-o" {
+            out.push(a.clone());
+            if let Some(v) = iter.next() {
+                out.push(v.clone());
+            }
+        } else if a.len() > 1 && a.starts_with('-') && !a.starts_with("--") && !a.starts_with("-o") && a[1..].chars().all(|c| "sfnvi".contains(c)) {
+            fake |= a.contains('f');
+        } else {
+            out.push(a.clone());
+        }
+    }
+    (out, fake)
+}
+
 #[derive(Debug)]
 pub enum ArgsError {
     /// clap's own error (usage, --help, --version): print it its way.
@@ -277,6 +318,38 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(parse_args(&args(&["s3mount", "b", "/mnt", "-o"])).is_err());
+    }
+
+    /// Every line of fstab.example goes through the same parser mount(8) would reach.
+    #[test]
+    fn fstab_example_lines_parse() {
+        let text = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/fstab.example"));
+        let mut n = 0;
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(f.len(), 6, "six fields: {line}");
+            assert_eq!(f[2], "s3mount", "{line}");
+            let (argv, fake) = helper_args(&args(&["/sbin/mount.s3mount", f[0], f[1], "-o", f[3]]));
+            assert!(!fake);
+            let cli = parse_args(&argv).unwrap_or_else(|e| panic!("{line}: {e:?}"));
+            if cli.passwd_file.is_none() {
+                crate::config::Config::from_cli(cli).unwrap_or_else(|e| panic!("{line}: {e}"));
+            }
+            n += 1;
+        }
+        assert!(n >= 5, "{n} lines");
+    }
+
+    #[test]
+    fn mount_helper_form() {
+        assert!(is_mount_helper("/sbin/mount.s3mount"));
+        assert!(!is_mount_helper("/usr/bin/s3mount"));
+        let (a, fake) = helper_args(&args(&["mount.s3mount", "b:/p", "/mnt", "-sn", "-o", "ro,allow_other,_netdev", "-v"]));
+        assert!(!fake);
+        let cli = parse_args(&a).unwrap();
+        assert!(cli.read_only && cli.allow_other && !cli.foreground);
+        let (_, fake) = helper_args(&args(&["mount.s3mount", "b", "/mnt", "-f", "-o", "rw"]));
+        assert!(fake);
     }
 
     #[test]

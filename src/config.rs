@@ -7,7 +7,7 @@ use crate::cli::Cli;
 use crate::data::prefetch::PrefetchConfig;
 use crate::data::upload::UploadConfig;
 use crate::fs::{AttrDefaults, FsConfig};
-use crate::store::s3::S3Settings;
+use crate::store::s3::{S3Settings, StaticCredentials};
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -51,6 +51,37 @@ pub fn parse_source(source: &str) -> Result<(String, String), String> {
         }
     }
     Ok((bucket.to_string(), format!("{trimmed}/")))
+}
+
+/// Read an s3fs passwd file: the line for `bucket` (`BUCKET:ACCESS:SECRET`) wins over a default
+/// line (`ACCESS:SECRET`). Like s3fs, a file others can read is refused.
+pub fn read_passwd_file(path: &std::path::Path, bucket: &str) -> Result<StaticCredentials, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read passwd file {shown}: {e}"))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "passwd file {shown} has mode {mode:04o}; it holds secrets, so only its owner may read it: chmod 600 {shown}"
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read passwd file {shown}: {e}"))?;
+    let mut default = None;
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split(':').collect();
+        let creds = |a: &str, s: &str| StaticCredentials { access_key: a.trim().to_string(), secret_key: s.trim().to_string() };
+        match fields.as_slice() {
+            [b, a, s] if *b == bucket && !a.is_empty() && !s.is_empty() => return Ok(creds(a, s)),
+            [_, _, _] => {}
+            [a, s] if !a.is_empty() && !s.is_empty() => default = default.or(Some(creds(a, s))),
+            _ => return Err(format!("passwd file {shown}, line {}: expected ACCESS_KEY:SECRET or BUCKET:ACCESS_KEY:SECRET", n + 1)),
+        }
+    }
+    default.ok_or_else(|| format!("passwd file {shown} has no line for bucket '{bucket}' and no default ACCESS_KEY:SECRET line"))
 }
 
 impl Config {
@@ -103,7 +134,20 @@ impl Config {
             no_sign_request: cli.no_sign_request,
             max_attempts: cli.max_attempts,
             connect_timeout: Duration::from_secs(5),
+            credentials: match &cli.passwd_file {
+                Some(p) => Some(read_passwd_file(p, &bucket)?),
+                None => None,
+            },
+            ca_bundle: cli
+                .ca_bundle
+                .clone()
+                .or_else(|| std::env::var_os("AWS_CA_BUNDLE").filter(|v| !v.is_empty()).map(PathBuf::from)),
         };
+        if let Some(ca) = &s3.ca_bundle {
+            if !ca.is_file() {
+                return Err(format!("CA bundle {} does not exist or is not a file", ca.display()));
+            }
+        }
         Ok(Config {
             source: cli.source.clone(),
             bucket,
@@ -124,6 +168,23 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwd_file_rules() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("passwd");
+        std::fs::write(&p, "# comment\nDEFKEY:defsecret\nmybucket:BKEY:bsecret\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_passwd_file(&p, "mybucket").unwrap_err();
+        assert!(e.contains("chmod 600") && e.contains("0644"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_passwd_file(&p, "mybucket").unwrap().access_key, "BKEY");
+        assert_eq!(read_passwd_file(&p, "other").unwrap().secret_key, "defsecret");
+        assert!(!format!("{:?}", read_passwd_file(&p, "other").unwrap()).contains("defsecret"));
+        std::fs::write(&p, "garbage line without colon\n").unwrap();
+        assert!(read_passwd_file(&p, "b").unwrap_err().contains("line 1"));
+    }
 
     #[test]
     fn sources_parse() {

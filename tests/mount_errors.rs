@@ -112,6 +112,7 @@ fn invalid_option_values() {
     fails_with(server, &["b", d, "--file-mode", "999"], 2, "octal");
     fails_with(server, &["bad bucket!", d], 2, "not a valid bucket name");
     fails_with(server, &["b", d, "--endpoint-url", "localhost:9000"], 2, "http://");
+    fails_with(server, &["b", d, "--ca-bundle", "/nonexistent/ca.pem"], 2, "CA bundle");
     assert!(!is_mounted(dir.path()));
 }
 
@@ -138,4 +139,30 @@ fn help_and_version() {
     assert!(out.status.success() && text.contains("Examples:") && text.contains("--endpoint-url"), "{text}");
     let out = Command::new(s3mount_bin()).arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn passwd_file_readable_by_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = server();
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("passwd-s3fs");
+    std::fs::write(&pw, format!("{}:{}\n", server.access_key, server.secret_key)).unwrap();
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let a = ["b", mnt.to_str().unwrap(), "-o", &format!("passwd_file={}", pw.display())];
+    fails_with(server, &a, 2, "chmod 600");
+    // With mode 0600 it is used instead of the environment's keys.
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let bucket = server.new_bucket();
+    server.put(&bucket, "k", "from passwd file");
+    let m = Mount::with_env(
+        server,
+        &server.endpoint,
+        &bucket,
+        &["--passwd-file", pw.to_str().unwrap()],
+        &[("AWS_ACCESS_KEY_ID", None), ("AWS_SECRET_ACCESS_KEY", None)],
+    );
+    assert_eq!(std::fs::read(m.join("k")).unwrap(), b"from passwd file");
 }

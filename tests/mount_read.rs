@@ -231,3 +231,47 @@ fn replaced_object_is_never_read_mixed() {
     let now = std::fs::read(m.join("f")).unwrap();
     assert!(now.len() == 32 << 20 && now.iter().all(|b| *b == b'n'), "new content after the TTL");
 }
+
+#[test]
+fn mount_helper_argv_form() {
+    // What mount(8) runs for `mount -t s3mount SOURCE DIR -o ...`: mount.s3mount SOURCE DIR -o opts.
+    let server = server();
+    let bucket = server.new_bucket();
+    server.put(&bucket, "p/f", "via helper");
+    let bin_dir = tempfile::tempdir().unwrap();
+    let helper = bin_dir.path().join("mount.s3mount");
+    std::os::unix::fs::symlink(s3mount_bin(), &helper).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = format!(
+        "endpoint_url={},region={},force_path_style,ro,_netdev,nofail,x-systemd.automount",
+        server.endpoint, server.region
+    );
+    let source = format!("{bucket}:/p");
+    let run = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(&helper);
+        cmd.arg(&source).arg(dir.path()).args(extra).args(["-o", &opts]).envs(server.env());
+        cmd.output().unwrap()
+    };
+    let fake = run(&["-f"]);
+    assert!(fake.status.success(), "{fake:?}");
+    assert!(!is_mounted(dir.path()), "-f (fake) must not mount");
+    let out = run(&["-n", "-v"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"via helper");
+    assert_eq!(std::fs::write(dir.path().join("g"), "x").unwrap_err().raw_os_error(), Some(libc::EROFS));
+    let _ = std::process::Command::new("umount").arg(dir.path()).status();
+}
+
+#[test]
+fn works_with_and_without_ca_bundle_variables() {
+    let server = server();
+    let bucket = server.new_bucket();
+    server.put(&bucket, "f", "tls-agnostic");
+    for env in [
+        vec![("AWS_CA_BUNDLE", None), ("SSL_CERT_FILE", None)],
+        vec![("AWS_CA_BUNDLE", Some("/etc/ssl/certs/ca-certificates.crt")), ("SSL_CERT_FILE", Some("/etc/ssl/certs/ca-certificates.crt"))],
+    ] {
+        let m = Mount::with_env(server, &server.endpoint, &bucket, &[], &env);
+        assert_eq!(std::fs::read(m.join("f")).unwrap(), b"tls-agnostic", "{env:?}");
+    }
+}

@@ -19,6 +19,8 @@ fn settings(server: &S3Server, bucket: &str) -> S3Settings {
         no_sign_request: false,
         max_attempts: 2,
         connect_timeout: Duration::from_secs(2),
+        credentials: None,
+        ca_bundle: None,
     }
 }
 

@@ -16,6 +16,19 @@ use bytes::Bytes;
 
 use super::*;
 
+/// Static credentials (from an s3fs-style passwd file). Debug never shows the secret.
+#[derive(Clone, Default)]
+pub struct StaticCredentials {
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+impl fmt::Debug for StaticCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StaticCredentials").field("access_key", &self.access_key).field("secret_key", &"<redacted>").finish()
+    }
+}
+
 /// How to reach the bucket. Built by `config.rs` from the command line.
 #[derive(Clone, Debug, Default)]
 pub struct S3Settings {
@@ -28,6 +41,10 @@ pub struct S3Settings {
     /// Attempts per request, including the first.
     pub max_attempts: u32,
     pub connect_timeout: Duration,
+    /// Credentials to use instead of the standard AWS chain.
+    pub credentials: Option<StaticCredentials>,
+    /// PEM bundle of extra CAs to trust besides the system roots (private endpoints).
+    pub ca_bundle: Option<std::path::PathBuf>,
 }
 
 pub struct S3Store {
@@ -54,6 +71,28 @@ impl S3Store {
         }
         if s.no_sign_request {
             loader = loader.no_credentials();
+        } else if let Some(c) = &s.credentials {
+            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                &c.access_key,
+                &c.secret_key,
+                None,
+                None,
+                "s3mount-passwd-file",
+            ));
+        }
+        if let Some(path) = &s.ca_bundle {
+            let pem = std::fs::read(path)
+                .map_err(|e| StoreError::Other(format!("cannot read CA bundle {}: {e}", path.display())))?;
+            use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode, TlsContext, TrustStore};
+            let ctx = TlsContext::builder()
+                .with_trust_store(TrustStore::default().with_pem_certificate(pem))
+                .build()
+                .map_err(|e| StoreError::Other(format!("CA bundle {}: {e}", path.display())))?;
+            let client = aws_smithy_http_client::Builder::new()
+                .tls_provider(tls::Provider::Rustls(CryptoMode::AwsLc))
+                .tls_context(ctx)
+                .build_https();
+            loader = loader.http_client(client);
         }
         if let Some(e) = &s.endpoint_url {
             loader = loader.endpoint_url(e);

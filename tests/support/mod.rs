@@ -349,6 +349,11 @@ impl Mount {
 
     /// Mount through another endpoint (a fault-injecting proxy in front of `server`).
     pub fn via(server: &S3Server, endpoint: &str, source: &str, extra: &[&str]) -> Mount {
+        Self::with_env(server, endpoint, source, extra, &[])
+    }
+
+    /// Mount with environment changes (`None` removes the variable).
+    pub fn with_env(server: &S3Server, endpoint: &str, source: &str, extra: &[&str], env: &[(&str, Option<&str>)]) -> Mount {
         require_fuse();
         let dir = tempfile::tempdir().expect("mount dir");
         let mut args: Vec<String> = vec![source.to_string(), dir.path().display().to_string()];
@@ -356,8 +361,15 @@ impl Mount {
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = std::env::temp_dir().join(format!("s3mount-test-{}.log", rand_suffix()));
         args.extend(["--log-file".into(), log.display().to_string(), "-d".into()]);
-        let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = run_s3mount(server, &arg_refs);
+        let mut cmd = Command::new(s3mount_bin());
+        cmd.args(&args).envs(server.env()).env_remove("AWS_ENDPOINT_URL").stdin(Stdio::null());
+        for (k, v) in env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let out = cmd.output().expect("run s3mount");
         assert!(
             out.status.success(),
             "s3mount {args:?} failed ({}): {}{}",

@@ -1,0 +1,13 @@
+//! The shipped man page is generated from the clap definitions and must not drift from them.
+
+#[test]
+fn man_page_matches_the_cli() {
+    use clap::CommandFactory;
+    let mut fresh = Vec::new();
+    clap_mangen::Man::new(s3mount::cli::Cli::command()).render(&mut fresh).unwrap();
+    let shipped = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/s3mount.1")).unwrap_or_default();
+    assert!(
+        shipped == fresh,
+        "packaging/s3mount.1 is out of date: run `cargo run --example gen_man > packaging/s3mount.1`"
+    );
+}
