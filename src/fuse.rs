@@ -175,9 +175,15 @@ impl Filesystem for FuseAdapter {
         reply.error(if self.fs.config().read_only { libc::EROFS } else { libc::ENOTSUP });
     }
 
-    fn rename(&mut self, _req: &Request<'_>, _p: u64, _n: &OsStr, _np: u64, _nn: &OsStr, _f: u32, reply: ReplyEmpty) {
-        // EXDEV makes mv fall back to copy + unlink, which works; server-side rename comes later.
-        reply.error(if self.fs.config().read_only { libc::EROFS } else { libc::EXDEV });
+    fn rename(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32, reply: ReplyEmpty) {
+        let fs = self.fs.clone();
+        let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
+        self.rt.spawn(async move {
+            match fs.rename(parent, &name, newparent, &newname, flags).await {
+                Ok(()) => reply.ok(),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
     }
 
     fn link(&mut self, _req: &Request<'_>, _ino: u64, _np: u64, _nn: &OsStr, reply: ReplyEntry) {

@@ -110,6 +110,30 @@ impl InodeTable {
         self.by_name.remove(&(parent, name.to_string()));
     }
 
+    /// The inode `ino` is now `newparent/newname` (same inode number, as rename(2) requires).
+    pub fn rename_entry(&mut self, ino: u64, parent: u64, name: &str, newparent: u64, newname: &str) {
+        if self.by_name.get(&(parent, name.to_string())) == Some(&ino) {
+            self.by_name.remove(&(parent, name.to_string()));
+        }
+        self.by_name.insert((newparent, newname.to_string()), ino);
+        if let Some(i) = self.inodes.get_mut(&ino) {
+            i.parent = newparent;
+            i.name = newname.to_string();
+        }
+    }
+
+    /// Keys below a renamed directory: `old_prefix...` becomes `new_prefix...` everywhere.
+    pub fn rekey(&mut self, old_prefix: &str, new_prefix: &str) {
+        for i in self.inodes.values_mut() {
+            if let Some(rest) = i.key.strip_prefix(old_prefix) {
+                i.key = format!("{new_prefix}{rest}");
+                if let Some(m) = i.meta.as_mut() {
+                    m.key = i.key.clone();
+                }
+            }
+        }
+    }
+
     /// Undo one counted lookup that never reached the kernel.
     pub fn unlookup(&mut self, ino: u64) {
         self.forget(ino, 1);

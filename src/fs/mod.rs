@@ -4,6 +4,7 @@
 pub mod attrs;
 pub mod dir;
 pub mod inode;
+mod rename;
 mod write;
 
 use std::collections::HashMap;

@@ -412,3 +412,77 @@ async fn read_only_mount_refuses_every_write() {
     assert_eq!(fs.setattr(a.ino, None, SetAttr { size: Some(0), ..Default::default() }).await.err(), Some(Errno::EROFS));
     assert_eq!(store.keys(), vec!["f"]);
 }
+
+#[tokio::test]
+async fn rename_file_keeps_metadata_and_replaces_target() {
+    let (store, fs) = setup("");
+    write_file(&fs, ROOT_INO, "a", b"alpha").await;
+    write_file(&fs, ROOT_INO, "b", b"beta").await;
+    let a = fs.lookup(ROOT_INO, b"a").await.unwrap();
+    fs.setattr(a.ino, None, SetAttr { mode: Some(0o640), ..Default::default() }).await.unwrap();
+    fs.rename(ROOT_INO, b"a", ROOT_INO, b"b", 0).await.unwrap();
+    assert_eq!(store.keys(), vec!["b"]);
+    assert_eq!(&store.get_bytes("b").unwrap()[..], b"alpha");
+    assert_eq!(store.head("b").await.unwrap().metadata.get("mode").map(String::as_str), Some("33184"));
+    // Same inode, new name, readable.
+    let b = fs.lookup(ROOT_INO, b"b").await.unwrap();
+    assert_eq!(b.ino, a.ino);
+    assert_eq!(read_all(&fs, b.ino).await, b"alpha");
+    assert_eq!(fs.lookup(ROOT_INO, b"a").await, Err(Errno::ENOENT));
+    write_file(&fs, ROOT_INO, "c", b"c").await;
+    assert_eq!(fs.rename(ROOT_INO, b"c", ROOT_INO, b"b", 1).await, Err(Errno::EEXIST));
+}
+
+#[tokio::test]
+async fn rename_directory_moves_every_key() {
+    let (store, fs) = setup("");
+    for i in 0..50 {
+        store.insert(&format!("src/f{i}"), format!("{i}"));
+    }
+    store.insert("src/sub/deep", "d");
+    store.insert("src/", "");
+    let src = fs.lookup(ROOT_INO, b"src").await.unwrap();
+    let deep_dir = fs.lookup(src.ino, b"sub").await.unwrap();
+    fs.rename(ROOT_INO, b"src", ROOT_INO, b"dst", 0).await.unwrap();
+    let keys = store.keys();
+    assert_eq!(keys.len(), 52, "{keys:?}");
+    assert!(keys.iter().all(|k| k.starts_with("dst/")), "{keys:?}");
+    assert_eq!(&store.get_bytes("dst/f7").unwrap()[..], b"7");
+    // Inodes below follow the move.
+    let deep = fs.lookup(deep_dir.ino, b"deep").await.unwrap();
+    assert_eq!(read_all(&fs, deep.ino).await, b"d");
+    // Into itself, and over a non-empty directory, are refused.
+    let dst = fs.lookup(ROOT_INO, b"dst").await.unwrap();
+    assert_eq!(fs.rename(ROOT_INO, b"dst", dst.ino, b"inner", 0).await, Err(Errno::EINVAL));
+    store.insert("other/x", "x");
+    assert_eq!(fs.rename(ROOT_INO, b"dst", ROOT_INO, b"other", 0).await, Err(Errno::ENOTEMPTY));
+}
+
+#[tokio::test]
+async fn rename_open_file_being_written() {
+    let (store, fs) = setup("");
+    let (_attr, fh) = fs.create(ROOT_INO, b"tmp.part", 0o644, libc::O_WRONLY, ME).await.unwrap();
+    fs.write(fh, 0, b"first ").await.unwrap();
+    fs.rename(ROOT_INO, b"tmp.part", ROOT_INO, b"final", 0).await.unwrap();
+    fs.write(fh, 6, b"second").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(store.keys(), vec!["final"]);
+    assert_eq!(&store.get_bytes("final").unwrap()[..], b"first second");
+}
+
+#[tokio::test]
+async fn rename_failure_part_way_loses_nothing() {
+    let (store, fs) = setup("");
+    for i in 0..20 {
+        store.insert(&format!("d/f{i:02}"), format!("{i}"));
+    }
+    store.inject_fault(Op::Delete, "d/f13", StoreError::Other("HTTP 500".into()), 100);
+    fs.lookup(ROOT_INO, b"d").await.unwrap();
+    assert_eq!(fs.rename(ROOT_INO, b"d", ROOT_INO, b"e", 0).await, Err(Errno::EIO));
+    for i in 0..20 {
+        let old = store.get_bytes(&format!("d/f{i:02}"));
+        let new = store.get_bytes(&format!("e/f{i:02}"));
+        assert!(old.is_some() || new.is_some(), "f{i:02} lost");
+    }
+}

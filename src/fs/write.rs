@@ -84,7 +84,7 @@ impl Fs {
         }
     }
 
-    fn check_new_name(name: &[u8]) -> FsResult<&str> {
+    pub(super) fn check_new_name(name: &[u8]) -> FsResult<&str> {
         let name = std::str::from_utf8(name).map_err(|_| Errno::EINVAL)?;
         if name.len() > 255 {
             return Err(Errno::ENAMETOOLONG);
@@ -96,7 +96,7 @@ impl Fs {
     }
 
     /// Forget cached knowledge about `key` in directory `dir_key` after a change.
-    fn invalidate(&self, dir_key: &str, key: &str) {
+    pub(super) fn invalidate(&self, dir_key: &str, key: &str) {
         self.listings.lock().pop(dir_key);
         self.negative.lock().pop(key);
         self.negative.lock().pop(key.trim_end_matches('/'));
@@ -514,7 +514,7 @@ impl Fs {
     }
 
     /// Resolve `name` in `parent` to its entry (from a fresh listing, the inode table or a probe).
-    async fn resolve(&self, parent: &Inode, name: &str) -> FsResult<(String, DirEntry)> {
+    pub(super) async fn resolve(&self, parent: &Inode, name: &str) -> FsResult<(String, DirEntry)> {
         let key = format!("{}{name}", parent.key);
         if self.pending.lock().contains_key(&key) {
             return Ok((key, DirEntry { kind: Kind::File, meta: None }));
@@ -524,7 +524,7 @@ impl Fs {
     }
 
     /// Keep a directory visible once its last entry is gone by giving it a marker.
-    async fn keep_visible(&self, dir: &Inode) {
+    pub(super) async fn keep_visible(&self, dir: &Inode) {
         if dir.key.is_empty() || dir.key == self.cfg.prefix {
             return;
         }
@@ -612,5 +612,30 @@ impl Fs {
         self.invalidate(&parent.key, &key);
         self.keep_visible(&parent).await;
         Ok(())
+    }
+}
+
+impl Fs {
+    /// Before a file that is open for writing is renamed: commit what it has so far, so the
+    /// object exists to be copied. Returns the handle to retarget afterwards.
+    pub(super) async fn settle_writer(&self, ino: u64) -> FsResult<Option<Arc<FileHandle>>> {
+        let Some(h) = self.writer_of(ino) else { return Ok(None) };
+        {
+            let FileHandle::Write(lock) = &*h else { return Ok(None) };
+            let mut st = lock.lock().await;
+            self.commit(&mut st).await?;
+        }
+        Ok(Some(h))
+    }
+
+    /// After the rename: later writes through the handle continue the object at its new key.
+    pub(super) async fn retarget_writer(&self, h: &FileHandle, new_key: &str, new_etag: Option<String>) {
+        if let FileHandle::Write(lock) = h {
+            let mut st = lock.lock().await;
+            st.key = new_key.to_string();
+            if let Some(tag) = new_etag {
+                st.base.etag = tag;
+            }
+        }
     }
 }
