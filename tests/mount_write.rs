@@ -177,3 +177,73 @@ fn read_only_mount_gives_erofs_for_writes() {
     }
     assert!(server.keys(&bucket).is_empty());
 }
+
+#[test]
+fn rename_files_and_directories() {
+    let server = garage();
+    let bucket = server.new_bucket();
+    for i in 0..50 {
+        server.put(&bucket, &format!("dir/f{i}"), format!("file {i}"));
+    }
+    server.put(&bucket, "a", "alpha");
+    server.put(&bucket, "b", "beta");
+    let m = Mount::new(server, &bucket, &[]);
+    std::fs::rename(m.join("a"), m.join("a2")).unwrap();
+    assert_eq!(server.get(&bucket, "a2").unwrap(), b"alpha");
+    assert!(server.get(&bucket, "a").is_none());
+    std::fs::rename(m.join("a2"), m.join("b")).unwrap();
+    assert_eq!(server.get(&bucket, "b").unwrap(), b"alpha", "rename over an existing file replaces it");
+    std::fs::rename(m.join("dir"), m.join("moved")).unwrap();
+    let keys = server.keys(&bucket);
+    assert_eq!(keys.iter().filter(|k| k.starts_with("moved/")).count(), 50, "{keys:?}");
+    assert!(!keys.iter().any(|k| k.starts_with("dir/")), "{keys:?}");
+    assert_eq!(std::fs::read(m.join("moved/f7")).unwrap(), b"file 7");
+    // The write-then-rename pattern of editors and rsync.
+    std::fs::write(m.join(".tmp-save"), "saved").unwrap();
+    std::fs::rename(m.join(".tmp-save"), m.join("doc.txt")).unwrap();
+    assert_eq!(server.get(&bucket, "doc.txt").unwrap(), b"saved");
+    let out = sh(&format!("mv '{}' '{}'", m.join("doc.txt").display(), m.join("moved/doc.txt").display()));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(server.get(&bucket, "moved/doc.txt").unwrap(), b"saved");
+}
+
+#[test]
+fn rsync_and_tar_round_trip() {
+    let server = garage();
+    let bucket = server.new_bucket();
+    let src = tempfile::tempdir().unwrap();
+    for d in ["a", "a/b", "c"] {
+        std::fs::create_dir_all(src.path().join(d)).unwrap();
+    }
+    for (i, f) in ["a/1.txt", "a/b/2.bin", "c/3", "top"].iter().enumerate() {
+        std::fs::write(src.path().join(f), pattern(1000 * (i + 1) * (i + 1), i as u64)).unwrap();
+    }
+    let out = sh(&format!("chmod 600 '{0}/top' && touch -d @1400000000 '{0}/a/1.txt'", src.path().display()));
+    assert!(out.status.success());
+    let m = Mount::new(server, &bucket, &[]);
+    assert!(which("rsync"), "rsync is needed (apt-get install rsync; .ci/run installs it)");
+    {
+        let out = sh(&format!("rsync -a '{}/' '{}/r/'", src.path().display(), m.path().display()));
+        assert!(out.status.success(), "{out:?}");
+        let out = sh(&format!("rsync -a -c -i '{}/' '{}/r/'", src.path().display(), m.path().display()));
+        assert!(out.status.success(), "{out:?}");
+        let changes = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(changes.trim().is_empty(), "second rsync -c changes nothing: {changes}");
+        assert_eq!(server.get(&bucket, "r/a/b/2.bin").unwrap(), pattern(4000, 1));
+    }
+    let out = sh(&format!("tar -C '{}' -cf - . | tar -C '{}' -xpf - && mkdir -p '{}/t' ", src.path().display(), m.path().display(), m.path().display()));
+    assert!(out.status.success(), "{out:?}");
+    let meta = std::fs::metadata(m.join("top")).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    assert_eq!(std::fs::metadata(m.join("a/1.txt")).unwrap().mtime(), 1_400_000_000);
+    let back = tempfile::tempdir().unwrap();
+    let out = sh(&format!("tar -C '{}' -cf - a c top | tar -C '{}' -xpf -", m.path().display(), back.path().display()));
+    assert!(out.status.success(), "{out:?}");
+    let out = sh(&format!("diff -r '{}/a' '{}/a' && cmp '{}/top' '{}/top'", src.path().display(), back.path().display(), src.path().display(), back.path().display()));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::metadata(back.path().join("a/1.txt")).unwrap().mtime(), 1_400_000_000);
+}
+
+fn which(tool: &str) -> bool {
+    sh(&format!("command -v {tool}")).status.success()
+}

@@ -452,9 +452,7 @@ impl Fs {
             return Ok(i.attr);
         }
         if inode.kind == Kind::Dir {
-            // Directory metadata lives on the marker; implicit directories have none to change.
-            tracing::warn!(key = %inode.key, "changing directory attributes is not supported yet");
-            return Err(Errno::ENOTSUP);
+            return self.setattr_dir(&inode, &req).await;
         }
         let (mut metadata, meta) = self.metadata_of(&inode).await?;
         let meta = meta.ok_or(Errno::ENOENT)?;
@@ -480,6 +478,58 @@ impl Fs {
         let etag = meta.etag.clone().unwrap_or_default();
         let new_etag = self.replace_metadata(&inode.key, &etag, &metadata).await?;
         Ok(self.store_committed(ino, &inode.key, meta.size, Some(new_etag), metadata))
+    }
+
+    /// Directory attributes live on its `dir/` marker: rewritten in place, or a marker is
+    /// written for an implicit directory. The mount root of a whole bucket has no key to hold
+    /// them; there the change is kept in memory only (logged).
+    async fn setattr_dir(&self, inode: &Inode, req: &SetAttr) -> FsResult<Attr> {
+        if req.size.is_some() {
+            return Err(Errno::EISDIR);
+        }
+        let apply = |md: &mut UserMetadata| {
+            apply_metadata(md, req);
+            if let Some(m) = req.mode {
+                md.insert("mode".into(), ((m & 0o7777) | S_IFDIR).to_string());
+            }
+        };
+        if inode.key.is_empty() {
+            tracing::debug!("attributes of the bucket root are not stored (no key holds them)");
+            let mut md = UserMetadata::new();
+            apply(&mut md);
+            let meta = ObjectMeta { metadata: md, has_metadata: true, ..Default::default() };
+            let mut table = self.inodes.lock();
+            let i = table.get_mut(inode.ino).ok_or(Errno::ENOENT)?;
+            let mut attr = attrs::attr_from_meta(inode.ino, Kind::Dir, Some(&meta), &self.cfg.defaults);
+            if req.mode.is_none() {
+                attr.perm = i.attr.perm;
+            }
+            i.attr = attr;
+            return Ok(attr);
+        }
+        let marker = match self.store.head(&inode.key).await {
+            Ok(m) => Some(m),
+            Err(StoreError::NotFound(_)) => None,
+            Err(e) => return Err(errno_of(&e, "setattr")),
+        };
+        let mut md = marker.as_ref().map(|m| m.metadata.clone()).unwrap_or_default();
+        if !md.contains_key("mode") {
+            md.insert("mode".into(), ((inode.attr.perm as u32) | S_IFDIR).to_string());
+        }
+        apply(&mut md);
+        let opts = PutOptions { metadata: md.clone(), content_type: Some("application/x-directory".into()), ..Default::default() };
+        let etag = match marker.and_then(|m| m.etag) {
+            Some(etag) => self.store.copy_object(&inode.key, &etag, &inode.key, &opts).await.map(|r| r.etag),
+            None => self.store.put(&inode.key, bytes::Bytes::new(), &opts, self.caps.checksums().then_some(0)).await.map(|r| r.etag),
+        }
+        .map_err(|e| errno_of(&e, "setattr"))?;
+        let meta = ObjectMeta { key: inode.key.clone(), etag, metadata: md, has_metadata: true, ..Default::default() };
+        let mut table = self.inodes.lock();
+        let i = table.get_mut(inode.ino).ok_or(Errno::ENOENT)?;
+        i.attr = attrs::attr_from_meta(inode.ino, Kind::Dir, Some(&meta), &self.cfg.defaults);
+        i.meta = Some(meta);
+        i.fetched = Instant::now();
+        Ok(i.attr)
     }
 
     /// Rewrite an object's metadata with a server-side copy onto itself (no data transfer).
