@@ -408,15 +408,6 @@ pub struct MountedSession {
     session: fuser::Session<FuseAdapter>,
 }
 
-/// Unmounts a [`MountedSession`] from another thread (signal handler, shutdown).
-pub struct Unmounter(fuser::SessionUnmounter);
-
-impl Unmounter {
-    pub fn unmount(&mut self) -> std::io::Result<()> {
-        self.0.unmount()
-    }
-}
-
 /// Mount `fs` on `mountpoint`: as root through mount(2) directly, otherwise through fusermount3.
 pub fn mount(
     fs: Arc<Fs>,
@@ -446,10 +437,6 @@ pub fn mount(
 }
 
 impl MountedSession {
-    pub fn unmounter(&mut self) -> Unmounter {
-        Unmounter(self.session.unmount_callable())
-    }
-
     /// Serve kernel requests until the filesystem is unmounted.
     pub fn run(mut self) -> std::io::Result<()> {
         self.session.run()

@@ -294,6 +294,44 @@ fn statfs_errno(path: &Path) -> Option<i32> {
     }
 }
 
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+            _ = self.hup.recv() => {}
+        }
+    }
+}
+
+/// Unmount `path`: umount2(2) as root, else fusermount3 -u; `lazy` detaches even when busy.
+fn unmount(path: &Path, lazy: bool) -> std::io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    if unsafe { libc::umount2(c.as_ptr(), if lazy { libc::MNT_DETACH } else { 0 }) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EPERM) {
+        return Err(err);
+    }
+    let status = std::process::Command::new("fusermount3")
+        .arg(if lazy { "-uz" } else { "-u" })
+        .arg(path)
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(libc::EBUSY))
+    }
+}
+
 /// Is a FUSE filesystem answering at `path`? (statfs goes through the kernel to our daemon.)
 fn mount_is_live(path: &Path) -> bool {
     let Ok(c) = CString::new(path.as_os_str().as_bytes()) else { return false };
@@ -319,7 +357,7 @@ pub fn run(cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Result
         allow_other: cfg.allow_other,
         allow_root: cfg.allow_root,
     };
-    let mut session = fuse::mount(fs, rt.handle().clone(), &mountpoint, &opts).map_err(|e| {
+    let session = fuse::mount(fs, rt.handle().clone(), &mountpoint, &opts).map_err(|e| {
         Fatal::new(match e.kind() {
             std::io::ErrorKind::PermissionDenied => format!(
                 "not allowed to mount on {}: {e} (non-root users need fusermount3 from the fuse3 package, and \
@@ -333,29 +371,49 @@ pub fn run(cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Result
             _ => format!("cannot mount on {}: {e}", mountpoint.display()),
         })
     })?;
-    let mut unmounter = session.unmounter();
     let serving = std::thread::Builder::new()
         .name("s3mount-fuse".into())
         .spawn(move || session.run())
         .map_err(|e| Fatal::new(format!("cannot start the request loop: {e}")))?;
 
-    // Unmount cleanly on SIGTERM/SIGINT/SIGHUP; the request loop then ends by itself.
+    // Unmount cleanly on SIGTERM/SIGINT/SIGHUP once open files are closed (their uploads finish
+    // on close); a second signal detaches at once. The request loop then ends by itself.
     let mp = mountpoint.clone();
     rt.spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        let (Ok(term), Ok(int), Ok(hup)) =
             (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
         else {
             return;
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-            _ = hup.recv() => {}
-        }
+        let mut signals = Signals { term, int, hup };
+        signals.next().await;
         tracing::info!(mountpoint = %mp.display(), "signal received, unmounting");
-        if let Err(e) = unmounter.unmount() {
-            tracing::error!("unmount failed: {e}");
+        let mut told = false;
+        loop {
+            match unmount(&mp, false) {
+                Ok(()) => return,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    if !told {
+                        tracing::warn!(mountpoint = %mp.display(), "mount busy: waiting for open files to be closed (signal again to detach now)");
+                        told = true;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(mountpoint = %mp.display(), "unmount failed: {e}");
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = signals.next() => {
+                    tracing::warn!(mountpoint = %mp.display(), "second signal: detaching now");
+                    if let Err(e) = unmount(&mp, true) {
+                        tracing::error!(mountpoint = %mp.display(), "detach failed: {e}");
+                    }
+                    return;
+                }
+            }
         }
     });
 

@@ -1,0 +1,100 @@
+//! s3mount as a system filesystem: mount(8) with -t and with an fstab file, and signals.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// mount(8) runs /sbin/mount.TYPE; point it at the binary under test.
+fn install_helper() {
+    let link = std::path::Path::new("/usr/sbin/mount.s3mount");
+    let _ = std::fs::remove_file(link);
+    std::os::unix::fs::symlink(s3mount_bin(), link).expect("install /usr/sbin/mount.s3mount (tests run as root)");
+}
+
+fn options(server: &S3Server) -> String {
+    format!("endpoint_url={},region={},force_path_style,_netdev,nofail", server.endpoint, server.region)
+}
+
+#[test]
+fn mount_t_s3mount_and_fstab() {
+    require_fuse();
+    install_helper();
+    let server = server();
+    let bucket = server.new_bucket();
+    server.put(&bucket, "logs/today.txt", "from mount(8)");
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("mount")
+        .args(["-t", "s3mount", &format!("{bucket}:/logs"), dir.path().to_str().unwrap(), "-o"])
+        .arg(format!("{},ro", options(server)))
+        .envs(server.env())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(dir.path().join("today.txt")).unwrap(), b"from mount(8)");
+    assert!(std::fs::write(dir.path().join("x"), "1").is_err(), "ro honoured");
+    assert!(Command::new("umount").arg(dir.path()).status().unwrap().success());
+
+    // The same through an fstab line and `mount DIR`.
+    let fstab = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        fstab.path(),
+        format!("# test fstab\n{bucket}:/logs {} s3mount {},allow_other 0 0\n", dir.path().display(), options(server)),
+    )
+    .unwrap();
+    let out = Command::new("mount").arg("-T").arg(fstab.path()).arg(dir.path()).envs(server.env()).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(dir.path().join("today.txt")).unwrap(), b"from mount(8)");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(mounts.lines().any(|l| l.contains(dir.path().to_str().unwrap()) && l.contains("allow_other")), "{mounts}");
+    assert!(Command::new("umount").arg(dir.path()).status().unwrap().success());
+}
+
+#[test]
+fn sigterm_during_a_large_write_leaves_the_object_complete_or_absent() {
+    require_fuse();
+    let server = server();
+    let bucket = server.new_bucket();
+    let dir = tempfile::tempdir().unwrap();
+    let mut args: Vec<String> = vec![bucket.clone(), dir.path().display().to_string(), "-f".into()];
+    args.extend(server.args());
+    let mut daemon = Command::new(s3mount_bin()).args(&args).envs(server.env()).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !is_mounted(dir.path()) {
+        assert!(Instant::now() < deadline, "mount did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let body = pattern(64 << 20, 3);
+    let src = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(src.path(), &body).unwrap();
+    // A slow writer: 64 chunks of 1 MiB, 20 ms apart.
+    let mut writer = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "for i in $(seq 0 63); do dd if='{}' bs=1M skip=$i count=1 2>/dev/null; sleep 0.02; done > '{}/big'",
+            src.path().display(),
+            dir.path().display()
+        ))
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let _ = writer.wait();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            assert!(status.success(), "daemon exit status {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "daemon did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!is_mounted(dir.path()));
+    match server.get(&bucket, "big") {
+        None => {}
+        Some(got) => assert!(got == body, "object is complete or absent, never partial ({} bytes)", got.len()),
+    }
+    assert!(server.open_uploads(&bucket).is_empty(), "no multipart upload left open");
+}
