@@ -94,7 +94,8 @@ fn fsync_makes_the_object_visible_before_close() {
     let mut f = std::fs::File::create(m.join("synced")).unwrap();
     f.write_all(b"durable").unwrap();
     assert_eq!(std::fs::metadata(m.join("synced")).unwrap().len(), 7, "size visible while writing");
-    assert!(server.get(&bucket, "synced").is_none());
+    // (Not asserted absent here: any fork+exec in another test thread closes an inherited copy
+    // of this descriptor, and every close flushes, as FUSE defines it.)
     f.sync_all().unwrap();
     assert_eq!(server.get(&bucket, "synced").unwrap(), b"durable");
     f.write_all(b" and then some").unwrap();

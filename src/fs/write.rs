@@ -102,6 +102,36 @@ impl Fs {
         self.negative.lock().pop(key.trim_end_matches('/'));
     }
 
+    /// Record a change we made in the cached listing of `dir_key` (if it is cached), so the
+    /// next lookups in a directory being filled need no request. `None` removes the entry.
+    pub(super) fn note_entry(&self, dir_key: &str, name: &str, entry: Option<DirEntry>) {
+        let mut listings = self.listings.lock();
+        if let Some((_, listing)) = listings.get_mut(dir_key) {
+            let l = Arc::make_mut(listing);
+            match entry {
+                Some(e) => l.entries.insert(name.to_string(), e),
+                None => l.entries.remove(name),
+            };
+        }
+        let key = format!("{dir_key}{name}");
+        let mut negative = self.negative.lock();
+        negative.pop(&key);
+    }
+
+    /// Refresh the parent's cached listing entry of `ino` from the inode (after setattr).
+    fn note_inode(&self, ino: u64) {
+        let found = {
+            let table = self.inodes.lock();
+            table.get(ino).and_then(|i| {
+                let parent = table.get(i.parent)?;
+                Some((parent.key.clone(), i.name.clone(), DirEntry { kind: i.kind, meta: i.meta.clone() }))
+            })
+        };
+        if let Some((dir_key, name, entry)) = found {
+            self.note_entry(&dir_key, &name, Some(entry));
+        }
+    }
+
     pub(super) fn pending_attr(&self, key: &str) -> Option<Attr> {
         let ino = self.pending.lock().get(key)?.ino;
         self.inodes.lock().get(ino).map(|i| i.attr)
@@ -185,7 +215,7 @@ impl Fs {
         let entry = DirEntry { kind: Kind::File, meta: Some(meta) };
         let attr = self.remember_entry(&parent, name, &entry);
         let unlinked = self.mark_pending(&key, attr.ino);
-        self.invalidate(&parent.key, &key);
+        self.note_entry(&parent.key, name, Some(entry));
         let _ = flags;
         let state = WriteState {
             ino: attr.ino,
@@ -349,7 +379,9 @@ impl Fs {
                     }
                 }
                 if let Some(pk) = parent_key {
-                    self.invalidate(&pk, &st.key);
+                    let name = st.key[pk.len().min(st.key.len())..].to_string();
+                    let meta = self.inodes.lock().get(st.ino).and_then(|i| i.meta.clone());
+                    self.note_entry(&pk, &name, Some(DirEntry { kind: Kind::File, meta }));
                 }
                 tracing::debug!(key = %st.key, size = st.size, "committed");
                 Ok(())
@@ -529,7 +561,10 @@ impl Fs {
         i.attr = attrs::attr_from_meta(inode.ino, Kind::Dir, Some(&meta), &self.cfg.defaults);
         i.meta = Some(meta);
         i.fetched = Instant::now();
-        Ok(i.attr)
+        let attr = i.attr;
+        drop(table);
+        self.note_inode(inode.ino);
+        Ok(attr)
     }
 
     /// Rewrite an object's metadata with a server-side copy onto itself (no data transfer).
@@ -550,17 +585,21 @@ impl Fs {
             metadata,
             has_metadata: true,
         };
-        let mut table = self.inodes.lock();
-        match table.get_mut(ino) {
-            Some(i) => {
-                i.attr = attrs::attr_from_meta(ino, Kind::File, Some(&meta), &self.cfg.defaults);
-                i.meta = Some(meta);
-                i.fetched = Instant::now();
-                i.page_cache_etag = None;
-                i.attr
+        let attr = {
+            let mut table = self.inodes.lock();
+            match table.get_mut(ino) {
+                Some(i) => {
+                    i.attr = attrs::attr_from_meta(ino, Kind::File, Some(&meta), &self.cfg.defaults);
+                    i.meta = Some(meta);
+                    i.fetched = Instant::now();
+                    i.page_cache_etag = None;
+                    i.attr
+                }
+                None => attrs::attr_from_meta(ino, Kind::File, Some(&meta), &self.cfg.defaults),
             }
-            None => attrs::attr_from_meta(ino, Kind::File, Some(&meta), &self.cfg.defaults),
-        }
+        };
+        self.note_inode(ino);
+        attr
     }
 
     /// Resolve `name` in `parent` to its entry (from a fresh listing, the inode table or a probe).
@@ -611,7 +650,7 @@ impl Fs {
             Err(e) => return Err(errno_of(&e, "unlink")),
         }
         self.inodes.lock().remove_name(parent.ino, name);
-        self.invalidate(&parent.key, &key);
+        self.note_entry(&parent.key, name, None);
         self.keep_visible(&parent).await;
         Ok(())
     }
@@ -631,8 +670,13 @@ impl Fs {
             .await
             .map_err(|e| errno_of(&e, "mkdir"))?;
         let meta = ObjectMeta { key: key.clone(), etag: res.etag, metadata, has_metadata: true, last_modified: Some(now), ..Default::default() };
-        self.invalidate(&parent.key, &key);
-        Ok(self.remember_entry(&parent, name, &DirEntry { kind: Kind::Dir, meta: Some(meta) }))
+        let entry = DirEntry { kind: Kind::Dir, meta: Some(meta) };
+        self.note_entry(&parent.key, name, Some(entry.clone()));
+        // The kernel looked it up before: nothing was below this prefix, so it starts empty.
+        if !self.cfg.metadata_ttl.is_zero() {
+            self.listings.lock().put(key.clone(), (Instant::now(), Arc::new(super::dir::Listing::default())));
+        }
+        Ok(self.remember_entry(&parent, name, &entry))
     }
 
     pub async fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
