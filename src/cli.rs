@@ -112,6 +112,10 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub upload_concurrency: u32,
 
+    /// Directory for the changed bytes of files modified in place (created 0700; files 0600)
+    #[arg(long, value_name = "DIR")]
+    pub staging_dir: Option<PathBuf>,
+
     /// Attempts per S3 request, including the first (retries use exponential backoff)
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub max_attempts: u32,

@@ -112,6 +112,12 @@ impl Config {
         fs.read_only = cli.read_only;
         fs.metadata_ttl = cli.metadata_ttl;
         fs.max_memory = cli.max_memory;
+        if let Some(dir) = &cli.staging_dir {
+            if !dir.is_absolute() {
+                return Err(format!("--staging-dir {} must be an absolute path", dir.display()));
+            }
+            fs.staging_dir = dir.clone();
+        }
         fs.upload = UploadConfig {
             min_part_size: cli.part_size,
             max_part_size: cli.max_part_size,

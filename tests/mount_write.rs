@@ -248,3 +248,69 @@ fn rsync_and_tar_round_trip() {
 fn which(tool: &str) -> bool {
     sh(&format!("command -v {tool}")).status.success()
 }
+
+#[test]
+fn modify_in_place_append_and_truncate_both_ways() {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    let server = server();
+    let bucket = server.new_bucket();
+    let body = pattern(20 << 20, 42);
+    server.put(&bucket, "obj", body.clone());
+    let staging = tempfile::tempdir().unwrap();
+    let m = Mount::new(server, &bucket, &["--staging-dir", staging.path().to_str().unwrap()]);
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(m.join("obj")).unwrap();
+    f.write_all_at(b"MIDDLE", 10 << 20).unwrap();
+    let mut back = vec![0u8; 6];
+    f.read_exact_at(&mut back, 10 << 20).unwrap();
+    assert_eq!(&back, b"MIDDLE", "read back through the same descriptor");
+    drop(f);
+    let mut want = body.clone();
+    want[10 << 20..(10 << 20) + 6].copy_from_slice(b"MIDDLE");
+    assert!(server.get(&bucket, "obj").unwrap() == want);
+    // Truncate down, then up (zeros), through the mount.
+    let out = sh(&format!("truncate -s 1000 '{0}' && truncate -s 1500 '{0}'", m.join("obj").display()));
+    assert!(out.status.success(), "{out:?}");
+    let got = server.get(&bucket, "obj").unwrap();
+    assert_eq!(got.len(), 1500);
+    assert!(got[..1000] == want[..1000] && got[1000..].iter().all(|b| *b == 0));
+    // A format that patches its header after writing the body.
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(m.join("archive")).unwrap();
+    f.write_all(&[0u8; 16]).unwrap();
+    f.write_all(&pattern(9 << 20, 1)).unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.write_all(b"HEADER-WRITTEN-!").unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    let mut head = [0u8; 16];
+    f.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HEADER-WRITTEN-!");
+    drop(f);
+    let got = server.get(&bucket, "archive").unwrap();
+    assert_eq!(&got[..16], b"HEADER-WRITTEN-!");
+    assert!(got[16..] == pattern(9 << 20, 1)[..]);
+    assert_eq!(std::fs::read_dir(staging.path()).map(|d| d.count()).unwrap_or(0), 0, "staging files removed after upload");
+}
+
+#[test]
+fn git_clone_status_and_log_on_the_mount() {
+    let server = garage();
+    let bucket = server.new_bucket();
+    let src = tempfile::tempdir().unwrap();
+    let setup = format!(
+        "cd '{0}' && git init -q -b main repo && cd repo && git config user.email t@t && git config user.name t && \
+         echo one > a.txt && mkdir sub && echo two > sub/b.txt && git add . && git commit -qm first && \
+         echo three >> a.txt && git commit -qam second",
+        src.path().display()
+    );
+    let out = sh(&setup);
+    assert!(out.status.success(), "{out:?}");
+    let m = Mount::new(server, &bucket, &[]);
+    let out = sh(&format!("git clone -q '{}/repo' '{}/clone'", src.path().display(), m.path().display()));
+    assert!(out.status.success(), "{out:?}");
+    let out = sh(&format!("cd '{}/clone' && git status --porcelain && git log --oneline | wc -l", m.path().display()));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2", "clean tree, two commits: {out:?}");
+    let out = sh(&format!("cd '{}/clone' && echo four >> a.txt && git commit -qam third && git log --oneline | wc -l", m.path().display()));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
+}

@@ -2,4 +2,5 @@
 
 pub mod budget;
 pub mod prefetch;
+pub mod staging;
 pub mod upload;

@@ -79,6 +79,8 @@ pub struct FsConfig {
     pub prefetch: PrefetchConfig,
     pub upload: UploadConfig,
     pub max_memory: u64,
+    /// Where modified files keep their changed bytes until they are uploaded (mode 0700).
+    pub staging_dir: std::path::PathBuf,
 }
 
 impl FsConfig {
@@ -97,6 +99,7 @@ impl FsConfig {
             prefetch: PrefetchConfig::default(),
             upload: UploadConfig::default(),
             max_memory: 512 << 20,
+            staging_dir: std::env::temp_dir().join(format!("s3mount-staging-{}", unsafe { libc::getuid() })),
         }
     }
 }
@@ -438,8 +441,7 @@ impl Fs {
         let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
         match &*handle {
             FileHandle::Read(reader) => reader.read(offset, size).await.map_err(|e| errno_of(&e, "read")),
-            // Written bytes are on their way to the bucket; reading them back needs staging.
-            FileHandle::Write(_) => Err(Errno::EBUSY),
+            FileHandle::Write(lock) => self.read_writer(lock, offset, size).await,
         }
     }
 

@@ -318,10 +318,13 @@ async fn append_to_existing_object_copies_instead_of_reuploading() {
     assert_eq!(got.len(), old.len() + 8);
     assert_eq!(&got[old.len()..], b"appended");
     assert_eq!(store.counters.bytes_uploaded.load(Ordering::Relaxed), 8);
-    // Writing inside existing bytes needs staging: refused clearly for now.
+    // Writing inside existing bytes goes through staging.
     let (fh, _) = fs.open(a.ino, libc::O_WRONLY).await.unwrap();
-    assert_eq!(fs.write(fh, 10, b"x").await, Err(Errno::ENOTSUP));
+    fs.write(fh, 10, b"x").await.unwrap();
     fs.release(fh).await.unwrap();
+    let got = store.get_bytes("log").unwrap();
+    assert_eq!(got[10], b'x');
+    assert_eq!(got.len(), old.len() + 8);
 }
 
 #[tokio::test]
@@ -484,5 +487,73 @@ async fn rename_failure_part_way_loses_nothing() {
         let old = store.get_bytes(&format!("d/f{i:02}"));
         let new = store.get_bytes(&format!("e/f{i:02}"));
         assert!(old.is_some() || new.is_some(), "f{i:02} lost");
+    }
+}
+
+#[tokio::test]
+async fn pwrite_in_the_middle_uploads_one_part() {
+    let (store, fs) = setup("");
+    let body: Vec<u8> = (0..(20u32 << 20)).map(|i| (i % 241) as u8).collect();
+    store.insert("obj", body.clone());
+    let a = fs.lookup(ROOT_INO, b"obj").await.unwrap();
+    let (fh, _) = fs.open(a.ino, libc::O_RDWR).await.unwrap();
+    store.reset_counters();
+    fs.write(fh, 10 << 20, b"PATCHED").await.unwrap();
+    // Read back through the same descriptor before close.
+    assert_eq!(&fs.read(fh, (10 << 20) - 2, 11).await.unwrap()[..], &[body[(10 << 20) - 2], body[(10 << 20) - 1], b'P', b'A', b'T', b'C', b'H', b'E', b'D', body[(10 << 20) + 7], body[(10 << 20) + 8]]);
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let mut want = body.clone();
+    want[10 << 20..(10 << 20) + 7].copy_from_slice(b"PATCHED");
+    assert!(store.get_bytes("obj").unwrap() == want);
+    let up = store.counters.bytes_uploaded.load(Ordering::Relaxed);
+    assert_eq!(up, 8 << 20, "one part re-uploaded, the rest copied server side");
+}
+
+#[tokio::test]
+async fn rdwr_new_file_reads_back_what_it_wrote() {
+    let (store, fs) = setup("");
+    let (_a, fh) = fs.create(ROOT_INO, b"db", 0o644, libc::O_RDWR, ME).await.unwrap();
+    fs.write(fh, 0, b"header--").await.unwrap();
+    fs.write(fh, 8, b"payload").await.unwrap();
+    assert_eq!(&fs.read(fh, 0, 100).await.unwrap()[..], b"header--payload");
+    fs.write(fh, 0, b"HEADER").await.unwrap();
+    assert_eq!(&fs.read(fh, 0, 100).await.unwrap()[..], b"HEADER--payload");
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(&store.get_bytes("db").unwrap()[..], b"HEADER--payload");
+}
+
+#[tokio::test]
+async fn truncate_to_a_smaller_size_keeps_the_head() {
+    let (store, fs) = setup("");
+    store.insert("t", "0123456789");
+    let a = fs.lookup(ROOT_INO, b"t").await.unwrap();
+    let attr = fs.setattr(a.ino, None, SetAttr { size: Some(4), ..Default::default() }).await.unwrap();
+    assert_eq!(attr.size, 4);
+    assert_eq!(&store.get_bytes("t").unwrap()[..], b"0123");
+    let (fh, _) = fs.open(a.ino, libc::O_WRONLY).await.unwrap();
+    fs.setattr(a.ino, Some(fh), SetAttr { size: Some(2), ..Default::default() }).await.unwrap();
+    fs.write(fh, 6, b"Z").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(&store.get_bytes("t").unwrap()[..], b"01\0\0\0\0Z");
+}
+
+#[tokio::test]
+async fn failed_staged_upload_keeps_the_changes_on_disk() {
+    let (store, fs) = setup("");
+    store.insert("keep", "original");
+    let a = fs.lookup(ROOT_INO, b"keep").await.unwrap();
+    let (fh, _) = fs.open(a.ino, libc::O_WRONLY).await.unwrap();
+    fs.write(fh, 0, b"CHANGED!").await.unwrap();
+    store.inject_fault(Op::Put, "keep", StoreError::Other("HTTP 500".into()), 100);
+    assert_eq!(fs.flush(fh).await, Err(Errno::EIO));
+    let _ = fs.release(fh).await;
+    assert_eq!(&store.get_bytes("keep").unwrap()[..], b"original");
+    let kept: Vec<_> = std::fs::read_dir(&fs.config().staging_dir).unwrap().filter_map(|e| e.ok()).filter(|e| std::fs::read(e.path()).map(|b| b.starts_with(b"CHANGED!")).unwrap_or(false)).collect();
+    assert!(!kept.is_empty(), "changed bytes kept in the staging directory");
+    for k in kept {
+        let _ = std::fs::remove_file(k.path());
     }
 }

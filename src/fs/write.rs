@@ -1,9 +1,10 @@
 //! Creating, replacing, appending to and deleting files and directories.
 //!
-//! A write handle streams its bytes into a [`StreamUpload`]; flush (close) and fsync make them
-//! durable and report failures. After a commit, more writes continue the same object (its
-//! committed bytes are copied server side). Writing inside existing bytes needs local staging
-//! and is refused with ENOTSUP until staging exists.
+//! A write handle streams its bytes into a [`StreamUpload`] while they arrive in order; flush
+//! (close) and fsync make them durable and report failures. After a commit, more writes continue
+//! the same object (its committed bytes are copied server side). A write inside existing bytes,
+//! a truncation to a smaller size, or a read through the handle switches it to a
+//! [`StagedFile`]: changed bytes are kept locally and merged with the object at commit.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use super::attrs::{self, format_time, Attr, Kind, S_IFDIR, S_IFREG};
 use super::dir::{invalid_name_reason, DirEntry};
 use super::inode::Inode;
 use super::{errno_of, Errno, FileHandle, Fs, FsResult, Pending};
+use crate::data::staging::{Base, StagedFile};
 use crate::data::upload::{CommittedPrefix, StreamUpload};
 use crate::store::{ObjectMeta, PutOptions, StoreError, UserMetadata};
 
@@ -49,6 +51,8 @@ pub(super) struct WriteState {
     error: Option<Errno>,
     metadata: UserMetadata,
     unlinked: Arc<std::sync::atomic::AtomicBool>,
+    /// Local changes to the committed object (in-place modification).
+    staged: Option<StagedFile>,
 }
 
 fn apply_metadata(md: &mut UserMetadata, req: &SetAttr) {
@@ -227,6 +231,7 @@ impl Fs {
             error: None,
             metadata,
             unlinked,
+            staged: None,
         };
         Ok((attr, self.new_handle(state)))
     }
@@ -256,6 +261,7 @@ impl Fs {
             error: None,
             metadata,
             unlinked,
+            staged: None,
         };
         if truncate || meta.is_none() {
             state.upload = Some(self.start_upload(&inode.key, &state.metadata));
@@ -324,13 +330,64 @@ impl Fs {
             return Err(e);
         }
         let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
-        if offset < st.size {
-            tracing::warn!(key = %st.key, offset, size = st.size, "write inside existing bytes is not supported yet (needs local staging)");
-            return Err(Errno::ENOTSUP);
+        if offset < st.size || st.staged.is_some() {
+            self.ensure_staged(&mut st).await?;
+            let key = st.key.clone();
+            let Some(staged) = st.staged.as_mut() else { return Err(Errno::EIO) };
+            staged.write(offset, data).map_err(|e| {
+                tracing::error!(key = %key, error = %e, "cannot write the staging file");
+                Errno::EIO
+            })?;
+            st.size = staged.size();
+            self.set_local_size(st.ino, st.size);
+            return Ok(data.len() as u32);
         }
         self.fill_zeros(&mut st, offset).await?;
         self.append(&mut st, data).await?;
         Ok(data.len() as u32)
+    }
+
+    /// Switch the handle to local staging: what was streamed so far is committed first and
+    /// becomes the base the staged changes apply to.
+    async fn ensure_staged(&self, st: &mut WriteState) -> FsResult<()> {
+        if st.staged.is_some() {
+            return Ok(());
+        }
+        if st.dirty && st.upload.is_some() {
+            self.commit(st).await?;
+        }
+        let base = Base { key: st.key.clone(), etag: st.base.etag.clone(), size: st.base.size };
+        let staged = StagedFile::create(&self.cfg.staging_dir, base).map_err(|e| {
+            tracing::error!(dir = %self.cfg.staging_dir.display(), error = %e, "cannot create a staging file");
+            Errno::EIO
+        })?;
+        st.staged = Some(staged);
+        st.dirty = true;
+        st.unlinked = self.mark_pending(&st.key, st.ino);
+        Ok(())
+    }
+
+    /// Read through a write handle (O_RDWR): staged changes merged with the object.
+    pub(super) async fn read_writer(&self, lock: &tokio::sync::Mutex<WriteState>, offset: u64, size: u32) -> FsResult<bytes::Bytes> {
+        let mut st = lock.lock().await;
+        if let Some(e) = st.error {
+            return Err(e);
+        }
+        let end = (offset + size as u64).min(st.size);
+        if offset >= end {
+            return Ok(bytes::Bytes::new());
+        }
+        if st.staged.is_none() && st.dirty {
+            self.ensure_staged(&mut st).await?;
+        }
+        match &st.staged {
+            Some(staged) => staged.read(self.store.as_ref(), offset, end).await.map_err(|e| errno_of(&e, "read")),
+            None => self
+                .store
+                .get_range(&st.key, crate::store::ByteRange::new(offset, end), Some(&st.base.etag))
+                .await
+                .map_err(|e| errno_of(&e, "read")),
+        }
     }
 
     /// Upload whatever is pending so the bucket holds the file; errors are returned, not lost.
@@ -341,6 +398,29 @@ impl Fs {
         if !st.dirty {
             return Ok(());
         }
+        if let Some(staged) = st.staged.take() {
+            if st.unlinked.load(Ordering::Relaxed) {
+                st.dirty = false;
+                return Ok(());
+            }
+            let opts = PutOptions { metadata: st.metadata.clone(), ..Default::default() };
+            return match staged.upload(&self.store, &st.key, &opts, &self.cfg.upload, &self.budget, &self.caps).await {
+                Ok(res) => {
+                    self.committed(st, res.etag);
+                    Ok(())
+                }
+                Err(e) => {
+                    let kept = staged.keep();
+                    tracing::error!(
+                        key = %st.key, error = %e, kept = %kept.display(),
+                        "upload of modified file failed; the object is unchanged and the changed bytes are kept in the staging file"
+                    );
+                    st.error = Some(Errno::EIO);
+                    self.pending.lock().remove(&st.key);
+                    Err(Errno::EIO)
+                }
+            };
+        }
         let Some(upload) = st.upload.take() else { return Ok(()) };
         if st.unlinked.load(Ordering::Relaxed) {
             upload.abort().await;
@@ -349,41 +429,7 @@ impl Fs {
         }
         match upload.finish().await {
             Ok(res) => {
-                st.dirty = false;
-                st.base = CommittedPrefix { etag: res.etag.clone().unwrap_or_default(), size: st.size };
-                let now = SystemTime::now();
-                let meta = ObjectMeta {
-                    key: st.key.clone(),
-                    size: st.size,
-                    etag: res.etag,
-                    last_modified: Some(now),
-                    content_type: None,
-                    metadata: st.metadata.clone(),
-                    has_metadata: true,
-                };
-                let mut parent_key = None;
-                {
-                    let mut table = self.inodes.lock();
-                    if let Some(i) = table.get_mut(st.ino) {
-                        i.attr = attrs::attr_from_meta(i.ino, Kind::File, Some(&meta), &self.cfg.defaults);
-                        i.meta = Some(meta);
-                        i.fetched = Instant::now();
-                        i.page_cache_etag = None;
-                        parent_key = table.get(table.get(st.ino).map(|i| i.parent).unwrap_or(0)).map(|p| p.key.clone());
-                    }
-                }
-                {
-                    let mut pending = self.pending.lock();
-                    if pending.get(&st.key).is_some_and(|p| p.ino == st.ino) {
-                        pending.remove(&st.key);
-                    }
-                }
-                if let Some(pk) = parent_key {
-                    let name = st.key[pk.len().min(st.key.len())..].to_string();
-                    let meta = self.inodes.lock().get(st.ino).and_then(|i| i.meta.clone());
-                    self.note_entry(&pk, &name, Some(DirEntry { kind: Kind::File, meta }));
-                }
-                tracing::debug!(key = %st.key, size = st.size, "committed");
+                self.committed(st, res.etag);
                 Ok(())
             }
             Err(e) => {
@@ -393,6 +439,38 @@ impl Fs {
                 Err(Errno::EIO)
             }
         }
+    }
+
+    /// The bucket now holds everything written through `st`, as `etag`.
+    fn committed(&self, st: &mut WriteState, etag: Option<String>) {
+        st.dirty = false;
+        st.base = CommittedPrefix { etag: etag.clone().unwrap_or_default(), size: st.size };
+        let meta = ObjectMeta {
+            key: st.key.clone(),
+            size: st.size,
+            etag,
+            last_modified: Some(SystemTime::now()),
+            content_type: None,
+            metadata: st.metadata.clone(),
+            has_metadata: true,
+        };
+        {
+            let mut table = self.inodes.lock();
+            if let Some(i) = table.get_mut(st.ino) {
+                i.attr = attrs::attr_from_meta(i.ino, Kind::File, Some(&meta), &self.cfg.defaults);
+                i.meta = Some(meta);
+                i.fetched = Instant::now();
+                i.page_cache_etag = None;
+            }
+        }
+        {
+            let mut pending = self.pending.lock();
+            if pending.get(&st.key).is_some_and(|p| p.ino == st.ino) {
+                pending.remove(&st.key);
+            }
+        }
+        self.note_inode(st.ino);
+        tracing::debug!(key = %st.key, size = st.size, "committed");
     }
 
     /// close(2) of one descriptor: the data is in the bucket when this returns Ok.
@@ -452,17 +530,26 @@ impl Fs {
                     if let Some(u) = st.upload.take() {
                         u.abort().await;
                     }
+                    st.staged = None;
                     st.base = CommittedPrefix { etag: String::new(), size: 0 };
                     st.size = 0;
                     st.upload = Some(self.start_upload(&st.key, &st.metadata));
                     st.dirty = true;
                     st.unlinked = self.mark_pending(&st.key, st.ino);
                     self.set_local_size(ino, 0);
-                } else if size > st.size {
-                    self.fill_zeros(&mut st, size).await?;
-                } else if size < st.size {
-                    tracing::warn!(key = %st.key, size, "truncating to a non-zero smaller size is not supported yet");
-                    return Err(Errno::ENOTSUP);
+                } else if size != st.size {
+                    if size > st.size && st.staged.is_none() {
+                        self.fill_zeros(&mut st, size).await?;
+                    } else {
+                        self.ensure_staged(&mut st).await?;
+                        let Some(staged) = st.staged.as_mut() else { return Err(Errno::EIO) };
+                        staged.truncate(size).map_err(|e| {
+                            tracing::error!(error = %e, "cannot truncate the staging file");
+                            Errno::EIO
+                        })?;
+                        st.size = size;
+                        self.set_local_size(ino, size);
+                    }
                 }
             }
             apply_metadata(&mut st.metadata, &req);
@@ -498,8 +585,21 @@ impl Fs {
                 return Ok(self.store_committed(ino, &inode.key, 0, res.etag, metadata));
             }
             Some(n) if n != meta.size => {
-                tracing::warn!(key = %inode.key, size = n, "truncating a closed file to a non-zero size is not supported yet");
-                return Err(Errno::ENOTSUP);
+                // truncate(2) on a closed file: stage the size change against the object.
+                let base = Base { key: inode.key.clone(), etag: meta.etag.clone().unwrap_or_default(), size: meta.size };
+                let mut staged = StagedFile::create(&self.cfg.staging_dir, base).map_err(|e| {
+                    tracing::error!(dir = %self.cfg.staging_dir.display(), error = %e, "cannot create a staging file");
+                    Errno::EIO
+                })?;
+                staged.truncate(n).map_err(|_| Errno::EIO)?;
+                apply_metadata(&mut metadata, &req);
+                metadata.insert("mtime".into(), format_time(req.mtime.unwrap_or_else(SystemTime::now)));
+                let opts = PutOptions { metadata: metadata.clone(), ..Default::default() };
+                let res = staged
+                    .upload(&self.store, &inode.key, &opts, &self.cfg.upload, &self.budget, &self.caps)
+                    .await
+                    .map_err(|e| errno_of(&e, "truncate"))?;
+                return Ok(self.store_committed(ino, &inode.key, n, res.etag, metadata));
             }
             _ => {}
         }
