@@ -92,6 +92,11 @@ pub struct Cli {
     #[arg(long, value_name = "SECONDS", value_parser = parse_ttl, default_value = "5")]
     pub metadata_ttl: Duration,
 
+    /// HEAD each listed file so `ls -l` shows s3fs-stored modes, owners, times and symlinks
+    /// (one request per entry, like s3fs; default: listings only, stat/open show stored values)
+    #[arg(long)]
+    pub list_metadata: bool,
+
     /// Memory budget for all read and write buffers, e.g. 512MiB, 2GiB
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "512MiB")]
     pub max_memory: u64,

@@ -111,6 +111,7 @@ impl Config {
         let mut fs = FsConfig::new(&prefix);
         fs.read_only = cli.read_only;
         fs.metadata_ttl = cli.metadata_ttl;
+        fs.list_metadata = cli.list_metadata;
         fs.max_memory = cli.max_memory;
         if let Some(dir) = &cli.staging_dir {
             if !dir.is_absolute() {

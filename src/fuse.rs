@@ -171,8 +171,16 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn symlink(&mut self, _req: &Request<'_>, _p: u64, _n: &OsStr, _l: &std::path::Path, reply: ReplyEntry) {
-        reply.error(if self.fs.config().read_only { libc::EROFS } else { libc::ENOTSUP });
+    fn symlink(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, link: &std::path::Path, reply: ReplyEntry) {
+        let fs = self.fs.clone();
+        let (name, target) = (name.as_bytes().to_vec(), link.as_os_str().as_bytes().to_vec());
+        let caller = Caller { uid: req.uid(), gid: req.gid() };
+        self.rt.spawn(async move {
+            match fs.symlink(parent, &name, &target, caller).await {
+                Ok(attr) => reply.entry(&fs.ttl(), &to_file_attr(&attr), 0),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
     }
 
     fn rename(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32, reply: ReplyEmpty) {

@@ -314,3 +314,23 @@ fn git_clone_status_and_log_on_the_mount() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
 }
+
+#[test]
+fn symlinks_survive_a_remount() {
+    let server = server();
+    let bucket = server.new_bucket();
+    {
+        let m = Mount::new(server, &bucket, &[]);
+        std::fs::write(m.join("target.txt"), "pointed at").unwrap();
+        std::os::unix::fs::symlink("target.txt", m.join("link")).unwrap();
+        assert_eq!(std::fs::read_link(m.join("link")).unwrap().to_str(), Some("target.txt"));
+        assert_eq!(std::fs::read(m.join("link")).unwrap(), b"pointed at");
+        let e = std::fs::hard_link(m.join("target.txt"), m.join("hard")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "hard links are refused clearly");
+    }
+    assert_eq!(server.metadata(&bucket, "link").get("mode").map(String::as_str), Some("41471"));
+    let m = Mount::new(server, &bucket, &["--list-metadata"]);
+    let out = sh(&format!("ls -l '{}'", m.path().display()));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("link -> target.txt"), "{out:?}");
+    assert_eq!(std::fs::read(m.join("link")).unwrap(), b"pointed at");
+}

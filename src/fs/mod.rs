@@ -81,6 +81,8 @@ pub struct FsConfig {
     pub max_memory: u64,
     /// Where modified files keep their changed bytes until they are uploaded (mode 0700).
     pub staging_dir: std::path::PathBuf,
+    /// HEAD every listed file so listings show stored metadata (one request per entry).
+    pub list_metadata: bool,
 }
 
 impl FsConfig {
@@ -99,6 +101,7 @@ impl FsConfig {
             prefetch: PrefetchConfig::default(),
             upload: UploadConfig::default(),
             max_memory: 512 << 20,
+            list_metadata: false,
             staging_dir: std::env::temp_dir().join(format!("s3mount-staging-{}", unsafe { libc::getuid() })),
         }
     }
@@ -265,11 +268,46 @@ impl Fs {
                 break;
             }
         }
+        if self.cfg.list_metadata {
+            self.fetch_listed_metadata(&mut listing).await;
+        }
         let listing = Arc::new(listing);
         if !self.cfg.metadata_ttl.is_zero() {
             self.listings.lock().put(prefix.to_string(), (Instant::now(), listing.clone()));
         }
         Ok(listing)
+    }
+
+    /// `--list-metadata`: HEAD every listed file (16 at a time) so that `ls -l` shows stored
+    /// s3fs modes, owners, times and symlinks, at one request per entry.
+    async fn fetch_listed_metadata(&self, listing: &mut Listing) {
+        use futures::StreamExt;
+        let keys: Vec<(String, String)> = listing
+            .entries
+            .iter()
+            .filter(|(_, e)| e.kind == Kind::File && e.meta.as_ref().is_some_and(|m| !m.has_metadata))
+            .filter_map(|(n, e)| Some((n.clone(), e.meta.as_ref()?.key.clone())))
+            .collect();
+        let heads: Vec<(String, Result<ObjectMeta, StoreError>)> = futures::stream::iter(keys)
+            .map(|(name, key)| async move { (name, self.store.head(&key).await) })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        for (name, head) in heads {
+            match head {
+                Ok(meta) => {
+                    let kind = match attrs::kind_from_meta(&meta) {
+                        Some(Kind::Symlink) => Kind::Symlink,
+                        _ => Kind::File,
+                    };
+                    listing.entries.insert(name, DirEntry { kind, meta: Some(meta) });
+                }
+                Err(StoreError::NotFound(_)) => {
+                    listing.entries.remove(&name);
+                }
+                Err(e) => tracing::debug!(error = %e, "HEAD for listed metadata failed; showing defaults"),
+            }
+        }
     }
 
     fn make_attr(&self, kind: Kind, meta: Option<&ObjectMeta>) -> impl Fn(u64) -> Attr + '_ {

@@ -557,3 +557,22 @@ async fn failed_staged_upload_keeps_the_changes_on_disk() {
         let _ = std::fs::remove_file(k.path());
     }
 }
+
+#[tokio::test]
+async fn symlinks_are_stored_like_s3fs_and_listed_with_list_metadata() {
+    let (store, fs) = setup("");
+    let a = fs.symlink(ROOT_INO, b"link", b"../target/file", ME).await.unwrap();
+    assert_eq!(a.kind, Kind::Symlink);
+    assert_eq!(&store.get_bytes("link").unwrap()[..], b"../target/file");
+    assert_eq!(store.head("link").await.unwrap().metadata.get("mode").map(String::as_str), Some("41471"));
+    assert_eq!(&fs.readlink(a.ino).await.unwrap()[..], b"../target/file");
+    // A fresh mount with --list-metadata sees it as a symlink straight from the listing.
+    let mut cfg = FsConfig::new("");
+    cfg.list_metadata = true;
+    let fs2 = Fs::new(store.clone(), cfg);
+    let names = list_names(&fs2, ROOT_INO).await;
+    assert!(names.contains(&("link".into(), Kind::Symlink)), "{names:?}");
+    // Without it, a lookup by name (a HEAD) still finds the symlink.
+    let fs3 = Fs::new(store.clone(), FsConfig::new(""));
+    assert_eq!(fs3.lookup(ROOT_INO, b"link").await.unwrap().kind, Kind::Symlink);
+}

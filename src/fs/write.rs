@@ -755,6 +755,40 @@ impl Fs {
         Ok(())
     }
 
+    /// symlink(2), as s3fs stores it: the target is the object body, mode 0120777.
+    pub async fn symlink(&self, parent: u64, name: &[u8], target: &[u8], caller: Caller) -> FsResult<Attr> {
+        self.check_writable()?;
+        let parent = self.dir_inode(parent)?;
+        let name = Self::check_new_name(name)?;
+        if target.is_empty() || target.len() > 4095 {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        let key = format!("{}{name}", parent.key);
+        let now = SystemTime::now();
+        let mut metadata = new_file_metadata(0o777, caller, now);
+        metadata.insert("mode".into(), (0o777 | attrs::S_IFLNK).to_string());
+        let body = bytes::Bytes::copy_from_slice(target);
+        let crc = crc32fast::hash(&body);
+        let opts = PutOptions { metadata: metadata.clone(), ..Default::default() };
+        let res = self
+            .store
+            .put(&key, body, &opts, self.caps.checksums().then_some(crc))
+            .await
+            .map_err(|e| errno_of(&e, "symlink"))?;
+        let meta = ObjectMeta {
+            key: key.clone(),
+            size: target.len() as u64,
+            etag: res.etag,
+            metadata,
+            has_metadata: true,
+            last_modified: Some(now),
+            ..Default::default()
+        };
+        let entry = DirEntry { kind: Kind::Symlink, meta: Some(meta) };
+        self.note_entry(&parent.key, name, Some(entry.clone()));
+        Ok(self.remember_entry(&parent, name, &entry))
+    }
+
     pub async fn mkdir(&self, parent: u64, name: &[u8], mode: u32, caller: Caller) -> FsResult<Attr> {
         self.check_writable()?;
         let parent = self.dir_inode(parent)?;
