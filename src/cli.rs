@@ -121,6 +121,10 @@ pub struct Cli {
     #[arg(long, value_name = "DIR")]
     pub staging_dir: Option<PathBuf>,
 
+    /// Kernel read-ahead for the mount (root only; the kernel's FUSE default is 128KiB)
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4MiB")]
+    pub kernel_read_ahead: u64,
+
     /// Attempts per S3 request, including the first (retries use exponential backoff)
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub max_attempts: u32,

@@ -24,6 +24,8 @@ pub struct Config {
     pub allow_other: bool,
     pub allow_root: bool,
     pub read_only: bool,
+    /// Kernel read-ahead for the mount, KiB (set through /sys/class/bdi when root).
+    pub kernel_readahead_kb: u32,
 }
 
 /// Split `BUCKET`, `BUCKET:/PREFIX`, `BUCKET:PREFIX` or `s3://BUCKET/PREFIX` into a bucket and a
@@ -168,6 +170,7 @@ impl Config {
             allow_other: cli.allow_other,
             allow_root: cli.allow_root,
             read_only: cli.read_only,
+            kernel_readahead_kb: (cli.kernel_read_ahead / 1024).clamp(4, 1 << 20) as u32,
         })
     }
 }

@@ -332,6 +332,21 @@ fn unmount(path: &Path, lazy: bool) -> std::io::Result<()> {
     }
 }
 
+/// The kernel offers FUSE filesystems only 128 KiB of read-ahead, so sequential reads arrive as
+/// 128 KiB requests. Root may raise it on the mount's backing device info; larger windows let the
+/// kernel send up to 1 MiB per request and keep several in flight.
+fn raise_readahead(path: &Path, kb: u32) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else { return };
+    let dev = meta.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    match std::fs::write(&knob, kb.to_string()) {
+        Ok(()) => tracing::debug!(knob, kb, "kernel read-ahead raised"),
+        Err(e) => tracing::debug!(knob, error = %e, "kernel read-ahead left at its default (needs root)"),
+    }
+}
+
 /// Is a FUSE filesystem answering at `path`? (statfs goes through the kernel to our daemon.)
 fn mount_is_live(path: &Path) -> bool {
     let Ok(c) = CString::new(path.as_os_str().as_bytes()) else { return false };
@@ -425,6 +440,7 @@ pub fn run(cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Result
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    raise_readahead(&mountpoint, cfg.kernel_readahead_kb);
     tracing::info!(source = %cfg.source, mountpoint = %mountpoint.display(), "mounted");
     if let Some(ready) = ready {
         ready.send_ok();
