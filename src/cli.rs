@@ -121,6 +121,11 @@ pub struct Cli {
     #[arg(long, value_name = "DIR")]
     pub staging_dir: Option<PathBuf>,
 
+    /// Do not send If-Match / If-None-Match (for stores that mishandle them); a concurrent
+    /// change by another client is then overwritten instead of reported
+    #[arg(long)]
+    pub no_conditional_writes: bool,
+
     /// Kernel read-ahead for the mount (root only; the kernel's FUSE default is 128KiB)
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4MiB")]
     pub kernel_read_ahead: u64,

@@ -55,17 +55,45 @@ impl UploadConfig {
 #[derive(Debug)]
 pub struct Capabilities {
     checksums: AtomicBool,
+    conditional: AtomicBool,
 }
 
 impl Default for Capabilities {
     fn default() -> Self {
-        Capabilities { checksums: AtomicBool::new(true) }
+        Capabilities { checksums: AtomicBool::new(true), conditional: AtomicBool::new(true) }
     }
 }
 
 impl Capabilities {
     pub fn checksums(&self) -> bool {
         self.checksums.load(Ordering::Relaxed)
+    }
+
+    /// Whether writes carry If-Match / If-None-Match (off by option, or once the store said it
+    /// does not implement them). Stores that ignore them silently (Garage) cannot be detected.
+    pub fn conditional(&self) -> bool {
+        self.conditional.load(Ordering::Relaxed)
+    }
+
+    pub fn disable_conditional(&self) {
+        self.conditional.store(false, Ordering::Relaxed);
+    }
+
+    /// Did this error say the store does not implement conditional writes? Then stop sending them.
+    pub fn learn_conditional(&self, e: &StoreError) -> bool {
+        let unsupported = match e {
+            StoreError::Unsupported(_) => true,
+            StoreError::Other(m) => {
+                let m = m.to_ascii_lowercase();
+                (m.contains("if-match") || m.contains("if-none-match") || m.contains("conditional"))
+                    && (m.contains("not implemented") || m.contains("not supported"))
+            }
+            _ => false,
+        };
+        if unsupported && self.conditional.swap(false, Ordering::Relaxed) {
+            tracing::warn!(error = %e, "store does not implement conditional writes; writing without If-Match/If-None-Match");
+        }
+        unsupported
     }
 
     /// Did this error say the store does not understand checksums? Then stop sending them.
@@ -116,6 +144,8 @@ pub struct StreamUpload {
     /// A committed object whose bytes come first (writes after fsync continue it).
     prefix: Option<CommittedPrefix>,
     copied_prefix: bool,
+    /// Where a conflicting upload leaves what it holds (bytes, or a note on the open upload).
+    recovery_dir: Option<std::path::PathBuf>,
 }
 
 impl StreamUpload {
@@ -145,6 +175,7 @@ impl StreamUpload {
             failed: None,
             prefix: None,
             copied_prefix: false,
+            recovery_dir: None,
         }
     }
 
@@ -164,6 +195,12 @@ impl StreamUpload {
             self.prefix = Some(committed);
         }
         Ok(self)
+    }
+
+    /// Keep what a conflicting upload holds in `dir` instead of losing it.
+    pub fn with_recovery_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.recovery_dir = Some(dir);
+        self
     }
 
     /// Metadata for the object, as long as the upload has not started on the server.
@@ -322,12 +359,37 @@ impl StreamUpload {
         if self.upload_id.is_none() && self.prefix.is_none() {
             let body = std::mem::take(&mut self.buf).freeze();
             let crc = crc32fast::hash(&body);
-            let (store, key, opts) = (self.store.clone(), self.key.clone(), self.opts.clone());
-            let res = send_with_checksum(&self.caps, |c| {
-                let (store, key, opts, body) = (store.clone(), key.clone(), opts.clone(), body.clone());
-                async move { store.put(&key, body, &opts, c.then_some(crc)).await }
-            })
-            .await?;
+            let (store, key) = (self.store.clone(), self.key.clone());
+            let caps = self.caps.clone();
+            let mut opts = self.opts.clone();
+            if !caps.conditional() {
+                opts.condition = crate::store::PutCondition::Overwrite;
+            }
+            let attempt = |opts: PutOptions| {
+                let (store, key, body) = (store.clone(), key.clone(), body.clone());
+                let caps = caps.clone();
+                async move {
+                    send_with_checksum(&caps, |c| {
+                        let (store, key, opts, body) = (store.clone(), key.clone(), opts.clone(), body.clone());
+                        async move { store.put(&key, body, &opts, c.then_some(crc)).await }
+                    })
+                    .await
+                }
+            };
+            let res = match attempt(opts.clone()).await {
+                Err(e) if opts.condition != crate::store::PutCondition::Overwrite && self.caps.learn_conditional(&e) => {
+                    opts.condition = crate::store::PutCondition::Overwrite;
+                    attempt(opts).await
+                }
+                Err(StoreError::PreconditionFailed(_)) => {
+                    let kept = self.keep_for_recovery(&body);
+                    return Err(StoreError::PreconditionFailed(format!(
+                        "{}: changed by someone else since it was opened; this write was not applied, its bytes are kept at {kept}",
+                        self.key
+                    )));
+                }
+                other => other,
+            }?;
             verify_checksum(&self.key, res.checksum_crc32.as_deref(), &[crc], Some(crc));
             return Ok(res);
         }
@@ -342,7 +404,27 @@ impl StreamUpload {
         self.done.sort_by_key(|(p, _, _)| p.part_number);
         let parts: Vec<CompletedPart> = self.done.iter().map(|(p, _, _)| p.clone()).collect();
         let id = self.upload_id.clone().unwrap_or_default();
-        let res = self.store.complete_multipart(&self.key, &id, parts, &self.opts.condition).await?;
+        let mut condition = self.opts.condition.clone();
+        if !self.caps.conditional() {
+            condition = crate::store::PutCondition::Overwrite;
+        }
+        let res = match self.store.complete_multipart(&self.key, &id, parts.clone(), &condition).await {
+            Err(e) if condition != crate::store::PutCondition::Overwrite && self.caps.learn_conditional(&e) => {
+                self.store.complete_multipart(&self.key, &id, parts, &crate::store::PutCondition::Overwrite).await
+            }
+            Err(StoreError::PreconditionFailed(_)) => {
+                // The parts stay on the server: leave the upload open (not aborted) and say how
+                // to find it, since the bytes exist nowhere else.
+                let note = self.note_open_upload(&id, &parts);
+                self.upload_id = None;
+                return Err(StoreError::PreconditionFailed(format!(
+                    "{}: changed by someone else since it was opened; this write was not applied; its {} parts are kept in the open multipart upload {id} (see {note})",
+                    self.key,
+                    parts.len()
+                )));
+            }
+            other => other,
+        }?;
         self.upload_id = None;
         // Parts copied server side have no local CRC: then only the part checksums vouch.
         if !self.copied_prefix {
@@ -361,6 +443,51 @@ impl StreamUpload {
             }
         }
         Ok(res)
+    }
+
+    fn recovery_path(&self, suffix: &str) -> Option<std::path::PathBuf> {
+        let dir = self.recovery_dir.as_ref()?;
+        super::staging::prepare_dir(dir).ok()?;
+        let safe: String = self.key.chars().map(|c| if c == '/' || c.is_control() { '_' } else { c }).collect();
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        Some(dir.join(format!("{}.{stamp}.{suffix}", safe.chars().take(200).collect::<String>())))
+    }
+
+    /// Save the bytes of a conflicting single PUT; returns where (or why not).
+    fn keep_for_recovery(&self, body: &[u8]) -> String {
+        use std::os::unix::fs::OpenOptionsExt;
+        let Some(path) = self.recovery_path("data") else { return "nowhere (no recovery directory)".into() };
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, body));
+        match written {
+            Ok(()) => {
+                tracing::error!(key = %self.key, kept = %path.display(), "write conflict: the bytes written are kept in the recovery folder");
+                path.display().to_string()
+            }
+            Err(e) => format!("nowhere ({}: {e})", path.display()),
+        }
+    }
+
+    /// Describe a multipart upload left open after a conflict (key, upload id, parts).
+    fn note_open_upload(&self, id: &str, parts: &[CompletedPart]) -> String {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut text = format!("key: {}\nupload_id: {id}\nparts:\n", self.key);
+        for p in parts {
+            text.push_str(&format!("  {} {}\n", p.part_number, p.etag));
+        }
+        tracing::error!(key = %self.key, upload_id = %id, parts = parts.len(), "write conflict: multipart upload left open for recovery");
+        let Some(path) = self.recovery_path("upload") else { return "the log".into() };
+        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
+            Ok(mut f) => {
+                let _ = std::io::Write::write_all(&mut f, text.as_bytes());
+                path.display().to_string()
+            }
+            Err(_) => "the log".into(),
+        }
     }
 
     async fn abort_remote(&mut self) {

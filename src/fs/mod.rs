@@ -83,6 +83,8 @@ pub struct FsConfig {
     pub staging_dir: std::path::PathBuf,
     /// HEAD every listed file so listings show stored metadata (one request per entry).
     pub list_metadata: bool,
+    /// Send If-Match / If-None-Match so a concurrent change is detected, not overwritten.
+    pub conditional_writes: bool,
 }
 
 impl FsConfig {
@@ -102,6 +104,7 @@ impl FsConfig {
             upload: UploadConfig::default(),
             max_memory: 512 << 20,
             list_metadata: false,
+            conditional_writes: true,
             staging_dir: std::env::temp_dir().join(format!("s3mount-staging-{}", unsafe { libc::getuid() })),
         }
     }
@@ -195,6 +198,10 @@ impl Fs {
             page_cache_etag: None,
         };
         let budget = Budget::new(cfg.max_memory);
+        let caps = Arc::new(Capabilities::default());
+        if !cfg.conditional_writes {
+            caps.disable_conditional();
+        }
         Fs {
             store,
             inodes: Mutex::new(InodeTable::new(root)),
@@ -204,7 +211,7 @@ impl Fs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             budget,
-            caps: Arc::new(Capabilities::default()),
+            caps,
             pending: Mutex::new(HashMap::new()),
             writers: Mutex::new(HashMap::new()),
             warn: WarnOnce::default(),

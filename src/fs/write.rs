@@ -16,7 +16,7 @@ use super::inode::Inode;
 use super::{errno_of, Errno, FileHandle, Fs, FsResult, Pending};
 use crate::data::staging::{Base, StagedFile};
 use crate::data::upload::{CommittedPrefix, StreamUpload};
-use crate::store::{ObjectMeta, PutOptions, StoreError, UserMetadata};
+use crate::store::{ObjectMeta, PutCondition, PutOptions, StoreError, UserMetadata};
 
 /// Who is asking (for the owner of new files and directories).
 #[derive(Clone, Copy, Debug)]
@@ -53,6 +53,8 @@ pub(super) struct WriteState {
     unlinked: Arc<std::sync::atomic::AtomicBool>,
     /// Local changes to the committed object (in-place modification).
     staged: Option<StagedFile>,
+    /// What the bucket must still hold for the next commit to apply (If-Match / If-None-Match).
+    expect: PutCondition,
 }
 
 fn apply_metadata(md: &mut UserMetadata, req: &SetAttr) {
@@ -191,9 +193,15 @@ impl Fs {
         fh
     }
 
-    fn start_upload(&self, key: &str, metadata: &UserMetadata) -> StreamUpload {
-        let opts = PutOptions { metadata: metadata.clone(), ..Default::default() };
+    fn start_upload(&self, key: &str, metadata: &UserMetadata, expect: &PutCondition) -> StreamUpload {
+        let opts = PutOptions { metadata: metadata.clone(), condition: expect.clone(), ..Default::default() };
         StreamUpload::new(self.store.clone(), key.to_string(), opts, self.cfg.upload, self.budget.clone(), self.caps.clone())
+            .with_recovery_dir(self.recovery_dir())
+    }
+
+    /// Where conflicting writes leave their data: `recovered/` under the staging directory.
+    pub fn recovery_dir(&self) -> std::path::PathBuf {
+        self.cfg.staging_dir.join("recovered")
     }
 
     /// Stored metadata of an existing object, fetched if the cached entry came from a listing.
@@ -224,7 +232,7 @@ impl Fs {
         let state = WriteState {
             ino: attr.ino,
             key: key.clone(),
-            upload: Some(self.start_upload(&key, &metadata)),
+            upload: Some(self.start_upload(&key, &metadata, &PutCondition::IfNoneMatch)),
             base: CommittedPrefix { etag: String::new(), size: 0 },
             size: 0,
             dirty: true,
@@ -232,6 +240,7 @@ impl Fs {
             metadata,
             unlinked,
             staged: None,
+            expect: PutCondition::IfNoneMatch,
         };
         Ok((attr, self.new_handle(state)))
     }
@@ -262,9 +271,13 @@ impl Fs {
             metadata,
             unlinked,
             staged: None,
+            expect: match meta.as_ref().and_then(|m| m.etag.clone()) {
+                Some(etag) => PutCondition::IfMatch(etag),
+                None => PutCondition::IfNoneMatch,
+            },
         };
         if truncate || meta.is_none() {
-            state.upload = Some(self.start_upload(&inode.key, &state.metadata));
+            state.upload = Some(self.start_upload(&inode.key, &state.metadata, &state.expect));
             state.dirty = true;
             state.unlinked = self.mark_pending(&inode.key, inode.ino);
             self.set_local_size(inode.ino, 0);
@@ -288,7 +301,7 @@ impl Fs {
         if st.upload.is_some() {
             return Ok(());
         }
-        let upload = self.start_upload(&st.key, &st.metadata);
+        let upload = self.start_upload(&st.key, &st.metadata, &st.expect);
         let upload = upload.continuing(st.base.clone()).await.map_err(|e| {
             tracing::error!(key = %st.key, error = %e, "cannot continue the committed object");
             errno_of(&e, "append")
@@ -403,14 +416,26 @@ impl Fs {
                 st.dirty = false;
                 return Ok(());
             }
-            let opts = PutOptions { metadata: st.metadata.clone(), ..Default::default() };
+            let condition = if self.caps.conditional() { st.expect.clone() } else { PutCondition::Overwrite };
+            let opts = PutOptions { metadata: st.metadata.clone(), condition, ..Default::default() };
             return match staged.upload(&self.store, &st.key, &opts, &self.cfg.upload, &self.budget, &self.caps).await {
                 Ok(res) => {
                     self.committed(st, res.etag);
                     Ok(())
                 }
                 Err(e) => {
-                    let kept = staged.keep();
+                    let mut kept = staged.keep();
+                    if matches!(e, StoreError::PreconditionFailed(_)) {
+                        let dir = self.recovery_dir();
+                        let target = dir.join(kept.file_name().unwrap_or_default());
+                        if crate::data::staging::prepare_dir(&dir).is_ok() && std::fs::rename(&kept, &target).is_ok() {
+                            kept = target;
+                        }
+                        tracing::error!(
+                            key = %st.key, kept = %kept.display(),
+                            "write conflict: the object changed since it was opened; it was left untouched and the changed bytes are kept"
+                        );
+                    }
                     tracing::error!(
                         key = %st.key, error = %e, kept = %kept.display(),
                         "upload of modified file failed; the object is unchanged and the changed bytes are kept in the staging file"
@@ -444,6 +469,10 @@ impl Fs {
     /// The bucket now holds everything written through `st`, as `etag`.
     fn committed(&self, st: &mut WriteState, etag: Option<String>) {
         st.dirty = false;
+        st.expect = match &etag {
+            Some(tag) => PutCondition::IfMatch(tag.clone()),
+            None => PutCondition::Overwrite,
+        };
         st.base = CommittedPrefix { etag: etag.clone().unwrap_or_default(), size: st.size };
         let meta = ObjectMeta {
             key: st.key.clone(),
@@ -533,7 +562,7 @@ impl Fs {
                     st.staged = None;
                     st.base = CommittedPrefix { etag: String::new(), size: 0 };
                     st.size = 0;
-                    st.upload = Some(self.start_upload(&st.key, &st.metadata));
+                    st.upload = Some(self.start_upload(&st.key, &st.metadata, &st.expect));
                     st.dirty = true;
                     st.unlinked = self.mark_pending(&st.key, st.ino);
                     self.set_local_size(ino, 0);
@@ -558,6 +587,7 @@ impl Fs {
                 let etag = st.base.etag.clone();
                 let new_etag = self.replace_metadata(&st.key, &etag, &st.metadata).await?;
                 st.base.etag = new_etag.clone();
+                st.expect = PutCondition::IfMatch(new_etag.clone());
                 return Ok(self.store_committed(ino, &st.key, st.size, Some(new_etag), st.metadata.clone()));
             }
             let md = st.metadata.clone();
@@ -862,6 +892,7 @@ impl Fs {
             let mut st = lock.lock().await;
             st.key = new_key.to_string();
             if let Some(tag) = new_etag {
+                st.expect = PutCondition::IfMatch(tag.clone());
                 st.base.etag = tag;
             }
         }
