@@ -334,3 +334,26 @@ fn symlinks_survive_a_remount() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("link -> target.txt"), "{out:?}");
     assert_eq!(std::fs::read(m.join("link")).unwrap(), b"pointed at");
 }
+
+#[test]
+fn external_overwrite_between_open_and_close_keeps_both_versions() {
+    // moto enforces If-Match / If-None-Match (Garage accepts and ignores them).
+    let server = moto();
+    let bucket = server.new_bucket();
+    server.put(&bucket, "shared.txt", "original");
+    let staging = tempfile::tempdir().unwrap();
+    let m = Mount::new(server, &bucket, &["--staging-dir", staging.path().to_str().unwrap()]);
+    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(m.join("shared.txt")).unwrap();
+    f.write_all(b"written through the mount").unwrap();
+    server.put(&bucket, "shared.txt", "written by someone else");
+    let closed = f.sync_all();
+    drop(f);
+    let err = closed.expect_err("the conflict must reach the application");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    assert_eq!(server.get(&bucket, "shared.txt").unwrap(), b"written by someone else");
+    let recovered: Vec<Vec<u8>> = std::fs::read_dir(staging.path().join("recovered"))
+        .expect("recovery folder")
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(recovered.iter().any(|b| b == b"written through the mount"), "{recovered:?}");
+}
