@@ -135,12 +135,13 @@ fn metadata_round_trips_through_a_remount() {
     {
         let m = Mount::new(server, &bucket, &[]);
         std::fs::write(m.join("f"), "x").unwrap();
-        let out = sh(&format!("chmod 600 '{0}' && touch -d @1500000000 '{0}'", m.join("f").display()));
+        let out = sh(&format!("chmod 600 '{0}' && chown 1234:5678 '{0}' && touch -d @1500000000 '{0}'", m.join("f").display()));
         assert!(out.status.success(), "{out:?}");
     }
     let m = Mount::new(server, &bucket, &["--metadata-ttl", "0"]);
     let meta = std::fs::metadata(m.join("f")).unwrap();
     assert_eq!((meta.mode() & 0o7777, meta.mtime()), (0o600, 1_500_000_000));
+    assert_eq!((meta.uid(), meta.gid()), (1234, 5678));
 }
 
 #[test]
