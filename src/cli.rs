@@ -130,6 +130,11 @@ pub struct Cli {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4MiB")]
     pub kernel_read_ahead: u64,
 
+    /// Seconds without a byte before a response counts as stalled and is retried from where it
+    /// stopped (also the limit for the first byte)
+    #[arg(long, value_name = "SECONDS", value_parser = parse_ttl, default_value = "30")]
+    pub stall_timeout: Duration,
+
     /// Attempts per S3 request, including the first (retries use exponential backoff)
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub max_attempts: u32,

@@ -144,6 +144,7 @@ impl Config {
             no_sign_request: cli.no_sign_request,
             max_attempts: cli.max_attempts,
             connect_timeout: Duration::from_secs(5),
+            stall_timeout: cli.stall_timeout.max(Duration::from_secs(1)),
             credentials: match &cli.passwd_file {
                 Some(p) => Some(read_passwd_file(p, &bucket)?),
                 None => None,

@@ -358,3 +358,30 @@ fn external_overwrite_between_open_and_close_keeps_both_versions() {
         .collect();
     assert!(recovered.iter().any(|b| b == b"written through the mount"), "{recovered:?}");
 }
+
+#[test]
+fn transient_failures_and_stalls_are_survived_byte_identical() {
+    use support::proxy::FaultProxy;
+    let server = garage();
+    let bucket = server.new_bucket();
+    let proxy = FaultProxy::start(server.port());
+    let m = Mount::via(
+        server,
+        &proxy.endpoint(),
+        &bucket,
+        &["--part-size", "5MiB", "--max-attempts", "8", "--stall-timeout", "2", "--metadata-ttl", "0"],
+    );
+    // 10% of uploads and downloads fail with 503 SlowDown; two GET bodies stall mid-way.
+    proxy.fail_some("PUT", "", 503, 100);
+    proxy.fail_some("GET", "", 503, 100);
+    let body = pattern(100 << 20, 99);
+    std::fs::write(m.join("survivor.bin"), &body).unwrap();
+    proxy.stall("GET", "survivor.bin", 100_000, std::time::Duration::from_secs(6), 2);
+    let back = std::fs::read(m.join("survivor.bin")).unwrap();
+    assert!(back == body, "read back byte-identical");
+    proxy.clear();
+    assert!(server.get(&bucket, "survivor.bin").unwrap() == body, "stored byte-identical");
+    assert!(proxy.hits() >= 5, "faults were injected: {}", proxy.hits());
+    let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+    assert!(log.contains("resuming where it stopped"), "a stalled body was detected and resumed");
+}

@@ -21,6 +21,7 @@ fn settings(server: &S3Server, bucket: &str) -> S3Settings {
         connect_timeout: Duration::from_secs(2),
         credentials: None,
         ca_bundle: None,
+        stall_timeout: Duration::from_secs(5),
     }
 }
 

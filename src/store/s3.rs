@@ -45,11 +45,16 @@ pub struct S3Settings {
     pub credentials: Option<StaticCredentials>,
     /// PEM bundle of extra CAs to trust besides the system roots (private endpoints).
     pub ca_bundle: Option<std::path::PathBuf>,
+    /// A response that sends no byte for this long is given up and retried from where it
+    /// stopped (also the time allowed to the first byte).
+    pub stall_timeout: Duration,
 }
 
 pub struct S3Store {
     client: Client,
     bucket: String,
+    stall_timeout: Duration,
+    max_attempts: u32,
 }
 
 impl fmt::Debug for S3Store {
@@ -62,7 +67,12 @@ impl S3Store {
     pub async fn connect(s: &S3Settings) -> StoreResult<Self> {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .retry_config(RetryConfig::standard().with_max_attempts(s.max_attempts.max(1)))
-            .timeout_config(TimeoutConfig::builder().connect_timeout(s.connect_timeout).build());
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(s.connect_timeout)
+                    .read_timeout(if s.stall_timeout.is_zero() { Duration::from_secs(30) } else { s.stall_timeout })
+                    .build(),
+            );
         if let Some(p) = &s.profile {
             loader = loader.profile_name(p);
         }
@@ -107,7 +117,12 @@ impl S3Store {
             // S3-compatible stores rarely care; AWS redirects are handled by the SDK.
             b = b.region(Region::new("us-east-1"));
         }
-        Ok(S3Store { client: Client::from_conf(b.build()), bucket: s.bucket.clone() })
+        Ok(S3Store {
+            client: Client::from_conf(b.build()),
+            bucket: s.bucket.clone(),
+            stall_timeout: if s.stall_timeout.is_zero() { Duration::from_secs(30) } else { s.stall_timeout },
+            max_attempts: s.max_attempts.max(1),
+        })
     }
 }
 
@@ -223,22 +238,22 @@ impl ObjectStore for S3Store {
         if range.is_empty() {
             return Ok(Bytes::new());
         }
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .range(format!("bytes={}-{}", range.start, range.end - 1))
-            .set_if_match(if_match.map(str::to_string))
-            .send()
-            .await
-            .map_err(|e| map_err(e, key))?;
-        let body = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| StoreError::Unreachable(format!("{key}: reading body: {e}")))?;
-        Ok(body.into_bytes())
+        // The SDK retries failed requests; a body that breaks or stalls half way is resumed here
+        // from the byte where it stopped (still pinned to the same ETag).
+        let mut out = bytes::BytesMut::with_capacity(range.len() as usize);
+        let mut failures = 0;
+        loop {
+            let from = range.start + out.len() as u64;
+            match self.get_body_into(key, ByteRange::new(from, range.end), if_match, &mut out).await {
+                Ok(()) => return Ok(out.freeze()),
+                Err(e) if matches!(e, StoreError::Timeout(_) | StoreError::Unreachable(_)) && failures + 1 < self.max_attempts => {
+                    failures += 1;
+                    tracing::warn!(key, error = %e, received = out.len(), attempt = failures, "GET body interrupted; resuming where it stopped");
+                    tokio::time::sleep(Duration::from_millis(100 << failures.min(6))).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn put(&self, key: &str, body: Bytes, opts: &PutOptions, crc32: Option<u32>) -> StoreResult<PutResult> {
@@ -454,6 +469,54 @@ impl ObjectStore for S3Store {
             if key_marker.is_none() {
                 return Ok(out);
             }
+        }
+    }
+}
+
+impl S3Store {
+    /// One GET of `range`, appending the body to `out` as it arrives; fails on a stall or a body
+    /// shorter than the response said (what was received stays in `out`).
+    async fn get_body_into(
+        &self,
+        key: &str,
+        range: ByteRange,
+        if_match: Option<&str>,
+        out: &mut bytes::BytesMut,
+    ) -> StoreResult<()> {
+        let resp = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .range(format!("bytes={}-{}", range.start, range.end - 1))
+            .set_if_match(if_match.map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| map_err(e, key))?;
+        let expected = resp.content_length().map(|n| n.max(0) as u64);
+        let mut body = resp.body;
+        let mut received = 0u64;
+        loop {
+            match tokio::time::timeout(self.stall_timeout, body.next()).await {
+                Err(_) => {
+                    return Err(StoreError::Timeout(format!(
+                        "{key}: no data for {} s after {received} bytes of the body",
+                        self.stall_timeout.as_secs()
+                    )))
+                }
+                Ok(None) => break,
+                Ok(Some(Ok(chunk))) => {
+                    received += chunk.len() as u64;
+                    out.extend_from_slice(&chunk);
+                }
+                Ok(Some(Err(e))) => return Err(StoreError::Unreachable(format!("{key}: reading body after {received} bytes: {e}"))),
+            }
+        }
+        match expected {
+            Some(n) if received < n => {
+                Err(StoreError::Unreachable(format!("{key}: body ended after {received} of {n} bytes")))
+            }
+            _ => Ok(()),
         }
     }
 }

@@ -340,6 +340,8 @@ pub fn require_fuse() {
 pub struct Mount {
     pub dir: tempfile::TempDir,
     pub bucket: String,
+    /// The daemon's log file.
+    pub log: PathBuf,
 }
 
 impl Mount {
@@ -378,7 +380,7 @@ impl Mount {
             String::from_utf8_lossy(&out.stderr)
         );
         let bucket = source.split(':').next().unwrap_or(source).to_string();
-        Mount { dir, bucket }
+        Mount { dir, bucket, log }
     }
 
     pub fn path(&self) -> &Path {

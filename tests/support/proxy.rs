@@ -6,18 +6,39 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 
+#[derive(Clone, Copy, Debug)]
+enum Action {
+    /// Answer with this status instead of forwarding.
+    Fail(u16),
+    /// Forward, then stop relaying the response after `after` bytes for `pause`.
+    Stall { after: usize, pause: std::time::Duration },
+}
+
 #[derive(Clone, Debug)]
 struct Rule {
     method: String,
     contains: String,
-    status: u16,
+    action: Action,
     remaining: u32,
+    /// Share of matching requests the rule applies to, in 1/1000.
+    per_mille: u32,
 }
 
 pub struct FaultProxy {
     pub port: u16,
     rules: Arc<Mutex<Vec<Rule>>>,
     hits: Arc<Mutex<u32>>,
+}
+
+/// A deterministic stream of numbers in 0..1000 for fractional rules.
+fn next_roll() -> u32 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
+    let mut x = STATE.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    (x % 1000) as u32
 }
 
 impl FaultProxy {
@@ -45,7 +66,21 @@ impl FaultProxy {
     /// Answer the next `times` requests with `method` whose request line contains `contains`
     /// with `status`.
     pub fn fail(&self, method: &str, contains: &str, status: u16, times: u32) {
-        self.rules.lock().unwrap().push(Rule { method: method.into(), contains: contains.into(), status, remaining: times });
+        self.add(method, contains, Action::Fail(status), times, 1000);
+    }
+
+    /// Fail a share (per mille) of matching requests with `status`, indefinitely.
+    pub fn fail_some(&self, method: &str, contains: &str, status: u16, per_mille: u32) {
+        self.add(method, contains, Action::Fail(status), u32::MAX, per_mille);
+    }
+
+    /// Let the next `times` matching responses stop after `after` bytes for `pause`.
+    pub fn stall(&self, method: &str, contains: &str, after: usize, pause: std::time::Duration, times: u32) {
+        self.add(method, contains, Action::Stall { after, pause }, times, 1000);
+    }
+
+    fn add(&self, method: &str, contains: &str, action: Action, times: u32, per_mille: u32) {
+        self.rules.lock().unwrap().push(Rule { method: method.into(), contains: contains.into(), action, remaining: times, per_mille });
     }
 
     pub fn clear(&self) {
@@ -76,8 +111,29 @@ fn serve(mut client: TcpStream, upstream_port: u16, rules: Arc<Mutex<Vec<Rule>>>
     upstream.set_nodelay(true)?;
     let mut up_read = upstream.try_clone()?;
     let mut client_write = client.try_clone()?;
+    let stall: Arc<Mutex<Option<(usize, std::time::Duration)>>> = Arc::default();
+    let stall_relay = stall.clone();
     std::thread::spawn(move || {
-        let _ = std::io::copy(&mut up_read, &mut client_write);
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match up_read.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let pending = stall_relay.lock().unwrap().take();
+            let ok = match pending {
+                Some((after, pause)) => {
+                    let first = after.min(n);
+                    let r = client_write.write_all(&buf[..first]).and_then(|_| client_write.flush());
+                    std::thread::sleep(pause);
+                    r.and_then(|_| client_write.write_all(&buf[first..n]))
+                }
+                None => client_write.write_all(&buf[..n]),
+            };
+            if ok.is_err() {
+                break;
+            }
+        }
         let _ = client_write.shutdown(std::net::Shutdown::Both);
     });
     loop {
@@ -94,17 +150,22 @@ fn serve(mut client: TcpStream, upstream_port: u16, rules: Arc<Mutex<Vec<Rule>>>
         let expects_continue = header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
         let matched = {
             let mut rules = rules.lock().unwrap();
-            let pos = rules.iter().position(|r| line.starts_with(&format!("{} ", r.method)) && line.contains(&r.contains));
+            let pos = rules.iter().position(|r| {
+                line.starts_with(&format!("{} ", r.method)) && line.contains(&r.contains) && (r.per_mille >= 1000 || next_roll() < r.per_mille)
+            });
             pos.map(|p| {
-                let status = rules[p].status;
+                let action = rules[p].action;
                 rules[p].remaining -= 1;
                 if rules[p].remaining == 0 {
                     rules.remove(p);
                 }
-                status
+                action
             })
         };
-        if let Some(status) = matched {
+        if let Some(Action::Stall { after, pause }) = matched {
+            *hits.lock().unwrap() += 1;
+            *stall.lock().unwrap() = Some((after, pause));
+        } else if let Some(Action::Fail(status)) = matched {
             *hits.lock().unwrap() += 1;
             if !expects_continue {
                 std::io::copy(&mut (&mut client).take(len), &mut std::io::sink())?;
