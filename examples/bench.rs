@@ -202,6 +202,15 @@ fn timed_sh(cmd: &str) -> Duration {
     t.elapsed()
 }
 
+/// User + system CPU seconds a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
 fn mbps(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
 }
@@ -243,11 +252,20 @@ fn main() {
 
     let plain_r = rt.block_on(plain_get(&c, "plain.bin", size));
     let m = Mounted::new(&garage.endpoint, &mnt);
+    let (d0, g0) = (cpu_seconds(m.child.id()), cpu_seconds(garage.child.id()));
     let cold = timed_sh(&format!("dd if={}/plain.bin of=/dev/null bs=1M 2>/dev/null", mnt.display()));
+    let (d1, g1) = (cpu_seconds(m.child.id()), cpu_seconds(garage.child.id()));
     let warm = timed_sh(&format!("dd if={}/plain.bin of=/dev/null bs=1M 2>/dev/null", mnt.display()));
     let (pr, cr, wr) = (mbps(size, plain_r), mbps(size, cold), mbps(size, warm));
     println!("{:<34} {:>9.0} MB/s {:>7.0} MB/s {:>7.2}x", "cold sequential read (dd)", pr, cr, cr / pr);
     println!("{:<34} {:>9.0} MB/s {:>7.0} MB/s {:>7.2}x", "warm re-read (page cache)", pr, wr, wr / pr);
+    println!(
+        "  (cold read: {:.1} s wall, daemon {:.1} CPU-s, garage {:.1} CPU-s, on {} cores)",
+        cold.as_secs_f64(),
+        d1 - d0,
+        g1 - g0,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
 
     let small = vec![7u8; 4096];
     let t = Instant::now();

@@ -136,20 +136,18 @@ impl ObjectReader {
                 .collect()
         };
 
+        // The usual case: one chunk covers the whole request, answered without a copy.
+        if let [(range, data)] = parts.as_slice() {
+            if range.start <= offset && range.end >= end {
+                let bytes = self.await_chunk(*range, data.clone()).await?;
+                let from = (offset - range.start) as usize;
+                let to = ((end - range.start) as usize).min(bytes.len());
+                return Ok(if from < to { bytes.slice(from..to) } else { Bytes::new() });
+            }
+        }
         let mut out = BytesMut::with_capacity((end - offset) as usize);
         for (range, data) in parts {
-            let bytes = match data.await {
-                Ok(b) => b,
-                Err(e) => {
-                    // Forget the failed chunk so the next read fetches it again.
-                    let mut st = self.state.lock().await;
-                    if st.chunks.get(&range.start).is_some_and(|c| c.range == range) {
-                        st.chunks.remove(&range.start);
-                    }
-                    st.fetched_end = st.fetched_end.min(range.start);
-                    return Err(e);
-                }
-            };
+            let bytes = self.await_chunk(range, data).await?;
             let from = offset.max(range.start) - range.start;
             let to = (end.min(range.end) - range.start).min(bytes.len() as u64);
             if from >= to {
@@ -162,6 +160,21 @@ impl ObjectReader {
             out.extend_from_slice(&bytes[from as usize..to as usize]);
         }
         Ok(out.freeze())
+    }
+
+    /// Wait for a chunk; a failed one is forgotten so the next read fetches it again.
+    async fn await_chunk(&self, range: ByteRange, data: ChunkData) -> StoreResult<Bytes> {
+        match data.await {
+            Ok(b) => Ok(b),
+            Err(e) => {
+                let mut st = self.state.lock().await;
+                if st.chunks.get(&range.start).is_some_and(|c| c.range == range) {
+                    st.chunks.remove(&range.start);
+                }
+                st.fetched_end = st.fetched_end.min(range.start);
+                Err(e)
+            }
+        }
     }
 
     /// Make sure fetches cover `[from, to)`. Optional (prefetch) fetches stop when the budget is
