@@ -10,3 +10,6 @@ pub mod fs;
 pub mod fuse;
 pub mod mount;
 pub mod store;
+
+#[cfg(test)]
+mod proptests;

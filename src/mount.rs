@@ -332,6 +332,25 @@ fn unmount(path: &Path, lazy: bool) -> std::io::Result<()> {
     }
 }
 
+/// Say what an earlier run left behind: staged changes that never reached the bucket, data kept
+/// after write conflicts, and multipart uploads still open under the prefix. Nothing is deleted.
+fn report_leftovers(cfg: &Config, rt: &tokio::runtime::Runtime, store: &S3Store) {
+    for (path, about) in crate::data::staging::leftovers(&cfg.fs.staging_dir) {
+        tracing::warn!(path = %path.display(), about = %about, "found data not uploaded by an earlier run (crash or write conflict); it is kept for you to recover");
+    }
+    let listed = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), store.list_multipart_uploads(&cfg.prefix)).await });
+    match listed {
+        Ok(Ok(open)) if !open.is_empty() => {
+            for u in open.iter().take(20) {
+                tracing::warn!(key = %u.key, upload_id = %u.upload_id, "multipart upload left open (by a crash, or kept after a write conflict)");
+            }
+            tracing::warn!(count = open.len(), prefix = %cfg.prefix, "open multipart uploads under the mounted prefix");
+        }
+        Ok(Err(e)) => tracing::debug!(error = %e, "could not list open multipart uploads"),
+        _ => {}
+    }
+}
+
 /// The kernel offers FUSE filesystems only 128 KiB of read-ahead, so sequential reads arrive as
 /// 128 KiB requests. Root may raise it on the mount's backing device info; larger windows let the
 /// kernel send up to 1 MiB per request and keep several in flight.
@@ -364,6 +383,7 @@ pub fn run(cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Result
         .map_err(|e| Fatal::new(format!("cannot start the runtime: {e}")))?;
     let store = rt.block_on(S3Store::connect(&cfg.s3)).map_err(|e| Fatal::new(format!("cannot set up S3 client: {e}")))?;
     rt.block_on(check_bucket(&store, &cfg))?;
+    report_leftovers(&cfg, &rt, &store);
     let store: Arc<dyn ObjectStore> = Arc::new(store);
     let fs = Arc::new(Fs::new(store, cfg.fs.clone()));
     let opts = KernelMountOptions {

@@ -93,7 +93,7 @@ fn already_mounted_and_stale_mounts() {
     assert_eq!(std::fs::read(m.join("f")).unwrap(), b"x", "first mount still serves");
 
     // Kill the daemon: the mount goes stale, and the next attempt says how to clean it.
-    let pid = sh(&format!("pgrep -f 's3mount {bucket} {}'", m.path().display()));
+    let pid = sh(&format!("pgrep -f '[s]3mount {bucket} {}'", m.path().display()));
     let pid = String::from_utf8_lossy(&pid.stdout).trim().lines().next().unwrap_or("").to_string();
     assert!(!pid.is_empty(), "daemon pid");
     sh(&format!("kill -9 {pid}"));

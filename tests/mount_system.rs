@@ -98,3 +98,41 @@ fn sigterm_during_a_large_write_leaves_the_object_complete_or_absent() {
     }
     assert!(server.open_uploads(&bucket).is_empty(), "no multipart upload left open");
 }
+
+#[test]
+fn kill_9_keeps_the_old_object_and_reports_staged_changes_at_next_mount() {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    require_fuse();
+    let server = garage();
+    let bucket = server.new_bucket();
+    let old = pattern(12 << 20, 8);
+    server.put(&bucket, "big", old.clone());
+    server.put(&bucket, "doc", "0123456789");
+    let staging = tempfile::tempdir().unwrap();
+    let st = staging.path().to_str().unwrap();
+    let m = Mount::new(server, &bucket, &["--staging-dir", st, "--part-size", "5MiB"]);
+    // Find the daemon first: a fork+exec while files are open would close inherited copies of
+    // their descriptors, and every close flushes (commits) a FUSE file.
+    let pid = sh(&format!("pgrep -f -- '[s]3mount.*{}'", m.path().display()));
+    let pid: i32 = String::from_utf8_lossy(&pid.stdout).trim().lines().next().unwrap_or("").parse().expect("daemon pid");
+    // A replacement streaming in, and an in-place edit, both unfinished.
+    let mut big = std::fs::OpenOptions::new().write(true).truncate(true).open(m.join("big")).unwrap();
+    big.write_all(&pattern(11 << 20, 9)).unwrap();
+    let doc = std::fs::OpenOptions::new().write(true).open(m.join("doc")).unwrap();
+    doc.write_all_at(b"XY", 3).unwrap();
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(200));
+    drop(big);
+    drop(doc);
+    let _ = Command::new("umount").arg("-l").arg(m.path()).status();
+    // The replaced object is intact (the new one was never completed), the edit not applied.
+    assert!(server.get(&bucket, "big").unwrap() == old);
+    assert_eq!(server.get(&bucket, "doc").unwrap(), b"0123456789");
+    // The next mount reports the staged edit (with the key it belongs to) and deletes nothing.
+    let m2 = Mount::new(server, &bucket, &["--staging-dir", st]);
+    let log = std::fs::read_to_string(&m2.log).unwrap();
+    assert!(log.contains("found data not uploaded by an earlier run") && log.contains("key: doc"), "{log}");
+    assert!(log.contains("multipart upload left open") || server.open_uploads(&bucket).is_empty(), "{log}");
+    assert!(std::fs::read_dir(staging.path()).unwrap().count() >= 2, "staged file and its sidecar kept");
+}

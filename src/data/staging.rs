@@ -123,6 +123,13 @@ impl StagedFile {
         );
         let path = dir.join(name);
         let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&path)?;
+        // A sidecar names the object, so changes left by a crash can be matched to it.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(sidecar(&path))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("key: {}\netag: {}\nsize: {}\n", base.key, base.etag, base.size).as_bytes()))?;
         Ok(StagedFile { file, path, dirty: RangeSet::default(), size: base.size, base_valid: base.size, base })
     }
 
@@ -242,7 +249,7 @@ impl StagedFile {
         outcome
     }
 
-    /// Keep the staged bytes on disk (for recovery) instead of deleting them on drop.
+    /// Keep the staged bytes (and their sidecar) on disk for recovery instead of deleting them.
     pub fn keep(mut self) -> PathBuf {
         let path = std::mem::take(&mut self.path);
         std::mem::forget(self);
@@ -254,8 +261,34 @@ impl Drop for StagedFile {
     fn drop(&mut self) {
         if !self.path.as_os_str().is_empty() {
             let _ = std::fs::remove_file(&self.path);
+            let _ = std::fs::remove_file(sidecar(&self.path));
         }
     }
+}
+
+fn sidecar(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".info");
+    PathBuf::from(p)
+}
+
+/// Changes left in `dir` by a process that stopped before uploading them (crash, kill -9,
+/// power loss) and data kept after conflicts: (path, what the sidecar says).
+pub fn leftovers(dir: &Path) -> Vec<(PathBuf, String)> {
+    let mut out = Vec::new();
+    for d in [dir.to_path_buf(), dir.join("recovered")] {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let path = e.path();
+            if !path.is_file() || path.extension().is_some_and(|x| x == "info") {
+                continue;
+            }
+            let about = std::fs::read_to_string(sidecar(&path)).unwrap_or_default().replace('\n', " ").trim().to_string();
+            out.push((path, about));
+        }
+    }
+    out.sort();
+    out
 }
 
 #[cfg(test)]

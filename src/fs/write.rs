@@ -429,6 +429,11 @@ impl Fs {
                         let dir = self.recovery_dir();
                         let target = dir.join(kept.file_name().unwrap_or_default());
                         if crate::data::staging::prepare_dir(&dir).is_ok() && std::fs::rename(&kept, &target).is_ok() {
+                            let mut info = kept.clone().into_os_string();
+                            info.push(".info");
+                            let mut info_target = target.clone().into_os_string();
+                            info_target.push(".info");
+                            let _ = std::fs::rename(info, info_target);
                             kept = target;
                         }
                         tracing::error!(
