@@ -218,11 +218,13 @@ fn mbps(bytes: usize, d: Duration) -> f64 {
 fn main() {
     let mut size_mib = 2048usize;
     let mut files = 1000usize;
+    let mut soak_secs = 30u64;
     let args: Vec<String> = std::env::args().collect();
     for w in args.windows(2) {
         match w[0].as_str() {
             "--size-mib" => size_mib = w[1].parse().expect("--size-mib N"),
             "--files" => files = w[1].parse().expect("--files N"),
+            "--soak-seconds" => soak_secs = w[1].parse().expect("--soak-seconds N"),
             _ => {}
         }
     }
@@ -312,5 +314,125 @@ fn main() {
     );
     println!("peak RSS of the daemon: write run {:.0} MiB, read run {:.0} MiB (budget --max-memory 512 MiB)", rss_write, m.peak_rss_mib());
     drop(m);
+    if soak_secs > 0 {
+        soak(&garage.endpoint, &mnt, soak_secs);
+    }
     let _ = std::fs::remove_file(&src);
+}
+
+fn proc_count(pid: u32, what: &str) -> usize {
+    match what {
+        "fds" => std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0),
+        _ => std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0),
+    }
+}
+
+/// Content of soak file `name` of `len` bytes: recomputable by any reader.
+fn soak_bytes(name: u64, len: usize) -> Vec<u8> {
+    (0..len).map(|i| ((i as u64).wrapping_mul(31).wrapping_add(name.wrapping_mul(7919)) >> 3) as u8).collect()
+}
+
+/// 64 threads, half writing and half reading mixed small and large files, for `secs` seconds;
+/// reports operations, errors, peak RSS, and descriptors and threads before/after.
+fn soak(endpoint: &str, mnt: &Path, secs: u64) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let m = Mounted::new(endpoint, mnt);
+    let pid = m.child.id();
+    let dir = mnt.join("soak");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Seed files so readers have something from the start.
+    let sizes = [4096usize, 65_536, 1 << 20, 8 << 20, 32 << 20];
+    for n in 0..10u64 {
+        let len = sizes[n as usize % sizes.len()];
+        std::fs::write(dir.join(format!("{n}-{len}")), soak_bytes(n, len)).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let (fds0, threads0) = (proc_count(pid, "fds"), proc_count(pid, "threads"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ops, errors, bytes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let next_name = Arc::new(AtomicU64::new(10));
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..64u64)
+        .map(|t| {
+            let (stop, ops, errors, bytes, next_name, dir) =
+                (stop.clone(), ops.clone(), errors.clone(), bytes.clone(), next_name.clone(), dir.clone());
+            std::thread::spawn(move || {
+                let mut x = t.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                while !stop.load(Ordering::Relaxed) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let ok = if t % 2 == 0 {
+                        let n = next_name.fetch_add(1, Ordering::Relaxed);
+                        let len = sizes[(x % 100) as usize % 4 + usize::from(x % 20 == 0)];
+                        bytes.fetch_add(len as u64, Ordering::Relaxed);
+                        match std::fs::write(dir.join(format!("{n}-{len}")), soak_bytes(n, len)) {
+                            Ok(()) => true,
+                            Err(e) => {
+                                eprintln!("soak: write {n}-{len}: {e}");
+                                false
+                            }
+                        }
+                    } else {
+                        let max = next_name.load(Ordering::Relaxed).saturating_sub(40).max(10);
+                        let n = x % max;
+                        match std::fs::read_dir(&dir).ok().and_then(|d| {
+                            d.flatten().find(|e| e.file_name().to_string_lossy().starts_with(&format!("{n}-")))
+                        }) {
+                            Some(e) => {
+                                let name = e.file_name().to_string_lossy().into_owned();
+                                let len: usize = name.split('-').nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+                                match std::fs::read(e.path()) {
+                                    Ok(got) => {
+                                        bytes.fetch_add(got.len() as u64, Ordering::Relaxed);
+                                        let same = got == soak_bytes(n, len);
+                                        if !same {
+                                            eprintln!("soak: read {name}: {} bytes, content differs", got.len());
+                                        }
+                                        same
+                                    }
+                                    // A file still being written by its writer is EBUSY: expected.
+                                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => true,
+                                    Err(e) => {
+                                        eprintln!("soak: read {name}: {e}");
+                                        false
+                                    }
+                                }
+                            }
+                            None => true,
+                        }
+                    };
+                    ops.fetch_add(1, Ordering::Relaxed);
+                    if !ok {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut peak = 0.0f64;
+    while t0.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(Duration::from_millis(500));
+        peak = peak.max(m.peak_rss_mib());
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        let _ = h.join();
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(2));
+    let (fds1, threads1) = (proc_count(pid, "fds"), proc_count(pid, "threads"));
+    println!(
+        "soak {secs} s, 64 threads (32 writers, 32 verifying readers): {} ops, {} errors, {:.0} MB/s, peak RSS {:.0} MiB, fds {fds0}->{fds1}, threads {threads0}->{threads1}",
+        ops.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+        bytes.load(Ordering::Relaxed) as f64 / 1e6 / elapsed,
+        peak.max(m.peak_rss_mib())
+    );
 }

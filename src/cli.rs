@@ -135,6 +135,10 @@ pub struct Cli {
     #[arg(long, value_name = "SECONDS", value_parser = parse_ttl, default_value = "30")]
     pub stall_timeout: Duration,
 
+    /// Longest a lookup, stat, listing, open or read may hang before failing with ETIMEDOUT
+    #[arg(long, value_name = "SECONDS", value_parser = parse_ttl, default_value = "60")]
+    pub op_timeout: Duration,
+
     /// Attempts per S3 request, including the first (retries use exponential backoff)
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub max_attempts: u32,

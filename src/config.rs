@@ -114,6 +114,7 @@ impl Config {
         fs.read_only = cli.read_only;
         fs.metadata_ttl = cli.metadata_ttl;
         fs.list_metadata = cli.list_metadata;
+        fs.op_timeout = cli.op_timeout.max(Duration::from_millis(100));
         fs.conditional_writes = !cli.no_conditional_writes;
         fs.max_memory = cli.max_memory;
         if let Some(dir) = &cli.staging_dir {

@@ -385,3 +385,23 @@ fn transient_failures_and_stalls_are_survived_byte_identical() {
     let log = std::fs::read_to_string(&m.log).unwrap_or_default();
     assert!(log.contains("resuming where it stopped"), "a stalled body was detected and resumed");
 }
+
+#[test]
+fn a_hung_store_gives_etimedout_within_the_bound() {
+    use support::proxy::FaultProxy;
+    let server = garage();
+    let bucket = server.new_bucket();
+    server.put(&bucket, "sub/file", "x");
+    let proxy = FaultProxy::start(server.port());
+    let m = Mount::via(server, &proxy.endpoint(), &bucket, &["--op-timeout", "2", "--metadata-ttl", "0"]);
+    // Every listing and HEAD now hangs for 20 s after the headers.
+    proxy.stall("GET", "", 0, std::time::Duration::from_secs(20), 50);
+    proxy.stall("HEAD", "", 0, std::time::Duration::from_secs(20), 50);
+    let t = std::time::Instant::now();
+    let err = std::fs::read_dir(m.join("sub")).map(|_| ()).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ETIMEDOUT), "{err}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(8), "{:?}", t.elapsed());
+    proxy.clear();
+    let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+    assert!(log.contains("operation timed out"), "logged with its key");
+}

@@ -89,6 +89,10 @@ impl ObjectReader {
         self.size
     }
 
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     pub fn etag(&self) -> Option<&str> {
         self.etag.as_deref()
     }

@@ -85,6 +85,10 @@ pub struct FsConfig {
     pub list_metadata: bool,
     /// Send If-Match / If-None-Match so a concurrent change is detected, not overwritten.
     pub conditional_writes: bool,
+    /// Longest a lookup, getattr, listing, open for reading or read may take before it fails
+    /// with ETIMEDOUT (uploads are bounded by their retries instead: cancelling one half way
+    /// would leave less than the application wrote).
+    pub op_timeout: Duration,
 }
 
 impl FsConfig {
@@ -105,6 +109,7 @@ impl FsConfig {
             max_memory: 512 << 20,
             list_metadata: false,
             conditional_writes: true,
+            op_timeout: Duration::from_secs(60),
             staging_dir: std::env::temp_dir().join(format!("s3mount-staging-{}", unsafe { libc::getuid() })),
         }
     }
@@ -373,7 +378,23 @@ impl Fs {
         }
     }
 
+    /// Run a read-only operation within `op_timeout`; past it: ETIMEDOUT, logged with the key.
+    async fn bounded<T>(&self, op: &str, ino: u64, fut: impl std::future::Future<Output = FsResult<T>>) -> FsResult<T> {
+        match tokio::time::timeout(self.cfg.op_timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => {
+                let key = self.inodes.lock().get(ino).map(|i| i.key.clone()).unwrap_or_default();
+                tracing::error!(op, key = %key, timeout_s = self.cfg.op_timeout.as_secs_f64(), "operation timed out (store unreachable or too slow)");
+                Err(Errno::ETIMEDOUT)
+            }
+        }
+    }
+
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        self.bounded("lookup", parent, self.lookup_inner(parent, name)).await
+    }
+
+    async fn lookup_inner(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
         let parent = self.dir_inode(parent)?;
         let name = std::str::from_utf8(name).map_err(|_| Errno::ENOENT)?;
         if name.len() > 255 {
@@ -436,6 +457,10 @@ impl Fs {
     }
 
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        self.bounded("getattr", ino, self.getattr_inner(ino)).await
+    }
+
+    async fn getattr_inner(&self, ino: u64) -> FsResult<Attr> {
         let inode = self.inode(ino)?;
         if inode.kind == Kind::Dir || self.fresh(inode.fetched) || self.pending.lock().contains_key(&inode.key) {
             return Ok(inode.attr);
@@ -458,7 +483,7 @@ impl Fs {
         }
         let inode = match &inode.meta {
             Some(m) if m.etag.is_some() && self.fresh(inode.fetched) => inode,
-            _ => self.refresh_file(&inode).await?,
+            _ => self.bounded("open", ino, self.refresh_file(&inode)).await?,
         };
         let meta = inode.meta.clone().unwrap_or_default();
         let reader = ObjectReader::new(
@@ -485,7 +510,16 @@ impl Fs {
         let handle = self.files.lock().get(&fh).cloned().ok_or(Errno::EBADF)?;
         let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
         match &*handle {
-            FileHandle::Read(reader) => reader.read(offset, size).await.map_err(|e| errno_of(&e, "read")),
+            FileHandle::Read(reader) => {
+                let read = async { reader.read(offset, size).await.map_err(|e| errno_of(&e, "read")) };
+                match tokio::time::timeout(self.cfg.op_timeout, read).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::error!(key = %reader.key(), offset, "read timed out (store unreachable or too slow)");
+                        Err(Errno::ETIMEDOUT)
+                    }
+                }
+            }
             FileHandle::Write(lock) => self.read_writer(lock, offset, size).await,
         }
     }
@@ -502,7 +536,7 @@ impl Fs {
 
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
         let inode = self.dir_inode(ino)?;
-        let listing = self.listing(&inode.key, true).await?;
+        let listing = self.bounded("opendir", ino, self.listing(&inode.key, true)).await?;
         let mut entries = listing.entries.clone();
         self.add_pending_entries(ino, &inode.key, &mut entries);
         let items = entries.into_iter().collect();

@@ -621,3 +621,22 @@ async fn concurrent_change_is_detected_and_both_sides_kept() {
     fs.release(fh).await.unwrap();
     assert_eq!(&store.get_bytes("mine").unwrap()[..], b"Ab");
 }
+
+#[tokio::test]
+async fn hung_store_gives_etimedout_within_the_bound() {
+    let store = Arc::new(MockStore::new());
+    store.insert("f", "x");
+    let mut cfg = FsConfig::new("");
+    cfg.op_timeout = std::time::Duration::from_millis(300);
+    let fs = Fs::new(store.clone(), cfg);
+    store.set_latency(Some(std::time::Duration::from_secs(30)));
+    let t = std::time::Instant::now();
+    assert_eq!(fs.lookup(ROOT_INO, b"f").await, Err(Errno::ETIMEDOUT));
+    assert_eq!(fs.opendir(ROOT_INO).await.err(), Some(Errno::ETIMEDOUT));
+    assert!(t.elapsed() < std::time::Duration::from_secs(2), "{:?}", t.elapsed());
+    store.set_latency(None);
+    let a = fs.lookup(ROOT_INO, b"f").await.unwrap();
+    let (fh, _) = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+    store.set_latency(Some(std::time::Duration::from_secs(30)));
+    assert_eq!(fs.read(fh, 0, 1).await, Err(Errno::ETIMEDOUT));
+}
