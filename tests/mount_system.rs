@@ -101,8 +101,6 @@ fn sigterm_during_a_large_write_leaves_the_object_complete_or_absent() {
 
 #[test]
 fn kill_9_keeps_the_old_object_and_reports_staged_changes_at_next_mount() {
-    use std::io::Write;
-    use std::os::unix::fs::FileExt;
     require_fuse();
     let server = garage();
     let bucket = server.new_bucket();
@@ -116,15 +114,31 @@ fn kill_9_keeps_the_old_object_and_reports_staged_changes_at_next_mount() {
     // their descriptors, and every close flushes (commits) a FUSE file.
     let pid = sh(&format!("pgrep -f -- '[s]3mount.*{}'", m.path().display()));
     let pid: i32 = String::from_utf8_lossy(&pid.stdout).trim().lines().next().unwrap_or("").parse().expect("daemon pid");
-    // A replacement streaming in, and an in-place edit, both unfinished.
-    let mut big = std::fs::OpenOptions::new().write(true).truncate(true).open(m.join("big")).unwrap();
-    big.write_all(&pattern(11 << 20, 9)).unwrap();
-    let doc = std::fs::OpenOptions::new().write(true).open(m.join("doc")).unwrap();
-    doc.write_all_at(b"XY", 3).unwrap();
+    // A replacement streaming in, and an in-place edit, both unfinished, held open by child
+    // processes (descriptors of this test process would be flushed by other threads' forks).
+    let src = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(src.path(), pattern(11 << 20, 9)).unwrap();
+    // One process (a shell would fork `cat`, whose exit closes, and so flushes, the file).
+    let mut writer = Command::new("python3")
+        .args([
+            "-c",
+            "import os,sys,time\nfd=os.open(sys.argv[2], os.O_WRONLY|os.O_TRUNC)\nos.write(fd, open(sys.argv[1],'rb').read())\ntime.sleep(60)\n",
+            src.path().to_str().unwrap(),
+            m.join("big").to_str().unwrap(),
+        ])
+        .spawn()
+        .unwrap();
+    let mut editor = Command::new("python3")
+        .args(["-c", "import os,sys,time\nfd=os.open(sys.argv[1], os.O_WRONLY)\nos.pwrite(fd, b'XY', 3)\ntime.sleep(60)\n", m.join("doc").to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
     unsafe { libc::kill(pid, libc::SIGKILL) };
     std::thread::sleep(Duration::from_millis(200));
-    drop(big);
-    drop(doc);
+    let _ = writer.kill();
+    let _ = editor.kill();
+    let _ = writer.wait();
+    let _ = editor.wait();
     let _ = Command::new("umount").arg("-l").arg(m.path()).status();
     // The replaced object is intact (the new one was never completed), the edit not applied.
     assert!(server.get(&bucket, "big").unwrap() == old);

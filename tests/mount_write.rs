@@ -152,14 +152,19 @@ fn failed_part_upload_gives_eio_and_keeps_the_old_object() {
     let proxy = FaultProxy::start(server.port());
     let m = Mount::via(server, &proxy.endpoint(), &bucket, &["--part-size", "5MiB", "--max-attempts", "2"]);
     proxy.fail("PUT", "partNumber=2", 500, 1000);
-    let body = pattern(12 << 20, 5);
-    let mut f = std::fs::File::create(m.join("victim")).unwrap();
-    let write_result = f.write_all(&body);
-    let close_result = f.sync_all();
-    drop(f);
-    assert!(write_result.is_err() || close_result.is_err(), "the failure must reach the application");
-    let err = write_result.err().or(close_result.err()).unwrap();
-    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // The writer is one child process that neither forks nor dups: descriptors held by this
+    // (multi-threaded) test process would be closed, and so flushed (committed), by any fork+exec
+    // in another test thread, and `dd` dups then closes its output (another flush).
+    let src = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(src.path(), pattern(12 << 20, 5)).unwrap();
+    let script = "import os,sys\n\
+fd=os.open(sys.argv[2], os.O_WRONLY|os.O_TRUNC)\n\
+try:\n    os.write(fd, open(sys.argv[1],'rb').read())\n    os.fsync(fd)\n    print('ok')\nexcept OSError as e:\n    print('errno', e.errno)\n";
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, src.path().to_str().unwrap(), m.join("victim").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("errno {}", libc::EIO), "{out:?}");
     assert!(proxy.hits() >= 1);
     proxy.clear();
     assert_eq!(server.get(&bucket, "victim").unwrap(), b"previous contents");
@@ -344,13 +349,30 @@ fn external_overwrite_between_open_and_close_keeps_both_versions() {
     server.put(&bucket, "shared.txt", "original");
     let staging = tempfile::tempdir().unwrap();
     let m = Mount::new(server, &bucket, &["--staging-dir", staging.path().to_str().unwrap()]);
-    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(m.join("shared.txt")).unwrap();
-    f.write_all(b"written through the mount").unwrap();
+    // A child process writes, waits while the object is replaced, then fsyncs (see above on
+    // why not this process).
+    let script = "import os,sys\n\
+fd=os.open(sys.argv[1], os.O_WRONLY|os.O_TRUNC)\n\
+os.write(fd, b'written through the mount')\n\
+print('ready', flush=True)\n\
+sys.stdin.readline()\n\
+try:\n    os.fsync(fd)\n    print('fsync ok')\nexcept OSError as e:\n    print('fsync errno', e.errno)\n";
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script, m.join("shared.txt").to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
     server.put(&bucket, "shared.txt", "written by someone else");
-    let closed = f.sync_all();
-    drop(f);
-    let err = closed.expect_err("the conflict must reach the application");
-    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    let _ = child.wait();
+    assert_eq!(line.trim(), format!("fsync errno {}", libc::EIO), "the conflict must reach the application");
     assert_eq!(server.get(&bucket, "shared.txt").unwrap(), b"written by someone else");
     let recovered: Vec<Vec<u8>> = std::fs::read_dir(staging.path().join("recovered"))
         .expect("recovery folder")
