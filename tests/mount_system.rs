@@ -150,3 +150,20 @@ fn kill_9_keeps_the_old_object_and_reports_staged_changes_at_next_mount() {
     assert!(log.contains("multipart upload left open") || server.open_uploads(&bucket).is_empty(), "{log}");
     assert!(std::fs::read_dir(staging.path()).unwrap().count() >= 2, "staged file and its sidecar kept");
 }
+
+#[test]
+fn secrets_never_reach_the_log_even_at_trace_level() {
+    require_fuse();
+    let server = garage();
+    let bucket = server.new_bucket();
+    server.put(&bucket, "f", "x");
+    let m = Mount::with_env(server, &server.endpoint, &bucket, &[], &[("S3MOUNT_LOG", Some("trace"))]);
+    std::fs::write(m.join("g"), "y").unwrap();
+    assert_eq!(std::fs::read(m.join("f")).unwrap(), b"x");
+    let _ = std::fs::read_dir(m.path()).unwrap().count();
+    drop(std::fs::metadata(m.join("missing")));
+    let log = std::fs::read_to_string(&m.log).unwrap();
+    assert!(log.len() > 1000, "trace logging was on: {} bytes", log.len());
+    assert!(!log.contains(&server.secret_key), "the secret key appears in the log");
+    assert!(!log.to_ascii_lowercase().contains("x-amz-signature="), "a presigned URL appears in the log");
+}
