@@ -166,4 +166,5 @@ fn secrets_never_reach_the_log_even_at_trace_level() {
     assert!(log.len() > 1000, "trace logging was on: {} bytes", log.len());
     assert!(!log.contains(&server.secret_key), "the secret key appears in the log");
     assert!(!log.to_ascii_lowercase().contains("x-amz-signature="), "a presigned URL appears in the log");
+    assert!(!log.contains("Signature="), "a request signature appears in the log");
 }
