@@ -21,20 +21,34 @@ const KEY: &str = "GK31c2f218a2e44f485b94239e";
 const SECRET: &str = "b892c0665f0ada8a4755dae98baa3b133590e11dae3bcc1f9d769d67f16c3835";
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn garage_bin() -> PathBuf {
-    std::env::var("GARAGE_BIN").map(PathBuf::from).unwrap_or_else(|_| {
-        let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-        let p = Path::new(&home).join(".cargo/bin/garage");
-        if p.exists() { p } else { PathBuf::from("garage") }
-    })
+    std::env::var("GARAGE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+            let p = Path::new(&home).join(".cargo/bin/garage");
+            if p.exists() {
+                p
+            } else {
+                PathBuf::from("garage")
+            }
+        })
 }
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("run");
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -79,11 +93,20 @@ fn start_garage(shim: &Path) -> Garage {
     let g = |args: &[&str]| {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let out = Command::new(&bin).arg("-c").arg(&cfg).args(args).output().unwrap();
+            let out = Command::new(&bin)
+                .arg("-c")
+                .arg(&cfg)
+                .args(args)
+                .output()
+                .unwrap();
             if out.status.success() {
                 return String::from_utf8_lossy(&out.stdout).into_owned();
             }
-            assert!(Instant::now() < deadline, "garage {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                Instant::now() < deadline,
+                "garage {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     };
@@ -93,8 +116,14 @@ fn start_garage(shim: &Path) -> Garage {
     g(&["layout", "apply", "--version", "1"]);
     g(&["key", "import", "--yes", "-n", "bench", KEY, SECRET]);
     g(&["bucket", "create", "bench"]);
-    g(&["bucket", "allow", "--read", "--write", "--owner", "bench", "--key", "bench"]);
-    Garage { child, endpoint: format!("http://127.0.0.1:{s3}"), _dir: dir }
+    g(&[
+        "bucket", "allow", "--read", "--write", "--owner", "bench", "--key", "bench",
+    ]);
+    Garage {
+        child,
+        endpoint: format!("http://127.0.0.1:{s3}"),
+        _dir: dir,
+    }
 }
 
 fn client(endpoint: &str) -> Client {
@@ -115,14 +144,35 @@ const PARALLEL: usize = 8;
 
 async fn plain_put(c: &Client, key: &str, data: &[u8]) -> Duration {
     let t = Instant::now();
-    let id = c.create_multipart_upload().bucket("bench").key(key).send().await.unwrap().upload_id().unwrap().to_string();
+    let id = c
+        .create_multipart_upload()
+        .bucket("bench")
+        .key(key)
+        .send()
+        .await
+        .unwrap()
+        .upload_id()
+        .unwrap()
+        .to_string();
     let parts: Vec<CompletedPart> = futures::stream::iter(data.chunks(PART).enumerate())
         .map(|(i, chunk)| {
             let (c, id, body) = (c.clone(), id.clone(), bytes::Bytes::copy_from_slice(chunk));
             async move {
                 let n = i as i32 + 1;
-                let out = c.upload_part().bucket("bench").key(key).upload_id(&id).part_number(n).body(ByteStream::from(body)).send().await.unwrap();
-                CompletedPart::builder().part_number(n).e_tag(out.e_tag().unwrap()).build()
+                let out = c
+                    .upload_part()
+                    .bucket("bench")
+                    .key(key)
+                    .upload_id(&id)
+                    .part_number(n)
+                    .body(ByteStream::from(body))
+                    .send()
+                    .await
+                    .unwrap();
+                CompletedPart::builder()
+                    .part_number(n)
+                    .e_tag(out.e_tag().unwrap())
+                    .build()
             }
         })
         .buffered(PARALLEL)
@@ -132,7 +182,11 @@ async fn plain_put(c: &Client, key: &str, data: &[u8]) -> Duration {
         .bucket("bench")
         .key(key)
         .upload_id(&id)
-        .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(parts))
+                .build(),
+        )
         .send()
         .await
         .unwrap();
@@ -146,7 +200,14 @@ async fn plain_get(c: &Client, key: &str, size: usize) -> Duration {
             let c = c.clone();
             async move {
                 let end = (start + PART).min(size) - 1;
-                let out = c.get_object().bucket("bench").key(key).range(format!("bytes={start}-{end}")).send().await.unwrap();
+                let out = c
+                    .get_object()
+                    .bucket("bench")
+                    .key(key)
+                    .range(format!("bytes={start}-{end}"))
+                    .send()
+                    .await
+                    .unwrap();
                 out.body.collect().await.unwrap().into_bytes().len()
             }
         })
@@ -166,9 +227,21 @@ struct Mounted {
 impl Mounted {
     fn new(endpoint: &str, dir: &Path) -> Mounted {
         let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/s3mount");
-        assert!(bin.exists(), "build the release binary first: cargo build --release");
+        assert!(
+            bin.exists(),
+            "build the release binary first: cargo build --release"
+        );
         let child = Command::new(bin)
-            .args(["bench", dir.to_str().unwrap(), "-f", "--endpoint-url", endpoint, "--region", "garage", "--force-path-style"])
+            .args([
+                "bench",
+                dir.to_str().unwrap(),
+                "-f",
+                "--endpoint-url",
+                endpoint,
+                "--region",
+                "garage",
+                "--force-path-style",
+            ])
             .env("AWS_ACCESS_KEY_ID", KEY)
             .env("AWS_SECRET_ACCESS_KEY", SECRET)
             .env("AWS_EC2_METADATA_DISABLED", "true")
@@ -176,16 +249,28 @@ impl Mounted {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !std::fs::read_to_string("/proc/self/mountinfo").unwrap().contains(dir.to_str().unwrap()) {
+        while !std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(dir.to_str().unwrap())
+        {
             assert!(Instant::now() < deadline, "mount did not come up");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Mounted { child, dir: dir.to_path_buf() }
+        Mounted {
+            child,
+            dir: dir.to_path_buf(),
+        }
     }
 
     fn peak_rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok()).unwrap_or(0.0) / 1024.0
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
     }
 }
 
@@ -205,9 +290,20 @@ fn timed_sh(cmd: &str) -> Duration {
 /// User + system CPU seconds a process has used so far.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
@@ -230,43 +326,85 @@ fn main() {
     }
     let work = tempfile::tempdir().unwrap();
     let shim = work.path().join("nodelay.so");
-    run(Command::new("cc").args(["-shared", "-fPIC", "-O2", "-o"]).arg(&shim).arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/nodelay_shim.c")).arg("-ldl"));
+    run(Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&shim)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/nodelay_shim.c"))
+        .arg("-ldl"));
     let garage = start_garage(&shim);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let c = client(&garage.endpoint);
 
     let size = size_mib << 20;
-    let data: Vec<u8> = (0..size).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..size)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let src = Path::new("/dev/shm").join(format!("s3mount-bench-{}", std::process::id()));
     std::fs::write(&src, &data).unwrap();
 
-    println!("s3mount benchmark: {size_mib} MiB object, {files} small files, Garage on {}", garage.endpoint);
-    println!("{:<34} {:>12} {:>12} {:>8}", "", "plain S3", "s3mount", "ratio");
+    println!(
+        "s3mount benchmark: {size_mib} MiB object, {files} small files, Garage on {}",
+        garage.endpoint
+    );
+    println!(
+        "{:<34} {:>12} {:>12} {:>8}",
+        "", "plain S3", "s3mount", "ratio"
+    );
     let plain_w = rt.block_on(plain_put(&c, "plain.bin", &data));
     let mnt = work.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let m = Mounted::new(&garage.endpoint, &mnt);
-    let mount_w = timed_sh(&format!("dd if={} of={}/mount.bin bs=1M 2>/dev/null", src.display(), mnt.display()));
+    let mount_w = timed_sh(&format!(
+        "dd if={} of={}/mount.bin bs=1M 2>/dev/null",
+        src.display(),
+        mnt.display()
+    ));
     let (pw, mw) = (mbps(size, plain_w), mbps(size, mount_w));
-    println!("{:<34} {:>9.0} MB/s {:>7.0} MB/s {:>7.2}x", "sequential write (dd bs=1M)", pw, mw, mw / pw);
+    println!(
+        "{:<34} {:>9.0} MB/s {:>7.0} MB/s {:>7.2}x",
+        "sequential write (dd bs=1M)",
+        pw,
+        mw,
+        mw / pw
+    );
     let rss_write = m.peak_rss_mib();
     drop(m);
 
     let plain_r = rt.block_on(plain_get(&c, "plain.bin", size));
     let m = Mounted::new(&garage.endpoint, &mnt);
     let (d0, g0) = (cpu_seconds(m.child.id()), cpu_seconds(garage.child.id()));
-    let cold = timed_sh(&format!("dd if={}/plain.bin of=/dev/null bs=1M 2>/dev/null", mnt.display()));
+    let cold = timed_sh(&format!(
+        "dd if={}/plain.bin of=/dev/null bs=1M 2>/dev/null",
+        mnt.display()
+    ));
     let (d1, g1) = (cpu_seconds(m.child.id()), cpu_seconds(garage.child.id()));
-    let warm = timed_sh(&format!("dd if={}/plain.bin of=/dev/null bs=1M 2>/dev/null", mnt.display()));
+    let warm = timed_sh(&format!(
+        "dd if={}/plain.bin of=/dev/null bs=1M 2>/dev/null",
+        mnt.display()
+    ));
     let (pr, cr, wr) = (mbps(size, plain_r), mbps(size, cold), mbps(size, warm));
-    println!("{:<34} {:>9.0} MB/s {:>7.0} MB/s {:>7.2}x", "cold sequential read (dd)", pr, cr, cr / pr);
-    println!("{:<34} {:>9.0} MB/s {:>7.0} MB/s {:>7.2}x", "warm re-read (page cache)", pr, wr, wr / pr);
+    println!(
+        "{:<34} {:>9.0} MB/s {:>7.0} MB/s {:>7.2}x",
+        "cold sequential read (dd)",
+        pr,
+        cr,
+        cr / pr
+    );
+    println!(
+        "{:<34} {:>9.0} MB/s {:>7.0} MB/s {:>7.2}x",
+        "warm re-read (page cache)",
+        pr,
+        wr,
+        wr / pr
+    );
     println!(
         "  (cold read: {:.1} s wall, daemon {:.1} CPU-s, garage {:.1} CPU-s, on {} cores)",
         cold.as_secs_f64(),
         d1 - d0,
         g1 - g0,
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     );
 
     let small = vec![7u8; 4096];
@@ -277,7 +415,13 @@ fn main() {
                 let c = c.clone();
                 let body = small.clone();
                 async move {
-                    c.put_object().bucket("bench").key(format!("plain-small/{i}")).body(ByteStream::from(body)).send().await.unwrap();
+                    c.put_object()
+                        .bucket("bench")
+                        .key(format!("plain-small/{i}"))
+                        .body(ByteStream::from(body))
+                        .send()
+                        .await
+                        .unwrap();
                 }
             })
             .buffer_unordered(8)
@@ -289,14 +433,34 @@ fn main() {
     for i in 0..files {
         std::fs::write(local.join(i.to_string()), &small).unwrap();
     }
-    let mount_small = timed_sh(&format!("cp -r {} {}/small", local.display(), mnt.display()));
-    let (ps, ms) = (files as f64 / plain_small.as_secs_f64(), files as f64 / mount_small.as_secs_f64());
-    println!("{:<34} {:>10.0} /s {:>10.0} /s {:>7.2}x", "create 4 KiB files (cp -r vs 8 PUTs)", ps, ms, ms / ps);
+    let mount_small = timed_sh(&format!(
+        "cp -r {} {}/small",
+        local.display(),
+        mnt.display()
+    ));
+    let (ps, ms) = (
+        files as f64 / plain_small.as_secs_f64(),
+        files as f64 / mount_small.as_secs_f64(),
+    );
+    println!(
+        "{:<34} {:>10.0} /s {:>10.0} /s {:>7.2}x",
+        "create 4 KiB files (cp -r vs 8 PUTs)",
+        ps,
+        ms,
+        ms / ps
+    );
     let t = Instant::now();
     rt.block_on(async {
         let mut token = None;
         loop {
-            let p = c.list_objects_v2().bucket("bench").prefix("plain-small/").set_continuation_token(token).send().await.unwrap();
+            let p = c
+                .list_objects_v2()
+                .bucket("bench")
+                .prefix("plain-small/")
+                .set_continuation_token(token)
+                .send()
+                .await
+                .unwrap();
             token = p.next_continuation_token().map(str::to_string);
             if token.is_none() {
                 break;
@@ -322,7 +486,9 @@ fn main() {
 
 fn proc_count(pid: u32, what: &str) -> usize {
     match what {
-        "fds" => std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0),
+        "fds" => std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0),
         _ => std::fs::read_to_string(format!("/proc/{pid}/status"))
             .unwrap_or_default()
             .lines()
@@ -334,7 +500,14 @@ fn proc_count(pid: u32, what: &str) -> usize {
 
 /// Content of soak file `name` of `len` bytes: recomputable by any reader.
 fn soak_bytes(name: u64, len: usize) -> Vec<u8> {
-    (0..len).map(|i| ((i as u64).wrapping_mul(31).wrapping_add(name.wrapping_mul(7919)) >> 3) as u8).collect()
+    (0..len)
+        .map(|i| {
+            ((i as u64)
+                .wrapping_mul(31)
+                .wrapping_add(name.wrapping_mul(7919))
+                >> 3) as u8
+        })
+        .collect()
 }
 
 /// 64 threads, half writing and half reading mixed small and large files, for `secs` seconds;
@@ -355,13 +528,23 @@ fn soak(endpoint: &str, mnt: &Path, secs: u64) {
     std::thread::sleep(Duration::from_secs(1));
     let (fds0, threads0) = (proc_count(pid, "fds"), proc_count(pid, "threads"));
     let stop = Arc::new(AtomicBool::new(false));
-    let (ops, errors, bytes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (ops, errors, bytes) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
     let next_name = Arc::new(AtomicU64::new(10));
     let t0 = Instant::now();
     let handles: Vec<_> = (0..64u64)
         .map(|t| {
-            let (stop, ops, errors, bytes, next_name, dir) =
-                (stop.clone(), ops.clone(), errors.clone(), bytes.clone(), next_name.clone(), dir.clone());
+            let (stop, ops, errors, bytes, next_name, dir) = (
+                stop.clone(),
+                ops.clone(),
+                errors.clone(),
+                bytes.clone(),
+                next_name.clone(),
+                dir.clone(),
+            );
             std::thread::spawn(move || {
                 let mut x = t.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
                 while !stop.load(Ordering::Relaxed) {
@@ -383,17 +566,28 @@ fn soak(endpoint: &str, mnt: &Path, secs: u64) {
                         let max = next_name.load(Ordering::Relaxed).saturating_sub(40).max(10);
                         let n = x % max;
                         match std::fs::read_dir(&dir).ok().and_then(|d| {
-                            d.flatten().find(|e| e.file_name().to_string_lossy().starts_with(&format!("{n}-")))
+                            d.flatten().find(|e| {
+                                e.file_name()
+                                    .to_string_lossy()
+                                    .starts_with(&format!("{n}-"))
+                            })
                         }) {
                             Some(e) => {
                                 let name = e.file_name().to_string_lossy().into_owned();
-                                let len: usize = name.split('-').nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+                                let len: usize = name
+                                    .split('-')
+                                    .nth(1)
+                                    .and_then(|v| v.parse().ok())
+                                    .unwrap_or(0);
                                 match std::fs::read(e.path()) {
                                     Ok(got) => {
                                         bytes.fetch_add(got.len() as u64, Ordering::Relaxed);
                                         let same = got == soak_bytes(n, len);
                                         if !same {
-                                            eprintln!("soak: read {name}: {} bytes, content differs", got.len());
+                                            eprintln!(
+                                                "soak: read {name}: {} bytes, content differs",
+                                                got.len()
+                                            );
                                         }
                                         same
                                     }

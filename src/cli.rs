@@ -165,9 +165,34 @@ pub struct Cli {
 /// Standard mount(8)/fstab options that only matter to mount(8), systemd or the kernel defaults
 /// we always set (nosuid, nodev, default_permissions).
 const IGNORED_MOUNT_OPTIONS: &[&str] = &[
-    "rw", "defaults", "auto", "noauto", "_netdev", "nofail", "user", "users", "nouser", "owner", "group", "nosuid",
-    "nodev", "suid", "dev", "exec", "noexec", "async", "atime", "noatime", "relatime", "nodiratime", "strictatime",
-    "lazytime", "default_permissions", "nonempty", "bg", "fg",
+    "rw",
+    "defaults",
+    "auto",
+    "noauto",
+    "_netdev",
+    "nofail",
+    "user",
+    "users",
+    "nouser",
+    "owner",
+    "group",
+    "nosuid",
+    "nodev",
+    "suid",
+    "dev",
+    "exec",
+    "noexec",
+    "async",
+    "atime",
+    "noatime",
+    "relatime",
+    "nodiratime",
+    "strictatime",
+    "lazytime",
+    "default_permissions",
+    "nonempty",
+    "bg",
+    "fg",
 ];
 
 fn is_ignored(name: &str) -> bool {
@@ -192,7 +217,9 @@ fn translate_option(item: &str, known: &[String]) -> Result<Vec<String>, String>
     }
     let long = name.replace('_', "-");
     if matches!(long.as_str(), "help" | "version" | "options" | "o") || !known.contains(&long) {
-        return Err(format!("unknown mount option '{name}' (see s3mount --help for the options)"));
+        return Err(format!(
+            "unknown mount option '{name}' (see s3mount --help for the options)"
+        ));
     }
     Ok(vec![match value {
         Some(v) => format!("--{long}={v}"),
@@ -202,8 +229,10 @@ fn translate_option(item: &str, known: &[String]) -> Result<Vec<String>, String>
 
 /// Expand every `-o a,b=c` (also `-oa,b`) into the equivalent long options.
 pub fn expand_mount_options(args: &[String]) -> Result<Vec<String>, String> {
-    let known: Vec<String> =
-        Cli::command().get_arguments().filter_map(|a| a.get_long().map(str::to_string)).collect();
+    let known: Vec<String> = Cli::command()
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .collect();
     let mut out = Vec::with_capacity(args.len());
     let mut iter = args.iter();
     if let Some(first) = iter.next() {
@@ -211,7 +240,9 @@ pub fn expand_mount_options(args: &[String]) -> Result<Vec<String>, String> {
     }
     while let Some(a) = iter.next() {
         let list = if a == "-o" {
-            iter.next().ok_or("option -o needs a value, e.g. -o ro,allow_other")?.clone()
+            iter.next()
+                .ok_or("option -o needs a value, e.g. -o ro,allow_other")?
+                .clone()
         } else if let Some(rest) = a.strip_prefix("-o").filter(|r| !r.is_empty()) {
             rest.to_string()
         } else if a == "--" {
@@ -251,7 +282,12 @@ pub fn helper_args(args: &[String]) -> (Vec<String>, bool) {
             if let Some(v) = iter.next() {
                 out.push(v.clone());
             }
-        } else if a.len() > 1 && a.starts_with('-') && !a.starts_with("--") && !a.starts_with("-o") && a[1..].chars().all(|c| "sfnvi".contains(c)) {
+        } else if a.len() > 1
+            && a.starts_with('-')
+            && !a.starts_with("--")
+            && !a.starts_with("-o")
+            && a[1..].chars().all(|c| "sfnvi".contains(c))
+        {
             fake |= a.contains('f');
         } else {
             out.push(a.clone());
@@ -275,7 +311,8 @@ pub fn parse_args(args: &[String]) -> Result<Cli, ArgsError> {
 pub fn parse_mode(s: &str) -> Result<u16, String> {
     let t = s.trim();
     let digits = t.strip_prefix("0o").unwrap_or(t);
-    let v = u16::from_str_radix(digits, 8).map_err(|_| format!("'{s}' is not an octal mode like 0644"))?;
+    let v = u16::from_str_radix(digits, 8)
+        .map_err(|_| format!("'{s}' is not an octal mode like 0644"))?;
     if v > 0o7777 {
         return Err(format!("'{s}' is larger than 07777"));
     }
@@ -287,7 +324,10 @@ pub fn parse_ttl(s: &str) -> Result<Duration, String> {
     if t.eq_ignore_ascii_case("indefinite") {
         return Ok(Duration::from_secs(100 * 365 * 24 * 3600));
     }
-    let secs: f64 = t.trim_end_matches('s').parse().map_err(|_| format!("'{s}' is not a number of seconds or 'indefinite'"))?;
+    let secs: f64 = t
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds or 'indefinite'"))?;
     if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
         return Err(format!("'{s}' is out of range (0 to 1e9 seconds)"));
     }
@@ -299,16 +339,23 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size like 512MiB"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size like 512MiB"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
-        _ => return Err(format!("'{s}' has an unknown unit (use KiB, MiB, GiB or TiB)")),
+        _ => {
+            return Err(format!(
+                "'{s}' has an unknown unit (use KiB, MiB, GiB or TiB)"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
 #[cfg(test)]
@@ -322,18 +369,44 @@ mod tests {
     #[test]
     fn mount_options_equal_long_options() {
         let a = parse_args(&args(&[
-            "s3mount", "b:/p", "/mnt", "-o", "endpoint_url=http://h:1,force_path_style,region=r,ro,_netdev,x-systemd.automount",
+            "s3mount",
+            "b:/p",
+            "/mnt",
+            "-o",
+            "endpoint_url=http://h:1,force_path_style,region=r,ro,_netdev,x-systemd.automount",
         ]))
         .unwrap();
-        let b = parse_args(&args(&["s3mount", "b:/p", "/mnt", "--endpoint-url", "http://h:1", "--force-path-style", "--region", "r", "--read-only"])).unwrap();
+        let b = parse_args(&args(&[
+            "s3mount",
+            "b:/p",
+            "/mnt",
+            "--endpoint-url",
+            "http://h:1",
+            "--force-path-style",
+            "--region",
+            "r",
+            "--read-only",
+        ]))
+        .unwrap();
         assert_eq!(a.endpoint_url, b.endpoint_url);
-        assert_eq!((a.force_path_style, a.read_only, a.region.clone()), (true, true, Some("r".into())));
+        assert_eq!(
+            (a.force_path_style, a.read_only, a.region.clone()),
+            (true, true, Some("r".into()))
+        );
         assert_eq!((b.force_path_style, b.read_only), (true, true));
     }
 
     #[test]
     fn o_can_come_anywhere_and_glued() {
-        let a = parse_args(&args(&["s3mount", "-oallow_other,uid=5", "b", "/mnt", "-o", "gid=6,umask=027"])).unwrap();
+        let a = parse_args(&args(&[
+            "s3mount",
+            "-oallow_other,uid=5",
+            "b",
+            "/mnt",
+            "-o",
+            "gid=6,umask=027",
+        ]))
+        .unwrap();
         assert!(a.allow_other);
         assert_eq!((a.uid, a.gid, a.umask), (Some(5), Some(6), Some(0o027)));
     }
@@ -352,7 +425,11 @@ mod tests {
     fn fstab_example_lines_parse() {
         let text = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/fstab.example"));
         let mut n = 0;
-        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
             let f: Vec<&str> = line.split_whitespace().collect();
             assert_eq!(f.len(), 6, "six fields: {line}");
             assert_eq!(f[2], "s3mount", "{line}");
@@ -371,7 +448,15 @@ mod tests {
     fn mount_helper_form() {
         assert!(is_mount_helper("/sbin/mount.s3mount"));
         assert!(!is_mount_helper("/usr/bin/s3mount"));
-        let (a, fake) = helper_args(&args(&["mount.s3mount", "b:/p", "/mnt", "-sn", "-o", "ro,allow_other,_netdev", "-v"]));
+        let (a, fake) = helper_args(&args(&[
+            "mount.s3mount",
+            "b:/p",
+            "/mnt",
+            "-sn",
+            "-o",
+            "ro,allow_other,_netdev",
+            "-v",
+        ]));
         assert!(!fake);
         let cli = parse_args(&a).unwrap();
         assert!(cli.read_only && cli.allow_other && !cli.foreground);

@@ -38,10 +38,18 @@ pub fn parse_source(source: &str) -> Result<(String, String), String> {
         s.split_once(':').unwrap_or((s, ""))
     };
     if bucket.is_empty() {
-        return Err(format!("no bucket name in '{source}' (expected BUCKET, BUCKET:/PREFIX or s3://BUCKET/PREFIX)"));
+        return Err(format!(
+            "no bucket name in '{source}' (expected BUCKET, BUCKET:/PREFIX or s3://BUCKET/PREFIX)"
+        ));
     }
-    if bucket.len() > 255 || !bucket.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')) {
-        return Err(format!("'{bucket}' is not a valid bucket name (letters, digits, '-', '.', '_')"));
+    if bucket.len() > 255
+        || !bucket
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+    {
+        return Err(format!(
+            "'{bucket}' is not a valid bucket name (letters, digits, '-', '.', '_')"
+        ));
     }
     let trimmed = prefix.trim_matches('/');
     if trimmed.is_empty() {
@@ -49,7 +57,9 @@ pub fn parse_source(source: &str) -> Result<(String, String), String> {
     }
     for comp in trimmed.split('/') {
         if comp.is_empty() || comp == "." || comp == ".." || comp.contains('\0') {
-            return Err(format!("prefix '{prefix}' has an empty, '.' or '..' component"));
+            return Err(format!(
+                "prefix '{prefix}' has an empty, '.' or '..' component"
+            ));
         }
     }
     Ok((bucket.to_string(), format!("{trimmed}/")))
@@ -60,14 +70,16 @@ pub fn parse_source(source: &str) -> Result<(String, String), String> {
 pub fn read_passwd_file(path: &std::path::Path, bucket: &str) -> Result<StaticCredentials, String> {
     use std::os::unix::fs::PermissionsExt;
     let shown = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read passwd file {shown}: {e}"))?;
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read passwd file {shown}: {e}"))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(format!(
             "passwd file {shown} has mode {mode:04o}; it holds secrets, so only its owner may read it: chmod 600 {shown}"
         ));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read passwd file {shown}: {e}"))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read passwd file {shown}: {e}"))?;
     let mut default = None;
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -75,7 +87,10 @@ pub fn read_passwd_file(path: &std::path::Path, bucket: &str) -> Result<StaticCr
             continue;
         }
         let fields: Vec<&str> = line.split(':').collect();
-        let creds = |a: &str, s: &str| StaticCredentials { access_key: a.trim().to_string(), secret_key: s.trim().to_string() };
+        let creds = |a: &str, s: &str| StaticCredentials {
+            access_key: a.trim().to_string(),
+            secret_key: s.trim().to_string(),
+        };
         match fields.as_slice() {
             [b, a, s] if *b == bucket && !a.is_empty() && !s.is_empty() => return Ok(creds(a, s)),
             [_, _, _] => {}
@@ -91,7 +106,9 @@ impl Config {
         let (bucket, prefix) = parse_source(&cli.source)?;
         if let Some(url) = &cli.endpoint_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(format!("--endpoint-url '{url}' must start with http:// or https://"));
+                return Err(format!(
+                    "--endpoint-url '{url}' must start with http:// or https://"
+                ));
             }
         }
         if cli.allow_other && cli.allow_root {
@@ -103,7 +120,9 @@ impl Config {
         if cli.max_prefetch < 1 << 20 {
             return Err("--max-prefetch must be at least 1MiB".into());
         }
-        if cli.part_size < crate::data::upload::MIN_PART || cli.part_size > crate::data::upload::MAX_PART {
+        if cli.part_size < crate::data::upload::MIN_PART
+            || cli.part_size > crate::data::upload::MAX_PART
+        {
             return Err("--part-size must be between 5MiB and 5GiB (S3's part size limits)".into());
         }
         if cli.max_part_size < cli.part_size || cli.max_part_size > crate::data::upload::MAX_PART {
@@ -119,7 +138,10 @@ impl Config {
         fs.max_memory = cli.max_memory;
         if let Some(dir) = &cli.staging_dir {
             if !dir.is_absolute() {
-                return Err(format!("--staging-dir {} must be an absolute path", dir.display()));
+                return Err(format!(
+                    "--staging-dir {} must be an absolute path",
+                    dir.display()
+                ));
             }
             fs.staging_dir = dir.clone();
         }
@@ -128,7 +150,10 @@ impl Config {
             max_part_size: cli.max_part_size,
             concurrency: cli.upload_concurrency as usize,
         };
-        fs.prefetch = PrefetchConfig { max_window: cli.max_prefetch, ..PrefetchConfig::default() };
+        fs.prefetch = PrefetchConfig {
+            max_window: cli.max_prefetch,
+            ..PrefetchConfig::default()
+        };
         fs.defaults = AttrDefaults {
             uid: cli.uid.unwrap_or_else(|| unsafe { libc::getuid() }),
             gid: cli.gid.unwrap_or_else(|| unsafe { libc::getgid() }),
@@ -150,14 +175,18 @@ impl Config {
                 Some(p) => Some(read_passwd_file(p, &bucket)?),
                 None => None,
             },
-            ca_bundle: cli
-                .ca_bundle
-                .clone()
-                .or_else(|| std::env::var_os("AWS_CA_BUNDLE").filter(|v| !v.is_empty()).map(PathBuf::from)),
+            ca_bundle: cli.ca_bundle.clone().or_else(|| {
+                std::env::var_os("AWS_CA_BUNDLE")
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            }),
         };
         if let Some(ca) = &s3.ca_bundle {
             if !ca.is_file() {
-                return Err(format!("CA bundle {} does not exist or is not a file", ca.display()));
+                return Err(format!(
+                    "CA bundle {} does not exist or is not a file",
+                    ca.display()
+                ));
             }
         }
         Ok(Config {
@@ -193,7 +222,10 @@ mod tests {
         assert!(e.contains("chmod 600") && e.contains("0644"), "{e}");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(read_passwd_file(&p, "mybucket").unwrap().access_key, "BKEY");
-        assert_eq!(read_passwd_file(&p, "other").unwrap().secret_key, "defsecret");
+        assert_eq!(
+            read_passwd_file(&p, "other").unwrap().secret_key,
+            "defsecret"
+        );
         assert!(!format!("{:?}", read_passwd_file(&p, "other").unwrap()).contains("defsecret"));
         std::fs::write(&p, "garbage line without colon\n").unwrap();
         assert!(read_passwd_file(&p, "b").unwrap_err().contains("line 1"));

@@ -6,8 +6,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use fuser::{
-    consts, FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    consts, FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    Request, TimeOrNow,
 };
 use tokio::runtime::Handle;
 
@@ -55,7 +56,8 @@ fn to_file_attr(a: &Attr) -> FileAttr {
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
         // readdirplus lets `ls -l` be answered from the listing; larger requests cut per-request cost.
-        let _ = config.add_capabilities(consts::FUSE_DO_READDIRPLUS | consts::FUSE_READDIRPLUS_AUTO);
+        let _ =
+            config.add_capabilities(consts::FUSE_DO_READDIRPLUS | consts::FUSE_READDIRPLUS_AUTO);
         let _ = config.add_capabilities(consts::FUSE_PARALLEL_DIROPS);
         let _ = config.add_capabilities(consts::FUSE_MAX_PAGES);
         let _ = config.set_max_readahead(1 << 20);
@@ -113,7 +115,14 @@ impl Filesystem for FuseAdapter {
                 TimeOrNow::Now => std::time::SystemTime::now(),
             })
         };
-        let req = SetAttr { mode, uid, gid, size, mtime: when(mtime), atime: when(atime) };
+        let req = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            mtime: when(mtime),
+            atime: when(atime),
+        };
         self.rt.spawn(async move {
             match fs.setattr(ino, fh, req).await {
                 Ok(attr) => reply.attr(&fs.ttl(), &to_file_attr(&attr)),
@@ -132,15 +141,35 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn mknod(&mut self, _req: &Request<'_>, _p: u64, _n: &OsStr, _m: u32, _u: u32, _r: u32, reply: ReplyEntry) {
+    fn mknod(
+        &mut self,
+        _req: &Request<'_>,
+        _p: u64,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _r: u32,
+        reply: ReplyEntry,
+    ) {
         // Device nodes, FIFOs and sockets cannot be objects.
         reply.error(libc::EPERM);
     }
 
-    fn mkdir(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &mut self,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
-        let caller = Caller { uid: req.uid(), gid: req.gid() };
+        let caller = Caller {
+            uid: req.uid(),
+            gid: req.gid(),
+        };
         self.rt.spawn(async move {
             match fs.mkdir(parent, &name, mode & !umask, caller).await {
                 Ok(attr) => reply.entry(&fs.ttl(), &to_file_attr(&attr), 0),
@@ -171,10 +200,23 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn symlink(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, link: &std::path::Path, reply: ReplyEntry) {
+    fn symlink(
+        &mut self,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        link: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
         let fs = self.fs.clone();
-        let (name, target) = (name.as_bytes().to_vec(), link.as_os_str().as_bytes().to_vec());
-        let caller = Caller { uid: req.uid(), gid: req.gid() };
+        let (name, target) = (
+            name.as_bytes().to_vec(),
+            link.as_os_str().as_bytes().to_vec(),
+        );
+        let caller = Caller {
+            uid: req.uid(),
+            gid: req.gid(),
+        };
         self.rt.spawn(async move {
             match fs.symlink(parent, &name, &target, caller).await {
                 Ok(attr) => reply.entry(&fs.ttl(), &to_file_attr(&attr), 0),
@@ -183,7 +225,16 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn rename(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32, reply: ReplyEmpty) {
+    fn rename(
+        &mut self,
+        _req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+        reply: ReplyEmpty,
+    ) {
         let fs = self.fs.clone();
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
         self.rt.spawn(async move {
@@ -202,7 +253,14 @@ impl Filesystem for FuseAdapter {
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.open(ino, flags).await {
-                Ok((fh, keep_cache)) => reply.opened(fh, if keep_cache { consts::FOPEN_KEEP_CACHE } else { 0 }),
+                Ok((fh, keep_cache)) => reply.opened(
+                    fh,
+                    if keep_cache {
+                        consts::FOPEN_KEEP_CACHE
+                    } else {
+                        0
+                    },
+                ),
                 Err(Errno(e)) => reply.error(e),
             }
         });
@@ -250,7 +308,14 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn flush(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _lock_owner: u64, reply: ReplyEmpty) {
+    fn flush(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _lock_owner: u64,
+        reply: ReplyEmpty,
+    ) {
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.flush(fh).await {
@@ -279,7 +344,14 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn fsync(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.fsync(fh).await {
@@ -299,7 +371,14 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn readdir(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, offset: i64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: i64,
+        mut reply: ReplyDirectory,
+    ) {
         match self.fs.readdir(fh, offset) {
             Ok(items) => {
                 for item in items {
@@ -313,7 +392,14 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn readdirplus(&mut self, _req: &Request<'_>, ino: u64, fh: u64, offset: i64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        fh: u64,
+        offset: i64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         let items = match self.fs.readdir(fh, offset) {
             Ok(items) => items,
             Err(Errno(e)) => return reply.error(e),
@@ -331,7 +417,14 @@ impl Filesystem for FuseAdapter {
                     Err(Errno(e)) => return reply.error(e),
                 },
             };
-            if reply.add(attr.ino, item.next_offset, &item.name, &ttl, &to_file_attr(&attr), 0) {
+            if reply.add(
+                attr.ino,
+                item.next_offset,
+                &item.name,
+                &ttl,
+                &to_file_attr(&attr),
+                0,
+            ) {
                 if counted {
                     self.fs.forget(attr.ino, 1);
                 }
@@ -341,14 +434,23 @@ impl Filesystem for FuseAdapter {
         reply.ok();
     }
 
-    fn releasedir(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _flags: i32, reply: ReplyEmpty) {
+    fn releasedir(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        reply: ReplyEmpty,
+    ) {
         self.fs.releasedir(fh);
         reply.ok();
     }
 
     fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
         let s = self.fs.statfs();
-        reply.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize);
+        reply.statfs(
+            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+        );
     }
 
     fn access(&mut self, _req: &Request<'_>, ino: u64, mask: i32, reply: ReplyEmpty) {
@@ -362,12 +464,28 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn getxattr(&mut self, _req: &Request<'_>, _ino: u64, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+    fn getxattr(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
         // ENOSYS tells the kernel not to ask again (extended attributes are not stored yet).
         reply.error(libc::ENOSYS);
     }
 
-    fn setxattr(&mut self, _req: &Request<'_>, _ino: u64, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _n: &OsStr,
+        _v: &[u8],
+        _f: i32,
+        _p: u32,
+        reply: ReplyEmpty,
+    ) {
         reply.error(libc::ENOTSUP);
     }
 
@@ -391,7 +509,10 @@ impl Filesystem for FuseAdapter {
     ) {
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
-        let caller = Caller { uid: req.uid(), gid: req.gid() };
+        let caller = Caller {
+            uid: req.uid(),
+            gid: req.gid(),
+        };
         self.rt.spawn(async move {
             match fs.create(parent, &name, mode & !umask, flags, caller).await {
                 Ok((attr, fh)) => reply.created(&fs.ttl(), &to_file_attr(&attr), 0, fh, 0),

@@ -28,7 +28,10 @@ pub struct Fatal {
 
 impl Fatal {
     fn new(message: impl Into<String>) -> Self {
-        Fatal { message: message.into(), code: 1 }
+        Fatal {
+            message: message.into(),
+            code: 1,
+        }
     }
 }
 
@@ -39,7 +42,9 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\' && i + 4 <= b.len() {
-            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8) {
+            if let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
+            {
                 out.push(v);
                 i += 4;
                 continue;
@@ -84,9 +89,12 @@ pub fn check_local(cfg: &Config) -> Result<PathBuf, Fatal> {
         Err(e) => return Err(Fatal::new(format!("cannot use mount point {shown}: {e}"))),
     };
     if !meta.is_dir() {
-        return Err(Fatal::new(format!("mount point {shown} is not a directory")));
+        return Err(Fatal::new(format!(
+            "mount point {shown} is not a directory"
+        )));
     }
-    let canonical = std::fs::canonicalize(mp).map_err(|e| Fatal::new(format!("cannot resolve mount point {shown}: {e}")))?;
+    let canonical = std::fs::canonicalize(mp)
+        .map_err(|e| Fatal::new(format!("cannot resolve mount point {shown}: {e}")))?;
     if let Some(fstype) = mounted_fstype(&canonical) {
         // Attributes may be cached by the kernel; statfs always reaches the daemon.
         if fstype.starts_with("fuse") && statfs_errno(&canonical) == Some(libc::ENOTCONN) {
@@ -109,13 +117,20 @@ pub fn check_local(cfg: &Config) -> Result<PathBuf, Fatal> {
 }
 
 fn endpoint_name(cfg: &Config) -> String {
-    cfg.s3.endpoint_url.clone().unwrap_or_else(|| "the AWS S3 endpoint".to_string())
+    cfg.s3
+        .endpoint_url
+        .clone()
+        .unwrap_or_else(|| "the AWS S3 endpoint".to_string())
 }
 
 /// One listing of one key proves the bucket and prefix are reachable with these credentials.
 pub async fn check_bucket(store: &dyn ObjectStore, cfg: &Config) -> Result<(), Fatal> {
     let b = &cfg.bucket;
-    let res = tokio::time::timeout(REACH_TIMEOUT, store.list_page(&cfg.prefix, Some("/"), None, Some(1))).await;
+    let res = tokio::time::timeout(
+        REACH_TIMEOUT,
+        store.list_page(&cfg.prefix, Some("/"), None, Some(1)),
+    )
+    .await;
     let err = match res {
         Ok(Ok(_)) => return Ok(()),
         Ok(Err(e)) => e,
@@ -151,21 +166,43 @@ pub async fn check_bucket(store: &dyn ObjectStore, cfg: &Config) -> Result<(), F
 pub fn init_logging(cfg: &Config, to_stderr: bool) {
     use tracing_subscriber::EnvFilter;
     // fuser's own "unmount failed" after an external umount is noise, not an error.
-    let default = if cfg.debug { "s3mount=debug,fuser::mnt=off,info" } else { "s3mount=info,fuser::mnt=off,warn" };
+    let default = if cfg.debug {
+        "s3mount=debug,fuser::mnt=off,info"
+    } else {
+        "s3mount=info,fuser::mnt=off,warn"
+    };
     let filter = EnvFilter::try_from_env("S3MOUNT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let _ = if to_stderr {
         builder.with_writer(std::io::stderr).try_init()
     } else if let Some(path) = &cfg.log_file {
-        match std::fs::OpenOptions::new().create(true).append(true).open(path) {
-            Ok(file) => builder.with_ansi(false).with_writer(std::sync::Mutex::new(file)).try_init(),
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            Ok(file) => builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .try_init(),
             Err(e) => {
-                eprintln!("s3mount: cannot open log file {}: {e}; logging to syslog", path.display());
-                builder.with_ansi(false).without_time().with_writer(syslog::Syslog::open()).try_init()
+                eprintln!(
+                    "s3mount: cannot open log file {}: {e}; logging to syslog",
+                    path.display()
+                );
+                builder
+                    .with_ansi(false)
+                    .without_time()
+                    .with_writer(syslog::Syslog::open())
+                    .try_init()
             }
         }
     } else {
-        builder.with_ansi(false).without_time().with_writer(syslog::Syslog::open()).try_init()
+        builder
+            .with_ansi(false)
+            .without_time()
+            .with_writer(syslog::Syslog::open())
+            .try_init()
     };
 }
 
@@ -211,7 +248,10 @@ mod syslog {
     impl<'a> MakeWriter<'a> for Syslog {
         type Writer = Line;
         fn make_writer(&'a self) -> Line {
-            Line { priority: libc::LOG_INFO, buf: Vec::new() }
+            Line {
+                priority: libc::LOG_INFO,
+                buf: Vec::new(),
+            }
         }
         fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Line {
             let priority = match *meta.level() {
@@ -220,7 +260,10 @@ mod syslog {
                 tracing::Level::INFO => libc::LOG_INFO,
                 _ => libc::LOG_DEBUG,
             };
-            Line { priority, buf: Vec::new() }
+            Line {
+                priority,
+                buf: Vec::new(),
+            }
         }
     }
 }
@@ -240,11 +283,17 @@ impl ReadyPipe {
 pub fn daemonize() -> Result<ReadyPipe, Fatal> {
     let mut fds = [0; 2];
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(Fatal::new(format!("cannot create a pipe: {}", std::io::Error::last_os_error())));
+        return Err(Fatal::new(format!(
+            "cannot create a pipe: {}",
+            std::io::Error::last_os_error()
+        )));
     }
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     match unsafe { libc::fork() } {
-        -1 => Err(Fatal::new(format!("cannot fork: {}", std::io::Error::last_os_error()))),
+        -1 => Err(Fatal::new(format!(
+            "cannot fork: {}",
+            std::io::Error::last_os_error()
+        ))),
         0 => {
             drop(rd);
             unsafe { libc::setsid() };
@@ -259,7 +308,11 @@ pub fn daemonize() -> Result<ReadyPipe, Fatal> {
             }
             let mut status = 0;
             unsafe { libc::waitpid(child, &mut status, 0) };
-            let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 1 };
+            let code = if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                1
+            };
             std::process::exit(if code == 0 { 1 } else { code });
         }
     }
@@ -338,7 +391,13 @@ fn report_leftovers(cfg: &Config, rt: &tokio::runtime::Runtime, store: &S3Store)
     for (path, about) in crate::data::staging::leftovers(&cfg.fs.staging_dir) {
         tracing::warn!(path = %path.display(), about = %about, "found data not uploaded by an earlier run (crash or write conflict); it is kept for you to recover");
     }
-    let listed = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), store.list_multipart_uploads(&cfg.prefix)).await });
+    let listed = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            store.list_multipart_uploads(&cfg.prefix),
+        )
+        .await
+    });
     match listed {
         Ok(Ok(open)) if !open.is_empty() => {
             for u in open.iter().take(20) {
@@ -356,19 +415,25 @@ fn report_leftovers(cfg: &Config, rt: &tokio::runtime::Runtime, store: &S3Store)
 /// kernel send up to 1 MiB per request and keep several in flight.
 fn raise_readahead(path: &Path, kb: u32) {
     use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::metadata(path) else { return };
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
     let dev = meta.dev();
     let (major, minor) = (libc::major(dev), libc::minor(dev));
     let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
     match std::fs::write(&knob, kb.to_string()) {
         Ok(()) => tracing::debug!(knob, kb, "kernel read-ahead raised"),
-        Err(e) => tracing::debug!(knob, error = %e, "kernel read-ahead left at its default (needs root)"),
+        Err(e) => {
+            tracing::debug!(knob, error = %e, "kernel read-ahead left at its default (needs root)")
+        }
     }
 }
 
 /// Is a FUSE filesystem answering at `path`? (statfs goes through the kernel to our daemon.)
 fn mount_is_live(path: &Path) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else { return false };
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == FUSE_SUPER_MAGIC }
 }
@@ -376,12 +441,18 @@ fn mount_is_live(path: &Path) -> bool {
 /// Connect, check, mount, report readiness, serve until unmounted.
 pub fn run(cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Result<(), Fatal> {
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(std::thread::available_parallelism().map(|n| n.get().max(4)).unwrap_or(4))
+        .worker_threads(
+            std::thread::available_parallelism()
+                .map(|n| n.get().max(4))
+                .unwrap_or(4),
+        )
         .thread_name("s3mount-io")
         .enable_all()
         .build()
         .map_err(|e| Fatal::new(format!("cannot start the runtime: {e}")))?;
-    let store = rt.block_on(S3Store::connect(&cfg.s3)).map_err(|e| Fatal::new(format!("cannot set up S3 client: {e}")))?;
+    let store = rt
+        .block_on(S3Store::connect(&cfg.s3))
+        .map_err(|e| Fatal::new(format!("cannot set up S3 client: {e}")))?;
     rt.block_on(check_bucket(&store, &cfg))?;
     report_leftovers(&cfg, &rt, &store);
     let store: Arc<dyn ObjectStore> = Arc::new(store);
@@ -456,7 +527,10 @@ pub fn run(cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Result
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !mount_is_live(&mountpoint) {
         if serving.is_finished() || std::time::Instant::now() > deadline {
-            return Err(Fatal::new(format!("the mount on {} did not come up", mountpoint.display())));
+            return Err(Fatal::new(format!(
+                "the mount on {} did not come up",
+                mountpoint.display()
+            )));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -466,7 +540,9 @@ pub fn run(cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Result
         ready.send_ok();
         detach_stdio();
     }
-    let result = serving.join().map_err(|_| Fatal::new("the request loop panicked"))?;
+    let result = serving
+        .join()
+        .map_err(|_| Fatal::new("the request loop panicked"))?;
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
     rt.shutdown_timeout(Duration::from_secs(5));
     result.map_err(|e| Fatal::new(format!("request loop failed: {e}")))

@@ -4,8 +4,11 @@
 fn man_page_matches_the_cli() {
     use clap::CommandFactory;
     let mut fresh = Vec::new();
-    clap_mangen::Man::new(s3mount::cli::Cli::command()).render(&mut fresh).unwrap();
-    let shipped = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/s3mount.1")).unwrap_or_default();
+    clap_mangen::Man::new(s3mount::cli::Cli::command())
+        .render(&mut fresh)
+        .unwrap();
+    let shipped = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/s3mount.1"))
+        .unwrap_or_default();
     assert!(
         shipped == fresh,
         "packaging/s3mount.1 is out of date: run `cargo run --example gen_man > packaging/s3mount.1`"

@@ -15,7 +15,10 @@ fn fails_with(server: &S3Server, args: &[&str], code: i32, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(code), "args {args:?}: stderr {err}");
     assert!(err.contains(needle), "expected '{needle}' in: {err}");
-    let lines = err.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("For more information")).count();
+    let lines = err
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("For more information"))
+        .count();
     assert_eq!(lines, 1, "one clear line, got: {err}");
     assert!(took < Duration::from_secs(15), "took {took:?}");
 }
@@ -34,7 +37,11 @@ fn refs(v: &[String]) -> Vec<&str> {
 fn missing_bucket() {
     let server = server();
     let dir = tempfile::tempdir().unwrap();
-    let a = args_for(server, "no-such-bucket-s3mount", dir.path().to_str().unwrap());
+    let a = args_for(
+        server,
+        "no-such-bucket-s3mount",
+        dir.path().to_str().unwrap(),
+    );
     fails_with(server, &refs(&a), 1, "does not exist");
     assert!(!is_mounted(dir.path()));
 }
@@ -50,7 +57,10 @@ fn wrong_keys() {
     let out = Command::new(s3mount_bin())
         .args(&a)
         .envs(server.env())
-        .env("AWS_SECRET_ACCESS_KEY", "0000000000000000000000000000000000000000000000000000000000000000")
+        .env(
+            "AWS_SECRET_ACCESS_KEY",
+            "0000000000000000000000000000000000000000000000000000000000000000",
+        )
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -63,10 +73,22 @@ fn wrong_keys() {
 #[test]
 fn unreachable_endpoint() {
     let server = server();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let dir = tempfile::tempdir().unwrap();
     let url = format!("http://127.0.0.1:{port}");
-    let a = ["b", dir.path().to_str().unwrap(), "--endpoint-url", &url, "--region", "garage", "--force-path-style"];
+    let a = [
+        "b",
+        dir.path().to_str().unwrap(),
+        "--endpoint-url",
+        &url,
+        "--region",
+        "garage",
+        "--force-path-style",
+    ];
     fails_with(server, &a, 1, "cannot reach");
     assert!(!is_mounted(dir.path()));
 }
@@ -90,11 +112,23 @@ fn already_mounted_and_stale_mounts() {
     let m = Mount::new(server, &bucket, &[]);
     let a = args_for(server, &bucket, m.path().to_str().unwrap());
     fails_with(server, &refs(&a), 1, "already mounted");
-    assert_eq!(std::fs::read(m.join("f")).unwrap(), b"x", "first mount still serves");
+    assert_eq!(
+        std::fs::read(m.join("f")).unwrap(),
+        b"x",
+        "first mount still serves"
+    );
 
     // Kill the daemon: the mount goes stale, and the next attempt says how to clean it.
-    let pid = sh(&format!("pgrep -f '[s]3mount {bucket} {}'", m.path().display()));
-    let pid = String::from_utf8_lossy(&pid.stdout).trim().lines().next().unwrap_or("").to_string();
+    let pid = sh(&format!(
+        "pgrep -f '[s]3mount {bucket} {}'",
+        m.path().display()
+    ));
+    let pid = String::from_utf8_lossy(&pid.stdout)
+        .trim()
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
     assert!(!pid.is_empty(), "daemon pid");
     sh(&format!("kill -9 {pid}"));
     std::thread::sleep(Duration::from_millis(300));
@@ -111,8 +145,18 @@ fn invalid_option_values() {
     fails_with(server, &["b", d, "-o", "bogus_option"], 2, "bogus_option");
     fails_with(server, &["b", d, "--file-mode", "999"], 2, "octal");
     fails_with(server, &["bad bucket!", d], 2, "not a valid bucket name");
-    fails_with(server, &["b", d, "--endpoint-url", "localhost:9000"], 2, "http://");
-    fails_with(server, &["b", d, "--ca-bundle", "/nonexistent/ca.pem"], 2, "CA bundle");
+    fails_with(
+        server,
+        &["b", d, "--endpoint-url", "localhost:9000"],
+        2,
+        "http://",
+    );
+    fails_with(
+        server,
+        &["b", d, "--ca-bundle", "/nonexistent/ca.pem"],
+        2,
+        "CA bundle",
+    );
     assert!(!is_mounted(dir.path()));
 }
 
@@ -126,7 +170,11 @@ fn dev_fuse_missing() {
     for a in args_for(server, &bucket, dir.path().to_str().unwrap()) {
         cmd.push_str(&format!(" '{a}'"));
     }
-    let out = Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &cmd]).envs(server.env()).output().unwrap();
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &cmd])
+        .envs(server.env())
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("/dev/fuse"), "{err}");
@@ -136,8 +184,14 @@ fn dev_fuse_missing() {
 fn help_and_version() {
     let out = Command::new(s3mount_bin()).arg("--help").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("Examples:") && text.contains("--endpoint-url"), "{text}");
-    let out = Command::new(s3mount_bin()).arg("--version").output().unwrap();
+    assert!(
+        out.status.success() && text.contains("Examples:") && text.contains("--endpoint-url"),
+        "{text}"
+    );
+    let out = Command::new(s3mount_bin())
+        .arg("--version")
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
 
@@ -147,11 +201,20 @@ fn passwd_file_readable_by_others_is_refused() {
     let server = server();
     let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("passwd-s3fs");
-    std::fs::write(&pw, format!("{}:{}\n", server.access_key, server.secret_key)).unwrap();
+    std::fs::write(
+        &pw,
+        format!("{}:{}\n", server.access_key, server.secret_key),
+    )
+    .unwrap();
     std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let a = ["b", mnt.to_str().unwrap(), "-o", &format!("passwd_file={}", pw.display())];
+    let a = [
+        "b",
+        mnt.to_str().unwrap(),
+        "-o",
+        &format!("passwd_file={}", pw.display()),
+    ];
     fails_with(server, &a, 2, "chmod 600");
     // With mode 0600 it is used instead of the environment's keys.
     std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();

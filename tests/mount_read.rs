@@ -57,16 +57,29 @@ fn tree_reads_back_exactly() {
     // Real tools agree with the bucket.
     let want = sha256(&expected["data/a.bin"]);
     let out = sh(&format!("sha256sum '{}'", m.join("data/a.bin").display()));
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&want), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&want),
+        "{out:?}"
+    );
     let out = sh(&format!("cd '{}' && find . | sort", m.path().display()));
     let listed = String::from_utf8_lossy(&out.stdout).into_owned();
     for k in expected.keys() {
-        assert!(listed.contains(&format!("./{k}\n")), "find misses {k}: {listed}");
+        assert!(
+            listed.contains(&format!("./{k}\n")),
+            "find misses {k}: {listed}"
+        );
     }
     let out = sh(&format!("ls -l '{}/docs'", m.path().display()));
-    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("readme.txt"), "{out:?}");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("readme.txt"),
+        "{out:?}"
+    );
     let copy = tempfile::tempdir().unwrap();
-    let out = sh(&format!("cp -r '{}/.' '{}'", m.path().display(), copy.path().display()));
+    let out = sh(&format!(
+        "cp -r '{}/.' '{}'",
+        m.path().display(),
+        copy.path().display()
+    ));
     assert!(out.status.success(), "{out:?}");
     assert_eq!(walk(copy.path()), expected);
     let size = std::fs::metadata(m.join("docs/readme.txt")).unwrap().len();
@@ -84,7 +97,10 @@ fn large_object_reads_back_in_every_pattern() {
     server.put(&bucket, "big.bin", body.clone());
     let m = Mount::new(server, &bucket, &[]);
     let out = sh(&format!("sha256sum '{}'", m.join("big.bin").display()));
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&sha256(&body)), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&sha256(&body)),
+        "{out:?}"
+    );
     // Reverse and scattered reads on one handle.
     let mut f = std::fs::File::open(m.join("big.bin")).unwrap();
     let chunk = 3 << 20;
@@ -105,7 +121,10 @@ fn large_object_reads_back_in_every_pattern() {
         let mut buf = vec![0u8; len];
         f.seek(SeekFrom::Start(start as u64)).unwrap();
         f.read_exact(&mut buf).unwrap();
-        assert!(buf == body[start..start + len], "random read at {start}+{len}");
+        assert!(
+            buf == body[start..start + len],
+            "random read at {start}+{len}"
+        );
     }
 }
 
@@ -127,9 +146,15 @@ fn directory_semantics_on_garage() {
     assert_eq!(std::fs::read(m.join("both/child")).unwrap(), b"visible");
     assert!(m.join("marker-only").is_dir());
     assert!(m.join("legacy").is_dir());
-    assert_eq!(std::fs::read(m.join("implicit/a/b/c.txt")).unwrap(), b"deep");
+    assert_eq!(
+        std::fs::read(m.join("implicit/a/b/c.txt")).unwrap(),
+        b"deep"
+    );
     assert_eq!(std::fs::read_dir(m.join("a")).unwrap().count(), 0);
-    let dots: Vec<_> = std::fs::read_dir(m.join("dots")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let dots: Vec<_> = std::fs::read_dir(m.join("dots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert!(dots.is_empty(), "'..' must not be shown: {dots:?}");
     assert_eq!(std::fs::read_dir(m.join("long")).unwrap().count(), 0);
     assert_eq!(std::fs::read(m.join("ctl/tab\there")).unwrap(), b"shown");
@@ -148,11 +173,22 @@ fn prefix_mount_and_s3fs_metadata() {
         &bucket,
         "team/data/tool.sh",
         "#!/bin/sh\n",
-        &[("mode", "33261"), ("uid", "4321"), ("gid", "8765"), ("mtime", "1600000000")],
+        &[
+            ("mode", "33261"),
+            ("uid", "4321"),
+            ("gid", "8765"),
+            ("mtime", "1600000000"),
+        ],
     );
-    let m = Mount::new(server, &format!("{bucket}:/team/data"), &["--metadata-ttl", "0"]);
-    let names: Vec<String> =
-        std::fs::read_dir(m.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let m = Mount::new(
+        server,
+        &format!("{bucket}:/team/data"),
+        &["--metadata-ttl", "0"],
+    );
+    let names: Vec<String> = std::fs::read_dir(m.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     let mut names = names;
     names.sort();
     assert_eq!(names, vec!["report.txt", "tool.sh"]);
@@ -180,7 +216,13 @@ fn big_directory_lists_completely() {
                 let c = client.clone();
                 let b = b.clone();
                 async move {
-                    c.put_object().bucket(&b).key(format!("many/k{i:05}")).body(Vec::new().into()).send().await.expect("put")
+                    c.put_object()
+                        .bucket(&b)
+                        .key(format!("many/k{i:05}"))
+                        .body(Vec::new().into())
+                        .send()
+                        .await
+                        .expect("put")
                 }
             })
             .buffer_unordered(64)
@@ -191,7 +233,11 @@ fn big_directory_lists_completely() {
     let n = std::fs::read_dir(m.join("many")).unwrap().count();
     assert_eq!(n, 25_000);
     let out = sh(&format!("ls -l '{}' | wc -l", m.join("many").display()));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "25001", "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "25001",
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -202,7 +248,10 @@ fn writes_are_refused_with_erofs() {
     let m = Mount::new(server, &bucket, &["--read-only"]);
     let e = std::fs::write(m.join("new"), "x").unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EROFS));
-    let e = std::fs::OpenOptions::new().append(true).open(m.join("f")).unwrap_err();
+    let e = std::fs::OpenOptions::new()
+        .append(true)
+        .open(m.join("f"))
+        .unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EROFS));
     let e = std::fs::create_dir(m.join("d")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EROFS));
@@ -229,7 +278,10 @@ fn replaced_object_is_never_read_mixed() {
     drop(f);
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let now = std::fs::read(m.join("f")).unwrap();
-    assert!(now.len() == 32 << 20 && now.iter().all(|b| *b == b'n'), "new content after the TTL");
+    assert!(
+        now.len() == 32 << 20 && now.iter().all(|b| *b == b'n'),
+        "new content after the TTL"
+    );
 }
 
 #[test]
@@ -249,7 +301,11 @@ fn mount_helper_argv_form() {
     let source = format!("{bucket}:/p");
     let run = |extra: &[&str]| {
         let mut cmd = std::process::Command::new(&helper);
-        cmd.arg(&source).arg(dir.path()).args(extra).args(["-o", &opts]).envs(server.env());
+        cmd.arg(&source)
+            .arg(dir.path())
+            .args(extra)
+            .args(["-o", &opts])
+            .envs(server.env());
         cmd.output().unwrap()
     };
     let fake = run(&["-f"]);
@@ -258,8 +314,15 @@ fn mount_helper_argv_form() {
     let out = run(&["-n", "-v"]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"via helper");
-    assert_eq!(std::fs::write(dir.path().join("g"), "x").unwrap_err().raw_os_error(), Some(libc::EROFS));
-    let _ = std::process::Command::new("umount").arg(dir.path()).status();
+    assert_eq!(
+        std::fs::write(dir.path().join("g"), "x")
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EROFS)
+    );
+    let _ = std::process::Command::new("umount")
+        .arg(dir.path())
+        .status();
 }
 
 #[test]
@@ -269,9 +332,16 @@ fn works_with_and_without_ca_bundle_variables() {
     server.put(&bucket, "f", "tls-agnostic");
     for env in [
         vec![("AWS_CA_BUNDLE", None), ("SSL_CERT_FILE", None)],
-        vec![("AWS_CA_BUNDLE", Some("/etc/ssl/certs/ca-certificates.crt")), ("SSL_CERT_FILE", Some("/etc/ssl/certs/ca-certificates.crt"))],
+        vec![
+            ("AWS_CA_BUNDLE", Some("/etc/ssl/certs/ca-certificates.crt")),
+            ("SSL_CERT_FILE", Some("/etc/ssl/certs/ca-certificates.crt")),
+        ],
     ] {
         let m = Mount::with_env(server, &server.endpoint, &bucket, &[], &env);
-        assert_eq!(std::fs::read(m.join("f")).unwrap(), b"tls-agnostic", "{env:?}");
+        assert_eq!(
+            std::fs::read(m.join("f")).unwrap(),
+            b"tls-agnostic",
+            "{env:?}"
+        );
     }
 }

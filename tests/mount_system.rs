@@ -11,11 +11,15 @@ use support::*;
 fn install_helper() {
     let link = std::path::Path::new("/usr/sbin/mount.s3mount");
     let _ = std::fs::remove_file(link);
-    std::os::unix::fs::symlink(s3mount_bin(), link).expect("install /usr/sbin/mount.s3mount (tests run as root)");
+    std::os::unix::fs::symlink(s3mount_bin(), link)
+        .expect("install /usr/sbin/mount.s3mount (tests run as root)");
 }
 
 fn options(server: &S3Server) -> String {
-    format!("endpoint_url={},region={},force_path_style,_netdev,nofail", server.endpoint, server.region)
+    format!(
+        "endpoint_url={},region={},force_path_style,_netdev,nofail",
+        server.endpoint, server.region
+    )
 }
 
 #[test]
@@ -27,29 +31,67 @@ fn mount_t_s3mount_and_fstab() {
     server.put(&bucket, "logs/today.txt", "from mount(8)");
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new("mount")
-        .args(["-t", "s3mount", &format!("{bucket}:/logs"), dir.path().to_str().unwrap(), "-o"])
+        .args([
+            "-t",
+            "s3mount",
+            &format!("{bucket}:/logs"),
+            dir.path().to_str().unwrap(),
+            "-o",
+        ])
         .arg(format!("{},ro", options(server)))
         .envs(server.env())
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(std::fs::read(dir.path().join("today.txt")).unwrap(), b"from mount(8)");
-    assert!(std::fs::write(dir.path().join("x"), "1").is_err(), "ro honoured");
-    assert!(Command::new("umount").arg(dir.path()).status().unwrap().success());
+    assert_eq!(
+        std::fs::read(dir.path().join("today.txt")).unwrap(),
+        b"from mount(8)"
+    );
+    assert!(
+        std::fs::write(dir.path().join("x"), "1").is_err(),
+        "ro honoured"
+    );
+    assert!(Command::new("umount")
+        .arg(dir.path())
+        .status()
+        .unwrap()
+        .success());
 
     // The same through an fstab line and `mount DIR`.
     let fstab = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
         fstab.path(),
-        format!("# test fstab\n{bucket}:/logs {} s3mount {},allow_other 0 0\n", dir.path().display(), options(server)),
+        format!(
+            "# test fstab\n{bucket}:/logs {} s3mount {},allow_other 0 0\n",
+            dir.path().display(),
+            options(server)
+        ),
     )
     .unwrap();
-    let out = Command::new("mount").arg("-T").arg(fstab.path()).arg(dir.path()).envs(server.env()).output().unwrap();
+    let out = Command::new("mount")
+        .arg("-T")
+        .arg(fstab.path())
+        .arg(dir.path())
+        .envs(server.env())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(std::fs::read(dir.path().join("today.txt")).unwrap(), b"from mount(8)");
+    assert_eq!(
+        std::fs::read(dir.path().join("today.txt")).unwrap(),
+        b"from mount(8)"
+    );
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    assert!(mounts.lines().any(|l| l.contains(dir.path().to_str().unwrap()) && l.contains("allow_other")), "{mounts}");
-    assert!(Command::new("umount").arg(dir.path()).status().unwrap().success());
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.contains(dir.path().to_str().unwrap()) && l.contains("allow_other")),
+        "{mounts}"
+    );
+    assert!(Command::new("umount")
+        .arg(dir.path())
+        .status()
+        .unwrap()
+        .success());
 }
 
 #[test]
@@ -58,9 +100,18 @@ fn sigterm_during_a_large_write_leaves_the_object_complete_or_absent() {
     let server = server();
     let bucket = server.new_bucket();
     let dir = tempfile::tempdir().unwrap();
-    let mut args: Vec<String> = vec![bucket.clone(), dir.path().display().to_string(), "-f".into()];
+    let mut args: Vec<String> = vec![
+        bucket.clone(),
+        dir.path().display().to_string(),
+        "-f".into(),
+    ];
     args.extend(server.args());
-    let mut daemon = Command::new(s3mount_bin()).args(&args).envs(server.env()).stderr(Stdio::null()).spawn().unwrap();
+    let mut daemon = Command::new(s3mount_bin())
+        .args(&args)
+        .envs(server.env())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !is_mounted(dir.path()) {
         assert!(Instant::now() < deadline, "mount did not come up");
@@ -88,15 +139,25 @@ fn sigterm_during_a_large_write_leaves_the_object_complete_or_absent() {
             assert!(status.success(), "daemon exit status {status}");
             break;
         }
-        assert!(Instant::now() < deadline, "daemon did not exit after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "daemon did not exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(!is_mounted(dir.path()));
     match server.get(&bucket, "big") {
         None => {}
-        Some(got) => assert!(got == body, "object is complete or absent, never partial ({} bytes)", got.len()),
+        Some(got) => assert!(
+            got == body,
+            "object is complete or absent, never partial ({} bytes)",
+            got.len()
+        ),
     }
-    assert!(server.open_uploads(&bucket).is_empty(), "no multipart upload left open");
+    assert!(
+        server.open_uploads(&bucket).is_empty(),
+        "no multipart upload left open"
+    );
 }
 
 #[test]
@@ -109,11 +170,21 @@ fn kill_9_keeps_the_old_object_and_reports_staged_changes_at_next_mount() {
     server.put(&bucket, "doc", "0123456789");
     let staging = tempfile::tempdir().unwrap();
     let st = staging.path().to_str().unwrap();
-    let m = Mount::new(server, &bucket, &["--staging-dir", st, "--part-size", "5MiB"]);
+    let m = Mount::new(
+        server,
+        &bucket,
+        &["--staging-dir", st, "--part-size", "5MiB"],
+    );
     // Find the daemon first: a fork+exec while files are open would close inherited copies of
     // their descriptors, and every close flushes (commits) a FUSE file.
     let pid = sh(&format!("pgrep -f -- '[s]3mount.*{}'", m.path().display()));
-    let pid: i32 = String::from_utf8_lossy(&pid.stdout).trim().lines().next().unwrap_or("").parse().expect("daemon pid");
+    let pid: i32 = String::from_utf8_lossy(&pid.stdout)
+        .trim()
+        .lines()
+        .next()
+        .unwrap_or("")
+        .parse()
+        .expect("daemon pid");
     // A replacement streaming in, and an in-place edit, both unfinished, held open by child
     // processes (descriptors of this test process would be flushed by other threads' forks).
     let src = tempfile::NamedTempFile::new().unwrap();
@@ -146,9 +217,18 @@ fn kill_9_keeps_the_old_object_and_reports_staged_changes_at_next_mount() {
     // The next mount reports the staged edit (with the key it belongs to) and deletes nothing.
     let m2 = Mount::new(server, &bucket, &["--staging-dir", st]);
     let log = std::fs::read_to_string(&m2.log).unwrap();
-    assert!(log.contains("found data not uploaded by an earlier run") && log.contains("key: doc"), "{log}");
-    assert!(log.contains("multipart upload left open") || server.open_uploads(&bucket).is_empty(), "{log}");
-    assert!(std::fs::read_dir(staging.path()).unwrap().count() >= 2, "staged file and its sidecar kept");
+    assert!(
+        log.contains("found data not uploaded by an earlier run") && log.contains("key: doc"),
+        "{log}"
+    );
+    assert!(
+        log.contains("multipart upload left open") || server.open_uploads(&bucket).is_empty(),
+        "{log}"
+    );
+    assert!(
+        std::fs::read_dir(staging.path()).unwrap().count() >= 2,
+        "staged file and its sidecar kept"
+    );
 }
 
 #[test]
@@ -157,14 +237,33 @@ fn secrets_never_reach_the_log_even_at_trace_level() {
     let server = garage();
     let bucket = server.new_bucket();
     server.put(&bucket, "f", "x");
-    let m = Mount::with_env(server, &server.endpoint, &bucket, &[], &[("S3MOUNT_LOG", Some("trace"))]);
+    let m = Mount::with_env(
+        server,
+        &server.endpoint,
+        &bucket,
+        &[],
+        &[("S3MOUNT_LOG", Some("trace"))],
+    );
     std::fs::write(m.join("g"), "y").unwrap();
     assert_eq!(std::fs::read(m.join("f")).unwrap(), b"x");
     let _ = std::fs::read_dir(m.path()).unwrap().count();
     drop(std::fs::metadata(m.join("missing")));
     let log = std::fs::read_to_string(&m.log).unwrap();
-    assert!(log.len() > 1000, "trace logging was on: {} bytes", log.len());
-    assert!(!log.contains(&server.secret_key), "the secret key appears in the log");
-    assert!(!log.to_ascii_lowercase().contains("x-amz-signature="), "a presigned URL appears in the log");
-    assert!(!log.contains("Signature="), "a request signature appears in the log");
+    assert!(
+        log.len() > 1000,
+        "trace logging was on: {} bytes",
+        log.len()
+    );
+    assert!(
+        !log.contains(&server.secret_key),
+        "the secret key appears in the log"
+    );
+    assert!(
+        !log.to_ascii_lowercase().contains("x-amz-signature="),
+        "a presigned URL appears in the log"
+    );
+    assert!(
+        !log.contains("Signature="),
+        "a request signature appears in the log"
+    );
 }

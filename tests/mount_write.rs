@@ -19,11 +19,18 @@ fn exact_bytes_for_sizes_around_parts() {
     for (i, n) in sizes.iter().enumerate() {
         let body = pattern(*n, i as u64);
         std::fs::write(m.join(&format!("f{n}")), &body).unwrap();
-        assert!(server.get(&bucket, &format!("f{n}")).unwrap() == body, "size {n}");
+        assert!(
+            server.get(&bucket, &format!("f{n}")).unwrap() == body,
+            "size {n}"
+        );
     }
     assert!(server.open_uploads(&bucket).is_empty());
     let meta = server.metadata(&bucket, "f1");
-    assert_eq!(meta.get("mode").map(String::as_str), Some("33188"), "s3fs-compatible mode: {meta:?}");
+    assert_eq!(
+        meta.get("mode").map(String::as_str),
+        Some("33188"),
+        "s3fs-compatible mode: {meta:?}"
+    );
 }
 
 #[test]
@@ -34,12 +41,19 @@ fn large_streamed_file_with_dd() {
     let src = tempfile::NamedTempFile::new().unwrap();
     let body = pattern(300 << 20, 77);
     std::fs::write(src.path(), &body).unwrap();
-    let out = sh(&format!("dd if='{}' of='{}' bs=1M 2>&1", src.path().display(), m.join("big.bin").display()));
+    let out = sh(&format!(
+        "dd if='{}' of='{}' bs=1M 2>&1",
+        src.path().display(),
+        m.join("big.bin").display()
+    ));
     assert!(out.status.success(), "{out:?}");
     let got = server.get(&bucket, "big.bin").unwrap();
     assert_eq!(got.len(), body.len());
     assert!(sha256(&got) == sha256(&body));
-    assert_eq!(std::fs::metadata(m.join("big.bin")).unwrap().len(), body.len() as u64);
+    assert_eq!(
+        std::fs::metadata(m.join("big.bin")).unwrap().len(),
+        body.len() as u64
+    );
 }
 
 #[test]
@@ -50,7 +64,10 @@ fn overwrite_append_and_truncate() {
     let m = Mount::new(server, &bucket, &["--metadata-ttl", "0"]);
     std::fs::write(m.join("f"), "new").unwrap();
     assert_eq!(server.get(&bucket, "f").unwrap(), b"new");
-    let mut f = std::fs::OpenOptions::new().append(true).open(m.join("f")).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(m.join("f"))
+        .unwrap();
     f.write_all(b" and more").unwrap();
     drop(f);
     assert_eq!(server.get(&bucket, "f").unwrap(), b"new and more");
@@ -81,7 +98,11 @@ fn mkdir_rmdir_unlink_in_the_bucket() {
     assert!(server.keys(&bucket).contains(&"implicit/".to_string()));
     std::fs::remove_dir(m.join("d")).unwrap();
     std::fs::remove_dir(m.join("implicit")).unwrap();
-    assert!(server.keys(&bucket).is_empty(), "{:?}", server.keys(&bucket));
+    assert!(
+        server.keys(&bucket).is_empty(),
+        "{:?}",
+        server.keys(&bucket)
+    );
     let e = std::fs::remove_file(m.join("nothing")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
 }
@@ -93,14 +114,21 @@ fn fsync_makes_the_object_visible_before_close() {
     let m = Mount::new(server, &bucket, &[]);
     let mut f = std::fs::File::create(m.join("synced")).unwrap();
     f.write_all(b"durable").unwrap();
-    assert_eq!(std::fs::metadata(m.join("synced")).unwrap().len(), 7, "size visible while writing");
+    assert_eq!(
+        std::fs::metadata(m.join("synced")).unwrap().len(),
+        7,
+        "size visible while writing"
+    );
     // (Not asserted absent here: any fork+exec in another test thread closes an inherited copy
     // of this descriptor, and every close flushes, as FUSE defines it.)
     f.sync_all().unwrap();
     assert_eq!(server.get(&bucket, "synced").unwrap(), b"durable");
     f.write_all(b" and then some").unwrap();
     drop(f);
-    assert_eq!(server.get(&bucket, "synced").unwrap(), b"durable and then some");
+    assert_eq!(
+        server.get(&bucket, "synced").unwrap(),
+        b"durable and then some"
+    );
 }
 
 #[test]
@@ -115,15 +143,24 @@ fn many_writers_in_parallel() {
             s.spawn(move || {
                 std::fs::create_dir_all(root.join(format!("t{t}"))).unwrap();
                 for i in 0..20 {
-                    std::fs::write(root.join(format!("t{t}/f{i}")), pattern(1000 + i * 4096, (t * 100 + i) as u64)).unwrap();
+                    std::fs::write(
+                        root.join(format!("t{t}/f{i}")),
+                        pattern(1000 + i * 4096, (t * 100 + i) as u64),
+                    )
+                    .unwrap();
                 }
             });
         }
     });
     for t in 0..8 {
         for i in 0..20 {
-            let got = server.get(&bucket, &format!("t{t}/f{i}")).unwrap_or_default();
-            assert!(got == pattern(1000 + i * 4096, (t * 100 + i) as u64), "t{t}/f{i}");
+            let got = server
+                .get(&bucket, &format!("t{t}/f{i}"))
+                .unwrap_or_default();
+            assert!(
+                got == pattern(1000 + i * 4096, (t * 100 + i) as u64),
+                "t{t}/f{i}"
+            );
         }
     }
 }
@@ -135,7 +172,10 @@ fn metadata_round_trips_through_a_remount() {
     {
         let m = Mount::new(server, &bucket, &[]);
         std::fs::write(m.join("f"), "x").unwrap();
-        let out = sh(&format!("chmod 600 '{0}' && chown 1234:5678 '{0}' && touch -d @1500000000 '{0}'", m.join("f").display()));
+        let out = sh(&format!(
+            "chmod 600 '{0}' && chown 1234:5678 '{0}' && touch -d @1500000000 '{0}'",
+            m.join("f").display()
+        ));
         assert!(out.status.success(), "{out:?}");
     }
     let m = Mount::new(server, &bucket, &["--metadata-ttl", "0"]);
@@ -150,7 +190,12 @@ fn failed_part_upload_gives_eio_and_keeps_the_old_object() {
     let bucket = server.new_bucket();
     server.put(&bucket, "victim", "previous contents");
     let proxy = FaultProxy::start(server.port());
-    let m = Mount::via(server, &proxy.endpoint(), &bucket, &["--part-size", "5MiB", "--max-attempts", "2"]);
+    let m = Mount::via(
+        server,
+        &proxy.endpoint(),
+        &bucket,
+        &["--part-size", "5MiB", "--max-attempts", "2"],
+    );
     proxy.fail("PUT", "partNumber=2", 500, 1000);
     // The writer is one child process that neither forks nor dups: descriptors held by this
     // (multi-threaded) test process would be closed, and so flushed (committed), by any fork+exec
@@ -161,14 +206,26 @@ fn failed_part_upload_gives_eio_and_keeps_the_old_object() {
 fd=os.open(sys.argv[2], os.O_WRONLY|os.O_TRUNC)\n\
 try:\n    os.write(fd, open(sys.argv[1],'rb').read())\n    os.fsync(fd)\n    print('ok')\nexcept OSError as e:\n    print('errno', e.errno)\n";
     let out = std::process::Command::new("python3")
-        .args(["-c", script, src.path().to_str().unwrap(), m.join("victim").to_str().unwrap()])
+        .args([
+            "-c",
+            script,
+            src.path().to_str().unwrap(),
+            m.join("victim").to_str().unwrap(),
+        ])
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("errno {}", libc::EIO), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("errno {}", libc::EIO),
+        "{out:?}"
+    );
     assert!(proxy.hits() >= 1);
     proxy.clear();
     assert_eq!(server.get(&bucket, "victim").unwrap(), b"previous contents");
-    assert!(server.open_uploads(&bucket).is_empty(), "no dangling multipart upload");
+    assert!(
+        server.open_uploads(&bucket).is_empty(),
+        "no dangling multipart upload"
+    );
 }
 
 #[test]
@@ -199,17 +256,29 @@ fn rename_files_and_directories() {
     assert_eq!(server.get(&bucket, "a2").unwrap(), b"alpha");
     assert!(server.get(&bucket, "a").is_none());
     std::fs::rename(m.join("a2"), m.join("b")).unwrap();
-    assert_eq!(server.get(&bucket, "b").unwrap(), b"alpha", "rename over an existing file replaces it");
+    assert_eq!(
+        server.get(&bucket, "b").unwrap(),
+        b"alpha",
+        "rename over an existing file replaces it"
+    );
     std::fs::rename(m.join("dir"), m.join("moved")).unwrap();
     let keys = server.keys(&bucket);
-    assert_eq!(keys.iter().filter(|k| k.starts_with("moved/")).count(), 50, "{keys:?}");
+    assert_eq!(
+        keys.iter().filter(|k| k.starts_with("moved/")).count(),
+        50,
+        "{keys:?}"
+    );
     assert!(!keys.iter().any(|k| k.starts_with("dir/")), "{keys:?}");
     assert_eq!(std::fs::read(m.join("moved/f7")).unwrap(), b"file 7");
     // The write-then-rename pattern of editors and rsync.
     std::fs::write(m.join(".tmp-save"), "saved").unwrap();
     std::fs::rename(m.join(".tmp-save"), m.join("doc.txt")).unwrap();
     assert_eq!(server.get(&bucket, "doc.txt").unwrap(), b"saved");
-    let out = sh(&format!("mv '{}' '{}'", m.join("doc.txt").display(), m.join("moved/doc.txt").display()));
+    let out = sh(&format!(
+        "mv '{}' '{}'",
+        m.join("doc.txt").display(),
+        m.join("moved/doc.txt").display()
+    ));
     assert!(out.status.success(), "{out:?}");
     assert_eq!(server.get(&bucket, "moved/doc.txt").unwrap(), b"saved");
 }
@@ -223,32 +292,79 @@ fn rsync_and_tar_round_trip() {
         std::fs::create_dir_all(src.path().join(d)).unwrap();
     }
     for (i, f) in ["a/1.txt", "a/b/2.bin", "c/3", "top"].iter().enumerate() {
-        std::fs::write(src.path().join(f), pattern(1000 * (i + 1) * (i + 1), i as u64)).unwrap();
+        std::fs::write(
+            src.path().join(f),
+            pattern(1000 * (i + 1) * (i + 1), i as u64),
+        )
+        .unwrap();
     }
-    let out = sh(&format!("chmod 600 '{0}/top' && touch -d @1400000000 '{0}/a/1.txt'", src.path().display()));
+    let out = sh(&format!(
+        "chmod 600 '{0}/top' && touch -d @1400000000 '{0}/a/1.txt'",
+        src.path().display()
+    ));
     assert!(out.status.success());
     let m = Mount::new(server, &bucket, &[]);
-    assert!(which("rsync"), "rsync is needed (apt-get install rsync; .ci/run installs it)");
+    assert!(
+        which("rsync"),
+        "rsync is needed (apt-get install rsync; .ci/run installs it)"
+    );
     {
-        let out = sh(&format!("rsync -a '{}/' '{}/r/'", src.path().display(), m.path().display()));
+        let out = sh(&format!(
+            "rsync -a '{}/' '{}/r/'",
+            src.path().display(),
+            m.path().display()
+        ));
         assert!(out.status.success(), "{out:?}");
-        let out = sh(&format!("rsync -a -c -i '{}/' '{}/r/'", src.path().display(), m.path().display()));
+        let out = sh(&format!(
+            "rsync -a -c -i '{}/' '{}/r/'",
+            src.path().display(),
+            m.path().display()
+        ));
         assert!(out.status.success(), "{out:?}");
         let changes = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(changes.trim().is_empty(), "second rsync -c changes nothing: {changes}");
-        assert_eq!(server.get(&bucket, "r/a/b/2.bin").unwrap(), pattern(4000, 1));
+        assert!(
+            changes.trim().is_empty(),
+            "second rsync -c changes nothing: {changes}"
+        );
+        assert_eq!(
+            server.get(&bucket, "r/a/b/2.bin").unwrap(),
+            pattern(4000, 1)
+        );
     }
-    let out = sh(&format!("tar -C '{}' -cf - . | tar -C '{}' -xpf - && mkdir -p '{}/t' ", src.path().display(), m.path().display(), m.path().display()));
+    let out = sh(&format!(
+        "tar -C '{}' -cf - . | tar -C '{}' -xpf - && mkdir -p '{}/t' ",
+        src.path().display(),
+        m.path().display(),
+        m.path().display()
+    ));
     assert!(out.status.success(), "{out:?}");
     let meta = std::fs::metadata(m.join("top")).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o600);
-    assert_eq!(std::fs::metadata(m.join("a/1.txt")).unwrap().mtime(), 1_400_000_000);
+    assert_eq!(
+        std::fs::metadata(m.join("a/1.txt")).unwrap().mtime(),
+        1_400_000_000
+    );
     let back = tempfile::tempdir().unwrap();
-    let out = sh(&format!("tar -C '{}' -cf - a c top | tar -C '{}' -xpf -", m.path().display(), back.path().display()));
+    let out = sh(&format!(
+        "tar -C '{}' -cf - a c top | tar -C '{}' -xpf -",
+        m.path().display(),
+        back.path().display()
+    ));
     assert!(out.status.success(), "{out:?}");
-    let out = sh(&format!("diff -r '{}/a' '{}/a' && cmp '{}/top' '{}/top'", src.path().display(), back.path().display(), src.path().display(), back.path().display()));
+    let out = sh(&format!(
+        "diff -r '{}/a' '{}/a' && cmp '{}/top' '{}/top'",
+        src.path().display(),
+        back.path().display(),
+        src.path().display(),
+        back.path().display()
+    ));
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(std::fs::metadata(back.path().join("a/1.txt")).unwrap().mtime(), 1_400_000_000);
+    assert_eq!(
+        std::fs::metadata(back.path().join("a/1.txt"))
+            .unwrap()
+            .mtime(),
+        1_400_000_000
+    );
 }
 
 fn which(tool: &str) -> bool {
@@ -264,8 +380,16 @@ fn modify_in_place_append_and_truncate_both_ways() {
     let body = pattern(20 << 20, 42);
     server.put(&bucket, "obj", body.clone());
     let staging = tempfile::tempdir().unwrap();
-    let m = Mount::new(server, &bucket, &["--staging-dir", staging.path().to_str().unwrap()]);
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(m.join("obj")).unwrap();
+    let m = Mount::new(
+        server,
+        &bucket,
+        &["--staging-dir", staging.path().to_str().unwrap()],
+    );
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.join("obj"))
+        .unwrap();
     f.write_all_at(b"MIDDLE", 10 << 20).unwrap();
     let mut back = vec![0u8; 6];
     f.read_exact_at(&mut back, 10 << 20).unwrap();
@@ -275,13 +399,22 @@ fn modify_in_place_append_and_truncate_both_ways() {
     want[10 << 20..(10 << 20) + 6].copy_from_slice(b"MIDDLE");
     assert!(server.get(&bucket, "obj").unwrap() == want);
     // Truncate down, then up (zeros), through the mount.
-    let out = sh(&format!("truncate -s 1000 '{0}' && truncate -s 1500 '{0}'", m.join("obj").display()));
+    let out = sh(&format!(
+        "truncate -s 1000 '{0}' && truncate -s 1500 '{0}'",
+        m.join("obj").display()
+    ));
     assert!(out.status.success(), "{out:?}");
     let got = server.get(&bucket, "obj").unwrap();
     assert_eq!(got.len(), 1500);
     assert!(got[..1000] == want[..1000] && got[1000..].iter().all(|b| *b == 0));
     // A format that patches its header after writing the body.
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(m.join("archive")).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.join("archive"))
+        .unwrap();
     f.write_all(&[0u8; 16]).unwrap();
     f.write_all(&pattern(9 << 20, 1)).unwrap();
     f.seek(SeekFrom::Start(0)).unwrap();
@@ -294,7 +427,13 @@ fn modify_in_place_append_and_truncate_both_ways() {
     let got = server.get(&bucket, "archive").unwrap();
     assert_eq!(&got[..16], b"HEADER-WRITTEN-!");
     assert!(got[16..] == pattern(9 << 20, 1)[..]);
-    assert_eq!(std::fs::read_dir(staging.path()).map(|d| d.count()).unwrap_or(0), 0, "staging files removed after upload");
+    assert_eq!(
+        std::fs::read_dir(staging.path())
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0,
+        "staging files removed after upload"
+    );
 }
 
 #[test]
@@ -311,12 +450,26 @@ fn git_clone_status_and_log_on_the_mount() {
     let out = sh(&setup);
     assert!(out.status.success(), "{out:?}");
     let m = Mount::new(server, &bucket, &[]);
-    let out = sh(&format!("git clone -q '{}/repo' '{}/clone'", src.path().display(), m.path().display()));
+    let out = sh(&format!(
+        "git clone -q '{}/repo' '{}/clone'",
+        src.path().display(),
+        m.path().display()
+    ));
     assert!(out.status.success(), "{out:?}");
-    let out = sh(&format!("cd '{}/clone' && git status --porcelain && git log --oneline | wc -l", m.path().display()));
+    let out = sh(&format!(
+        "cd '{}/clone' && git status --porcelain && git log --oneline | wc -l",
+        m.path().display()
+    ));
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2", "clean tree, two commits: {out:?}");
-    let out = sh(&format!("cd '{}/clone' && echo four >> a.txt && git commit -qam third && git log --oneline | wc -l", m.path().display()));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "2",
+        "clean tree, two commits: {out:?}"
+    );
+    let out = sh(&format!(
+        "cd '{}/clone' && echo four >> a.txt && git commit -qam third && git log --oneline | wc -l",
+        m.path().display()
+    ));
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
 }
@@ -329,15 +482,31 @@ fn symlinks_survive_a_remount() {
         let m = Mount::new(server, &bucket, &[]);
         std::fs::write(m.join("target.txt"), "pointed at").unwrap();
         std::os::unix::fs::symlink("target.txt", m.join("link")).unwrap();
-        assert_eq!(std::fs::read_link(m.join("link")).unwrap().to_str(), Some("target.txt"));
+        assert_eq!(
+            std::fs::read_link(m.join("link")).unwrap().to_str(),
+            Some("target.txt")
+        );
         assert_eq!(std::fs::read(m.join("link")).unwrap(), b"pointed at");
         let e = std::fs::hard_link(m.join("target.txt"), m.join("hard")).unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "hard links are refused clearly");
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EPERM),
+            "hard links are refused clearly"
+        );
     }
-    assert_eq!(server.metadata(&bucket, "link").get("mode").map(String::as_str), Some("41471"));
+    assert_eq!(
+        server
+            .metadata(&bucket, "link")
+            .get("mode")
+            .map(String::as_str),
+        Some("41471")
+    );
     let m = Mount::new(server, &bucket, &["--list-metadata"]);
     let out = sh(&format!("ls -l '{}'", m.path().display()));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("link -> target.txt"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("link -> target.txt"),
+        "{out:?}"
+    );
     assert_eq!(std::fs::read(m.join("link")).unwrap(), b"pointed at");
 }
 
@@ -348,7 +517,11 @@ fn external_overwrite_between_open_and_close_keeps_both_versions() {
     let bucket = server.new_bucket();
     server.put(&bucket, "shared.txt", "original");
     let staging = tempfile::tempdir().unwrap();
-    let m = Mount::new(server, &bucket, &["--staging-dir", staging.path().to_str().unwrap()]);
+    let m = Mount::new(
+        server,
+        &bucket,
+        &["--staging-dir", staging.path().to_str().unwrap()],
+    );
     // A child process writes, waits while the object is replaced, then fsyncs (see above on
     // why not this process).
     let script = "import os,sys\n\
@@ -372,13 +545,23 @@ try:\n    os.fsync(fd)\n    print('fsync ok')\nexcept OSError as e:\n    print('
     line.clear();
     std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
     let _ = child.wait();
-    assert_eq!(line.trim(), format!("fsync errno {}", libc::EIO), "the conflict must reach the application");
-    assert_eq!(server.get(&bucket, "shared.txt").unwrap(), b"written by someone else");
+    assert_eq!(
+        line.trim(),
+        format!("fsync errno {}", libc::EIO),
+        "the conflict must reach the application"
+    );
+    assert_eq!(
+        server.get(&bucket, "shared.txt").unwrap(),
+        b"written by someone else"
+    );
     let recovered: Vec<Vec<u8>> = std::fs::read_dir(staging.path().join("recovered"))
         .expect("recovery folder")
         .map(|e| std::fs::read(e.unwrap().path()).unwrap())
         .collect();
-    assert!(recovered.iter().any(|b| b == b"written through the mount"), "{recovered:?}");
+    assert!(
+        recovered.iter().any(|b| b == b"written through the mount"),
+        "{recovered:?}"
+    );
 }
 
 #[test]
@@ -391,21 +574,42 @@ fn transient_failures_and_stalls_are_survived_byte_identical() {
         server,
         &proxy.endpoint(),
         &bucket,
-        &["--part-size", "5MiB", "--max-attempts", "8", "--stall-timeout", "2", "--metadata-ttl", "0"],
+        &[
+            "--part-size",
+            "5MiB",
+            "--max-attempts",
+            "8",
+            "--stall-timeout",
+            "2",
+            "--metadata-ttl",
+            "0",
+        ],
     );
     // 10% of uploads and downloads fail with 503 SlowDown; two GET bodies stall mid-way.
     proxy.fail_some("PUT", "", 503, 100);
     proxy.fail_some("GET", "", 503, 100);
     let body = pattern(100 << 20, 99);
     std::fs::write(m.join("survivor.bin"), &body).unwrap();
-    proxy.stall("GET", "survivor.bin", 100_000, std::time::Duration::from_secs(6), 2);
+    proxy.stall(
+        "GET",
+        "survivor.bin",
+        100_000,
+        std::time::Duration::from_secs(6),
+        2,
+    );
     let back = std::fs::read(m.join("survivor.bin")).unwrap();
     assert!(back == body, "read back byte-identical");
     proxy.clear();
-    assert!(server.get(&bucket, "survivor.bin").unwrap() == body, "stored byte-identical");
+    assert!(
+        server.get(&bucket, "survivor.bin").unwrap() == body,
+        "stored byte-identical"
+    );
     assert!(proxy.hits() >= 5, "faults were injected: {}", proxy.hits());
     let log = std::fs::read_to_string(&m.log).unwrap_or_default();
-    assert!(log.contains("resuming where it stopped"), "a stalled body was detected and resumed");
+    assert!(
+        log.contains("resuming where it stopped"),
+        "a stalled body was detected and resumed"
+    );
 }
 
 #[test]
@@ -415,14 +619,23 @@ fn a_hung_store_gives_etimedout_within_the_bound() {
     let bucket = server.new_bucket();
     server.put(&bucket, "sub/file", "x");
     let proxy = FaultProxy::start(server.port());
-    let m = Mount::via(server, &proxy.endpoint(), &bucket, &["--op-timeout", "2", "--metadata-ttl", "0"]);
+    let m = Mount::via(
+        server,
+        &proxy.endpoint(),
+        &bucket,
+        &["--op-timeout", "2", "--metadata-ttl", "0"],
+    );
     // Every listing and HEAD now hangs for 20 s after the headers.
     proxy.stall("GET", "", 0, std::time::Duration::from_secs(20), 50);
     proxy.stall("HEAD", "", 0, std::time::Duration::from_secs(20), 50);
     let t = std::time::Instant::now();
     let err = std::fs::read_dir(m.join("sub")).map(|_| ()).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ETIMEDOUT), "{err}");
-    assert!(t.elapsed() < std::time::Duration::from_secs(8), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(8),
+        "{:?}",
+        t.elapsed()
+    );
     proxy.clear();
     let log = std::fs::read_to_string(&m.log).unwrap_or_default();
     assert!(log.contains("operation timed out"), "logged with its key");

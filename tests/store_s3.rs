@@ -30,7 +30,8 @@ fn store(server: &S3Server, bucket: &str) -> S3Store {
     for (k, v) in server.env() {
         std::env::set_var(k, v);
     }
-    rt().block_on(S3Store::connect(&settings(server, bucket))).expect("connect")
+    rt().block_on(S3Store::connect(&settings(server, bucket)))
+        .expect("connect")
 }
 
 #[test]
@@ -49,7 +50,10 @@ fn list_paginates_and_groups() {
         let mut token = None;
         let mut pages = 0;
         loop {
-            let p = s.list_page("dir/", Some("/"), token, Some(7)).await.expect("list");
+            let p = s
+                .list_page("dir/", Some("/"), token, Some(7))
+                .await
+                .expect("list");
             pages += 1;
             objects.extend(p.objects);
             prefixes.extend(p.common_prefixes);
@@ -75,7 +79,12 @@ fn ranged_get_head_and_conditions() {
     let server = server();
     let bucket = server.new_bucket();
     let body = pattern(3 << 20, 1);
-    server.put_with_meta(&bucket, "obj", body.clone(), &[("mode", "33188"), ("uid", "7")]);
+    server.put_with_meta(
+        &bucket,
+        "obj",
+        body.clone(),
+        &[("mode", "33188"), ("uid", "7")],
+    );
     let s = store(server, &bucket);
     rt().block_on(async {
         let meta = s.head("obj").await.expect("head");
@@ -83,19 +92,55 @@ fn ranged_get_head_and_conditions() {
         assert_eq!(meta.metadata.get("mode").map(String::as_str), Some("33188"));
         assert_eq!(meta.metadata.get("uid").map(String::as_str), Some("7"));
         let etag = meta.etag.clone().expect("etag");
-        let got = s.get_range("obj", ByteRange::new(1_000_000, 1_000_100), Some(&etag)).await.expect("get");
+        let got = s
+            .get_range("obj", ByteRange::new(1_000_000, 1_000_100), Some(&etag))
+            .await
+            .expect("get");
         assert_eq!(&got[..], &body[1_000_000..1_000_100]);
         // A range past the end is clipped.
-        let tail = s.get_range("obj", ByteRange::new(body.len() as u64 - 10, body.len() as u64 + 100), None).await.unwrap();
+        let tail = s
+            .get_range(
+                "obj",
+                ByteRange::new(body.len() as u64 - 10, body.len() as u64 + 100),
+                None,
+            )
+            .await
+            .unwrap();
         assert_eq!(&tail[..], &body[body.len() - 10..]);
-        let stale = s.get_range("obj", ByteRange::new(0, 10), Some("\"0123456789abcdef\"")).await;
-        assert!(matches!(stale, Err(StoreError::PreconditionFailed(_))), "{stale:?}");
-        assert!(matches!(s.head("missing").await, Err(StoreError::NotFound(_))));
-        assert!(matches!(s.get_range("missing", ByteRange::new(0, 1), None).await, Err(StoreError::NotFound(_))));
-        s.put("small", bytes::Bytes::from_static(b"hello"), &PutOptions::default(), Some(crc32fast::hash(b"hello"))).await.expect("put with crc32");
-        assert_eq!(&s.get_range("small", ByteRange::new(0, 5), None).await.unwrap()[..], b"hello");
+        let stale = s
+            .get_range("obj", ByteRange::new(0, 10), Some("\"0123456789abcdef\""))
+            .await;
+        assert!(
+            matches!(stale, Err(StoreError::PreconditionFailed(_))),
+            "{stale:?}"
+        );
+        assert!(matches!(
+            s.head("missing").await,
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.get_range("missing", ByteRange::new(0, 1), None).await,
+            Err(StoreError::NotFound(_))
+        ));
+        s.put(
+            "small",
+            bytes::Bytes::from_static(b"hello"),
+            &PutOptions::default(),
+            Some(crc32fast::hash(b"hello")),
+        )
+        .await
+        .expect("put with crc32");
+        assert_eq!(
+            &s.get_range("small", ByteRange::new(0, 5), None)
+                .await
+                .unwrap()[..],
+            b"hello"
+        );
         s.delete("small").await.expect("delete");
-        assert!(matches!(s.head("small").await, Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            s.head("small").await,
+            Err(StoreError::NotFound(_))
+        ));
     });
 }
 

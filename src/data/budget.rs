@@ -18,7 +18,11 @@ pub struct Budget {
 
 impl Budget {
     pub fn new(limit: u64) -> Arc<Self> {
-        Arc::new(Budget { limit, used: AtomicU64::new(0), peak: AtomicU64::new(0) })
+        Arc::new(Budget {
+            limit,
+            used: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+        })
     }
 
     pub fn limit(&self) -> u64 {
@@ -45,10 +49,16 @@ impl Budget {
             if next > self.limit {
                 return None;
             }
-            match self.used.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed) {
+            match self
+                .used
+                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
                 Ok(_) => {
                     self.peak.fetch_max(next, Ordering::Relaxed);
-                    return Some(Reservation { budget: self.clone(), bytes });
+                    return Some(Reservation {
+                        budget: self.clone(),
+                        bytes,
+                    });
                 }
                 Err(actual) => cur = actual,
             }
@@ -58,7 +68,10 @@ impl Budget {
     pub fn reserve_required(self: &Arc<Self>, bytes: u64) -> Reservation {
         let next = self.used.fetch_add(bytes, Ordering::AcqRel) + bytes;
         self.peak.fetch_max(next, Ordering::Relaxed);
-        Reservation { budget: self.clone(), bytes }
+        Reservation {
+            budget: self.clone(),
+            bytes,
+        }
     }
 }
 
@@ -82,7 +95,10 @@ impl Reservation {
 
     /// An empty reservation to grow with [`Reservation::absorb`].
     pub fn empty(budget: &Arc<Budget>) -> Reservation {
-        Reservation { budget: budget.clone(), bytes: 0 }
+        Reservation {
+            budget: budget.clone(),
+            bytes: 0,
+        }
     }
 }
 

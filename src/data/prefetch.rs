@@ -81,8 +81,22 @@ impl ObjectReader {
         cfg: PrefetchConfig,
         budget: Arc<Budget>,
     ) -> Self {
-        let state = ReaderState { chunks: BTreeMap::new(), last_end: 0, window: cfg.initial_window, fetched_end: 0, consumed: 0 };
-        ObjectReader { store, key, etag, size, cfg, budget, state: tokio::sync::Mutex::new(state) }
+        let state = ReaderState {
+            chunks: BTreeMap::new(),
+            last_end: 0,
+            window: cfg.initial_window,
+            fetched_end: 0,
+            consumed: 0,
+        };
+        ObjectReader {
+            store,
+            key,
+            etag,
+            size,
+            cfg,
+            budget,
+            state: tokio::sync::Mutex::new(state),
+        }
     }
 
     pub fn size(&self) -> u64 {
@@ -146,7 +160,11 @@ impl ObjectReader {
                 let bytes = self.await_chunk(*range, data.clone()).await?;
                 let from = (offset - range.start) as usize;
                 let to = ((end - range.start) as usize).min(bytes.len());
-                return Ok(if from < to { bytes.slice(from..to) } else { Bytes::new() });
+                return Ok(if from < to {
+                    bytes.slice(from..to)
+                } else {
+                    Bytes::new()
+                });
             }
         }
         let mut out = BytesMut::with_capacity((end - offset) as usize);
@@ -172,7 +190,11 @@ impl ObjectReader {
             Ok(b) => Ok(b),
             Err(e) => {
                 let mut st = self.state.lock().await;
-                if st.chunks.get(&range.start).is_some_and(|c| c.range == range) {
+                if st
+                    .chunks
+                    .get(&range.start)
+                    .is_some_and(|c| c.range == range)
+                {
                     st.chunks.remove(&range.start);
                 }
                 st.fetched_end = st.fetched_end.min(range.start);
@@ -192,15 +214,29 @@ impl ObjectReader {
                     continue;
                 }
             }
-            let prev_end = st.chunks.range(..=pos).next_back().map(|(_, c)| c.range.end).unwrap_or(0);
-            let next_start = st.chunks.range(pos + 1..).next().map(|(s, _)| *s).unwrap_or(self.size);
+            let prev_end = st
+                .chunks
+                .range(..=pos)
+                .next_back()
+                .map(|(_, c)| c.range.end)
+                .unwrap_or(0);
+            let next_start = st
+                .chunks
+                .range(pos + 1..)
+                .next()
+                .map(|(s, _)| *s)
+                .unwrap_or(self.size);
             let (start, want) = if sequential {
                 let piece = (st.window / 2).clamp(self.cfg.block_size, self.cfg.max_request);
                 (pos, piece.max(to.min(pos + self.cfg.max_request) - pos))
             } else {
                 let start = align_down(pos, self.cfg.block_size).max(prev_end);
                 let want = (to - start).div_ceil(self.cfg.block_size) * self.cfg.block_size;
-                (start, want.min(self.cfg.max_request).max(to.min(start + self.cfg.max_request) - start))
+                (
+                    start,
+                    want.min(self.cfg.max_request)
+                        .max(to.min(start + self.cfg.max_request) - start),
+                )
             };
             let stop = (start + want).min(next_start).min(self.size);
             let range = ByteRange::new(start, stop);
@@ -216,7 +252,14 @@ impl ObjectReader {
                 }
             };
             let data = self.spawn_fetch(range);
-            st.chunks.insert(start, Chunk { range, data, _reservation: reservation });
+            st.chunks.insert(
+                start,
+                Chunk {
+                    range,
+                    data,
+                    _reservation: reservation,
+                },
+            );
             st.fetched_end = st.fetched_end.max(stop);
             pos = stop;
         }
@@ -227,9 +270,12 @@ impl ObjectReader {
         let key = self.key.clone();
         let etag = self.etag.clone();
         let task = tokio::spawn(async move { store.get_range(&key, range, etag.as_deref()).await });
-        async move { task.await.unwrap_or_else(|e| Err(StoreError::Other(format!("fetch task failed: {e}")))) }
-            .boxed()
-            .shared()
+        async move {
+            task.await
+                .unwrap_or_else(|e| Err(StoreError::Other(format!("fetch task failed: {e}"))))
+        }
+        .boxed()
+        .shared()
     }
 }
 
@@ -244,7 +290,14 @@ mod tests {
     }
 
     fn reader(store: &Arc<MockStore>, key: &str, size: u64, budget: u64) -> ObjectReader {
-        ObjectReader::new(store.clone(), key.into(), None, size, PrefetchConfig::default(), Budget::new(budget))
+        ObjectReader::new(
+            store.clone(),
+            key.into(),
+            None,
+            size,
+            PrefetchConfig::default(),
+            Budget::new(budget),
+        )
     }
 
     #[tokio::test]
@@ -284,7 +337,10 @@ mod tests {
         }
         let fetched = store.counters.bytes_fetched.load(Ordering::Relaxed);
         // The first read may start a small window; the rest fetch one block each.
-        assert!(fetched <= (2 << 20) + offsets.len() as u64 * (128 << 10), "fetched {fetched}");
+        assert!(
+            fetched <= (2 << 20) + offsets.len() as u64 * (128 << 10),
+            "fetched {fetched}"
+        );
     }
 
     #[tokio::test]
@@ -293,7 +349,14 @@ mod tests {
         let body = data(8 << 20);
         store.insert("k", body.clone());
         let budget = Budget::new(0);
-        let r = ObjectReader::new(store.clone(), "k".into(), None, body.len() as u64, PrefetchConfig::default(), budget.clone());
+        let r = ObjectReader::new(
+            store.clone(),
+            "k".into(),
+            None,
+            body.len() as u64,
+            PrefetchConfig::default(),
+            budget.clone(),
+        );
         let mut off = 0;
         while off < body.len() as u64 {
             let b = r.read(off, 1 << 20).await.unwrap();
@@ -301,14 +364,27 @@ mod tests {
             off += b.len() as u64;
         }
         // Only required bytes were fetched: no prefetch fits a zero budget.
-        assert_eq!(store.counters.bytes_fetched.load(Ordering::Relaxed), body.len() as u64);
+        assert_eq!(
+            store.counters.bytes_fetched.load(Ordering::Relaxed),
+            body.len() as u64
+        );
     }
 
     #[tokio::test]
     async fn replaced_object_fails_instead_of_mixing() {
         let store = Arc::new(MockStore::new());
         let etag = store.insert("k", data(4 << 20));
-        let r = ObjectReader::new(store.clone(), "k".into(), Some(etag), 4 << 20, PrefetchConfig { initial_window: 128 << 10, ..Default::default() }, Budget::new(1 << 30));
+        let r = ObjectReader::new(
+            store.clone(),
+            "k".into(),
+            Some(etag),
+            4 << 20,
+            PrefetchConfig {
+                initial_window: 128 << 10,
+                ..Default::default()
+            },
+            Budget::new(1 << 30),
+        );
         r.read(0, 4096).await.unwrap();
         store.insert("k", vec![1u8; 4 << 20]);
         let err = r.read(3 << 20, 4096).await.unwrap_err();
@@ -320,7 +396,12 @@ mod tests {
         let store = Arc::new(MockStore::new());
         let body = data(1 << 20);
         store.insert("k", body.clone());
-        store.inject_fault(crate::store::mock::Op::Get, "k", StoreError::Other("503".into()), 1);
+        store.inject_fault(
+            crate::store::mock::Op::Get,
+            "k",
+            StoreError::Other("503".into()),
+            1,
+        );
         let r = reader(&store, "k", body.len() as u64, 1 << 30);
         assert!(r.read(0, 4096).await.is_err());
         let b = r.read(0, 4096).await.unwrap();

@@ -15,12 +15,17 @@ use bytes::{Bytes, BytesMut};
 
 use super::budget::Budget;
 use super::upload::{Capabilities, UploadConfig, MAX_PART, MAX_PARTS, MIN_PART};
-use crate::store::{ByteRange, CompletedPart, ObjectStore, PutOptions, PutResult, StoreError, StoreResult};
+use crate::store::{
+    ByteRange, CompletedPart, ObjectStore, PutOptions, PutResult, StoreError, StoreResult,
+};
 
 /// Create the staging directory (0700) if needed.
 pub fn prepare_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
@@ -36,8 +41,12 @@ impl RangeSet {
             return;
         }
         let (mut s, mut e) = (start, end);
-        let overlapping: Vec<(u64, u64)> =
-            self.ranges.range(..=end).filter(|(&a, &b)| b >= start && a <= end).map(|(&a, &b)| (a, b)).collect();
+        let overlapping: Vec<(u64, u64)> = self
+            .ranges
+            .range(..=end)
+            .filter(|(&a, &b)| b >= start && a <= end)
+            .map(|(&a, &b)| (a, b))
+            .collect();
         for (a, b) in overlapping {
             s = s.min(a);
             e = e.max(b);
@@ -48,7 +57,12 @@ impl RangeSet {
 
     /// Drop everything at or beyond `at`.
     pub fn truncate(&mut self, at: u64) {
-        let cut: Vec<(u64, u64)> = self.ranges.range(..).filter(|(_, &b)| b > at).map(|(&a, &b)| (a, b)).collect();
+        let cut: Vec<(u64, u64)> = self
+            .ranges
+            .range(..)
+            .filter(|(_, &b)| b > at)
+            .map(|(&a, &b)| (a, b))
+            .collect();
         for (a, _) in &cut {
             self.ranges.remove(a);
         }
@@ -119,18 +133,42 @@ impl StagedFile {
         let name = format!(
             "{}-{}.staged",
             std::process::id(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
         );
         let path = dir.join(name);
-        let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&path)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
         // A sidecar names the object, so changes left by a crash can be matched to it.
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(sidecar(&path))
-            .and_then(|mut f| std::io::Write::write_all(&mut f, format!("key: {}\netag: {}\nsize: {}\n", base.key, base.etag, base.size).as_bytes()))?;
-        Ok(StagedFile { file, path, dirty: RangeSet::default(), size: base.size, base_valid: base.size, base })
+            .and_then(|mut f| {
+                std::io::Write::write_all(
+                    &mut f,
+                    format!(
+                        "key: {}\netag: {}\nsize: {}\n",
+                        base.key, base.etag, base.size
+                    )
+                    .as_bytes(),
+                )
+            })?;
+        Ok(StagedFile {
+            file,
+            path,
+            dirty: RangeSet::default(),
+            size: base.size,
+            base_valid: base.size,
+            base,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -177,14 +215,25 @@ impl StagedFile {
         for (a, b, staged) in self.dirty.split(start, end) {
             if staged {
                 let mut buf = vec![0u8; (b - a) as usize];
-                self.file.read_exact_at(&mut buf, a).map_err(|e| StoreError::Other(format!("staging file {}: {e}", self.path.display())))?;
+                self.file.read_exact_at(&mut buf, a).map_err(|e| {
+                    StoreError::Other(format!("staging file {}: {e}", self.path.display()))
+                })?;
                 out.extend_from_slice(&buf);
             } else {
                 let from_base = b.min(self.base_valid);
                 if a < from_base {
-                    let bytes = store.get_range(&self.base.key, ByteRange::new(a, from_base), Some(&self.base.etag)).await?;
+                    let bytes = store
+                        .get_range(
+                            &self.base.key,
+                            ByteRange::new(a, from_base),
+                            Some(&self.base.etag),
+                        )
+                        .await?;
                     if bytes.len() as u64 != from_base - a {
-                        return Err(StoreError::Other(format!("{}: short read of the original object", self.base.key)));
+                        return Err(StoreError::Other(format!(
+                            "{}: short read of the original object",
+                            self.base.key
+                        )));
                     }
                     out.extend_from_slice(&bytes);
                 }
@@ -205,13 +254,18 @@ impl StagedFile {
         caps: &Capabilities,
     ) -> StoreResult<PutResult> {
         let n = self.size;
-        let part = cfg.min_part_size.max(n.div_ceil(MAX_PARTS as u64)).clamp(MIN_PART, MAX_PART);
+        let part = cfg
+            .min_part_size
+            .max(n.div_ceil(MAX_PARTS as u64))
+            .clamp(MIN_PART, MAX_PART);
         let copyable = self.base.key == key || !self.base.etag.is_empty();
         if n <= part {
             let _r = budget.reserve_required(n);
             let body = self.read(store.as_ref(), 0, n).await?;
             let crc = crc32fast::hash(&body);
-            return store.put(key, body, opts, caps.checksums().then_some(crc)).await;
+            return store
+                .put(key, body, opts, caps.checksums().then_some(crc))
+                .await;
         }
         let id = store.create_multipart(key, opts, caps.checksums()).await?;
         let result: StoreResult<Vec<CompletedPart>> = async {
@@ -222,13 +276,22 @@ impl StagedFile {
                 let end = (start + part).min(n);
                 let p = if copyable && end <= self.base_valid && !self.dirty.overlaps(start, end) {
                     store
-                        .upload_part_copy(key, &id, number, &self.base.key, &self.base.etag, ByteRange::new(start, end))
+                        .upload_part_copy(
+                            key,
+                            &id,
+                            number,
+                            &self.base.key,
+                            &self.base.etag,
+                            ByteRange::new(start, end),
+                        )
                         .await?
                 } else {
                     let _r = budget.reserve_required(end - start);
                     let body = self.read(store.as_ref(), start, end).await?;
                     let crc = crc32fast::hash(&body);
-                    store.upload_part(key, &id, number, body, caps.checksums().then_some(crc)).await?
+                    store
+                        .upload_part(key, &id, number, body, caps.checksums().then_some(crc))
+                        .await?
                 };
                 parts.push(p);
                 start = end;
@@ -238,7 +301,11 @@ impl StagedFile {
         }
         .await;
         let outcome = match result {
-            Ok(parts) => store.complete_multipart(key, &id, parts, &opts.condition).await,
+            Ok(parts) => {
+                store
+                    .complete_multipart(key, &id, parts, &opts.condition)
+                    .await
+            }
             Err(e) => Err(e),
         };
         if outcome.is_err() {
@@ -277,13 +344,19 @@ fn sidecar(path: &Path) -> PathBuf {
 pub fn leftovers(dir: &Path) -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
     for d in [dir.to_path_buf(), dir.join("recovered")] {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             let path = e.path();
             if !path.is_file() || path.extension().is_some_and(|x| x == "info") {
                 continue;
             }
-            let about = std::fs::read_to_string(sidecar(&path)).unwrap_or_default().replace('\n', " ").trim().to_string();
+            let about = std::fs::read_to_string(sidecar(&path))
+                .unwrap_or_default()
+                .replace('\n', " ")
+                .trim()
+                .to_string();
             out.push((path, about));
         }
     }
@@ -303,18 +376,32 @@ mod tests {
         r.insert(10, 20);
         r.insert(30, 40);
         r.insert(15, 32);
-        assert_eq!(r.split(0, 50), vec![(0, 10, false), (10, 40, true), (40, 50, false)]);
+        assert_eq!(
+            r.split(0, 50),
+            vec![(0, 10, false), (10, 40, true), (40, 50, false)]
+        );
         r.insert(40, 45);
         assert_eq!(r.total(), 35);
         r.truncate(42);
-        assert_eq!(r.split(0, 50), vec![(0, 10, false), (10, 42, true), (42, 50, false)]);
+        assert_eq!(
+            r.split(0, 50),
+            vec![(0, 10, false), (10, 42, true), (42, 50, false)]
+        );
         assert!(r.overlaps(41, 100) && !r.overlaps(0, 10));
     }
 
     async fn staged_with(store: &Arc<MockStore>, body: &[u8]) -> (StagedFile, tempfile::TempDir) {
         let etag = store.insert("k", body.to_vec());
         let dir = tempfile::tempdir().unwrap();
-        let f = StagedFile::create(dir.path(), Base { key: "k".into(), etag, size: body.len() as u64 }).unwrap();
+        let f = StagedFile::create(
+            dir.path(),
+            Base {
+                key: "k".into(),
+                etag,
+                size: body.len() as u64,
+            },
+        )
+        .unwrap();
         (f, dir)
     }
 
@@ -323,12 +410,21 @@ mod tests {
         let store = Arc::new(MockStore::new());
         let (mut f, _d) = staged_with(&store, b"0123456789").await;
         f.write(2, b"ab").unwrap();
-        assert_eq!(&f.read(store.as_ref(), 0, 10).await.unwrap()[..], b"01ab456789");
+        assert_eq!(
+            &f.read(store.as_ref(), 0, 10).await.unwrap()[..],
+            b"01ab456789"
+        );
         f.truncate(6).unwrap();
         f.truncate(8).unwrap();
-        assert_eq!(&f.read(store.as_ref(), 0, 100).await.unwrap()[..], b"01ab45\0\0");
+        assert_eq!(
+            &f.read(store.as_ref(), 0, 100).await.unwrap()[..],
+            b"01ab45\0\0"
+        );
         f.write(10, b"Z").unwrap();
-        assert_eq!(&f.read(store.as_ref(), 0, 100).await.unwrap()[..], b"01ab45\0\0\0\0Z");
+        assert_eq!(
+            &f.read(store.as_ref(), 0, 100).await.unwrap()[..],
+            b"01ab45\0\0\0\0Z"
+        );
     }
 
     #[tokio::test]
@@ -342,9 +438,16 @@ mod tests {
         f.write(body.len() as u64, &extra).unwrap();
         store.reset_counters();
         let cfg = UploadConfig::default();
-        f.upload(&(store.clone() as Arc<dyn ObjectStore>), "k", &PutOptions::default(), &cfg, &Budget::new(1 << 30), &Capabilities::default())
-            .await
-            .unwrap();
+        f.upload(
+            &(store.clone() as Arc<dyn ObjectStore>),
+            "k",
+            &PutOptions::default(),
+            &cfg,
+            &Budget::new(1 << 30),
+            &Capabilities::default(),
+        )
+        .await
+        .unwrap();
         let got = store.get_bytes("k").unwrap();
         assert_eq!(got.len(), body.len() + extra.len());
         assert!(got[..body.len()] == body[..] && got[body.len()..] == extra[..]);
@@ -353,7 +456,10 @@ mod tests {
         // 1 MiB of new bytes; the last part is the only one assembled (no read-modify-write here).
         assert_eq!(up, 1 << 20, "uploaded {up}");
         assert_eq!(fetched, 0);
-        assert_eq!(store.counters.bytes_copied.load(Ordering::Relaxed), body.len() as u64);
+        assert_eq!(
+            store.counters.bytes_copied.load(Ordering::Relaxed),
+            body.len() as u64
+        );
     }
 
     #[tokio::test]
@@ -363,14 +469,28 @@ mod tests {
         let (mut f, _d) = staged_with(&store, &body).await;
         f.write(20 << 20, b"patch").unwrap();
         store.reset_counters();
-        f.upload(&(store.clone() as Arc<dyn ObjectStore>), "k", &PutOptions::default(), &UploadConfig::default(), &Budget::new(1 << 30), &Capabilities::default())
-            .await
-            .unwrap();
+        f.upload(
+            &(store.clone() as Arc<dyn ObjectStore>),
+            "k",
+            &PutOptions::default(),
+            &UploadConfig::default(),
+            &Budget::new(1 << 30),
+            &Capabilities::default(),
+        )
+        .await
+        .unwrap();
         let mut want = body.clone();
         want[20 << 20..(20 << 20) + 5].copy_from_slice(b"patch");
         assert!(store.get_bytes("k").unwrap() == want);
-        assert_eq!(store.counters.bytes_uploaded.load(Ordering::Relaxed), 8 << 20, "one 8 MiB part");
-        assert_eq!(store.counters.bytes_fetched.load(Ordering::Relaxed), (8 << 20) - 5);
+        assert_eq!(
+            store.counters.bytes_uploaded.load(Ordering::Relaxed),
+            8 << 20,
+            "one 8 MiB part"
+        );
+        assert_eq!(
+            store.counters.bytes_fetched.load(Ordering::Relaxed),
+            (8 << 20) - 5
+        );
     }
 
     #[tokio::test]
@@ -378,8 +498,14 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let store = Arc::new(MockStore::new());
         let (f, d) = staged_with(&store, b"x").await;
-        assert_eq!(std::fs::metadata(d.path()).unwrap().permissions().mode() & 0o777, 0o700);
-        assert_eq!(std::fs::metadata(f.path()).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(d.path()).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        assert_eq!(
+            std::fs::metadata(f.path()).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let p = f.path().to_path_buf();
         drop(f);
         assert!(!p.exists());

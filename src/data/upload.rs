@@ -16,7 +16,8 @@ use tokio::task::JoinSet;
 
 use super::budget::{Budget, Reservation};
 use crate::store::{
-    composite_crc32, crc32_header, ByteRange, CompletedPart, ObjectStore, PutOptions, PutResult, StoreError, StoreResult,
+    composite_crc32, crc32_header, ByteRange, CompletedPart, ObjectStore, PutOptions, PutResult,
+    StoreError, StoreResult,
 };
 
 pub const MAX_PARTS: i32 = 10_000;
@@ -34,7 +35,11 @@ pub struct UploadConfig {
 
 impl Default for UploadConfig {
     fn default() -> Self {
-        UploadConfig { min_part_size: 8 << 20, max_part_size: 4 << 30, concurrency: 4 }
+        UploadConfig {
+            min_part_size: 8 << 20,
+            max_part_size: 4 << 30,
+            concurrency: 4,
+        }
     }
 }
 
@@ -42,7 +47,9 @@ impl UploadConfig {
     /// Size of part `n` (1-based).
     pub fn part_size(&self, n: i32) -> u64 {
         let doublings = ((n.max(1) - 1) / 1000).min(20) as u32;
-        (self.min_part_size << doublings).min(self.max_part_size).min(MAX_PART)
+        (self.min_part_size << doublings)
+            .min(self.max_part_size)
+            .min(MAX_PART)
     }
 
     /// The largest object this schedule can write.
@@ -60,7 +67,10 @@ pub struct Capabilities {
 
 impl Default for Capabilities {
     fn default() -> Self {
-        Capabilities { checksums: AtomicBool::new(true), conditional: AtomicBool::new(true) }
+        Capabilities {
+            checksums: AtomicBool::new(true),
+            conditional: AtomicBool::new(true),
+        }
     }
 }
 
@@ -102,7 +112,10 @@ impl Capabilities {
             StoreError::Unsupported(_) => true,
             StoreError::Other(m) => {
                 let m = m.to_ascii_lowercase();
-                m.contains("checksum") && (m.contains("not implemented") || m.contains("invalid") || m.contains("unsupported"))
+                m.contains("checksum")
+                    && (m.contains("not implemented")
+                        || m.contains("invalid")
+                        || m.contains("unsupported"))
             }
             _ => false,
         };
@@ -186,8 +199,16 @@ impl StreamUpload {
             return Ok(self);
         }
         if committed.size < MIN_PART {
-            let bytes = self.store.get_range(&self.key, ByteRange::new(0, committed.size), Some(&committed.etag)).await?;
-            self.buf_reservation.absorb(self.budget.reserve_required(bytes.len() as u64));
+            let bytes = self
+                .store
+                .get_range(
+                    &self.key,
+                    ByteRange::new(0, committed.size),
+                    Some(&committed.etag),
+                )
+                .await?;
+            self.buf_reservation
+                .absorb(self.budget.reserve_required(bytes.len() as u64));
             self.total = bytes.len() as u64;
             self.buf.extend_from_slice(&bytes);
         } else {
@@ -239,9 +260,11 @@ impl StreamUpload {
             while self.budget.available() < n as u64 && !self.inflight.is_empty() {
                 self.reap_one().await?;
             }
-            self.buf_reservation.absorb(self.budget.reserve_required(n as u64));
+            self.buf_reservation
+                .absorb(self.budget.reserve_required(n as u64));
             if self.buf.capacity() - self.buf.len() < n {
-                self.buf.reserve((cap as usize - self.buf.len()).min(n.max(1 << 20)));
+                self.buf
+                    .reserve((cap as usize - self.buf.len()).min(n.max(1 << 20)));
             }
             self.buf.extend_from_slice(&data[..n]);
             self.total += n as u64;
@@ -257,7 +280,10 @@ impl StreamUpload {
         if let Some(id) = &self.upload_id {
             return Ok(id.clone());
         }
-        let id = self.store.create_multipart(&self.key, &self.opts, self.caps.checksums()).await?;
+        let id = self
+            .store
+            .create_multipart(&self.key, &self.opts, self.caps.checksums())
+            .await?;
         tracing::debug!(key = %self.key, upload_id = %id, "multipart upload started");
         self.upload_id = Some(id.clone());
         if let Some(prefix) = self.prefix.take() {
@@ -277,7 +303,14 @@ impl StreamUpload {
             self.next_part += 1;
             let part = self
                 .store
-                .upload_part_copy(&self.key, id, n, &self.key, &prefix.etag, ByteRange::new(start, end))
+                .upload_part_copy(
+                    &self.key,
+                    id,
+                    n,
+                    &self.key,
+                    &prefix.etag,
+                    ByteRange::new(start, end),
+                )
                 .await?;
             self.done.push((part, 0, end - start));
             self.copied_prefix = true;
@@ -326,7 +359,8 @@ impl StreamUpload {
             self.reap_one().await?;
         }
         let body = std::mem::take(&mut self.buf).freeze();
-        let reservation = std::mem::replace(&mut self.buf_reservation, Reservation::empty(&self.budget));
+        let reservation =
+            std::mem::replace(&mut self.buf_reservation, Reservation::empty(&self.budget));
         let n = self.next_part;
         self.next_part += 1;
         let (store, key, caps) = (self.store.clone(), self.key.clone(), self.caps.clone());
@@ -336,7 +370,11 @@ impl StreamUpload {
             let len = body.len() as u64;
             let part = send_with_checksum(&caps, |c| {
                 let (store, key, id, body) = (store.clone(), key.clone(), id.clone(), body.clone());
-                async move { store.upload_part(&key, &id, n, body, c.then_some(crc)).await }
+                async move {
+                    store
+                        .upload_part(&key, &id, n, body, c.then_some(crc))
+                        .await
+                }
             })
             .await?;
             Ok((part, crc, len))
@@ -370,14 +408,18 @@ impl StreamUpload {
                 let caps = caps.clone();
                 async move {
                     send_with_checksum(&caps, |c| {
-                        let (store, key, opts, body) = (store.clone(), key.clone(), opts.clone(), body.clone());
+                        let (store, key, opts, body) =
+                            (store.clone(), key.clone(), opts.clone(), body.clone());
                         async move { store.put(&key, body, &opts, c.then_some(crc)).await }
                     })
                     .await
                 }
             };
             let res = match attempt(opts.clone()).await {
-                Err(e) if opts.condition != crate::store::PutCondition::Overwrite && self.caps.learn_conditional(&e) => {
+                Err(e)
+                    if opts.condition != crate::store::PutCondition::Overwrite
+                        && self.caps.learn_conditional(&e) =>
+                {
                     opts.condition = crate::store::PutCondition::Overwrite;
                     attempt(opts).await
                 }
@@ -393,7 +435,9 @@ impl StreamUpload {
             verify_checksum(&self.key, res.checksum_crc32.as_deref(), &[crc], Some(crc));
             return Ok(res);
         }
-        if !self.buf.is_empty() || (self.done.is_empty() && self.inflight.is_empty() && self.prefix.is_none()) {
+        if !self.buf.is_empty()
+            || (self.done.is_empty() && self.inflight.is_empty() && self.prefix.is_none())
+        {
             self.ship_part().await?;
         } else {
             self.ensure_multipart().await?;
@@ -408,9 +452,23 @@ impl StreamUpload {
         if !self.caps.conditional() {
             condition = crate::store::PutCondition::Overwrite;
         }
-        let res = match self.store.complete_multipart(&self.key, &id, parts.clone(), &condition).await {
-            Err(e) if condition != crate::store::PutCondition::Overwrite && self.caps.learn_conditional(&e) => {
-                self.store.complete_multipart(&self.key, &id, parts, &crate::store::PutCondition::Overwrite).await
+        let res = match self
+            .store
+            .complete_multipart(&self.key, &id, parts.clone(), &condition)
+            .await
+        {
+            Err(e)
+                if condition != crate::store::PutCondition::Overwrite
+                    && self.caps.learn_conditional(&e) =>
+            {
+                self.store
+                    .complete_multipart(
+                        &self.key,
+                        &id,
+                        parts,
+                        &crate::store::PutCondition::Overwrite,
+                    )
+                    .await
             }
             Err(StoreError::PreconditionFailed(_)) => {
                 // The parts stay on the server: leave the upload open (not aborted) and say how
@@ -448,15 +506,27 @@ impl StreamUpload {
     fn recovery_path(&self, suffix: &str) -> Option<std::path::PathBuf> {
         let dir = self.recovery_dir.as_ref()?;
         super::staging::prepare_dir(dir).ok()?;
-        let safe: String = self.key.chars().map(|c| if c == '/' || c.is_control() { '_' } else { c }).collect();
-        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        Some(dir.join(format!("{}.{stamp}.{suffix}", safe.chars().take(200).collect::<String>())))
+        let safe: String = self
+            .key
+            .chars()
+            .map(|c| if c == '/' || c.is_control() { '_' } else { c })
+            .collect();
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Some(dir.join(format!(
+            "{}.{stamp}.{suffix}",
+            safe.chars().take(200).collect::<String>()
+        )))
     }
 
     /// Save the bytes of a conflicting single PUT; returns where (or why not).
     fn keep_for_recovery(&self, body: &[u8]) -> String {
         use std::os::unix::fs::OpenOptionsExt;
-        let Some(path) = self.recovery_path("data") else { return "nowhere (no recovery directory)".into() };
+        let Some(path) = self.recovery_path("data") else {
+            return "nowhere (no recovery directory)".into();
+        };
         let written = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -480,8 +550,15 @@ impl StreamUpload {
             text.push_str(&format!("  {} {}\n", p.part_number, p.etag));
         }
         tracing::error!(key = %self.key, upload_id = %id, parts = parts.len(), "write conflict: multipart upload left open for recovery");
-        let Some(path) = self.recovery_path("upload") else { return "the log".into() };
-        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
+        let Some(path) = self.recovery_path("upload") else {
+            return "the log".into();
+        };
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
             Ok(mut f) => {
                 let _ = std::io::Write::write_all(&mut f, text.as_bytes());
                 path.display().to_string()
@@ -531,7 +608,12 @@ where
 
 /// Compare the checksum the server reports with ours. Returns false only on a real mismatch;
 /// a store that reports none is accepted (it was told the part checksums).
-fn verify_checksum(key: &str, reported: Option<&str>, part_crcs: &[u32], whole: Option<u32>) -> bool {
+fn verify_checksum(
+    key: &str,
+    reported: Option<&str>,
+    part_crcs: &[u32],
+    whole: Option<u32>,
+) -> bool {
     let Some(reported) = reported else {
         tracing::debug!(key, "store reported no object checksum");
         return true;
@@ -549,7 +631,11 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     fn small_cfg() -> UploadConfig {
-        UploadConfig { min_part_size: 5 << 20, max_part_size: 64 << 20, concurrency: 3 }
+        UploadConfig {
+            min_part_size: 5 << 20,
+            max_part_size: 64 << 20,
+            concurrency: 3,
+        }
     }
 
     fn upload(store: &Arc<MockStore>, key: &str, budget: u64) -> StreamUpload {
@@ -564,7 +650,9 @@ mod tests {
     }
 
     fn data(n: usize, seed: u8) -> Vec<u8> {
-        (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
     }
 
     #[test]
@@ -574,7 +662,11 @@ mod tests {
         assert_eq!(cfg.part_size(1000), 8 << 20);
         assert_eq!(cfg.part_size(1001), 16 << 20);
         assert_eq!(cfg.part_size(10_000), 4 << 30);
-        assert!(cfg.max_object_size() >= 5 << 40, "{}", cfg.max_object_size());
+        assert!(
+            cfg.max_object_size() >= 5 << 40,
+            "{}",
+            cfg.max_object_size()
+        );
     }
 
     #[tokio::test]
@@ -584,7 +676,10 @@ mod tests {
         u.write(b"hello ").await.unwrap();
         u.write(b"world").await.unwrap();
         let res = u.finish().await.unwrap();
-        assert_eq!(res.checksum_crc32, Some(crc32_header(crc32fast::hash(b"hello world"))));
+        assert_eq!(
+            res.checksum_crc32,
+            Some(crc32_header(crc32fast::hash(b"hello world")))
+        );
         assert_eq!(&store.get_bytes("f").unwrap()[..], b"hello world");
         assert_eq!(store.counters.put.load(Ordering::Relaxed), 1);
         assert_eq!(store.counters.multipart.load(Ordering::Relaxed), 0);
@@ -646,7 +741,12 @@ mod tests {
     #[tokio::test]
     async fn corrupted_body_is_resent() {
         let store = Arc::new(MockStore::new());
-        store.inject_fault(Op::UploadPart, "k", StoreError::Checksum("bad digest".into()), 1);
+        store.inject_fault(
+            Op::UploadPart,
+            "k",
+            StoreError::Checksum("bad digest".into()),
+            1,
+        );
         let body = data(11 << 20, 9);
         let mut u = upload(&store, "k", 1 << 30);
         u.write(&body).await.unwrap();
@@ -657,9 +757,21 @@ mod tests {
     #[tokio::test]
     async fn store_without_checksums_falls_back() {
         let store = Arc::new(MockStore::new());
-        store.inject_fault(Op::Put, "k", StoreError::Unsupported("x-amz-checksum-crc32 not implemented".into()), 1);
+        store.inject_fault(
+            Op::Put,
+            "k",
+            StoreError::Unsupported("x-amz-checksum-crc32 not implemented".into()),
+            1,
+        );
         let caps = Arc::new(Capabilities::default());
-        let mut u = StreamUpload::new(store.clone(), "k".into(), PutOptions::default(), small_cfg(), Budget::new(1 << 30), caps.clone());
+        let mut u = StreamUpload::new(
+            store.clone(),
+            "k".into(),
+            PutOptions::default(),
+            small_cfg(),
+            Budget::new(1 << 30),
+            caps.clone(),
+        );
         u.write(b"data").await.unwrap();
         u.finish().await.unwrap();
         assert!(!caps.checksums());
@@ -671,13 +783,24 @@ mod tests {
         let store = Arc::new(MockStore::new());
         store.set_latency(Some(std::time::Duration::from_millis(5)));
         let budget = Budget::new(16 << 20);
-        let mut u = StreamUpload::new(store.clone(), "k".into(), PutOptions::default(), small_cfg(), budget.clone(), Arc::new(Capabilities::default()));
+        let mut u = StreamUpload::new(
+            store.clone(),
+            "k".into(),
+            PutOptions::default(),
+            small_cfg(),
+            budget.clone(),
+            Arc::new(Capabilities::default()),
+        );
         for chunk in data(60 << 20, 2).chunks(1 << 20) {
             u.write(chunk).await.unwrap();
         }
         u.finish().await.unwrap();
         // One part of overdraft at most beyond the budget.
-        assert!(budget.peak() <= (16 << 20) + (5 << 20), "peak {}", budget.peak());
+        assert!(
+            budget.peak() <= (16 << 20) + (5 << 20),
+            "peak {}",
+            budget.peak()
+        );
         assert_eq!(budget.used(), 0);
     }
 
@@ -687,13 +810,22 @@ mod tests {
         let first = data(12 << 20, 4);
         let etag = store.insert("k", first.clone());
         let u = upload(&store, "k", 1 << 30);
-        let mut u = u.continuing(CommittedPrefix { etag, size: first.len() as u64 }).await.unwrap();
+        let mut u = u
+            .continuing(CommittedPrefix {
+                etag,
+                size: first.len() as u64,
+            })
+            .await
+            .unwrap();
         u.write(b"tail").await.unwrap();
         u.finish().await.unwrap();
         let mut want = first.clone();
         want.extend_from_slice(b"tail");
         assert!(store.get_bytes("k").unwrap() == want);
-        assert_eq!(store.counters.bytes_copied.load(Ordering::Relaxed), first.len() as u64);
+        assert_eq!(
+            store.counters.bytes_copied.load(Ordering::Relaxed),
+            first.len() as u64
+        );
         assert_eq!(store.counters.bytes_uploaded.load(Ordering::Relaxed), 4);
     }
 
@@ -701,7 +833,10 @@ mod tests {
     async fn continuing_rereads_a_small_prefix() {
         let store = Arc::new(MockStore::new());
         let etag = store.insert("k", "head-");
-        let mut u = upload(&store, "k", 1 << 30).continuing(CommittedPrefix { etag, size: 5 }).await.unwrap();
+        let mut u = upload(&store, "k", 1 << 30)
+            .continuing(CommittedPrefix { etag, size: 5 })
+            .await
+            .unwrap();
         u.write(b"tail").await.unwrap();
         u.finish().await.unwrap();
         assert_eq!(&store.get_bytes("k").unwrap()[..], b"head-tail");

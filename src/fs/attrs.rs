@@ -68,7 +68,9 @@ pub fn parse_time(s: &str) -> Option<SystemTime> {
     if sec >= 0 {
         UNIX_EPOCH.checked_add(Duration::new(sec as u64, nanos))
     } else {
-        UNIX_EPOCH.checked_sub(Duration::from_secs(sec.unsigned_abs()))?.checked_add(Duration::from_nanos(nanos as u64))
+        UNIX_EPOCH
+            .checked_sub(Duration::from_secs(sec.unsigned_abs()))?
+            .checked_add(Duration::from_nanos(nanos as u64))
     }
 }
 
@@ -98,12 +100,18 @@ pub fn kind_from_meta(meta: &ObjectMeta) -> Option<Kind> {
 
 /// Is this object a directory by Content-Type (how s3fs marks `dir` objects without a slash)?
 pub fn is_directory_content_type(meta: &ObjectMeta) -> bool {
-    meta.content_type.as_deref().is_some_and(|c| c.starts_with("application/x-directory"))
+    meta.content_type
+        .as_deref()
+        .is_some_and(|c| c.starts_with("application/x-directory"))
 }
 
 /// Build attributes for an object (or a directory marker) using stored metadata where present.
 pub fn attr_from_meta(ino: u64, kind: Kind, meta: Option<&ObjectMeta>, d: &AttrDefaults) -> Attr {
-    let default_perm = if kind == Kind::Dir { d.dir_mode } else { d.file_mode };
+    let default_perm = if kind == Kind::Dir {
+        d.dir_mode
+    } else {
+        d.file_mode
+    };
     let (mut perm, mut uid, mut gid) = (default_perm, d.uid, d.gid);
     let mut mtime = d.mount_time;
     let mut ctime = None;
@@ -119,7 +127,12 @@ pub fn attr_from_meta(ino: u64, kind: Kind, meta: Option<&ObjectMeta>, d: &AttrD
         if let Some(g) = m.metadata.get("gid").and_then(|v| v.trim().parse().ok()) {
             gid = g;
         }
-        if let Some(t) = m.metadata.get("mtime").and_then(|v| parse_time(v)).or(m.last_modified) {
+        if let Some(t) = m
+            .metadata
+            .get("mtime")
+            .and_then(|v| parse_time(v))
+            .or(m.last_modified)
+        {
             mtime = t;
         }
         ctime = m.metadata.get("ctime").and_then(|v| parse_time(v));
@@ -148,14 +161,29 @@ mod tests {
     use crate::store::UserMetadata;
 
     fn defaults() -> AttrDefaults {
-        AttrDefaults { uid: 1000, gid: 1000, file_mode: 0o644, dir_mode: 0o755, mount_time: UNIX_EPOCH }
+        AttrDefaults {
+            uid: 1000,
+            gid: 1000,
+            file_mode: 0o644,
+            dir_mode: 0o755,
+            mount_time: UNIX_EPOCH,
+        }
     }
 
     #[test]
     fn times_parse_both_forms() {
-        assert_eq!(parse_time("1700000000"), Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000)));
-        assert_eq!(parse_time("1700000000.5"), Some(UNIX_EPOCH + Duration::new(1_700_000_000, 500_000_000)));
-        assert_eq!(parse_time("1.000000001"), Some(UNIX_EPOCH + Duration::new(1, 1)));
+        assert_eq!(
+            parse_time("1700000000"),
+            Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
+        assert_eq!(
+            parse_time("1700000000.5"),
+            Some(UNIX_EPOCH + Duration::new(1_700_000_000, 500_000_000))
+        );
+        assert_eq!(
+            parse_time("1.000000001"),
+            Some(UNIX_EPOCH + Duration::new(1, 1))
+        );
         assert_eq!(parse_time("abc"), None);
         assert_eq!(parse_time("1.x"), None);
         let t = UNIX_EPOCH + Duration::new(1_700_000_000, 123);
@@ -169,7 +197,13 @@ mod tests {
         md.insert("uid".into(), "42".into());
         md.insert("gid".into(), "43".into());
         md.insert("mtime".into(), "1600000000".into());
-        let meta = ObjectMeta { key: "k".into(), size: 7, metadata: md, has_metadata: true, ..Default::default() };
+        let meta = ObjectMeta {
+            key: "k".into(),
+            size: 7,
+            metadata: md,
+            has_metadata: true,
+            ..Default::default()
+        };
         let a = attr_from_meta(5, Kind::File, Some(&meta), &defaults());
         assert_eq!((a.perm, a.uid, a.gid, a.size), (0o755, 42, 43, 7));
         assert_eq!(a.mtime, UNIX_EPOCH + Duration::from_secs(1_600_000_000));
@@ -183,7 +217,12 @@ mod tests {
         md.insert("uid".into(), "-1".into());
         md.insert("mtime".into(), "yesterday".into());
         let lm = UNIX_EPOCH + Duration::from_secs(99);
-        let meta = ObjectMeta { key: "k".into(), metadata: md, last_modified: Some(lm), ..Default::default() };
+        let meta = ObjectMeta {
+            key: "k".into(),
+            metadata: md,
+            last_modified: Some(lm),
+            ..Default::default()
+        };
         let a = attr_from_meta(5, Kind::File, Some(&meta), &defaults());
         assert_eq!((a.perm, a.uid, a.mtime), (0o644, 1000, lm));
     }

@@ -58,36 +58,58 @@ impl Listing {
     /// Add one page of a delimiter listing of `prefix`.
     pub fn add_page(&mut self, prefix: &str, page: ListPage, warn: &WarnOnce) {
         for cp in page.common_prefixes {
-            let Some(rest) = cp.strip_prefix(prefix) else { continue };
+            let Some(rest) = cp.strip_prefix(prefix) else {
+                continue;
+            };
             let name = rest.strip_suffix('/').unwrap_or(rest);
             if let Some(why) = invalid_name_reason(name) {
-                warn.warn(&cp, &format!("skipping prefix that is not a valid directory name ({why})"));
+                warn.warn(
+                    &cp,
+                    &format!("skipping prefix that is not a valid directory name ({why})"),
+                );
                 continue;
             }
             // A directory wins over a file of the same name; keep a marker's metadata if seen.
             let meta = match self.entries.remove(name) {
-                Some(DirEntry { kind: Kind::Dir, meta }) => meta,
+                Some(DirEntry {
+                    kind: Kind::Dir,
+                    meta,
+                }) => meta,
                 Some(_file) => {
                     warn.warn(&format!("{prefix}{name}"), "key is both a file and a directory prefix; showing the directory, hiding the file");
                     None
                 }
                 None => None,
             };
-            self.entries.insert(name.to_string(), DirEntry { kind: Kind::Dir, meta });
+            self.entries.insert(
+                name.to_string(),
+                DirEntry {
+                    kind: Kind::Dir,
+                    meta,
+                },
+            );
         }
         for obj in page.objects {
-            let Some(rest) = obj.key.strip_prefix(prefix) else { continue };
+            let Some(rest) = obj.key.strip_prefix(prefix) else {
+                continue;
+            };
             if rest.is_empty() {
                 continue; // the marker of this directory itself
             }
             if let Some(dir) = rest.strip_suffix(LEGACY_FOLDER_SUFFIX) {
                 if invalid_name_reason(dir).is_none() {
-                    self.entries.entry(dir.to_string()).or_insert(DirEntry { kind: Kind::Dir, meta: None });
+                    self.entries.entry(dir.to_string()).or_insert(DirEntry {
+                        kind: Kind::Dir,
+                        meta: None,
+                    });
                     continue;
                 }
             }
             if let Some(why) = invalid_name_reason(rest) {
-                warn.warn(&obj.key, &format!("skipping key that is not a valid file name ({why})"));
+                warn.warn(
+                    &obj.key,
+                    &format!("skipping key that is not a valid file name ({why})"),
+                );
                 continue;
             }
             match self.entries.get(rest) {
@@ -95,7 +117,13 @@ impl Listing {
                     warn.warn(&obj.key, "key is both a file and a directory prefix; showing the directory, hiding the file");
                 }
                 _ => {
-                    self.entries.insert(rest.to_string(), DirEntry { kind: Kind::File, meta: Some(obj) });
+                    self.entries.insert(
+                        rest.to_string(),
+                        DirEntry {
+                            kind: Kind::File,
+                            meta: Some(obj),
+                        },
+                    );
                 }
             }
         }
@@ -107,7 +135,11 @@ mod tests {
     use super::*;
 
     fn obj(key: &str, size: u64) -> ObjectMeta {
-        ObjectMeta { key: key.into(), size, ..Default::default() }
+        ObjectMeta {
+            key: key.into(),
+            size,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -117,17 +149,39 @@ mod tests {
         l.add_page(
             "p/",
             ListPage {
-                objects: vec![obj("p/", 0), obj("p/a", 1), obj("p/x", 3), obj("p/old_$folder$", 0)],
+                objects: vec![
+                    obj("p/", 0),
+                    obj("p/a", 1),
+                    obj("p/x", 3),
+                    obj("p/old_$folder$", 0),
+                ],
                 common_prefixes: vec!["p/d/".into()],
                 next_token: Some("t".into()),
             },
             &w,
         );
-        l.add_page("p/", ListPage { objects: vec![], common_prefixes: vec!["p/x/".into(), "p//".into()], next_token: None }, &w);
-        let got: Vec<_> = l.entries.iter().map(|(n, e)| (n.as_str(), e.kind)).collect();
+        l.add_page(
+            "p/",
+            ListPage {
+                objects: vec![],
+                common_prefixes: vec!["p/x/".into(), "p//".into()],
+                next_token: None,
+            },
+            &w,
+        );
+        let got: Vec<_> = l
+            .entries
+            .iter()
+            .map(|(n, e)| (n.as_str(), e.kind))
+            .collect();
         assert_eq!(
             got,
-            vec![("a", Kind::File), ("d", Kind::Dir), ("old", Kind::Dir), ("x", Kind::Dir)]
+            vec![
+                ("a", Kind::File),
+                ("d", Kind::Dir),
+                ("old", Kind::Dir),
+                ("x", Kind::Dir)
+            ]
         );
     }
 

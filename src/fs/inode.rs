@@ -37,7 +37,11 @@ impl InodeTable {
     pub fn new(root: Inode) -> Self {
         let mut inodes = HashMap::new();
         inodes.insert(ROOT_INO, root);
-        InodeTable { inodes, by_name: HashMap::new(), next_ino: ROOT_INO + 1 }
+        InodeTable {
+            inodes,
+            by_name: HashMap::new(),
+            next_ino: ROOT_INO + 1,
+        }
     }
 
     pub fn get(&self, ino: u64) -> Option<&Inode> {
@@ -63,7 +67,9 @@ impl InodeTable {
         meta: Option<ObjectMeta>,
         make_attr: impl Fn(u64) -> Attr,
     ) -> Attr {
-        let existing = self.find(parent, name).filter(|ino| self.inodes.get(ino).is_some_and(|i| i.kind == kind));
+        let existing = self
+            .find(parent, name)
+            .filter(|ino| self.inodes.get(ino).is_some_and(|i| i.kind == kind));
         let ino = match existing {
             Some(ino) => ino,
             None => {
@@ -74,8 +80,13 @@ impl InodeTable {
             }
         };
         // A listing knows less than a HEAD: keep the HEAD's metadata while the ETag is the same.
-        let keep_richer = match (self.inodes.get(&ino).and_then(|i| i.meta.as_ref()), meta.as_ref()) {
-            (Some(old), Some(new)) => old.has_metadata && !new.has_metadata && old.etag.is_some() && old.etag == new.etag,
+        let keep_richer = match (
+            self.inodes.get(&ino).and_then(|i| i.meta.as_ref()),
+            meta.as_ref(),
+        ) {
+            (Some(old), Some(new)) => {
+                old.has_metadata && !new.has_metadata && old.etag.is_some() && old.etag == new.etag
+            }
             _ => false,
         };
         if keep_richer {
@@ -111,7 +122,14 @@ impl InodeTable {
     }
 
     /// The inode `ino` is now `newparent/newname` (same inode number, as rename(2) requires).
-    pub fn rename_entry(&mut self, ino: u64, parent: u64, name: &str, newparent: u64, newname: &str) {
+    pub fn rename_entry(
+        &mut self,
+        ino: u64,
+        parent: u64,
+        name: &str,
+        newparent: u64,
+        newname: &str,
+    ) {
         if self.by_name.get(&(parent, name.to_string())) == Some(&ino) {
             self.by_name.remove(&(parent, name.to_string()));
         }
@@ -144,7 +162,9 @@ impl InodeTable {
         if ino == ROOT_INO {
             return;
         }
-        let Some(inode) = self.inodes.get_mut(&ino) else { return };
+        let Some(inode) = self.inodes.get_mut(&ino) else {
+            return;
+        };
         inode.lookups = inode.lookups.saturating_sub(n);
         if inode.lookups == 0 {
             let key = (inode.parent, inode.name.clone());

@@ -23,8 +23,8 @@ use crate::data::upload::{Capabilities, UploadConfig};
 use crate::store::{ByteRange, ObjectMeta, ObjectStore, StoreError, LEGACY_FOLDER_SUFFIX};
 pub use attrs::{Attr, AttrDefaults, Kind};
 use dir::{invalid_name_reason, DirEntry, Listing, WarnOnce};
-pub use write::{Caller, SetAttr};
 use inode::{Inode, InodeTable, ROOT_INO};
+pub use write::{Caller, SetAttr};
 
 /// An errno, the only error the kernel understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,7 +110,8 @@ impl FsConfig {
             list_metadata: false,
             conditional_writes: true,
             op_timeout: Duration::from_secs(60),
-            staging_dir: std::env::temp_dir().join(format!("s3mount-staging-{}", unsafe { libc::getuid() })),
+            staging_dir: std::env::temp_dir()
+                .join(format!("s3mount-staging-{}", unsafe { libc::getuid() })),
         }
     }
 }
@@ -179,7 +180,10 @@ pub struct Fs {
 
 impl std::fmt::Debug for Fs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fs").field("store", &self.store).field("prefix", &self.cfg.prefix).finish()
+        f.debug_struct("Fs")
+            .field("store", &self.store)
+            .field("prefix", &self.cfg.prefix)
+            .finish()
     }
 }
 
@@ -285,7 +289,9 @@ impl Fs {
         }
         let listing = Arc::new(listing);
         if !self.cfg.metadata_ttl.is_zero() {
-            self.listings.lock().put(prefix.to_string(), (Instant::now(), listing.clone()));
+            self.listings
+                .lock()
+                .put(prefix.to_string(), (Instant::now(), listing.clone()));
         }
         Ok(listing)
     }
@@ -297,7 +303,9 @@ impl Fs {
         let keys: Vec<(String, String)> = listing
             .entries
             .iter()
-            .filter(|(_, e)| e.kind == Kind::File && e.meta.as_ref().is_some_and(|m| !m.has_metadata))
+            .filter(|(_, e)| {
+                e.kind == Kind::File && e.meta.as_ref().is_some_and(|m| !m.has_metadata)
+            })
             .filter_map(|(n, e)| Some((n.clone(), e.meta.as_ref()?.key.clone())))
             .collect();
         let heads: Vec<(String, Result<ObjectMeta, StoreError>)> = futures::stream::iter(keys)
@@ -312,12 +320,20 @@ impl Fs {
                         Some(Kind::Symlink) => Kind::Symlink,
                         _ => Kind::File,
                     };
-                    listing.entries.insert(name, DirEntry { kind, meta: Some(meta) });
+                    listing.entries.insert(
+                        name,
+                        DirEntry {
+                            kind,
+                            meta: Some(meta),
+                        },
+                    );
                 }
                 Err(StoreError::NotFound(_)) => {
                     listing.entries.remove(&name);
                 }
-                Err(e) => tracing::debug!(error = %e, "HEAD for listed metadata failed; showing defaults"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "HEAD for listed metadata failed; showing defaults")
+                }
             }
         }
     }
@@ -330,7 +346,12 @@ impl Fs {
     /// Register `parent/name` as found (counting one kernel lookup) and return its attributes.
     pub fn remember_entry(&self, parent: &Inode, name: &str, entry: &DirEntry) -> Attr {
         let (kind, meta) = match &entry.meta {
-            Some(m) if m.has_metadata => (attrs::kind_from_meta(m).filter(|k| *k != Kind::Dir || entry.kind == Kind::Dir).unwrap_or(entry.kind), Some(m)),
+            Some(m) if m.has_metadata => (
+                attrs::kind_from_meta(m)
+                    .filter(|k| *k != Kind::Dir || entry.kind == Kind::Dir)
+                    .unwrap_or(entry.kind),
+                Some(m),
+            ),
             m => (entry.kind, m.as_ref()),
         };
         let key = match kind {
@@ -338,7 +359,9 @@ impl Fs {
             _ => format!("{}{name}", parent.key),
         };
         let make = self.make_attr(kind, meta);
-        self.inodes.lock().upsert(parent.ino, name, kind, key, meta.cloned(), make)
+        self.inodes
+            .lock()
+            .upsert(parent.ino, name, kind, key, meta.cloned(), make)
     }
 
     /// Find what `name` is in directory `parent` without listing the whole directory:
@@ -357,33 +380,58 @@ impl Fs {
             if head.is_ok() {
                 self.warn.warn(&key, "key is both a file and a directory prefix; showing the directory, hiding the file");
             }
-            return Ok(Some(DirEntry { kind: Kind::Dir, meta: marker }));
+            return Ok(Some(DirEntry {
+                kind: Kind::Dir,
+                meta: marker,
+            }));
         }
         match head {
             Ok(meta) => {
-                let kind = if attrs::is_directory_content_type(&meta) || attrs::kind_from_meta(&meta) == Some(Kind::Dir) {
+                let kind = if attrs::is_directory_content_type(&meta)
+                    || attrs::kind_from_meta(&meta) == Some(Kind::Dir)
+                {
                     Kind::Dir
                 } else {
                     Kind::File
                 };
-                return Ok(Some(DirEntry { kind, meta: Some(meta) }));
+                return Ok(Some(DirEntry {
+                    kind,
+                    meta: Some(meta),
+                }));
             }
             Err(StoreError::NotFound(_)) => {}
             Err(e) => return Err(errno_of(&e, "lookup head")),
         }
-        match self.store.head(&format!("{key}{LEGACY_FOLDER_SUFFIX}")).await {
-            Ok(_) => Ok(Some(DirEntry { kind: Kind::Dir, meta: None })),
+        match self
+            .store
+            .head(&format!("{key}{LEGACY_FOLDER_SUFFIX}"))
+            .await
+        {
+            Ok(_) => Ok(Some(DirEntry {
+                kind: Kind::Dir,
+                meta: None,
+            })),
             Err(StoreError::NotFound(_)) => Ok(None),
             Err(e) => Err(errno_of(&e, "lookup head")),
         }
     }
 
     /// Run a read-only operation within `op_timeout`; past it: ETIMEDOUT, logged with the key.
-    async fn bounded<T>(&self, op: &str, ino: u64, fut: impl std::future::Future<Output = FsResult<T>>) -> FsResult<T> {
+    async fn bounded<T>(
+        &self,
+        op: &str,
+        ino: u64,
+        fut: impl std::future::Future<Output = FsResult<T>>,
+    ) -> FsResult<T> {
         match tokio::time::timeout(self.cfg.op_timeout, fut).await {
             Ok(r) => r,
             Err(_) => {
-                let key = self.inodes.lock().get(ino).map(|i| i.key.clone()).unwrap_or_default();
+                let key = self
+                    .inodes
+                    .lock()
+                    .get(ino)
+                    .map(|i| i.key.clone())
+                    .unwrap_or_default();
                 tracing::error!(op, key = %key, timeout_s = self.cfg.op_timeout.as_secs_f64(), "operation timed out (store unreachable or too slow)");
                 Err(Errno::ETIMEDOUT)
             }
@@ -391,7 +439,8 @@ impl Fs {
     }
 
     pub async fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
-        self.bounded("lookup", parent, self.lookup_inner(parent, name)).await
+        self.bounded("lookup", parent, self.lookup_inner(parent, name))
+            .await
     }
 
     async fn lookup_inner(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
@@ -409,12 +458,21 @@ impl Fs {
             }
             return Ok(attr);
         }
-        let cached = self.listings.lock().get(&parent.key).filter(|(at, _)| self.fresh(*at)).map(|(_, l)| l.clone());
+        let cached = self
+            .listings
+            .lock()
+            .get(&parent.key)
+            .filter(|(at, _)| self.fresh(*at))
+            .map(|(_, l)| l.clone());
         let entry = match cached {
             Some(listing) => listing.entries.get(name).cloned(),
             None => {
                 let full = format!("{}{name}", parent.key);
-                let negative = self.negative.lock().get(&full).is_some_and(|at| self.fresh(*at));
+                let negative = self
+                    .negative
+                    .lock()
+                    .get(&full)
+                    .is_some_and(|at| self.fresh(*at));
                 if negative {
                     None
                 } else {
@@ -441,7 +499,11 @@ impl Fs {
 
     /// Fetch fresh metadata for a file inode and store it.
     async fn refresh_file(&self, inode: &Inode) -> FsResult<Inode> {
-        let meta = self.store.head(&inode.key).await.map_err(|e| errno_of(&e, "getattr"))?;
+        let meta = self
+            .store
+            .head(&inode.key)
+            .await
+            .map_err(|e| errno_of(&e, "getattr"))?;
         let kind = match attrs::kind_from_meta(&meta) {
             Some(Kind::Symlink) => Kind::Symlink,
             _ => Kind::File,
@@ -462,7 +524,10 @@ impl Fs {
 
     async fn getattr_inner(&self, ino: u64) -> FsResult<Attr> {
         let inode = self.inode(ino)?;
-        if inode.kind == Kind::Dir || self.fresh(inode.fetched) || self.pending.lock().contains_key(&inode.key) {
+        if inode.kind == Kind::Dir
+            || self.fresh(inode.fetched)
+            || self.pending.lock().contains_key(&inode.key)
+        {
             return Ok(inode.attr);
         }
         Ok(self.refresh_file(&inode).await?.attr)
@@ -502,7 +567,9 @@ impl Fs {
             keep
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.files.lock().insert(fh, Arc::new(FileHandle::Read(reader)));
+        self.files
+            .lock()
+            .insert(fh, Arc::new(FileHandle::Read(reader)));
         Ok((fh, keep_cache))
     }
 
@@ -511,7 +578,12 @@ impl Fs {
         let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
         match &*handle {
             FileHandle::Read(reader) => {
-                let read = async { reader.read(offset, size).await.map_err(|e| errno_of(&e, "read")) };
+                let read = async {
+                    reader
+                        .read(offset, size)
+                        .await
+                        .map_err(|e| errno_of(&e, "read"))
+                };
                 match tokio::time::timeout(self.cfg.op_timeout, read).await {
                     Ok(r) => r,
                     Err(_) => {
@@ -526,22 +598,38 @@ impl Fs {
 
     pub async fn readlink(&self, ino: u64) -> FsResult<Bytes> {
         let inode = self.inode(ino)?;
-        let inode = if inode.kind == Kind::Symlink && inode.meta.is_some() { inode } else { self.refresh_file(&inode).await? };
+        let inode = if inode.kind == Kind::Symlink && inode.meta.is_some() {
+            inode
+        } else {
+            self.refresh_file(&inode).await?
+        };
         if inode.kind != Kind::Symlink {
             return Err(Errno::EINVAL);
         }
         let size = inode.meta.as_ref().map(|m| m.size).unwrap_or(0).min(4096);
-        self.store.get_range(&inode.key, ByteRange::new(0, size), None).await.map_err(|e| errno_of(&e, "readlink"))
+        self.store
+            .get_range(&inode.key, ByteRange::new(0, size), None)
+            .await
+            .map_err(|e| errno_of(&e, "readlink"))
     }
 
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
         let inode = self.dir_inode(ino)?;
-        let listing = self.bounded("opendir", ino, self.listing(&inode.key, true)).await?;
+        let listing = self
+            .bounded("opendir", ino, self.listing(&inode.key, true))
+            .await?;
         let mut entries = listing.entries.clone();
         self.add_pending_entries(ino, &inode.key, &mut entries);
         let items = entries.into_iter().collect();
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.dirs.lock().insert(fh, Arc::new(DirHandle { ino, parent: inode.parent, items }));
+        self.dirs.lock().insert(
+            fh,
+            Arc::new(DirHandle {
+                ino,
+                parent: inode.parent,
+                items,
+            }),
+        );
         Ok(fh)
     }
 
@@ -554,12 +642,32 @@ impl Fs {
         for idx in start..handle.items.len() + 2 {
             let next_offset = idx as i64 + 1;
             let item = match idx {
-                0 => DirItem { next_offset, name: ".".into(), kind: Kind::Dir, entry: None, ino: handle.ino },
-                1 => DirItem { next_offset, name: "..".into(), kind: Kind::Dir, entry: None, ino: handle.parent },
+                0 => DirItem {
+                    next_offset,
+                    name: ".".into(),
+                    kind: Kind::Dir,
+                    entry: None,
+                    ino: handle.ino,
+                },
+                1 => DirItem {
+                    next_offset,
+                    name: "..".into(),
+                    kind: Kind::Dir,
+                    entry: None,
+                    ino: handle.parent,
+                },
                 _ => {
                     let (name, entry) = &handle.items[idx - 2];
-                    let ino = table.find(handle.ino, name).unwrap_or_else(|| stand_in_ino(handle.ino, name));
-                    DirItem { next_offset, name: name.clone(), kind: entry.kind, entry: Some(entry.clone()), ino }
+                    let ino = table
+                        .find(handle.ino, name)
+                        .unwrap_or_else(|| stand_in_ino(handle.ino, name));
+                    DirItem {
+                        next_offset,
+                        name: name.clone(),
+                        kind: entry.kind,
+                        entry: Some(entry.clone()),
+                        ino,
+                    }
                 }
             };
             out.push(item);
@@ -592,7 +700,6 @@ impl Fs {
             frsize: BSIZE,
         }
     }
-
 }
 
 /// A stable inode number for an entry readdir shows but nobody has looked up yet.

@@ -21,27 +21,48 @@ impl Fs {
     /// Server-side copy of one object to `dst` with its metadata; multipart above 5 GiB.
     async fn copy_whole(&self, src: &ObjectMeta, dst: &str) -> Result<Option<String>, StoreError> {
         let etag = src.etag.clone().unwrap_or_default();
-        let opts = PutOptions { metadata: src.metadata.clone(), content_type: src.content_type.clone(), condition: PutCondition::Overwrite };
+        let opts = PutOptions {
+            metadata: src.metadata.clone(),
+            content_type: src.content_type.clone(),
+            condition: PutCondition::Overwrite,
+        };
         if src.size <= MAX_PART {
-            return Ok(self.store.copy_object(&src.key, &etag, dst, &opts).await?.etag);
+            return Ok(self
+                .store
+                .copy_object(&src.key, &etag, dst, &opts)
+                .await?
+                .etag);
         }
         let id = self.store.create_multipart(dst, &opts, false).await?;
         let pieces = src.size.div_ceil(MAX_PART);
         let each = src.size.div_ceil(pieces);
         let ranges: Vec<(i32, ByteRange)> = (0..pieces)
-            .map(|i| (i as i32 + 1, ByteRange::new(i * each, ((i + 1) * each).min(src.size))))
+            .map(|i| {
+                (
+                    i as i32 + 1,
+                    ByteRange::new(i * each, ((i + 1) * each).min(src.size)),
+                )
+            })
             .collect();
         let results: Vec<Result<CompletedPart, StoreError>> = futures::stream::iter(ranges)
             .map(|(n, r)| {
                 let (id, etag) = (id.clone(), etag.clone());
-                async move { self.store.upload_part_copy(dst, &id, n, &src.key, &etag, r).await }
+                async move {
+                    self.store
+                        .upload_part_copy(dst, &id, n, &src.key, &etag, r)
+                        .await
+                }
             })
             .buffered(4)
             .collect()
             .await;
         let parts: Result<Vec<CompletedPart>, StoreError> = results.into_iter().collect();
         match parts {
-            Ok(parts) => match self.store.complete_multipart(dst, &id, parts, &PutCondition::Overwrite).await {
+            Ok(parts) => match self
+                .store
+                .complete_multipart(dst, &id, parts, &PutCondition::Overwrite)
+                .await
+            {
                 Ok(res) => Ok(res.etag),
                 Err(e) => {
                     let _ = self.store.abort_multipart(dst, &id).await;
@@ -56,14 +77,25 @@ impl Fs {
     }
 
     /// Move one object: copy, then delete the source only once the copy exists.
-    async fn move_object(&self, src_key: &str, dst_key: &str) -> Result<Option<String>, StoreError> {
+    async fn move_object(
+        &self,
+        src_key: &str,
+        dst_key: &str,
+    ) -> Result<Option<String>, StoreError> {
         let meta = self.store.head(src_key).await?;
         let etag = self.copy_whole(&meta, dst_key).await?;
         self.store.delete(src_key).await?;
         Ok(etag)
     }
 
-    pub async fn rename(&self, parent: u64, name: &[u8], newparent: u64, newname: &[u8], flags: u32) -> FsResult<()> {
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: u32,
+    ) -> FsResult<()> {
         if self.cfg.read_only {
             return Err(Errno::EROFS);
         }
@@ -101,19 +133,32 @@ impl Fs {
             }
             if target.is_some() {
                 // Only an empty directory may be replaced.
-                let page = self.store.list_page(&dst_prefix, None, None, Some(2)).await.map_err(|e| errno_of(&e, "rename"))?;
+                let page = self
+                    .store
+                    .list_page(&dst_prefix, None, None, Some(2))
+                    .await
+                    .map_err(|e| errno_of(&e, "rename"))?;
                 if page.objects.iter().any(|o| o.key != dst_prefix) {
                     return Err(Errno::ENOTEMPTY);
                 }
             }
-            if self.pending.lock().keys().any(|k| k.starts_with(&src_prefix)) {
+            if self
+                .pending
+                .lock()
+                .keys()
+                .any(|k| k.starts_with(&src_prefix))
+            {
                 // Files still being written below: their uploads target the old keys.
                 return Err(Errno::EBUSY);
             }
             self.move_tree(&src_prefix, &dst_prefix).await?;
             self.inodes.lock().rekey(&src_prefix, &dst_prefix);
             let mut listings = self.listings.lock();
-            let stale: Vec<String> = listings.iter().filter(|(k, _)| k.starts_with(&src_prefix)).map(|(k, _)| k.clone()).collect();
+            let stale: Vec<String> = listings
+                .iter()
+                .filter(|(k, _)| k.starts_with(&src_prefix))
+                .map(|(k, _)| k.clone())
+                .collect();
             for k in stale {
                 listings.pop(&k);
             }
@@ -122,7 +167,10 @@ impl Fs {
                 Some(ino) => self.settle_writer(ino).await?,
                 None => None,
             };
-            let etag = self.move_object(&src_key, &dst_key).await.map_err(|e| errno_of(&e, "rename"))?;
+            let etag = self
+                .move_object(&src_key, &dst_key)
+                .await
+                .map_err(|e| errno_of(&e, "rename"))?;
             if let Some(h) = writer {
                 self.retarget_writer(&h, &dst_key, etag.clone()).await;
             }
@@ -156,7 +204,11 @@ impl Fs {
         let mut keys = Vec::new();
         let mut token = None;
         loop {
-            let page = self.store.list_page(src_prefix, None, token, None).await.map_err(|e| errno_of(&e, "rename"))?;
+            let page = self
+                .store
+                .list_page(src_prefix, None, token, None)
+                .await
+                .map_err(|e| errno_of(&e, "rename"))?;
             keys.extend(page.objects.into_iter().map(|o| o.key));
             token = page.next_token;
             if token.is_none() {
@@ -165,20 +217,28 @@ impl Fs {
         }
         // A directory without a marker becomes one with a marker at its new name if empty.
         if keys.is_empty() {
-            let opts = PutOptions { content_type: Some("application/x-directory".into()), ..Default::default() };
-            self.store.put(dst_prefix, bytes::Bytes::new(), &opts, None).await.map_err(|e| errno_of(&e, "rename"))?;
+            let opts = PutOptions {
+                content_type: Some("application/x-directory".into()),
+                ..Default::default()
+            };
+            self.store
+                .put(dst_prefix, bytes::Bytes::new(), &opts, None)
+                .await
+                .map_err(|e| errno_of(&e, "rename"))?;
             return Ok(());
         }
-        let results: Vec<(String, Result<Option<String>, StoreError>)> = futures::stream::iter(keys)
-            .map(|k| async move {
-                let dst = format!("{dst_prefix}{}", &k[src_prefix.len()..]);
-                let r = self.move_object(&k, &dst).await;
-                (k, r)
-            })
-            .buffer_unordered(MOVE_PARALLELISM)
-            .collect()
-            .await;
-        let failed: Vec<&(String, Result<Option<String>, StoreError>)> = results.iter().filter(|(_, r)| r.is_err()).collect();
+        let results: Vec<(String, Result<Option<String>, StoreError>)> =
+            futures::stream::iter(keys)
+                .map(|k| async move {
+                    let dst = format!("{dst_prefix}{}", &k[src_prefix.len()..]);
+                    let r = self.move_object(&k, &dst).await;
+                    (k, r)
+                })
+                .buffer_unordered(MOVE_PARALLELISM)
+                .collect()
+                .await;
+        let failed: Vec<&(String, Result<Option<String>, StoreError>)> =
+            results.iter().filter(|(_, r)| r.is_err()).collect();
         if let Some((k, Err(e))) = failed.first() {
             tracing::error!(
                 from = src_prefix,

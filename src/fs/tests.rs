@@ -58,7 +58,13 @@ async fn implicit_and_explicit_directories_and_shadowing() {
     );
     // Lookup without a cached listing gives the same answers.
     let fs = Fs::new(store.clone(), FsConfig::new(""));
-    for (name, kind) in [("both", Kind::Dir), ("explicit", Kind::Dir), ("implicit", Kind::Dir), ("legacy", Kind::Dir), ("plain", Kind::File)] {
+    for (name, kind) in [
+        ("both", Kind::Dir),
+        ("explicit", Kind::Dir),
+        ("implicit", Kind::Dir),
+        ("legacy", Kind::Dir),
+        ("plain", Kind::File),
+    ] {
         let a = fs.lookup(ROOT_INO, name.as_bytes()).await.unwrap();
         assert_eq!(a.kind, kind, "{name}");
     }
@@ -76,12 +82,22 @@ async fn bad_names_are_skipped_not_fatal() {
         store.insert(k, "v");
     }
     store.insert("data-with-slash/", "not empty");
-    let names: Vec<String> = list_names(&fs, ROOT_INO).await.into_iter().map(|(n, _)| n).collect();
-    assert_eq!(names, vec![".", "..", "a", "data-with-slash", "e", "ok", "trail"]);
+    let names: Vec<String> = list_names(&fs, ROOT_INO)
+        .await
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        names,
+        vec![".", "..", "a", "data-with-slash", "e", "ok", "trail"]
+    );
     let a = fs.lookup(ROOT_INO, b"a").await.unwrap();
     // "a//b" has an empty component: the listing of a/ shows nothing valid.
     assert_eq!(list_names(&fs, a.ino).await.len(), 2);
-    assert_eq!(fs.lookup(ROOT_INO, long.as_bytes()).await, Err(Errno::ENAMETOOLONG));
+    assert_eq!(
+        fs.lookup(ROOT_INO, long.as_bytes()).await,
+        Err(Errno::ENAMETOOLONG)
+    );
     assert_eq!(fs.lookup(ROOT_INO, b"..").await, Err(Errno::ENOENT));
 }
 
@@ -91,7 +107,11 @@ async fn prefix_mount_without_marker() {
     store.insert("team/data/x.txt", "hello");
     store.insert("team/data/sub/y", "world");
     store.insert("team/other", "not visible");
-    let names: Vec<String> = list_names(&fs, ROOT_INO).await.into_iter().map(|(n, _)| n).collect();
+    let names: Vec<String> = list_names(&fs, ROOT_INO)
+        .await
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     assert_eq!(names, vec![".", "..", "sub", "x.txt"]);
     let x = fs.lookup(ROOT_INO, b"x.txt").await.unwrap();
     assert_eq!(read_all(&fs, x.ino).await, b"hello");
@@ -148,7 +168,10 @@ async fn s3fs_metadata_is_shown() {
     store.insert_with("script.sh", "#!/bin/sh\n", md, None);
     let a = fs.lookup(ROOT_INO, b"script.sh").await.unwrap();
     assert_eq!((a.perm, a.uid, a.gid), (0o755, 1234, 5678));
-    assert_eq!(a.mtime, std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000));
+    assert_eq!(
+        a.mtime,
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000)
+    );
 }
 
 #[tokio::test]
@@ -181,7 +204,10 @@ async fn writes_are_refused_and_errors_map() {
     store.insert("f", "data");
     let a = fs.lookup(ROOT_INO, b"f").await.unwrap();
     assert_eq!(fs.open(a.ino, libc::O_WRONLY).await, Err(Errno::EROFS));
-    assert_eq!(fs.open(a.ino, libc::O_RDONLY | libc::O_TRUNC).await, Err(Errno::EROFS));
+    assert_eq!(
+        fs.open(a.ino, libc::O_RDONLY | libc::O_TRUNC).await,
+        Err(Errno::EROFS)
+    );
     assert_eq!(fs.open(ROOT_INO, libc::O_RDONLY).await, Err(Errno::EISDIR));
     store.inject_fault(Op::Head, "g", StoreError::AccessDenied("g".into()), 1);
     store.inject_fault(Op::List, "g", StoreError::AccessDenied("g".into()), 1);
@@ -256,10 +282,16 @@ async fn symlink_written_by_s3fs_reads_its_target() {
     assert_eq!(&fs.readlink(a.ino).await.unwrap()[..], b"target/file");
 }
 
-const ME: Caller = Caller { uid: 1000, gid: 1000 };
+const ME: Caller = Caller {
+    uid: 1000,
+    gid: 1000,
+};
 
 async fn write_file(fs: &Fs, parent: u64, name: &str, body: &[u8]) -> Attr {
-    let (attr, fh) = fs.create(parent, name.as_bytes(), 0o644, libc::O_WRONLY, ME).await.unwrap();
+    let (attr, fh) = fs
+        .create(parent, name.as_bytes(), 0o644, libc::O_WRONLY, ME)
+        .await
+        .unwrap();
     for (i, chunk) in body.chunks(1 << 20).enumerate() {
         fs.write(fh, (i << 20) as i64, chunk).await.unwrap();
     }
@@ -285,15 +317,25 @@ async fn create_write_close_lands_with_s3fs_metadata() {
 #[tokio::test]
 async fn file_being_written_is_listed_with_its_size_and_not_readable() {
     let (store, fs) = setup("");
-    let (attr, fh) = fs.create(ROOT_INO, b"growing", 0o644, libc::O_WRONLY, ME).await.unwrap();
+    let (attr, fh) = fs
+        .create(ROOT_INO, b"growing", 0o644, libc::O_WRONLY, ME)
+        .await
+        .unwrap();
     fs.write(fh, 0, &[7u8; 1000]).await.unwrap();
     let names = list_names(&fs, ROOT_INO).await;
     assert!(names.contains(&("growing".into(), Kind::File)));
     assert_eq!(fs.getattr(attr.ino).await.unwrap().size, 1000);
     assert_eq!(fs.open(attr.ino, libc::O_RDONLY).await, Err(Errno::EBUSY));
-    assert!(store.get_bytes("growing").is_none(), "nothing visible before close");
+    assert!(
+        store.get_bytes("growing").is_none(),
+        "nothing visible before close"
+    );
     fs.fsync(fh).await.unwrap();
-    assert_eq!(store.get_bytes("growing").unwrap().len(), 1000, "fsync makes it durable");
+    assert_eq!(
+        store.get_bytes("growing").unwrap().len(),
+        1000,
+        "fsync makes it durable"
+    );
     // Writes after fsync continue the same file.
     fs.write(fh, 1000, &[8u8; 10]).await.unwrap();
     fs.flush(fh).await.unwrap();
@@ -309,7 +351,10 @@ async fn append_to_existing_object_copies_instead_of_reuploading() {
     let old: Vec<u8> = vec![1u8; 16 << 20];
     store.insert("log", old.clone());
     let a = fs.lookup(ROOT_INO, b"log").await.unwrap();
-    let (fh, _) = fs.open(a.ino, libc::O_WRONLY | libc::O_APPEND).await.unwrap();
+    let (fh, _) = fs
+        .open(a.ino, libc::O_WRONLY | libc::O_APPEND)
+        .await
+        .unwrap();
     store.reset_counters();
     fs.write(fh, old.len() as i64, b"appended").await.unwrap();
     fs.flush(fh).await.unwrap();
@@ -334,7 +379,16 @@ async fn truncate_then_stream_replaces_the_object() {
     let a = fs.lookup(ROOT_INO, b"f").await.unwrap();
     // dd: open without O_TRUNC, ftruncate(0), then write.
     let (fh, _) = fs.open(a.ino, libc::O_WRONLY).await.unwrap();
-    fs.setattr(a.ino, Some(fh), SetAttr { size: Some(0), ..Default::default() }).await.unwrap();
+    fs.setattr(
+        a.ino,
+        Some(fh),
+        SetAttr {
+            size: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     fs.write(fh, 0, b"new").await.unwrap();
     fs.flush(fh).await.unwrap();
     fs.release(fh).await.unwrap();
@@ -345,9 +399,17 @@ async fn truncate_then_stream_replaces_the_object() {
 async fn failed_upload_reports_eio_and_keeps_the_old_object() {
     let (store, fs) = setup("");
     store.insert("f", "precious");
-    store.inject_fault(Op::UploadPart, "f", StoreError::Other("HTTP 500".into()), 1000);
+    store.inject_fault(
+        Op::UploadPart,
+        "f",
+        StoreError::Other("HTTP 500".into()),
+        1000,
+    );
     let a = fs.lookup(ROOT_INO, b"f").await.unwrap();
-    let (fh, _) = fs.open(a.ino, libc::O_WRONLY | libc::O_TRUNC).await.unwrap();
+    let (fh, _) = fs
+        .open(a.ino, libc::O_WRONLY | libc::O_TRUNC)
+        .await
+        .unwrap();
     let mut err = None;
     for i in 0..30 {
         if let Err(e) = fs.write(fh, i << 20, &[0u8; 1 << 20]).await {
@@ -356,7 +418,10 @@ async fn failed_upload_reports_eio_and_keeps_the_old_object() {
         }
     }
     let closed = fs.flush(fh).await;
-    assert!(err == Some(Errno::EIO) || closed == Err(Errno::EIO), "{err:?} {closed:?}");
+    assert!(
+        err == Some(Errno::EIO) || closed == Err(Errno::EIO),
+        "{err:?} {closed:?}"
+    );
     assert_eq!(fs.flush(fh).await, Err(Errno::EIO), "the error sticks");
     let _ = fs.release(fh).await;
     assert_eq!(&store.get_bytes("f").unwrap()[..], b"precious");
@@ -369,7 +434,10 @@ async fn mkdir_rmdir_unlink_keep_directories_right() {
     let d = fs.mkdir(ROOT_INO, b"d", 0o750, ME).await.unwrap();
     assert_eq!(d.kind, Kind::Dir);
     let marker = store.head("d/").await.unwrap();
-    assert_eq!(marker.metadata.get("mode").map(String::as_str), Some("16872")); // 040750
+    assert_eq!(
+        marker.metadata.get("mode").map(String::as_str),
+        Some("16872")
+    ); // 040750
     write_file(&fs, d.ino, "f", b"x").await;
     assert_eq!(fs.rmdir(ROOT_INO, b"d").await, Err(Errno::ENOTEMPTY));
     assert_eq!(fs.unlink(ROOT_INO, b"d").await, Err(Errno::EISDIR));
@@ -379,7 +447,11 @@ async fn mkdir_rmdir_unlink_keep_directories_right() {
     store.remove("d/");
     write_file(&fs, d.ino, "g", b"y").await;
     fs.unlink(d.ino, b"g").await.unwrap();
-    assert!(store.keys().contains(&"d/".to_string()), "marker written to keep the directory: {:?}", store.keys());
+    assert!(
+        store.keys().contains(&"d/".to_string()),
+        "marker written to keep the directory: {:?}",
+        store.keys()
+    );
     fs.rmdir(ROOT_INO, b"d").await.unwrap();
     assert!(store.keys().is_empty(), "{:?}", store.keys());
     assert_eq!(fs.lookup(ROOT_INO, b"d").await, Err(Errno::ENOENT));
@@ -392,11 +464,25 @@ async fn chmod_and_touch_rewrite_metadata_without_data() {
     let a = fs.lookup(ROOT_INO, b"f").await.unwrap();
     store.reset_counters();
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_500_000_000);
-    let attr = fs.setattr(a.ino, None, SetAttr { mode: Some(0o600), mtime: Some(t), ..Default::default() }).await.unwrap();
+    let attr = fs
+        .setattr(
+            a.ino,
+            None,
+            SetAttr {
+                mode: Some(0o600),
+                mtime: Some(t),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!((attr.perm, attr.mtime), (0o600, t));
     let meta = store.head("f").await.unwrap();
     assert_eq!(meta.metadata.get("mode").map(String::as_str), Some("33152"));
-    assert_eq!(meta.metadata.get("mtime").map(String::as_str), Some("1500000000"));
+    assert_eq!(
+        meta.metadata.get("mtime").map(String::as_str),
+        Some("1500000000")
+    );
     assert_eq!(store.counters.bytes_uploaded.load(Ordering::Relaxed), 0);
     assert_eq!(store.get_bytes("f").unwrap().len(), 4096);
 }
@@ -408,11 +494,29 @@ async fn read_only_mount_refuses_every_write() {
     cfg.read_only = true;
     let fs = Fs::new(store.clone(), cfg);
     store.insert("f", "x");
-    assert_eq!(fs.create(ROOT_INO, b"n", 0o644, 0, ME).await.err(), Some(Errno::EROFS));
-    assert_eq!(fs.mkdir(ROOT_INO, b"d", 0o755, ME).await.err(), Some(Errno::EROFS));
+    assert_eq!(
+        fs.create(ROOT_INO, b"n", 0o644, 0, ME).await.err(),
+        Some(Errno::EROFS)
+    );
+    assert_eq!(
+        fs.mkdir(ROOT_INO, b"d", 0o755, ME).await.err(),
+        Some(Errno::EROFS)
+    );
     assert_eq!(fs.unlink(ROOT_INO, b"f").await, Err(Errno::EROFS));
     let a = fs.lookup(ROOT_INO, b"f").await.unwrap();
-    assert_eq!(fs.setattr(a.ino, None, SetAttr { size: Some(0), ..Default::default() }).await.err(), Some(Errno::EROFS));
+    assert_eq!(
+        fs.setattr(
+            a.ino,
+            None,
+            SetAttr {
+                size: Some(0),
+                ..Default::default()
+            }
+        )
+        .await
+        .err(),
+        Some(Errno::EROFS)
+    );
     assert_eq!(store.keys(), vec!["f"]);
 }
 
@@ -422,18 +526,39 @@ async fn rename_file_keeps_metadata_and_replaces_target() {
     write_file(&fs, ROOT_INO, "a", b"alpha").await;
     write_file(&fs, ROOT_INO, "b", b"beta").await;
     let a = fs.lookup(ROOT_INO, b"a").await.unwrap();
-    fs.setattr(a.ino, None, SetAttr { mode: Some(0o640), ..Default::default() }).await.unwrap();
+    fs.setattr(
+        a.ino,
+        None,
+        SetAttr {
+            mode: Some(0o640),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     fs.rename(ROOT_INO, b"a", ROOT_INO, b"b", 0).await.unwrap();
     assert_eq!(store.keys(), vec!["b"]);
     assert_eq!(&store.get_bytes("b").unwrap()[..], b"alpha");
-    assert_eq!(store.head("b").await.unwrap().metadata.get("mode").map(String::as_str), Some("33184"));
+    assert_eq!(
+        store
+            .head("b")
+            .await
+            .unwrap()
+            .metadata
+            .get("mode")
+            .map(String::as_str),
+        Some("33184")
+    );
     // Same inode, new name, readable.
     let b = fs.lookup(ROOT_INO, b"b").await.unwrap();
     assert_eq!(b.ino, a.ino);
     assert_eq!(read_all(&fs, b.ino).await, b"alpha");
     assert_eq!(fs.lookup(ROOT_INO, b"a").await, Err(Errno::ENOENT));
     write_file(&fs, ROOT_INO, "c", b"c").await;
-    assert_eq!(fs.rename(ROOT_INO, b"c", ROOT_INO, b"b", 1).await, Err(Errno::EEXIST));
+    assert_eq!(
+        fs.rename(ROOT_INO, b"c", ROOT_INO, b"b", 1).await,
+        Err(Errno::EEXIST)
+    );
 }
 
 #[tokio::test]
@@ -446,7 +571,9 @@ async fn rename_directory_moves_every_key() {
     store.insert("src/", "");
     let src = fs.lookup(ROOT_INO, b"src").await.unwrap();
     let deep_dir = fs.lookup(src.ino, b"sub").await.unwrap();
-    fs.rename(ROOT_INO, b"src", ROOT_INO, b"dst", 0).await.unwrap();
+    fs.rename(ROOT_INO, b"src", ROOT_INO, b"dst", 0)
+        .await
+        .unwrap();
     let keys = store.keys();
     assert_eq!(keys.len(), 52, "{keys:?}");
     assert!(keys.iter().all(|k| k.starts_with("dst/")), "{keys:?}");
@@ -456,17 +583,28 @@ async fn rename_directory_moves_every_key() {
     assert_eq!(read_all(&fs, deep.ino).await, b"d");
     // Into itself, and over a non-empty directory, are refused.
     let dst = fs.lookup(ROOT_INO, b"dst").await.unwrap();
-    assert_eq!(fs.rename(ROOT_INO, b"dst", dst.ino, b"inner", 0).await, Err(Errno::EINVAL));
+    assert_eq!(
+        fs.rename(ROOT_INO, b"dst", dst.ino, b"inner", 0).await,
+        Err(Errno::EINVAL)
+    );
     store.insert("other/x", "x");
-    assert_eq!(fs.rename(ROOT_INO, b"dst", ROOT_INO, b"other", 0).await, Err(Errno::ENOTEMPTY));
+    assert_eq!(
+        fs.rename(ROOT_INO, b"dst", ROOT_INO, b"other", 0).await,
+        Err(Errno::ENOTEMPTY)
+    );
 }
 
 #[tokio::test]
 async fn rename_open_file_being_written() {
     let (store, fs) = setup("");
-    let (_attr, fh) = fs.create(ROOT_INO, b"tmp.part", 0o644, libc::O_WRONLY, ME).await.unwrap();
+    let (_attr, fh) = fs
+        .create(ROOT_INO, b"tmp.part", 0o644, libc::O_WRONLY, ME)
+        .await
+        .unwrap();
     fs.write(fh, 0, b"first ").await.unwrap();
-    fs.rename(ROOT_INO, b"tmp.part", ROOT_INO, b"final", 0).await.unwrap();
+    fs.rename(ROOT_INO, b"tmp.part", ROOT_INO, b"final", 0)
+        .await
+        .unwrap();
     fs.write(fh, 6, b"second").await.unwrap();
     fs.flush(fh).await.unwrap();
     fs.release(fh).await.unwrap();
@@ -480,9 +618,17 @@ async fn rename_failure_part_way_loses_nothing() {
     for i in 0..20 {
         store.insert(&format!("d/f{i:02}"), format!("{i}"));
     }
-    store.inject_fault(Op::Delete, "d/f13", StoreError::Other("HTTP 500".into()), 100);
+    store.inject_fault(
+        Op::Delete,
+        "d/f13",
+        StoreError::Other("HTTP 500".into()),
+        100,
+    );
     fs.lookup(ROOT_INO, b"d").await.unwrap();
-    assert_eq!(fs.rename(ROOT_INO, b"d", ROOT_INO, b"e", 0).await, Err(Errno::EIO));
+    assert_eq!(
+        fs.rename(ROOT_INO, b"d", ROOT_INO, b"e", 0).await,
+        Err(Errno::EIO)
+    );
     for i in 0..20 {
         let old = store.get_bytes(&format!("d/f{i:02}"));
         let new = store.get_bytes(&format!("e/f{i:02}"));
@@ -500,20 +646,42 @@ async fn pwrite_in_the_middle_uploads_one_part() {
     store.reset_counters();
     fs.write(fh, 10 << 20, b"PATCHED").await.unwrap();
     // Read back through the same descriptor before close.
-    assert_eq!(&fs.read(fh, (10 << 20) - 2, 11).await.unwrap()[..], &[body[(10 << 20) - 2], body[(10 << 20) - 1], b'P', b'A', b'T', b'C', b'H', b'E', b'D', body[(10 << 20) + 7], body[(10 << 20) + 8]]);
+    assert_eq!(
+        &fs.read(fh, (10 << 20) - 2, 11).await.unwrap()[..],
+        &[
+            body[(10 << 20) - 2],
+            body[(10 << 20) - 1],
+            b'P',
+            b'A',
+            b'T',
+            b'C',
+            b'H',
+            b'E',
+            b'D',
+            body[(10 << 20) + 7],
+            body[(10 << 20) + 8]
+        ]
+    );
     fs.flush(fh).await.unwrap();
     fs.release(fh).await.unwrap();
     let mut want = body.clone();
     want[10 << 20..(10 << 20) + 7].copy_from_slice(b"PATCHED");
     assert!(store.get_bytes("obj").unwrap() == want);
     let up = store.counters.bytes_uploaded.load(Ordering::Relaxed);
-    assert_eq!(up, 8 << 20, "one part re-uploaded, the rest copied server side");
+    assert_eq!(
+        up,
+        8 << 20,
+        "one part re-uploaded, the rest copied server side"
+    );
 }
 
 #[tokio::test]
 async fn rdwr_new_file_reads_back_what_it_wrote() {
     let (store, fs) = setup("");
-    let (_a, fh) = fs.create(ROOT_INO, b"db", 0o644, libc::O_RDWR, ME).await.unwrap();
+    let (_a, fh) = fs
+        .create(ROOT_INO, b"db", 0o644, libc::O_RDWR, ME)
+        .await
+        .unwrap();
     fs.write(fh, 0, b"header--").await.unwrap();
     fs.write(fh, 8, b"payload").await.unwrap();
     assert_eq!(&fs.read(fh, 0, 100).await.unwrap()[..], b"header--payload");
@@ -529,11 +697,30 @@ async fn truncate_to_a_smaller_size_keeps_the_head() {
     let (store, fs) = setup("");
     store.insert("t", "0123456789");
     let a = fs.lookup(ROOT_INO, b"t").await.unwrap();
-    let attr = fs.setattr(a.ino, None, SetAttr { size: Some(4), ..Default::default() }).await.unwrap();
+    let attr = fs
+        .setattr(
+            a.ino,
+            None,
+            SetAttr {
+                size: Some(4),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!(attr.size, 4);
     assert_eq!(&store.get_bytes("t").unwrap()[..], b"0123");
     let (fh, _) = fs.open(a.ino, libc::O_WRONLY).await.unwrap();
-    fs.setattr(a.ino, Some(fh), SetAttr { size: Some(2), ..Default::default() }).await.unwrap();
+    fs.setattr(
+        a.ino,
+        Some(fh),
+        SetAttr {
+            size: Some(2),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     fs.write(fh, 6, b"Z").await.unwrap();
     fs.flush(fh).await.unwrap();
     fs.release(fh).await.unwrap();
@@ -551,8 +738,19 @@ async fn failed_staged_upload_keeps_the_changes_on_disk() {
     assert_eq!(fs.flush(fh).await, Err(Errno::EIO));
     let _ = fs.release(fh).await;
     assert_eq!(&store.get_bytes("keep").unwrap()[..], b"original");
-    let kept: Vec<_> = std::fs::read_dir(&fs.config().staging_dir).unwrap().filter_map(|e| e.ok()).filter(|e| std::fs::read(e.path()).map(|b| b.starts_with(b"CHANGED!")).unwrap_or(false)).collect();
-    assert!(!kept.is_empty(), "changed bytes kept in the staging directory");
+    let kept: Vec<_> = std::fs::read_dir(&fs.config().staging_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read(e.path())
+                .map(|b| b.starts_with(b"CHANGED!"))
+                .unwrap_or(false)
+        })
+        .collect();
+    assert!(
+        !kept.is_empty(),
+        "changed bytes kept in the staging directory"
+    );
     for k in kept {
         let _ = std::fs::remove_file(k.path());
     }
@@ -561,10 +759,22 @@ async fn failed_staged_upload_keeps_the_changes_on_disk() {
 #[tokio::test]
 async fn symlinks_are_stored_like_s3fs_and_listed_with_list_metadata() {
     let (store, fs) = setup("");
-    let a = fs.symlink(ROOT_INO, b"link", b"../target/file", ME).await.unwrap();
+    let a = fs
+        .symlink(ROOT_INO, b"link", b"../target/file", ME)
+        .await
+        .unwrap();
     assert_eq!(a.kind, Kind::Symlink);
     assert_eq!(&store.get_bytes("link").unwrap()[..], b"../target/file");
-    assert_eq!(store.head("link").await.unwrap().metadata.get("mode").map(String::as_str), Some("41471"));
+    assert_eq!(
+        store
+            .head("link")
+            .await
+            .unwrap()
+            .metadata
+            .get("mode")
+            .map(String::as_str),
+        Some("41471")
+    );
     assert_eq!(&fs.readlink(a.ino).await.unwrap()[..], b"../target/file");
     // A fresh mount with --list-metadata sees it as a symlink straight from the listing.
     let mut cfg = FsConfig::new("");
@@ -574,7 +784,10 @@ async fn symlinks_are_stored_like_s3fs_and_listed_with_list_metadata() {
     assert!(names.contains(&("link".into(), Kind::Symlink)), "{names:?}");
     // Without it, a lookup by name (a HEAD) still finds the symlink.
     let fs3 = Fs::new(store.clone(), FsConfig::new(""));
-    assert_eq!(fs3.lookup(ROOT_INO, b"link").await.unwrap().kind, Kind::Symlink);
+    assert_eq!(
+        fs3.lookup(ROOT_INO, b"link").await.unwrap().kind,
+        Kind::Symlink
+    );
 }
 
 #[tokio::test]
@@ -587,16 +800,32 @@ async fn concurrent_change_is_detected_and_both_sides_kept() {
     // Replace (O_TRUNC) while someone else replaces the object.
     store.insert("shared", "original");
     let a = fs.lookup(ROOT_INO, b"shared").await.unwrap();
-    let (fh, _) = fs.open(a.ino, libc::O_WRONLY | libc::O_TRUNC).await.unwrap();
+    let (fh, _) = fs
+        .open(a.ino, libc::O_WRONLY | libc::O_TRUNC)
+        .await
+        .unwrap();
     fs.write(fh, 0, b"mine").await.unwrap();
     store.insert("shared", "theirs");
     assert_eq!(fs.flush(fh).await, Err(Errno::EIO));
     let _ = fs.release(fh).await;
-    assert_eq!(&store.get_bytes("shared").unwrap()[..], b"theirs", "the other writer's object is untouched");
-    let recovered: Vec<Vec<u8>> = std::fs::read_dir(fs.recovery_dir()).unwrap().map(|e| std::fs::read(e.unwrap().path()).unwrap()).collect();
-    assert!(recovered.iter().any(|b| b == b"mine"), "our bytes are in the recovery folder");
+    assert_eq!(
+        &store.get_bytes("shared").unwrap()[..],
+        b"theirs",
+        "the other writer's object is untouched"
+    );
+    let recovered: Vec<Vec<u8>> = std::fs::read_dir(fs.recovery_dir())
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(
+        recovered.iter().any(|b| b == b"mine"),
+        "our bytes are in the recovery folder"
+    );
     // Creating a file that someone else created meanwhile.
-    let (_a, fh) = fs.create(ROOT_INO, b"new", 0o644, libc::O_WRONLY, ME).await.unwrap();
+    let (_a, fh) = fs
+        .create(ROOT_INO, b"new", 0o644, libc::O_WRONLY, ME)
+        .await
+        .unwrap();
     fs.write(fh, 0, b"first?").await.unwrap();
     store.insert("new", "no, me");
     assert_eq!(fs.flush(fh).await, Err(Errno::EIO));
@@ -612,7 +841,10 @@ async fn concurrent_change_is_detected_and_both_sides_kept() {
     let _ = fs.release(fh).await;
     assert_eq!(&store.get_bytes("doc").unwrap()[..], b"changed elsewhere");
     // Our own successive commits never conflict with themselves.
-    let (_b, fh) = fs.create(ROOT_INO, b"mine", 0o644, libc::O_WRONLY, ME).await.unwrap();
+    let (_b, fh) = fs
+        .create(ROOT_INO, b"mine", 0o644, libc::O_WRONLY, ME)
+        .await
+        .unwrap();
     fs.write(fh, 0, b"a").await.unwrap();
     fs.fsync(fh).await.unwrap();
     fs.write(fh, 1, b"b").await.unwrap();
@@ -633,7 +865,11 @@ async fn hung_store_gives_etimedout_within_the_bound() {
     let t = std::time::Instant::now();
     assert_eq!(fs.lookup(ROOT_INO, b"f").await, Err(Errno::ETIMEDOUT));
     assert_eq!(fs.opendir(ROOT_INO).await.err(), Some(Errno::ETIMEDOUT));
-    assert!(t.elapsed() < std::time::Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        t.elapsed()
+    );
     store.set_latency(None);
     let a = fs.lookup(ROOT_INO, b"f").await.unwrap();
     let (fh, _) = fs.open(a.ino, libc::O_RDONLY).await.unwrap();

@@ -130,7 +130,14 @@ impl Fs {
             let table = self.inodes.lock();
             table.get(ino).and_then(|i| {
                 let parent = table.get(i.parent)?;
-                Some((parent.key.clone(), i.name.clone(), DirEntry { kind: i.kind, meta: i.meta.clone() }))
+                Some((
+                    parent.key.clone(),
+                    i.name.clone(),
+                    DirEntry {
+                        kind: i.kind,
+                        meta: i.meta.clone(),
+                    },
+                ))
             })
         };
         if let Some((dir_key, name, entry)) = found {
@@ -154,7 +161,10 @@ impl Fs {
             .pending
             .lock()
             .iter()
-            .filter(|(k, _)| k.strip_prefix(dir_key).is_some_and(|rest| !rest.is_empty() && !rest.contains('/')))
+            .filter(|(k, _)| {
+                k.strip_prefix(dir_key)
+                    .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
+            })
             .map(|(k, p)| (k[dir_key.len()..].to_string(), p.ino))
             .collect();
         let table = self.inodes.lock();
@@ -166,14 +176,23 @@ impl Fs {
                     last_modified: Some(i.attr.mtime),
                     ..Default::default()
                 };
-                entries.insert(name, DirEntry { kind: Kind::File, meta: Some(meta) });
+                entries.insert(
+                    name,
+                    DirEntry {
+                        kind: Kind::File,
+                        meta: Some(meta),
+                    },
+                );
             }
         }
     }
 
     fn mark_pending(&self, key: &str, ino: u64) -> Arc<std::sync::atomic::AtomicBool> {
         let mut pending = self.pending.lock();
-        let p = pending.entry(key.to_string()).or_insert_with(|| Pending { ino, unlinked: Default::default() });
+        let p = pending.entry(key.to_string()).or_insert_with(|| Pending {
+            ino,
+            unlinked: Default::default(),
+        });
         p.ino = ino;
         p.unlinked.clone()
     }
@@ -189,14 +208,33 @@ impl Fs {
     fn new_handle(&self, state: WriteState) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.writers.lock().insert(state.ino, fh);
-        self.files.lock().insert(fh, Arc::new(FileHandle::Write(tokio::sync::Mutex::new(state))));
+        self.files.lock().insert(
+            fh,
+            Arc::new(FileHandle::Write(tokio::sync::Mutex::new(state))),
+        );
         fh
     }
 
-    fn start_upload(&self, key: &str, metadata: &UserMetadata, expect: &PutCondition) -> StreamUpload {
-        let opts = PutOptions { metadata: metadata.clone(), condition: expect.clone(), ..Default::default() };
-        StreamUpload::new(self.store.clone(), key.to_string(), opts, self.cfg.upload, self.budget.clone(), self.caps.clone())
-            .with_recovery_dir(self.recovery_dir())
+    fn start_upload(
+        &self,
+        key: &str,
+        metadata: &UserMetadata,
+        expect: &PutCondition,
+    ) -> StreamUpload {
+        let opts = PutOptions {
+            metadata: metadata.clone(),
+            condition: expect.clone(),
+            ..Default::default()
+        };
+        StreamUpload::new(
+            self.store.clone(),
+            key.to_string(),
+            opts,
+            self.cfg.upload,
+            self.budget.clone(),
+            self.caps.clone(),
+        )
+        .with_recovery_dir(self.recovery_dir())
     }
 
     /// Where conflicting writes leave their data: `recovered/` under the staging directory.
@@ -216,15 +254,31 @@ impl Fs {
         }
     }
 
-    pub async fn create(&self, parent: u64, name: &[u8], mode: u32, flags: i32, caller: Caller) -> FsResult<(Attr, u64)> {
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> FsResult<(Attr, u64)> {
         self.check_writable()?;
         let parent = self.dir_inode(parent)?;
         let name = Self::check_new_name(name)?;
         let key = format!("{}{name}", parent.key);
         let now = SystemTime::now();
         let metadata = new_file_metadata(mode, caller, now);
-        let meta = ObjectMeta { key: key.clone(), metadata: metadata.clone(), has_metadata: true, last_modified: Some(now), ..Default::default() };
-        let entry = DirEntry { kind: Kind::File, meta: Some(meta) };
+        let meta = ObjectMeta {
+            key: key.clone(),
+            metadata: metadata.clone(),
+            has_metadata: true,
+            last_modified: Some(now),
+            ..Default::default()
+        };
+        let entry = DirEntry {
+            kind: Kind::File,
+            meta: Some(meta),
+        };
         let attr = self.remember_entry(&parent, name, &entry);
         let unlinked = self.mark_pending(&key, attr.ino);
         self.note_entry(&parent.key, name, Some(entry));
@@ -233,7 +287,10 @@ impl Fs {
             ino: attr.ino,
             key: key.clone(),
             upload: Some(self.start_upload(&key, &metadata, &PutCondition::IfNoneMatch)),
-            base: CommittedPrefix { etag: String::new(), size: 0 },
+            base: CommittedPrefix {
+                etag: String::new(),
+                size: 0,
+            },
             size: 0,
             dirty: true,
             error: None,
@@ -253,8 +310,14 @@ impl Fs {
         let (mut metadata, meta) = self.metadata_of(inode).await?;
         let truncate = flags & libc::O_TRUNC != 0;
         let base = match (&meta, truncate) {
-            (Some(m), false) => CommittedPrefix { etag: m.etag.clone().unwrap_or_default(), size: m.size },
-            _ => CommittedPrefix { etag: String::new(), size: 0 },
+            (Some(m), false) => CommittedPrefix {
+                etag: m.etag.clone().unwrap_or_default(),
+                size: m.size,
+            },
+            _ => CommittedPrefix {
+                etag: String::new(),
+                size: 0,
+            },
         };
         if truncate || meta.is_none() {
             metadata.insert("mtime".into(), format_time(SystemTime::now()));
@@ -314,7 +377,9 @@ impl Fs {
 
     async fn append(&self, st: &mut WriteState, data: &[u8]) -> FsResult<()> {
         self.ensure_upload(st).await?;
-        let Some(upload) = st.upload.as_mut() else { return Err(Errno::EIO) };
+        let Some(upload) = st.upload.as_mut() else {
+            return Err(Errno::EIO);
+        };
         if let Err(e) = upload.write(data).await {
             tracing::error!(key = %st.key, error = %e, "upload failed while writing");
             st.error = Some(Errno::EIO);
@@ -337,7 +402,9 @@ impl Fs {
 
     pub async fn write(&self, fh: u64, offset: i64, data: &[u8]) -> FsResult<u32> {
         let h = self.write_handle(fh)?;
-        let FileHandle::Write(lock) = &*h else { return Err(Errno::EBADF) };
+        let FileHandle::Write(lock) = &*h else {
+            return Err(Errno::EBADF);
+        };
         let mut st = lock.lock().await;
         if let Some(e) = st.error {
             return Err(e);
@@ -346,7 +413,9 @@ impl Fs {
         if offset < st.size || st.staged.is_some() {
             self.ensure_staged(&mut st).await?;
             let key = st.key.clone();
-            let Some(staged) = st.staged.as_mut() else { return Err(Errno::EIO) };
+            let Some(staged) = st.staged.as_mut() else {
+                return Err(Errno::EIO);
+            };
             staged.write(offset, data).map_err(|e| {
                 tracing::error!(key = %key, error = %e, "cannot write the staging file");
                 Errno::EIO
@@ -369,7 +438,11 @@ impl Fs {
         if st.dirty && st.upload.is_some() {
             self.commit(st).await?;
         }
-        let base = Base { key: st.key.clone(), etag: st.base.etag.clone(), size: st.base.size };
+        let base = Base {
+            key: st.key.clone(),
+            etag: st.base.etag.clone(),
+            size: st.base.size,
+        };
         let staged = StagedFile::create(&self.cfg.staging_dir, base).map_err(|e| {
             tracing::error!(dir = %self.cfg.staging_dir.display(), error = %e, "cannot create a staging file");
             Errno::EIO
@@ -381,7 +454,12 @@ impl Fs {
     }
 
     /// Read through a write handle (O_RDWR): staged changes merged with the object.
-    pub(super) async fn read_writer(&self, lock: &tokio::sync::Mutex<WriteState>, offset: u64, size: u32) -> FsResult<bytes::Bytes> {
+    pub(super) async fn read_writer(
+        &self,
+        lock: &tokio::sync::Mutex<WriteState>,
+        offset: u64,
+        size: u32,
+    ) -> FsResult<bytes::Bytes> {
         let mut st = lock.lock().await;
         if let Some(e) = st.error {
             return Err(e);
@@ -394,10 +472,17 @@ impl Fs {
             self.ensure_staged(&mut st).await?;
         }
         match &st.staged {
-            Some(staged) => staged.read(self.store.as_ref(), offset, end).await.map_err(|e| errno_of(&e, "read")),
+            Some(staged) => staged
+                .read(self.store.as_ref(), offset, end)
+                .await
+                .map_err(|e| errno_of(&e, "read")),
             None => self
                 .store
-                .get_range(&st.key, crate::store::ByteRange::new(offset, end), Some(&st.base.etag))
+                .get_range(
+                    &st.key,
+                    crate::store::ByteRange::new(offset, end),
+                    Some(&st.base.etag),
+                )
                 .await
                 .map_err(|e| errno_of(&e, "read")),
         }
@@ -416,9 +501,27 @@ impl Fs {
                 st.dirty = false;
                 return Ok(());
             }
-            let condition = if self.caps.conditional() { st.expect.clone() } else { PutCondition::Overwrite };
-            let opts = PutOptions { metadata: st.metadata.clone(), condition, ..Default::default() };
-            return match staged.upload(&self.store, &st.key, &opts, &self.cfg.upload, &self.budget, &self.caps).await {
+            let condition = if self.caps.conditional() {
+                st.expect.clone()
+            } else {
+                PutCondition::Overwrite
+            };
+            let opts = PutOptions {
+                metadata: st.metadata.clone(),
+                condition,
+                ..Default::default()
+            };
+            return match staged
+                .upload(
+                    &self.store,
+                    &st.key,
+                    &opts,
+                    &self.cfg.upload,
+                    &self.budget,
+                    &self.caps,
+                )
+                .await
+            {
                 Ok(res) => {
                     self.committed(st, res.etag);
                     Ok(())
@@ -428,7 +531,9 @@ impl Fs {
                     if matches!(e, StoreError::PreconditionFailed(_)) {
                         let dir = self.recovery_dir();
                         let target = dir.join(kept.file_name().unwrap_or_default());
-                        if crate::data::staging::prepare_dir(&dir).is_ok() && std::fs::rename(&kept, &target).is_ok() {
+                        if crate::data::staging::prepare_dir(&dir).is_ok()
+                            && std::fs::rename(&kept, &target).is_ok()
+                        {
                             let mut info = kept.clone().into_os_string();
                             info.push(".info");
                             let mut info_target = target.clone().into_os_string();
@@ -451,7 +556,9 @@ impl Fs {
                 }
             };
         }
-        let Some(upload) = st.upload.take() else { return Ok(()) };
+        let Some(upload) = st.upload.take() else {
+            return Ok(());
+        };
         if st.unlinked.load(Ordering::Relaxed) {
             upload.abort().await;
             st.dirty = false;
@@ -478,7 +585,10 @@ impl Fs {
             Some(tag) => PutCondition::IfMatch(tag.clone()),
             None => PutCondition::Overwrite,
         };
-        st.base = CommittedPrefix { etag: etag.clone().unwrap_or_default(), size: st.size };
+        st.base = CommittedPrefix {
+            etag: etag.clone().unwrap_or_default(),
+            size: st.size,
+        };
         let meta = ObjectMeta {
             key: st.key.clone(),
             size: st.size,
@@ -509,7 +619,9 @@ impl Fs {
 
     /// close(2) of one descriptor: the data is in the bucket when this returns Ok.
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
-        let Some(h) = self.files.lock().get(&fh).cloned() else { return Err(Errno::EBADF) };
+        let Some(h) = self.files.lock().get(&fh).cloned() else {
+            return Err(Errno::EBADF);
+        };
         match &*h {
             FileHandle::Read(_) => Ok(()),
             FileHandle::Write(lock) => {
@@ -525,7 +637,9 @@ impl Fs {
 
     /// The last reference to a handle is gone; anything still uncommitted is committed now.
     pub async fn release(&self, fh: u64) -> FsResult<()> {
-        let Some(h) = self.files.lock().remove(&fh) else { return Ok(()) };
+        let Some(h) = self.files.lock().remove(&fh) else {
+            return Ok(());
+        };
         if let FileHandle::Write(lock) = &*h {
             let mut st = lock.lock().await;
             {
@@ -551,10 +665,15 @@ impl Fs {
     pub async fn setattr(&self, ino: u64, fh: Option<u64>, req: SetAttr) -> FsResult<Attr> {
         self.check_writable()?;
         let inode = self.inode(ino)?;
-        let handle = fh.and_then(|fh| self.write_handle(fh).ok()).or_else(|| self.writer_of(ino));
-        let metadata_change = req.mode.is_some() || req.uid.is_some() || req.gid.is_some() || req.mtime.is_some();
+        let handle = fh
+            .and_then(|fh| self.write_handle(fh).ok())
+            .or_else(|| self.writer_of(ino));
+        let metadata_change =
+            req.mode.is_some() || req.uid.is_some() || req.gid.is_some() || req.mtime.is_some();
         if let Some(h) = &handle {
-            let FileHandle::Write(lock) = &**h else { return Err(Errno::EBADF) };
+            let FileHandle::Write(lock) = &**h else {
+                return Err(Errno::EBADF);
+            };
             let mut st = lock.lock().await;
             if let Some(e) = st.error {
                 return Err(e);
@@ -565,7 +684,10 @@ impl Fs {
                         u.abort().await;
                     }
                     st.staged = None;
-                    st.base = CommittedPrefix { etag: String::new(), size: 0 };
+                    st.base = CommittedPrefix {
+                        etag: String::new(),
+                        size: 0,
+                    };
                     st.size = 0;
                     st.upload = Some(self.start_upload(&st.key, &st.metadata, &st.expect));
                     st.dirty = true;
@@ -576,7 +698,9 @@ impl Fs {
                         self.fill_zeros(&mut st, size).await?;
                     } else {
                         self.ensure_staged(&mut st).await?;
-                        let Some(staged) = st.staged.as_mut() else { return Err(Errno::EIO) };
+                        let Some(staged) = st.staged.as_mut() else {
+                            return Err(Errno::EIO);
+                        };
                         staged.truncate(size).map_err(|e| {
                             tracing::error!(error = %e, "cannot truncate the staging file");
                             Errno::EIO
@@ -593,13 +717,25 @@ impl Fs {
                 let new_etag = self.replace_metadata(&st.key, &etag, &st.metadata).await?;
                 st.base.etag = new_etag.clone();
                 st.expect = PutCondition::IfMatch(new_etag.clone());
-                return Ok(self.store_committed(ino, &st.key, st.size, Some(new_etag), st.metadata.clone()));
+                return Ok(self.store_committed(
+                    ino,
+                    &st.key,
+                    st.size,
+                    Some(new_etag),
+                    st.metadata.clone(),
+                ));
             }
             let md = st.metadata.clone();
             if let Some(u) = st.upload.as_mut() {
                 u.set_metadata(md);
             }
-            let meta = ObjectMeta { key: st.key.clone(), size: st.size, metadata: st.metadata.clone(), has_metadata: true, ..Default::default() };
+            let meta = ObjectMeta {
+                key: st.key.clone(),
+                size: st.size,
+                metadata: st.metadata.clone(),
+                has_metadata: true,
+                ..Default::default()
+            };
             let mut table = self.inodes.lock();
             let i = table.get_mut(ino).ok_or(Errno::ENOENT)?;
             i.attr = attrs::attr_from_meta(ino, Kind::File, Some(&meta), &self.cfg.defaults);
@@ -613,25 +749,52 @@ impl Fs {
         match req.size {
             Some(0) => {
                 apply_metadata(&mut metadata, &req);
-                metadata.insert("mtime".into(), format_time(req.mtime.unwrap_or_else(SystemTime::now)));
-                let opts = PutOptions { metadata: metadata.clone(), ..Default::default() };
+                metadata.insert(
+                    "mtime".into(),
+                    format_time(req.mtime.unwrap_or_else(SystemTime::now)),
+                );
+                let opts = PutOptions {
+                    metadata: metadata.clone(),
+                    ..Default::default()
+                };
                 let crc = self.caps.checksums().then_some(0);
-                let res = self.store.put(&inode.key, bytes::Bytes::new(), &opts, crc).await.map_err(|e| errno_of(&e, "truncate"))?;
+                let res = self
+                    .store
+                    .put(&inode.key, bytes::Bytes::new(), &opts, crc)
+                    .await
+                    .map_err(|e| errno_of(&e, "truncate"))?;
                 return Ok(self.store_committed(ino, &inode.key, 0, res.etag, metadata));
             }
             Some(n) if n != meta.size => {
                 // truncate(2) on a closed file: stage the size change against the object.
-                let base = Base { key: inode.key.clone(), etag: meta.etag.clone().unwrap_or_default(), size: meta.size };
+                let base = Base {
+                    key: inode.key.clone(),
+                    etag: meta.etag.clone().unwrap_or_default(),
+                    size: meta.size,
+                };
                 let mut staged = StagedFile::create(&self.cfg.staging_dir, base).map_err(|e| {
                     tracing::error!(dir = %self.cfg.staging_dir.display(), error = %e, "cannot create a staging file");
                     Errno::EIO
                 })?;
                 staged.truncate(n).map_err(|_| Errno::EIO)?;
                 apply_metadata(&mut metadata, &req);
-                metadata.insert("mtime".into(), format_time(req.mtime.unwrap_or_else(SystemTime::now)));
-                let opts = PutOptions { metadata: metadata.clone(), ..Default::default() };
+                metadata.insert(
+                    "mtime".into(),
+                    format_time(req.mtime.unwrap_or_else(SystemTime::now)),
+                );
+                let opts = PutOptions {
+                    metadata: metadata.clone(),
+                    ..Default::default()
+                };
                 let res = staged
-                    .upload(&self.store, &inode.key, &opts, &self.cfg.upload, &self.budget, &self.caps)
+                    .upload(
+                        &self.store,
+                        &inode.key,
+                        &opts,
+                        &self.cfg.upload,
+                        &self.budget,
+                        &self.caps,
+                    )
                     .await
                     .map_err(|e| errno_of(&e, "truncate"))?;
                 return Ok(self.store_committed(ino, &inode.key, n, res.etag, metadata));
@@ -664,10 +827,15 @@ impl Fs {
             tracing::debug!("attributes of the bucket root are not stored (no key holds them)");
             let mut md = UserMetadata::new();
             apply(&mut md);
-            let meta = ObjectMeta { metadata: md, has_metadata: true, ..Default::default() };
+            let meta = ObjectMeta {
+                metadata: md,
+                has_metadata: true,
+                ..Default::default()
+            };
             let mut table = self.inodes.lock();
             let i = table.get_mut(inode.ino).ok_or(Errno::ENOENT)?;
-            let mut attr = attrs::attr_from_meta(inode.ino, Kind::Dir, Some(&meta), &self.cfg.defaults);
+            let mut attr =
+                attrs::attr_from_meta(inode.ino, Kind::Dir, Some(&meta), &self.cfg.defaults);
             if req.mode.is_none() {
                 attr.perm = i.attr.perm;
             }
@@ -679,18 +847,47 @@ impl Fs {
             Err(StoreError::NotFound(_)) => None,
             Err(e) => return Err(errno_of(&e, "setattr")),
         };
-        let mut md = marker.as_ref().map(|m| m.metadata.clone()).unwrap_or_default();
+        let mut md = marker
+            .as_ref()
+            .map(|m| m.metadata.clone())
+            .unwrap_or_default();
         if !md.contains_key("mode") {
-            md.insert("mode".into(), ((inode.attr.perm as u32) | S_IFDIR).to_string());
+            md.insert(
+                "mode".into(),
+                ((inode.attr.perm as u32) | S_IFDIR).to_string(),
+            );
         }
         apply(&mut md);
-        let opts = PutOptions { metadata: md.clone(), content_type: Some("application/x-directory".into()), ..Default::default() };
+        let opts = PutOptions {
+            metadata: md.clone(),
+            content_type: Some("application/x-directory".into()),
+            ..Default::default()
+        };
         let etag = match marker.and_then(|m| m.etag) {
-            Some(etag) => self.store.copy_object(&inode.key, &etag, &inode.key, &opts).await.map(|r| r.etag),
-            None => self.store.put(&inode.key, bytes::Bytes::new(), &opts, self.caps.checksums().then_some(0)).await.map(|r| r.etag),
+            Some(etag) => self
+                .store
+                .copy_object(&inode.key, &etag, &inode.key, &opts)
+                .await
+                .map(|r| r.etag),
+            None => self
+                .store
+                .put(
+                    &inode.key,
+                    bytes::Bytes::new(),
+                    &opts,
+                    self.caps.checksums().then_some(0),
+                )
+                .await
+                .map(|r| r.etag),
         }
         .map_err(|e| errno_of(&e, "setattr"))?;
-        let meta = ObjectMeta { key: inode.key.clone(), etag, metadata: md, has_metadata: true, ..Default::default() };
+        let meta = ObjectMeta {
+            key: inode.key.clone(),
+            etag,
+            metadata: md,
+            has_metadata: true,
+            ..Default::default()
+        };
         let mut table = self.inodes.lock();
         let i = table.get_mut(inode.ino).ok_or(Errno::ENOENT)?;
         i.attr = attrs::attr_from_meta(inode.ino, Kind::Dir, Some(&meta), &self.cfg.defaults);
@@ -703,14 +900,33 @@ impl Fs {
     }
 
     /// Rewrite an object's metadata with a server-side copy onto itself (no data transfer).
-    async fn replace_metadata(&self, key: &str, etag: &str, metadata: &UserMetadata) -> FsResult<String> {
-        let opts = PutOptions { metadata: metadata.clone(), ..Default::default() };
-        let res = self.store.copy_object(key, etag, key, &opts).await.map_err(|e| errno_of(&e, "setattr"))?;
+    async fn replace_metadata(
+        &self,
+        key: &str,
+        etag: &str,
+        metadata: &UserMetadata,
+    ) -> FsResult<String> {
+        let opts = PutOptions {
+            metadata: metadata.clone(),
+            ..Default::default()
+        };
+        let res = self
+            .store
+            .copy_object(key, etag, key, &opts)
+            .await
+            .map_err(|e| errno_of(&e, "setattr"))?;
         Ok(res.etag.unwrap_or_default())
     }
 
     /// Record what the bucket now holds for `ino` and return its attributes.
-    fn store_committed(&self, ino: u64, key: &str, size: u64, etag: Option<String>, metadata: UserMetadata) -> Attr {
+    fn store_committed(
+        &self,
+        ino: u64,
+        key: &str,
+        size: u64,
+        etag: Option<String>,
+        metadata: UserMetadata,
+    ) -> Attr {
         let meta = ObjectMeta {
             key: key.to_string(),
             size,
@@ -724,7 +940,8 @@ impl Fs {
             let mut table = self.inodes.lock();
             match table.get_mut(ino) {
                 Some(i) => {
-                    i.attr = attrs::attr_from_meta(ino, Kind::File, Some(&meta), &self.cfg.defaults);
+                    i.attr =
+                        attrs::attr_from_meta(ino, Kind::File, Some(&meta), &self.cfg.defaults);
                     i.meta = Some(meta);
                     i.fetched = Instant::now();
                     i.page_cache_etag = None;
@@ -741,7 +958,13 @@ impl Fs {
     pub(super) async fn resolve(&self, parent: &Inode, name: &str) -> FsResult<(String, DirEntry)> {
         let key = format!("{}{name}", parent.key);
         if self.pending.lock().contains_key(&key) {
-            return Ok((key, DirEntry { kind: Kind::File, meta: None }));
+            return Ok((
+                key,
+                DirEntry {
+                    kind: Kind::File,
+                    meta: None,
+                },
+            ));
         }
         let entry = self.probe(&parent.key, name).await?.ok_or(Errno::ENOENT)?;
         Ok((key, entry))
@@ -754,13 +977,27 @@ impl Fs {
         }
         match self.store.list_page(&dir.key, None, None, Some(1)).await {
             Ok(page) if page.objects.is_empty() && page.common_prefixes.is_empty() => {
-                let opts = PutOptions { content_type: Some("application/x-directory".into()), ..Default::default() };
-                if let Err(e) = self.store.put(&dir.key, bytes::Bytes::new(), &opts, self.caps.checksums().then_some(0)).await {
+                let opts = PutOptions {
+                    content_type: Some("application/x-directory".into()),
+                    ..Default::default()
+                };
+                if let Err(e) = self
+                    .store
+                    .put(
+                        &dir.key,
+                        bytes::Bytes::new(),
+                        &opts,
+                        self.caps.checksums().then_some(0),
+                    )
+                    .await
+                {
                     tracing::warn!(key = %dir.key, error = %e, "could not write a marker to keep the emptied directory");
                 }
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(key = %dir.key, error = %e, "could not check whether the directory became empty"),
+            Err(e) => {
+                tracing::warn!(key = %dir.key, error = %e, "could not check whether the directory became empty")
+            }
         }
     }
 
@@ -791,7 +1028,13 @@ impl Fs {
     }
 
     /// symlink(2), as s3fs stores it: the target is the object body, mode 0120777.
-    pub async fn symlink(&self, parent: u64, name: &[u8], target: &[u8], caller: Caller) -> FsResult<Attr> {
+    pub async fn symlink(
+        &self,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+        caller: Caller,
+    ) -> FsResult<Attr> {
         self.check_writable()?;
         let parent = self.dir_inode(parent)?;
         let name = Self::check_new_name(name)?;
@@ -804,7 +1047,10 @@ impl Fs {
         metadata.insert("mode".into(), (0o777 | attrs::S_IFLNK).to_string());
         let body = bytes::Bytes::copy_from_slice(target);
         let crc = crc32fast::hash(&body);
-        let opts = PutOptions { metadata: metadata.clone(), ..Default::default() };
+        let opts = PutOptions {
+            metadata: metadata.clone(),
+            ..Default::default()
+        };
         let res = self
             .store
             .put(&key, body, &opts, self.caps.checksums().then_some(crc))
@@ -819,12 +1065,21 @@ impl Fs {
             last_modified: Some(now),
             ..Default::default()
         };
-        let entry = DirEntry { kind: Kind::Symlink, meta: Some(meta) };
+        let entry = DirEntry {
+            kind: Kind::Symlink,
+            meta: Some(meta),
+        };
         self.note_entry(&parent.key, name, Some(entry.clone()));
         Ok(self.remember_entry(&parent, name, &entry))
     }
 
-    pub async fn mkdir(&self, parent: u64, name: &[u8], mode: u32, caller: Caller) -> FsResult<Attr> {
+    pub async fn mkdir(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        caller: Caller,
+    ) -> FsResult<Attr> {
         self.check_writable()?;
         let parent = self.dir_inode(parent)?;
         let name = Self::check_new_name(name)?;
@@ -832,18 +1087,40 @@ impl Fs {
         let now = SystemTime::now();
         let mut metadata = new_file_metadata(mode, caller, now);
         metadata.insert("mode".into(), ((mode & 0o7777) | S_IFDIR).to_string());
-        let opts = PutOptions { metadata: metadata.clone(), content_type: Some("application/x-directory".into()), ..Default::default() };
+        let opts = PutOptions {
+            metadata: metadata.clone(),
+            content_type: Some("application/x-directory".into()),
+            ..Default::default()
+        };
         let res = self
             .store
-            .put(&key, bytes::Bytes::new(), &opts, self.caps.checksums().then_some(0))
+            .put(
+                &key,
+                bytes::Bytes::new(),
+                &opts,
+                self.caps.checksums().then_some(0),
+            )
             .await
             .map_err(|e| errno_of(&e, "mkdir"))?;
-        let meta = ObjectMeta { key: key.clone(), etag: res.etag, metadata, has_metadata: true, last_modified: Some(now), ..Default::default() };
-        let entry = DirEntry { kind: Kind::Dir, meta: Some(meta) };
+        let meta = ObjectMeta {
+            key: key.clone(),
+            etag: res.etag,
+            metadata,
+            has_metadata: true,
+            last_modified: Some(now),
+            ..Default::default()
+        };
+        let entry = DirEntry {
+            kind: Kind::Dir,
+            meta: Some(meta),
+        };
         self.note_entry(&parent.key, name, Some(entry.clone()));
         // The kernel looked it up before: nothing was below this prefix, so it starts empty.
         if !self.cfg.metadata_ttl.is_zero() {
-            self.listings.lock().put(key.clone(), (Instant::now(), Arc::new(super::dir::Listing::default())));
+            self.listings.lock().put(
+                key.clone(),
+                (Instant::now(), Arc::new(super::dir::Listing::default())),
+            );
         }
         Ok(self.remember_entry(&parent, name, &entry))
     }
@@ -860,11 +1137,18 @@ impl Fs {
         if self.pending.lock().keys().any(|k| k.starts_with(&prefix)) {
             return Err(Errno::ENOTEMPTY);
         }
-        let page = self.store.list_page(&prefix, None, None, Some(2)).await.map_err(|e| errno_of(&e, "rmdir"))?;
+        let page = self
+            .store
+            .list_page(&prefix, None, None, Some(2))
+            .await
+            .map_err(|e| errno_of(&e, "rmdir"))?;
         if page.objects.iter().any(|o| o.key != prefix) || !page.common_prefixes.is_empty() {
             return Err(Errno::ENOTEMPTY);
         }
-        for k in [prefix.clone(), format!("{key}{}", crate::store::LEGACY_FOLDER_SUFFIX)] {
+        for k in [
+            prefix.clone(),
+            format!("{key}{}", crate::store::LEGACY_FOLDER_SUFFIX),
+        ] {
             match self.store.delete(&k).await {
                 Ok(()) | Err(StoreError::NotFound(_)) => {}
                 Err(e) => return Err(errno_of(&e, "rmdir")),
@@ -882,9 +1166,13 @@ impl Fs {
     /// Before a file that is open for writing is renamed: commit what it has so far, so the
     /// object exists to be copied. Returns the handle to retarget afterwards.
     pub(super) async fn settle_writer(&self, ino: u64) -> FsResult<Option<Arc<FileHandle>>> {
-        let Some(h) = self.writer_of(ino) else { return Ok(None) };
+        let Some(h) = self.writer_of(ino) else {
+            return Ok(None);
+        };
         {
-            let FileHandle::Write(lock) = &*h else { return Ok(None) };
+            let FileHandle::Write(lock) = &*h else {
+                return Ok(None);
+            };
             let mut st = lock.lock().await;
             self.commit(&mut st).await?;
         }
@@ -892,7 +1180,12 @@ impl Fs {
     }
 
     /// After the rename: later writes through the handle continue the object at its new key.
-    pub(super) async fn retarget_writer(&self, h: &FileHandle, new_key: &str, new_etag: Option<String>) {
+    pub(super) async fn retarget_writer(
+        &self,
+        h: &FileHandle,
+        new_key: &str,
+        new_etag: Option<String>,
+    ) {
         if let FileHandle::Write(lock) = h {
             let mut st = lock.lock().await;
             st.key = new_key.to_string();

@@ -136,7 +136,12 @@ impl MockStore {
 
     /// Fail the next `times` requests of `op` whose key (or prefix) contains `key_contains`.
     pub fn inject_fault(&self, op: Op, key_contains: &str, error: StoreError, times: u32) {
-        self.faults.lock().push(Fault { op, key_contains: key_contains.to_string(), error, remaining: times });
+        self.faults.lock().push(Fault {
+            op,
+            key_contains: key_contains.to_string(),
+            error,
+            remaining: times,
+        });
     }
 
     /// Multipart uploads not yet completed or aborted.
@@ -147,8 +152,12 @@ impl MockStore {
     fn check_condition(&self, key: &str, condition: &PutCondition) -> StoreResult<()> {
         let objects = self.objects.lock();
         match (condition, objects.get(key)) {
-            (PutCondition::IfNoneMatch, Some(_)) => Err(StoreError::PreconditionFailed(key.to_string())),
-            (PutCondition::IfMatch(tag), Some(o)) if *tag != o.etag => Err(StoreError::PreconditionFailed(key.to_string())),
+            (PutCondition::IfNoneMatch, Some(_)) => {
+                Err(StoreError::PreconditionFailed(key.to_string()))
+            }
+            (PutCondition::IfMatch(tag), Some(o)) if *tag != o.etag => {
+                Err(StoreError::PreconditionFailed(key.to_string()))
+            }
             (PutCondition::IfMatch(_), None) => Err(StoreError::NotFound(key.to_string())),
             _ => Ok(()),
         }
@@ -193,7 +202,10 @@ impl MockStore {
             tokio::time::sleep(d).await;
         }
         let mut faults = self.faults.lock();
-        if let Some(pos) = faults.iter().position(|f| f.op == op && key.contains(&f.key_contains)) {
+        if let Some(pos) = faults
+            .iter()
+            .position(|f| f.op == op && key.contains(&f.key_contains))
+        {
             let f = &mut faults[pos];
             let err = f.error.clone();
             f.remaining -= 1;
@@ -211,8 +223,16 @@ impl MockStore {
             size: o.data.len() as u64,
             etag: Some(o.etag.clone()),
             last_modified: Some(o.last_modified),
-            content_type: if with_metadata { o.content_type.clone() } else { None },
-            metadata: if with_metadata { o.metadata.clone() } else { UserMetadata::new() },
+            content_type: if with_metadata {
+                o.content_type.clone()
+            } else {
+                None
+            },
+            metadata: if with_metadata {
+                o.metadata.clone()
+            } else {
+                UserMetadata::new()
+            },
             has_metadata: with_metadata,
         }
     }
@@ -243,7 +263,10 @@ impl ObjectStore for MockStore {
             }
             // A common prefix is returned once; the token is the prefix itself.
             let rest = &key[prefix.len()..];
-            let grouped = delimiter.and_then(|d| rest.find(d).map(|i| format!("{prefix}{}", &rest[..i + d.len()])));
+            let grouped = delimiter.and_then(|d| {
+                rest.find(d)
+                    .map(|i| format!("{prefix}{}", &rest[..i + d.len()]))
+            });
             let item = grouped.clone().unwrap_or_else(|| key.clone());
             if !start.is_empty() && item.as_str() <= start.as_str() {
                 continue;
@@ -268,13 +291,23 @@ impl ObjectStore for MockStore {
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
         self.enter(Op::Head, key).await?;
         let objects = self.objects.lock();
-        objects.get(key).map(|o| Self::meta_of(key, o, true)).ok_or_else(|| StoreError::NotFound(key.to_string()))
+        objects
+            .get(key)
+            .map(|o| Self::meta_of(key, o, true))
+            .ok_or_else(|| StoreError::NotFound(key.to_string()))
     }
 
-    async fn get_range(&self, key: &str, range: ByteRange, if_match: Option<&str>) -> StoreResult<Bytes> {
+    async fn get_range(
+        &self,
+        key: &str,
+        range: ByteRange,
+        if_match: Option<&str>,
+    ) -> StoreResult<Bytes> {
         self.enter(Op::Get, key).await?;
         let objects = self.objects.lock();
-        let o = objects.get(key).ok_or_else(|| StoreError::NotFound(key.to_string()))?;
+        let o = objects
+            .get(key)
+            .ok_or_else(|| StoreError::NotFound(key.to_string()))?;
         if let Some(tag) = if_match {
             if tag != o.etag {
                 return Err(StoreError::PreconditionFailed(key.to_string()));
@@ -282,26 +315,44 @@ impl ObjectStore for MockStore {
         }
         let len = o.data.len() as u64;
         if range.start >= len && !(len == 0 && range.start == 0) {
-            return Err(StoreError::InvalidRange(format!("{key} bytes={}-", range.start)));
+            return Err(StoreError::InvalidRange(format!(
+                "{key} bytes={}-",
+                range.start
+            )));
         }
         let end = range.end.min(len);
         let out = o.data.slice(range.start as usize..end as usize);
-        self.counters.bytes_fetched.fetch_add(out.len() as u64, Ordering::Relaxed);
+        self.counters
+            .bytes_fetched
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
         Ok(out)
     }
 
-    async fn put(&self, key: &str, body: Bytes, opts: &PutOptions, crc32: Option<u32>) -> StoreResult<PutResult> {
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        opts: &PutOptions,
+        crc32: Option<u32>,
+    ) -> StoreResult<PutResult> {
         self.enter(Op::Put, key).await?;
-        self.counters.bytes_uploaded.fetch_add(body.len() as u64, Ordering::Relaxed);
+        self.counters
+            .bytes_uploaded
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
         if let Some(c) = crc32 {
             if crc32fast::hash(&body) != c {
-                return Err(StoreError::Checksum(format!("{key}: body does not match its CRC32")));
+                return Err(StoreError::Checksum(format!(
+                    "{key}: body does not match its CRC32"
+                )));
             }
         }
         self.check_condition(key, &opts.condition)?;
         let checksum = crc32.map(crc32_header);
         let etag = self.insert_with(key, body, opts.metadata.clone(), opts.content_type.clone());
-        Ok(PutResult { etag: Some(etag), checksum_crc32: checksum })
+        Ok(PutResult {
+            etag: Some(etag),
+            checksum_crc32: checksum,
+        })
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
@@ -310,22 +361,40 @@ impl ObjectStore for MockStore {
         Ok(())
     }
 
-    async fn copy_object(&self, source_key: &str, source_etag: &str, key: &str, opts: &PutOptions) -> StoreResult<PutResult> {
+    async fn copy_object(
+        &self,
+        source_key: &str,
+        source_etag: &str,
+        key: &str,
+        opts: &PutOptions,
+    ) -> StoreResult<PutResult> {
         self.enter(Op::Put, key).await?;
         let data = {
             let objects = self.objects.lock();
-            let o = objects.get(source_key).ok_or_else(|| StoreError::NotFound(source_key.to_string()))?;
+            let o = objects
+                .get(source_key)
+                .ok_or_else(|| StoreError::NotFound(source_key.to_string()))?;
             if o.etag != source_etag {
                 return Err(StoreError::PreconditionFailed(source_key.to_string()));
             }
             o.data.clone()
         };
-        self.counters.bytes_copied.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.counters
+            .bytes_copied
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         let etag = self.insert_with(key, data, opts.metadata.clone(), opts.content_type.clone());
-        Ok(PutResult { etag: Some(etag), checksum_crc32: None })
+        Ok(PutResult {
+            etag: Some(etag),
+            checksum_crc32: None,
+        })
     }
 
-    async fn create_multipart(&self, key: &str, opts: &PutOptions, checksum: bool) -> StoreResult<String> {
+    async fn create_multipart(
+        &self,
+        key: &str,
+        opts: &PutOptions,
+        checksum: bool,
+    ) -> StoreResult<String> {
         self.enter(Op::CreateMultipart, key).await?;
         let _ = checksum;
         let id = format!("upload-{}", self.upload_seq.fetch_add(1, Ordering::Relaxed));
@@ -350,20 +419,32 @@ impl ObjectStore for MockStore {
         crc32: Option<u32>,
     ) -> StoreResult<CompletedPart> {
         self.enter(Op::UploadPart, key).await?;
-        self.counters.bytes_uploaded.fetch_add(body.len() as u64, Ordering::Relaxed);
+        self.counters
+            .bytes_uploaded
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
         if !(1..=10_000).contains(&part_number) {
-            return Err(StoreError::Other(format!("part number {part_number} out of range")));
+            return Err(StoreError::Other(format!(
+                "part number {part_number} out of range"
+            )));
         }
         if let Some(c) = crc32 {
             if crc32fast::hash(&body) != c {
-                return Err(StoreError::Checksum(format!("{key} part {part_number}: CRC32 mismatch")));
+                return Err(StoreError::Checksum(format!(
+                    "{key} part {part_number}: CRC32 mismatch"
+                )));
             }
         }
         let etag = format!("\"part-{}\"", self.etag_seq.fetch_add(1, Ordering::Relaxed));
         let mut uploads = self.uploads.lock();
-        let u = uploads.get_mut(upload_id).ok_or_else(|| StoreError::NotFound(format!("upload {upload_id}")))?;
+        let u = uploads
+            .get_mut(upload_id)
+            .ok_or_else(|| StoreError::NotFound(format!("upload {upload_id}")))?;
         u.parts.insert(part_number, (etag.clone(), body, crc32));
-        Ok(CompletedPart { part_number, etag, checksum_crc32: crc32.map(crc32_header) })
+        Ok(CompletedPart {
+            part_number,
+            etag,
+            checksum_crc32: crc32.map(crc32_header),
+        })
     }
 
     async fn upload_part_copy(
@@ -378,7 +459,9 @@ impl ObjectStore for MockStore {
         self.enter(Op::CopyPart, key).await?;
         let data = {
             let objects = self.objects.lock();
-            let o = objects.get(source_key).ok_or_else(|| StoreError::NotFound(source_key.to_string()))?;
+            let o = objects
+                .get(source_key)
+                .ok_or_else(|| StoreError::NotFound(source_key.to_string()))?;
             if o.etag != source_etag {
                 return Err(StoreError::PreconditionFailed(source_key.to_string()));
             }
@@ -387,13 +470,21 @@ impl ObjectStore for MockStore {
             }
             o.data.slice(range.start as usize..range.end as usize)
         };
-        self.counters.bytes_copied.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.counters
+            .bytes_copied
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         let crc = crc32fast::hash(&data);
         let etag = format!("\"part-{}\"", self.etag_seq.fetch_add(1, Ordering::Relaxed));
         let mut uploads = self.uploads.lock();
-        let u = uploads.get_mut(upload_id).ok_or_else(|| StoreError::NotFound(format!("upload {upload_id}")))?;
+        let u = uploads
+            .get_mut(upload_id)
+            .ok_or_else(|| StoreError::NotFound(format!("upload {upload_id}")))?;
         u.parts.insert(part_number, (etag.clone(), data, Some(crc)));
-        Ok(CompletedPart { part_number, etag, checksum_crc32: Some(crc32_header(crc)) })
+        Ok(CompletedPart {
+            part_number,
+            etag,
+            checksum_crc32: Some(crc32_header(crc)),
+        })
     }
 
     async fn complete_multipart(
@@ -405,25 +496,42 @@ impl ObjectStore for MockStore {
     ) -> StoreResult<PutResult> {
         self.enter(Op::Complete, key).await?;
         self.check_condition(key, condition)?;
-        let upload = self.uploads.lock().get(upload_id).cloned().ok_or_else(|| StoreError::NotFound(format!("upload {upload_id}")))?;
+        let upload = self
+            .uploads
+            .lock()
+            .get(upload_id)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(format!("upload {upload_id}")))?;
         let mut body = Vec::new();
         let mut crcs = Vec::new();
         for (i, p) in parts.iter().enumerate() {
-            let (etag, data, crc) =
-                upload.parts.get(&p.part_number).ok_or_else(|| StoreError::Other(format!("part {} missing", p.part_number)))?;
+            let (etag, data, crc) = upload
+                .parts
+                .get(&p.part_number)
+                .ok_or_else(|| StoreError::Other(format!("part {} missing", p.part_number)))?;
             if *etag != p.etag {
-                return Err(StoreError::Other(format!("part {} etag mismatch", p.part_number)));
+                return Err(StoreError::Other(format!(
+                    "part {} etag mismatch",
+                    p.part_number
+                )));
             }
             if i + 1 < parts.len() && data.len() < 5 << 20 {
-                return Err(StoreError::Other(format!("part {} smaller than 5 MiB", p.part_number)));
+                return Err(StoreError::Other(format!(
+                    "part {} smaller than 5 MiB",
+                    p.part_number
+                )));
             }
             body.extend_from_slice(data);
             crcs.extend(*crc);
         }
-        let checksum = (crcs.len() == parts.len() && !parts.is_empty()).then(|| composite_crc32(&crcs));
+        let checksum =
+            (crcs.len() == parts.len() && !parts.is_empty()).then(|| composite_crc32(&crcs));
         self.uploads.lock().remove(upload_id);
         let etag = self.insert_with(key, body, upload.metadata, upload.content_type);
-        Ok(PutResult { etag: Some(etag), checksum_crc32: checksum })
+        Ok(PutResult {
+            etag: Some(etag),
+            checksum_crc32: checksum,
+        })
     }
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
@@ -439,7 +547,10 @@ impl ObjectStore for MockStore {
             .lock()
             .iter()
             .filter(|(_, u)| u.key.starts_with(prefix))
-            .map(|(id, u)| OpenUpload { key: u.key.clone(), upload_id: id.clone() })
+            .map(|(id, u)| OpenUpload {
+                key: u.key.clone(),
+                upload_id: id.clone(),
+            })
             .collect())
     }
 }
@@ -475,6 +586,9 @@ mod tests {
         s.insert("k", "v");
         s.inject_fault(Op::Get, "k", StoreError::Other("boom".into()), 1);
         assert!(s.get_range("k", ByteRange::new(0, 1), None).await.is_err());
-        assert_eq!(&s.get_range("k", ByteRange::new(0, 1), None).await.unwrap()[..], b"v");
+        assert_eq!(
+            &s.get_range("k", ByteRange::new(0, 1), None).await.unwrap()[..],
+            b"v"
+        );
     }
 }

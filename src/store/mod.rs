@@ -146,7 +146,10 @@ pub enum StoreError {
 impl StoreError {
     /// Worth trying again (network trouble, throttling, server errors)?
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Unreachable(_) | StoreError::Timeout(_) | StoreError::Other(_))
+        matches!(
+            self,
+            StoreError::Unreachable(_) | StoreError::Timeout(_) | StoreError::Other(_)
+        )
     }
 }
 
@@ -169,20 +172,42 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
     /// Bytes `range` of `key`; with `if_match`, fails with `PreconditionFailed` when the object
     /// has been replaced. A range past the end is clipped by the server (a start past the end is
     /// `InvalidRange`).
-    async fn get_range(&self, key: &str, range: ByteRange, if_match: Option<&str>) -> StoreResult<Bytes>;
+    async fn get_range(
+        &self,
+        key: &str,
+        range: ByteRange,
+        if_match: Option<&str>,
+    ) -> StoreResult<Bytes>;
 
     /// Store `body` as `key` in one request. `crc32` is sent as the body's checksum when given,
     /// so the server rejects a corrupted body.
-    async fn put(&self, key: &str, body: Bytes, opts: &PutOptions, crc32: Option<u32>) -> StoreResult<PutResult>;
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        opts: &PutOptions,
+        crc32: Option<u32>,
+    ) -> StoreResult<PutResult>;
 
     async fn delete(&self, key: &str) -> StoreResult<()>;
 
     /// Server-side copy of a whole object (at most 5 GiB) onto `key`, with `opts.metadata`
     /// replacing the source's, only while the source still has `source_etag`.
-    async fn copy_object(&self, source_key: &str, source_etag: &str, key: &str, opts: &PutOptions) -> StoreResult<PutResult>;
+    async fn copy_object(
+        &self,
+        source_key: &str,
+        source_etag: &str,
+        key: &str,
+        opts: &PutOptions,
+    ) -> StoreResult<PutResult>;
 
     /// Start a multipart upload (declaring CRC32 part checksums when `checksum`); returns its id.
-    async fn create_multipart(&self, key: &str, opts: &PutOptions, checksum: bool) -> StoreResult<String>;
+    async fn create_multipart(
+        &self,
+        key: &str,
+        opts: &PutOptions,
+        checksum: bool,
+    ) -> StoreResult<String>;
 
     /// Upload one part (numbers 1..=10000). `crc32` is sent as the part's checksum when given.
     async fn upload_part(

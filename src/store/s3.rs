@@ -7,9 +7,9 @@ use async_trait::async_trait;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
+use aws_sdk_s3::config::RequestChecksumCalculation;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::config::RequestChecksumCalculation;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, MetadataDirective};
 use aws_sdk_s3::Client;
 use bytes::Bytes;
@@ -25,7 +25,10 @@ pub struct StaticCredentials {
 
 impl fmt::Debug for StaticCredentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StaticCredentials").field("access_key", &self.access_key).field("secret_key", &"<redacted>").finish()
+        f.debug_struct("StaticCredentials")
+            .field("access_key", &self.access_key)
+            .field("secret_key", &"<redacted>")
+            .finish()
     }
 }
 
@@ -59,7 +62,9 @@ pub struct S3Store {
 
 impl fmt::Debug for S3Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("S3Store").field("bucket", &self.bucket).finish()
+        f.debug_struct("S3Store")
+            .field("bucket", &self.bucket)
+            .finish()
     }
 }
 
@@ -70,7 +75,11 @@ impl S3Store {
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(s.connect_timeout)
-                    .read_timeout(if s.stall_timeout.is_zero() { Duration::from_secs(30) } else { s.stall_timeout })
+                    .read_timeout(if s.stall_timeout.is_zero() {
+                        Duration::from_secs(30)
+                    } else {
+                        s.stall_timeout
+                    })
                     .build(),
             );
         if let Some(p) = &s.profile {
@@ -91,9 +100,12 @@ impl S3Store {
             ));
         }
         if let Some(path) = &s.ca_bundle {
-            let pem = std::fs::read(path)
-                .map_err(|e| StoreError::Other(format!("cannot read CA bundle {}: {e}", path.display())))?;
-            use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode, TlsContext, TrustStore};
+            let pem = std::fs::read(path).map_err(|e| {
+                StoreError::Other(format!("cannot read CA bundle {}: {e}", path.display()))
+            })?;
+            use aws_smithy_http_client::tls::{
+                self, rustls_provider::CryptoMode, TlsContext, TrustStore,
+            };
             let ctx = TlsContext::builder()
                 .with_trust_store(TrustStore::default().with_pem_certificate(pem))
                 .build()
@@ -120,7 +132,11 @@ impl S3Store {
         Ok(S3Store {
             client: Client::from_conf(b.build()),
             bucket: s.bucket.clone(),
-            stall_timeout: if s.stall_timeout.is_zero() { Duration::from_secs(30) } else { s.stall_timeout },
+            stall_timeout: if s.stall_timeout.is_zero() {
+                Duration::from_secs(30)
+            } else {
+                s.stall_timeout
+            },
             max_attempts: s.max_attempts.max(1),
         })
     }
@@ -144,7 +160,11 @@ where
                      or --no-sign-request for public buckets)"
                 ));
             }
-            return if d.is_timeout() { StoreError::Timeout(detail()) } else { StoreError::Unreachable(detail()) };
+            return if d.is_timeout() {
+                StoreError::Timeout(detail())
+            } else {
+                StoreError::Unreachable(detail())
+            };
         }
         SdkError::TimeoutError(_) => return StoreError::Timeout(detail()),
         SdkError::ServiceError(se) => se.raw().status().as_u16(),
@@ -156,7 +176,14 @@ where
         (_, "NoSuchBucket") => StoreError::NoSuchBucket(what.to_string()),
         (404, _) | (_, "NoSuchKey") => StoreError::NotFound(what.to_string()),
         (403, _) | (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch") => {
-            StoreError::AccessDenied(format!("{what}: {}", if code.is_empty() { "403 Forbidden" } else { code }))
+            StoreError::AccessDenied(format!(
+                "{what}: {}",
+                if code.is_empty() {
+                    "403 Forbidden"
+                } else {
+                    code
+                }
+            ))
         }
         (412, _) | (_, "PreconditionFailed") => StoreError::PreconditionFailed(what.to_string()),
         (416, _) | (_, "InvalidRange") => StoreError::InvalidRange(what.to_string()),
@@ -201,13 +228,21 @@ impl ObjectStore for S3Store {
                 })
             })
             .collect();
-        let common_prefixes = out.common_prefixes().iter().filter_map(|p| p.prefix().map(str::to_string)).collect();
+        let common_prefixes = out
+            .common_prefixes()
+            .iter()
+            .filter_map(|p| p.prefix().map(str::to_string))
+            .collect();
         let next_token = if out.is_truncated().unwrap_or(false) {
             out.next_continuation_token().map(str::to_string)
         } else {
             None
         };
-        Ok(ListPage { objects, common_prefixes, next_token })
+        Ok(ListPage {
+            objects,
+            common_prefixes,
+            next_token,
+        })
     }
 
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
@@ -221,7 +256,11 @@ impl ObjectStore for S3Store {
             .map_err(|e| map_err(e, key))?;
         let metadata = out
             .metadata()
-            .map(|m| m.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect())
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                    .collect()
+            })
             .unwrap_or_default();
         Ok(ObjectMeta {
             key: key.to_string(),
@@ -234,7 +273,12 @@ impl ObjectStore for S3Store {
         })
     }
 
-    async fn get_range(&self, key: &str, range: ByteRange, if_match: Option<&str>) -> StoreResult<Bytes> {
+    async fn get_range(
+        &self,
+        key: &str,
+        range: ByteRange,
+        if_match: Option<&str>,
+    ) -> StoreResult<Bytes> {
         if range.is_empty() {
             return Ok(Bytes::new());
         }
@@ -244,9 +288,15 @@ impl ObjectStore for S3Store {
         let mut failures = 0;
         loop {
             let from = range.start + out.len() as u64;
-            match self.get_body_into(key, ByteRange::new(from, range.end), if_match, &mut out).await {
+            match self
+                .get_body_into(key, ByteRange::new(from, range.end), if_match, &mut out)
+                .await
+            {
                 Ok(()) => return Ok(out.freeze()),
-                Err(e) if matches!(e, StoreError::Timeout(_) | StoreError::Unreachable(_)) && failures + 1 < self.max_attempts => {
+                Err(e)
+                    if matches!(e, StoreError::Timeout(_) | StoreError::Unreachable(_))
+                        && failures + 1 < self.max_attempts =>
+                {
                     failures += 1;
                     tracing::warn!(key, error = %e, received = out.len(), attempt = failures, "GET body interrupted; resuming where it stopped");
                     tokio::time::sleep(Duration::from_millis(100 << failures.min(6))).await;
@@ -256,7 +306,13 @@ impl ObjectStore for S3Store {
         }
     }
 
-    async fn put(&self, key: &str, body: Bytes, opts: &PutOptions, crc32: Option<u32>) -> StoreResult<PutResult> {
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        opts: &PutOptions,
+        crc32: Option<u32>,
+    ) -> StoreResult<PutResult> {
         let mut req = self
             .client
             .put_object()
@@ -274,7 +330,10 @@ impl ObjectStore for S3Store {
             PutCondition::IfMatch(tag) => req.if_match(tag),
         };
         let out = req.send().await.map_err(|e| map_err(e, key))?;
-        Ok(PutResult { etag: out.e_tag().map(str::to_string), checksum_crc32: out.checksum_crc32().map(str::to_string) })
+        Ok(PutResult {
+            etag: out.e_tag().map(str::to_string),
+            checksum_crc32: out.checksum_crc32().map(str::to_string),
+        })
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
@@ -288,7 +347,13 @@ impl ObjectStore for S3Store {
         Ok(())
     }
 
-    async fn copy_object(&self, source_key: &str, source_etag: &str, key: &str, opts: &PutOptions) -> StoreResult<PutResult> {
+    async fn copy_object(
+        &self,
+        source_key: &str,
+        source_etag: &str,
+        key: &str,
+        opts: &PutOptions,
+    ) -> StoreResult<PutResult> {
         let mut req = self
             .client
             .copy_object()
@@ -301,7 +366,10 @@ impl ObjectStore for S3Store {
         for (k, v) in &opts.metadata {
             req = req.metadata(k, v);
         }
-        let out = req.send().await.map_err(|e| map_err(e, &format!("copy {source_key} to {key}")))?;
+        let out = req
+            .send()
+            .await
+            .map_err(|e| map_err(e, &format!("copy {source_key} to {key}")))?;
         let result = out.copy_object_result();
         Ok(PutResult {
             etag: result.and_then(|r| r.e_tag()).map(str::to_string),
@@ -309,7 +377,12 @@ impl ObjectStore for S3Store {
         })
     }
 
-    async fn create_multipart(&self, key: &str, opts: &PutOptions, checksum: bool) -> StoreResult<String> {
+    async fn create_multipart(
+        &self,
+        key: &str,
+        opts: &PutOptions,
+        checksum: bool,
+    ) -> StoreResult<String> {
         let mut req = self
             .client
             .create_multipart_upload()
@@ -321,9 +394,11 @@ impl ObjectStore for S3Store {
             req = req.metadata(k, v);
         }
         let out = req.send().await.map_err(|e| map_err(e, key))?;
-        out.upload_id()
-            .map(str::to_string)
-            .ok_or_else(|| StoreError::Other(format!("{key}: CreateMultipartUpload returned no upload id")))
+        out.upload_id().map(str::to_string).ok_or_else(|| {
+            StoreError::Other(format!(
+                "{key}: CreateMultipartUpload returned no upload id"
+            ))
+        })
     }
 
     async fn upload_part(
@@ -374,11 +449,19 @@ impl ObjectStore for S3Store {
             .copy_source_if_match(source_etag)
             .send()
             .await
-            .map_err(|e| map_err(e, &format!("{key} part {part_number} (copy of {source_key})")))?;
+            .map_err(|e| {
+                map_err(
+                    e,
+                    &format!("{key} part {part_number} (copy of {source_key})"),
+                )
+            })?;
         let result = out.copy_part_result();
         Ok(CompletedPart {
             part_number,
-            etag: result.and_then(|r| r.e_tag()).unwrap_or_default().to_string(),
+            etag: result
+                .and_then(|r| r.e_tag())
+                .unwrap_or_default()
+                .to_string(),
             checksum_crc32: result.and_then(|r| r.checksum_crc32()).map(str::to_string),
         })
     }
@@ -407,7 +490,11 @@ impl ObjectStore for S3Store {
             .bucket(&self.bucket)
             .key(key)
             .upload_id(upload_id)
-            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build());
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            );
         req = match condition {
             PutCondition::Overwrite => req,
             PutCondition::IfNoneMatch => req.if_none_match("*"),
@@ -422,14 +509,23 @@ impl ObjectStore for S3Store {
                 let head = self.head(key).await?;
                 let tag = head.etag.clone().unwrap_or_default();
                 if tag.trim_matches('"').ends_with(&format!("-{nparts}")) {
-                    tracing::debug!(key, "CompleteMultipartUpload answer unparseable; HEAD confirms the object");
-                    return Ok(PutResult { etag: head.etag, checksum_crc32: None });
+                    tracing::debug!(
+                        key,
+                        "CompleteMultipartUpload answer unparseable; HEAD confirms the object"
+                    );
+                    return Ok(PutResult {
+                        etag: head.etag,
+                        checksum_crc32: None,
+                    });
                 }
                 return Err(map_err(e, key));
             }
             Err(e) => return Err(map_err(e, key)),
         };
-        Ok(PutResult { etag: out.e_tag().map(str::to_string), checksum_crc32: out.checksum_crc32().map(str::to_string) })
+        Ok(PutResult {
+            etag: out.e_tag().map(str::to_string),
+            checksum_crc32: out.checksum_crc32().map(str::to_string),
+        })
     }
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
@@ -459,7 +555,10 @@ impl ObjectStore for S3Store {
                 .await
                 .map_err(|e| map_err(e, &format!("list uploads s3://{}/{prefix}", self.bucket)))?;
             out.extend(page.uploads().iter().filter_map(|u| {
-                Some(OpenUpload { key: u.key()?.to_string(), upload_id: u.upload_id()?.to_string() })
+                Some(OpenUpload {
+                    key: u.key()?.to_string(),
+                    upload_id: u.upload_id()?.to_string(),
+                })
             }));
             if !page.is_truncated().unwrap_or(false) {
                 return Ok(out);
@@ -509,13 +608,17 @@ impl S3Store {
                     received += chunk.len() as u64;
                     out.extend_from_slice(&chunk);
                 }
-                Ok(Some(Err(e))) => return Err(StoreError::Unreachable(format!("{key}: reading body after {received} bytes: {e}"))),
+                Ok(Some(Err(e))) => {
+                    return Err(StoreError::Unreachable(format!(
+                        "{key}: reading body after {received} bytes: {e}"
+                    )))
+                }
             }
         }
         match expected {
-            Some(n) if received < n => {
-                Err(StoreError::Unreachable(format!("{key}: body ended after {received} of {n} bytes")))
-            }
+            Some(n) if received < n => Err(StoreError::Unreachable(format!(
+                "{key}: body ended after {received} of {n} bytes"
+            ))),
             _ => Ok(()),
         }
     }

@@ -34,7 +34,11 @@ pub struct S3Server {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind a free port").local_addr().expect("local addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .expect("local addr")
+        .port()
 }
 
 /// Kill a child when the test process dies (children would otherwise outlive a crashed run).
@@ -60,16 +64,25 @@ fn spawn_long_lived(mut cmd: Command) -> Child {
             std::thread::park();
         }
     });
-    rx.recv().expect("server thread").expect("start server process")
+    rx.recv()
+        .expect("server thread")
+        .expect("start server process")
 }
 
 fn wait_port(port: u16, child: &mut Child, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("server exited ({status}): {}", std::fs::read_to_string(log).unwrap_or_default());
+            panic!(
+                "server exited ({status}): {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
         }
-        assert!(Instant::now() < deadline, "server did not open port {port}: {}", std::fs::read_to_string(log).unwrap_or_default());
+        assert!(
+            Instant::now() < deadline,
+            "server did not open port {port}: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -78,7 +91,11 @@ pub fn garage_bin() -> PathBuf {
     if let Ok(p) = std::env::var("GARAGE_BIN") {
         return PathBuf::from(p);
     }
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/root/.cargo/bin"]) {
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/root/.cargo/bin"])
+    {
         let p = Path::new(dir).join("garage");
         if p.is_file() {
             return p;
@@ -96,13 +113,22 @@ pub fn garage_bin() -> PathBuf {
 fn garage_cli(bin: &Path, config: &Path, args: &[&str]) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let out = Command::new(bin).arg("-c").arg(config).args(args).output().expect("run garage cli");
+        let out = Command::new(bin)
+            .arg("-c")
+            .arg(config)
+            .args(args)
+            .output()
+            .expect("run garage cli");
         if out.status.success() {
             return String::from_utf8_lossy(&out.stdout).into_owned();
         }
         // The node needs a moment before it answers its own CLI.
         if Instant::now() > deadline {
-            panic!("garage {args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            panic!(
+                "garage {args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -140,15 +166,40 @@ admin_token = "s3mount-test-admin-token"
     let log = dir.path().join("garage.log");
     let logf = std::fs::File::create(&log).expect("log file");
     let mut cmd = Command::new(&bin);
-    cmd.arg("-c").arg(&config).arg("server").env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(logf);
+    cmd.arg("-c")
+        .arg(&config)
+        .arg("server")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(logf);
     let mut child = spawn_long_lived(cmd);
     wait_port(rpc, &mut child, &log);
     let node = garage_cli(&bin, &config, &["node", "id", "-q"]);
     let node = node.trim().split('@').next().unwrap_or("").to_string();
-    garage_cli(&bin, &config, &["layout", "assign", "-z", "dc1", "-c", "1G", &node]);
+    garage_cli(
+        &bin,
+        &config,
+        &["layout", "assign", "-z", "dc1", "-c", "1G", &node],
+    );
     garage_cli(&bin, &config, &["layout", "apply", "--version", "1"]);
-    garage_cli(&bin, &config, &["key", "import", "--yes", "-n", "s3mount-test", ACCESS_KEY, SECRET_KEY]);
-    garage_cli(&bin, &config, &["key", "allow", "--create-bucket", "s3mount-test"]);
+    garage_cli(
+        &bin,
+        &config,
+        &[
+            "key",
+            "import",
+            "--yes",
+            "-n",
+            "s3mount-test",
+            ACCESS_KEY,
+            SECRET_KEY,
+        ],
+    );
+    garage_cli(
+        &bin,
+        &config,
+        &["key", "allow", "--create-bucket", "s3mount-test"],
+    );
     wait_port(s3, &mut child, &log);
     std::mem::forget(child);
     S3Server {
@@ -167,9 +218,16 @@ fn start_moto() -> S3Server {
     let log = dir.path().join("moto.log");
     let logf = std::fs::File::create(&log).expect("log file");
     let mut cmd = Command::new("python3");
-    cmd.args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(logf);
+    cmd.args([
+        "-m",
+        "moto.server",
+        "-H",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+    ])
+    .stdout(Stdio::null())
+    .stderr(logf);
     let mut child = spawn_long_lived(cmd);
     wait_port(port, &mut child, &log);
     std::mem::forget(child);
@@ -209,13 +267,25 @@ pub fn server() -> &'static S3Server {
 /// A runtime for the independent client, shared by the tests of one process.
 pub fn rt() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime"))
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    })
 }
 
 impl S3Server {
     /// A plain AWS SDK client: the independent check on what s3mount did.
     pub fn client(&self) -> Client {
-        let creds = aws_sdk_s3::config::Credentials::new(&self.access_key, &self.secret_key, None, None, "test");
+        let creds = aws_sdk_s3::config::Credentials::new(
+            &self.access_key,
+            &self.secret_key,
+            None,
+            None,
+            "test",
+        );
         let conf = aws_sdk_s3::config::Builder::new()
             .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
             .region(aws_sdk_s3::config::Region::new(self.region.clone()))
@@ -229,10 +299,16 @@ impl S3Server {
     /// A fresh, empty bucket.
     pub fn new_bucket(&self) -> String {
         static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!("t{}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed), rand_suffix());
+        let name = format!(
+            "t{}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed),
+            rand_suffix()
+        );
         let c = self.client();
         let n = name.clone();
-        rt().block_on(async move { c.create_bucket().bucket(&n).send().await }).expect("create bucket");
+        rt().block_on(async move { c.create_bucket().bucket(&n).send().await })
+            .expect("create bucket");
         name
     }
 
@@ -240,32 +316,65 @@ impl S3Server {
         self.put_with_meta(bucket, key, body, &[]);
     }
 
-    pub fn put_with_meta(&self, bucket: &str, key: &str, body: impl Into<Vec<u8>>, meta: &[(&str, &str)]) {
+    pub fn put_with_meta(
+        &self,
+        bucket: &str,
+        key: &str,
+        body: impl Into<Vec<u8>>,
+        meta: &[(&str, &str)],
+    ) {
         let c = self.client();
-        let mut req = c.put_object().bucket(bucket).key(key).body(ByteStream::from(body.into()));
+        let mut req = c
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .body(ByteStream::from(body.into()));
         for (k, v) in meta {
             req = req.metadata(*k, *v);
         }
-        rt().block_on(req.send()).unwrap_or_else(|e| panic!("put {key}: {e:?}"));
+        rt().block_on(req.send())
+            .unwrap_or_else(|e| panic!("put {key}: {e:?}"));
     }
 
     /// Multipart uploads left open in the bucket.
     pub fn open_uploads(&self, bucket: &str) -> Vec<String> {
         let c = self.client();
         rt().block_on(async move {
-            let out = c.list_multipart_uploads().bucket(bucket).send().await.expect("list uploads");
-            out.uploads().iter().filter_map(|u| u.key().map(str::to_string)).collect()
+            let out = c
+                .list_multipart_uploads()
+                .bucket(bucket)
+                .send()
+                .await
+                .expect("list uploads");
+            out.uploads()
+                .iter()
+                .filter_map(|u| u.key().map(str::to_string))
+                .collect()
         })
     }
 
     /// User metadata of an object.
     pub fn metadata(&self, bucket: &str, key: &str) -> std::collections::HashMap<String, String> {
         let c = self.client();
-        rt().block_on(async move { c.head_object().bucket(bucket).key(key).send().await.expect("head").metadata().cloned().unwrap_or_default() })
+        rt().block_on(async move {
+            c.head_object()
+                .bucket(bucket)
+                .key(key)
+                .send()
+                .await
+                .expect("head")
+                .metadata()
+                .cloned()
+                .unwrap_or_default()
+        })
     }
 
     pub fn port(&self) -> u16 {
-        self.endpoint.rsplit(':').next().and_then(|p| p.parse().ok()).expect("endpoint port")
+        self.endpoint
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("endpoint port")
     }
 
     pub fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
@@ -286,8 +395,18 @@ impl S3Server {
             let mut out = Vec::new();
             let mut token = None;
             loop {
-                let page = c.list_objects_v2().bucket(bucket).set_continuation_token(token).send().await.expect("list");
-                out.extend(page.contents().iter().filter_map(|o| o.key().map(str::to_string)));
+                let page = c
+                    .list_objects_v2()
+                    .bucket(bucket)
+                    .set_continuation_token(token)
+                    .send()
+                    .await
+                    .expect("list");
+                out.extend(
+                    page.contents()
+                        .iter()
+                        .filter_map(|o| o.key().map(str::to_string)),
+                );
                 token = page.next_continuation_token().map(str::to_string);
                 if token.is_none() {
                     break;
@@ -310,14 +429,22 @@ impl S3Server {
 
     /// The endpoint/region arguments for s3mount.
     pub fn args(&self) -> Vec<String> {
-        vec!["--endpoint-url".into(), self.endpoint.clone(), "--region".into(), self.region.clone(), "--force-path-style".into()]
+        vec![
+            "--endpoint-url".into(),
+            self.endpoint.clone(),
+            "--region".into(),
+            self.region.clone(),
+            "--force-path-style".into(),
+        ]
     }
 }
 
 pub fn rand_suffix() -> String {
     use rand::Rng;
     let mut r = rand::thread_rng();
-    (0..6).map(|_| (b'a' + r.gen_range(0..26)) as char).collect()
+    (0..6)
+        .map(|_| (b'a' + r.gen_range(0..26)) as char)
+        .collect()
 }
 
 pub fn s3mount_bin() -> &'static str {
@@ -327,13 +454,19 @@ pub fn s3mount_bin() -> &'static str {
 /// Run s3mount to completion with this server's credentials (for failure cases).
 pub fn run_s3mount(server: &S3Server, args: &[&str]) -> Output {
     let mut cmd = Command::new(s3mount_bin());
-    cmd.args(args).envs(server.env()).env_remove("AWS_ENDPOINT_URL").stdin(Stdio::null());
+    cmd.args(args)
+        .envs(server.env())
+        .env_remove("AWS_ENDPOINT_URL")
+        .stdin(Stdio::null());
     cmd.output().expect("run s3mount")
 }
 
 /// Fail loudly, never skip, when FUSE is unavailable: CI must have it.
 pub fn require_fuse() {
-    assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing: mount tests need FUSE (modprobe fuse)");
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: mount tests need FUSE (modprobe fuse)"
+    );
 }
 
 /// A live mount of the real binary; unmounted on drop.
@@ -355,16 +488,31 @@ impl Mount {
     }
 
     /// Mount with environment changes (`None` removes the variable).
-    pub fn with_env(server: &S3Server, endpoint: &str, source: &str, extra: &[&str], env: &[(&str, Option<&str>)]) -> Mount {
+    pub fn with_env(
+        server: &S3Server,
+        endpoint: &str,
+        source: &str,
+        extra: &[&str],
+        env: &[(&str, Option<&str>)],
+    ) -> Mount {
         require_fuse();
         let dir = tempfile::tempdir().expect("mount dir");
         let mut args: Vec<String> = vec![source.to_string(), dir.path().display().to_string()];
-        args.extend(["--endpoint-url".into(), endpoint.to_string(), "--region".into(), server.region.clone(), "--force-path-style".into()]);
+        args.extend([
+            "--endpoint-url".into(),
+            endpoint.to_string(),
+            "--region".into(),
+            server.region.clone(),
+            "--force-path-style".into(),
+        ]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = std::env::temp_dir().join(format!("s3mount-test-{}.log", rand_suffix()));
         args.extend(["--log-file".into(), log.display().to_string(), "-d".into()]);
         let mut cmd = Command::new(s3mount_bin());
-        cmd.args(&args).envs(server.env()).env_remove("AWS_ENDPOINT_URL").stdin(Stdio::null());
+        cmd.args(&args)
+            .envs(server.env())
+            .env_remove("AWS_ENDPOINT_URL")
+            .stdin(Stdio::null());
         for (k, v) in env {
             match v {
                 Some(v) => cmd.env(k, v),
@@ -416,7 +564,9 @@ impl Drop for Mount {
 }
 
 pub fn is_mounted(p: &Path) -> bool {
-    let Ok(canon) = std::fs::canonicalize(p) else { return false };
+    let Ok(canon) = std::fs::canonicalize(p) else {
+        return false;
+    };
     let want = canon.display().to_string().replace(' ', "\\040");
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
@@ -426,7 +576,9 @@ pub fn is_mounted(p: &Path) -> bool {
 
 /// Bytes that differ at every offset, so a misplaced range shows.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
         x ^= x << 13;
@@ -444,5 +596,9 @@ pub fn sha256(data: &[u8]) -> String {
 }
 
 pub fn sh(cmd: &str) -> Output {
-    Command::new("sh").arg("-c").arg(cmd).output().expect("run sh")
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("run sh")
 }

@@ -11,7 +11,10 @@ enum Action {
     /// Answer with this status instead of forwarding.
     Fail(u16),
     /// Forward, then stop relaying the response after `after` bytes for `pause`.
-    Stall { after: usize, pause: std::time::Duration },
+    Stall {
+        after: usize,
+        pause: std::time::Duration,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -75,12 +78,31 @@ impl FaultProxy {
     }
 
     /// Let the next `times` matching responses stop after `after` bytes for `pause`.
-    pub fn stall(&self, method: &str, contains: &str, after: usize, pause: std::time::Duration, times: u32) {
-        self.add(method, contains, Action::Stall { after, pause }, times, 1000);
+    pub fn stall(
+        &self,
+        method: &str,
+        contains: &str,
+        after: usize,
+        pause: std::time::Duration,
+        times: u32,
+    ) {
+        self.add(
+            method,
+            contains,
+            Action::Stall { after, pause },
+            times,
+            1000,
+        );
     }
 
     fn add(&self, method: &str, contains: &str, action: Action, times: u32, per_mille: u32) {
-        self.rules.lock().unwrap().push(Rule { method: method.into(), contains: contains.into(), action, remaining: times, per_mille });
+        self.rules.lock().unwrap().push(Rule {
+            method: method.into(),
+            contains: contains.into(),
+            action,
+            remaining: times,
+            per_mille,
+        });
     }
 
     pub fn clear(&self) {
@@ -105,7 +127,12 @@ fn read_head(s: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
     Ok(Some(head))
 }
 
-fn serve(mut client: TcpStream, upstream_port: u16, rules: Arc<Mutex<Vec<Rule>>>, hits: Arc<Mutex<u32>>) -> std::io::Result<()> {
+fn serve(
+    mut client: TcpStream,
+    upstream_port: u16,
+    rules: Arc<Mutex<Vec<Rule>>>,
+    hits: Arc<Mutex<u32>>,
+) -> std::io::Result<()> {
     client.set_nodelay(true)?;
     let mut upstream = TcpStream::connect(("127.0.0.1", upstream_port))?;
     upstream.set_nodelay(true)?;
@@ -124,7 +151,9 @@ fn serve(mut client: TcpStream, upstream_port: u16, rules: Arc<Mutex<Vec<Rule>>>
             let ok = match pending {
                 Some((after, pause)) => {
                     let first = after.min(n);
-                    let r = client_write.write_all(&buf[..first]).and_then(|_| client_write.flush());
+                    let r = client_write
+                        .write_all(&buf[..first])
+                        .and_then(|_| client_write.flush());
                     std::thread::sleep(pause);
                     r.and_then(|_| client_write.write_all(&buf[first..n]))
                 }
@@ -137,21 +166,30 @@ fn serve(mut client: TcpStream, upstream_port: u16, rules: Arc<Mutex<Vec<Rule>>>
         let _ = client_write.shutdown(std::net::Shutdown::Both);
     });
     loop {
-        let Some(head) = read_head(&mut client)? else { break };
+        let Some(head) = read_head(&mut client)? else {
+            break;
+        };
         let text = String::from_utf8_lossy(&head).into_owned();
         let line = text.lines().next().unwrap_or("").to_string();
         let header = |name: &str| {
             text.lines().find_map(|l| {
                 let (k, v) = l.split_once(':')?;
-                k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                k.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| v.trim().to_string())
             })
         };
-        let len: u64 = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-        let expects_continue = header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+        let len: u64 = header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let expects_continue =
+            header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
         let matched = {
             let mut rules = rules.lock().unwrap();
             let pos = rules.iter().position(|r| {
-                line.starts_with(&format!("{} ", r.method)) && line.contains(&r.contains) && (r.per_mille >= 1000 || next_roll() < r.per_mille)
+                line.starts_with(&format!("{} ", r.method))
+                    && line.contains(&r.contains)
+                    && (r.per_mille >= 1000 || next_roll() < r.per_mille)
             });
             pos.map(|p| {
                 let action = rules[p].action;
