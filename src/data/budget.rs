@@ -25,10 +25,6 @@ impl Budget {
         })
     }
 
-    pub fn limit(&self) -> u64 {
-        self.limit
-    }
-
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
     }

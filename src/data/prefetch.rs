@@ -99,16 +99,8 @@ impl ObjectReader {
         }
     }
 
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
     pub fn key(&self) -> &str {
         &self.key
-    }
-
-    pub fn etag(&self) -> Option<&str> {
-        self.etag.as_deref()
     }
 
     /// Read up to `len` bytes at `offset` (fewer only at the end of the object).

@@ -179,10 +179,6 @@ impl StagedFile {
         self.size
     }
 
-    pub fn dirty_bytes(&self) -> u64 {
-        self.dirty.total()
-    }
-
     pub fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         self.file.write_all_at(data, offset)?;
         self.dirty.insert(offset, offset + data.len() as u64);
@@ -316,10 +312,17 @@ impl StagedFile {
         outcome
     }
 
-    /// Keep the staged bytes (and their sidecar) on disk for recovery instead of deleting them.
-    pub fn keep(mut self) -> PathBuf {
+    /// Keep the staged bytes (and their sidecar) on disk for recovery instead of deleting them;
+    /// with `dir`, move both there (falling back to where they are).
+    pub fn keep(mut self, dir: Option<&Path>) -> PathBuf {
         let path = std::mem::take(&mut self.path);
         std::mem::forget(self);
+        let Some(dir) = dir else { return path };
+        let target = dir.join(path.file_name().unwrap_or_default());
+        if prepare_dir(dir).is_ok() && std::fs::rename(&path, &target).is_ok() {
+            let _ = std::fs::rename(sidecar(&path), sidecar(&target));
+            return target;
+        }
         path
     }
 }

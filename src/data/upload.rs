@@ -229,19 +229,6 @@ impl StreamUpload {
         self.opts.metadata = metadata;
     }
 
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
-    /// Bytes written so far (including a continued prefix).
-    pub fn len(&self) -> u64 {
-        self.total
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.total == 0
-    }
-
     fn check_failed(&self) -> StoreResult<()> {
         match &self.failed {
             Some(e) => Err(e.clone()),

@@ -152,11 +152,6 @@ impl InodeTable {
         }
     }
 
-    /// Undo one counted lookup that never reached the kernel.
-    pub fn unlookup(&mut self, ino: u64) {
-        self.forget(ino, 1);
-    }
-
     /// The kernel dropped `n` references.
     pub fn forget(&mut self, ino: u64, n: u64) {
         if ino == ROOT_INO {

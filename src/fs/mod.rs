@@ -236,10 +236,6 @@ impl Fs {
         self.cfg.metadata_ttl
     }
 
-    pub fn budget(&self) -> &Arc<Budget> {
-        &self.budget
-    }
-
     /// Inodes currently known (for tests and diagnostics).
     pub fn inode_count(&self) -> usize {
         self.inodes.lock().len()

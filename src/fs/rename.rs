@@ -76,13 +76,18 @@ impl Fs {
         }
     }
 
-    /// Move one object: copy, then delete the source only once the copy exists.
+    /// Move one object: copy, then delete the source only once the copy exists. `known` is the
+    /// source's HEAD when the caller already has it (its metadata must travel with the copy).
     async fn move_object(
         &self,
         src_key: &str,
         dst_key: &str,
+        known: Option<&ObjectMeta>,
     ) -> Result<Option<String>, StoreError> {
-        let meta = self.store.head(src_key).await?;
+        let meta = match known.filter(|m| m.has_metadata && m.etag.is_some() && m.key == src_key) {
+            Some(m) => m.clone(),
+            None => self.store.head(src_key).await?,
+        };
         let etag = self.copy_whole(&meta, dst_key).await?;
         self.store.delete(src_key).await?;
         Ok(etag)
@@ -167,8 +172,14 @@ impl Fs {
                 Some(ino) => self.settle_writer(ino).await?,
                 None => None,
             };
+            // A file still open for writing was just committed: its HEAD from resolve is stale.
+            let known = if writer.is_none() {
+                src.meta.as_ref()
+            } else {
+                None
+            };
             let etag = self
-                .move_object(&src_key, &dst_key)
+                .move_object(&src_key, &dst_key, known)
                 .await
                 .map_err(|e| errno_of(&e, "rename"))?;
             if let Some(h) = writer {
@@ -231,7 +242,7 @@ impl Fs {
             futures::stream::iter(keys)
                 .map(|k| async move {
                     let dst = format!("{dst_prefix}{}", &k[src_prefix.len()..]);
-                    let r = self.move_object(&k, &dst).await;
+                    let r = self.move_object(&k, &dst, None).await;
                     (k, r)
                 })
                 .buffer_unordered(MOVE_PARALLELISM)

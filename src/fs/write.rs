@@ -527,20 +527,10 @@ impl Fs {
                     Ok(())
                 }
                 Err(e) => {
-                    let mut kept = staged.keep();
-                    if matches!(e, StoreError::PreconditionFailed(_)) {
-                        let dir = self.recovery_dir();
-                        let target = dir.join(kept.file_name().unwrap_or_default());
-                        if crate::data::staging::prepare_dir(&dir).is_ok()
-                            && std::fs::rename(&kept, &target).is_ok()
-                        {
-                            let mut info = kept.clone().into_os_string();
-                            info.push(".info");
-                            let mut info_target = target.clone().into_os_string();
-                            info_target.push(".info");
-                            let _ = std::fs::rename(info, info_target);
-                            kept = target;
-                        }
+                    let conflict = matches!(e, StoreError::PreconditionFailed(_));
+                    let recovery = self.recovery_dir();
+                    let kept = staged.keep(conflict.then_some(recovery.as_path()));
+                    if conflict {
                         tracing::error!(
                             key = %st.key, kept = %kept.display(),
                             "write conflict: the object changed since it was opened; it was left untouched and the changed bytes are kept"
