@@ -455,6 +455,7 @@ pub fn run(cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Result
         .map_err(|e| Fatal::new(format!("cannot set up S3 client: {e}")))?;
     rt.block_on(check_bucket(&store, &cfg))?;
     report_leftovers(&cfg, &rt, &store);
+    let traffic = store.traffic();
     let store: Arc<dyn ObjectStore> = Arc::new(store);
     let fs = Arc::new(Fs::new(store, cfg.fs.clone()));
     let opts = KernelMountOptions {
@@ -543,7 +544,7 @@ pub fn run(cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Result
     let result = serving
         .join()
         .map_err(|_| Fatal::new("the request loop panicked"))?;
-    tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
+    tracing::info!(mountpoint = %mountpoint.display(), "unmounted; store traffic: {traffic}");
     rt.shutdown_timeout(Duration::from_secs(5));
     result.map_err(|e| Fatal::new(format!("request loop failed: {e}")))
 }

@@ -1,6 +1,8 @@
 //! The S3 implementation of [`ObjectStore`], on the AWS SDK. The only file that imports it.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -58,6 +60,42 @@ pub struct S3Store {
     bucket: String,
     stall_timeout: Duration,
     max_attempts: u32,
+    traffic: Arc<Traffic>,
+}
+
+/// Requests sent and bytes moved, for the summary logged at unmount (and the benchmark).
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub lists: AtomicU64,
+    pub heads: AtomicU64,
+    pub gets: AtomicU64,
+    pub puts: AtomicU64,
+    pub other: AtomicU64,
+    /// Body bytes received by GETs.
+    pub bytes_down: AtomicU64,
+    /// Body bytes sent by PUTs and UploadParts.
+    pub bytes_up: AtomicU64,
+}
+
+impl fmt::Display for Traffic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        write!(
+            f,
+            "{} LIST, {} HEAD, {} GET, {} PUT/part, {} other requests; {} bytes fetched, {} bytes uploaded",
+            n(&self.lists),
+            n(&self.heads),
+            n(&self.gets),
+            n(&self.puts),
+            n(&self.other),
+            n(&self.bytes_down),
+            n(&self.bytes_up)
+        )
+    }
+}
+
+fn count(a: &AtomicU64, n: u64) {
+    a.fetch_add(n, Ordering::Relaxed);
 }
 
 impl fmt::Debug for S3Store {
@@ -69,6 +107,11 @@ impl fmt::Debug for S3Store {
 }
 
 impl S3Store {
+    /// Requests and bytes so far (shared: keep it to report after the store is handed on).
+    pub fn traffic(&self) -> Arc<Traffic> {
+        self.traffic.clone()
+    }
+
     pub async fn connect(s: &S3Settings) -> StoreResult<Self> {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .retry_config(RetryConfig::standard().with_max_attempts(s.max_attempts.max(1)))
@@ -132,6 +175,7 @@ impl S3Store {
         Ok(S3Store {
             client: Client::from_conf(b.build()),
             bucket: s.bucket.clone(),
+            traffic: Arc::default(),
             stall_timeout: if s.stall_timeout.is_zero() {
                 Duration::from_secs(30)
             } else {
@@ -188,9 +232,14 @@ where
         (412, _) | (_, "PreconditionFailed") => StoreError::PreconditionFailed(what.to_string()),
         (416, _) | (_, "InvalidRange") => StoreError::InvalidRange(what.to_string()),
         (501, _) | (_, "NotImplemented") => StoreError::Unsupported(detail()),
-        (_, "BadDigest" | "InvalidDigest" | "XAmzContentChecksumMismatch" | "InvalidChecksum") => {
-            StoreError::Checksum(detail())
-        }
+        (
+            _,
+            "BadDigest"
+            | "InvalidDigest"
+            | "XAmzContentChecksumMismatch"
+            | "InvalidChecksum"
+            | "XAmzContentSHA256Mismatch",
+        ) => StoreError::Checksum(detail()),
         _ => StoreError::Other(detail()),
     }
 }
@@ -204,6 +253,7 @@ impl ObjectStore for S3Store {
         continuation: Option<String>,
         max_keys: Option<i32>,
     ) -> StoreResult<ListPage> {
+        count(&self.traffic.lists, 1);
         let out = self
             .client
             .list_objects_v2()
@@ -246,6 +296,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        count(&self.traffic.heads, 1);
         let out = self
             .client
             .head_object()
@@ -313,6 +364,8 @@ impl ObjectStore for S3Store {
         opts: &PutOptions,
         crc32: Option<u32>,
     ) -> StoreResult<PutResult> {
+        count(&self.traffic.puts, 1);
+        count(&self.traffic.bytes_up, body.len() as u64);
         let mut req = self
             .client
             .put_object()
@@ -337,6 +390,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
+        count(&self.traffic.other, 1);
         self.client
             .delete_object()
             .bucket(&self.bucket)
@@ -354,6 +408,7 @@ impl ObjectStore for S3Store {
         key: &str,
         opts: &PutOptions,
     ) -> StoreResult<PutResult> {
+        count(&self.traffic.other, 1);
         let mut req = self
             .client
             .copy_object()
@@ -383,6 +438,7 @@ impl ObjectStore for S3Store {
         opts: &PutOptions,
         checksum: bool,
     ) -> StoreResult<String> {
+        count(&self.traffic.other, 1);
         let mut req = self
             .client
             .create_multipart_upload()
@@ -409,6 +465,8 @@ impl ObjectStore for S3Store {
         body: Bytes,
         crc32: Option<u32>,
     ) -> StoreResult<CompletedPart> {
+        count(&self.traffic.puts, 1);
+        count(&self.traffic.bytes_up, body.len() as u64);
         let out = self
             .client
             .upload_part()
@@ -437,6 +495,7 @@ impl ObjectStore for S3Store {
         source_etag: &str,
         range: ByteRange,
     ) -> StoreResult<CompletedPart> {
+        count(&self.traffic.other, 1);
         let out = self
             .client
             .upload_part_copy()
@@ -473,6 +532,7 @@ impl ObjectStore for S3Store {
         parts: Vec<CompletedPart>,
         condition: &PutCondition,
     ) -> StoreResult<PutResult> {
+        count(&self.traffic.other, 1);
         let parts_len = parts.len();
         let parts = parts
             .into_iter()
@@ -529,6 +589,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
+        count(&self.traffic.other, 1);
         self.client
             .abort_multipart_upload()
             .bucket(&self.bucket)
@@ -541,6 +602,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn list_multipart_uploads(&self, prefix: &str) -> StoreResult<Vec<OpenUpload>> {
+        count(&self.traffic.other, 1);
         let mut out = Vec::new();
         let (mut key_marker, mut id_marker) = (None, None);
         loop {
@@ -582,6 +644,7 @@ impl S3Store {
         if_match: Option<&str>,
         out: &mut bytes::BytesMut,
     ) -> StoreResult<()> {
+        count(&self.traffic.gets, 1);
         let resp = self
             .client
             .get_object()
@@ -606,6 +669,7 @@ impl S3Store {
                 Ok(None) => break,
                 Ok(Some(Ok(chunk))) => {
                     received += chunk.len() as u64;
+                    count(&self.traffic.bytes_down, chunk.len() as u64);
                     out.extend_from_slice(&chunk);
                 }
                 Ok(Some(Err(e))) => {
