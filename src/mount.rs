@@ -457,7 +457,10 @@ pub fn run(cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Result
     report_leftovers(&cfg, &rt, &store);
     let traffic = store.traffic();
     let store: Arc<dyn ObjectStore> = Arc::new(store);
-    let fs = Arc::new(Fs::new(store, cfg.fs.clone()));
+    let fs = Arc::new(
+        Fs::try_new(store, cfg.fs.clone())
+            .map_err(|e| Fatal::new(format!("cannot open the block cache: {e}")))?,
+    );
     let opts = KernelMountOptions {
         fsname: cfg.source.clone(),
         read_only: cfg.read_only,

@@ -1,6 +1,8 @@
 //! Reading one object through one open file: sequential readers get a growing window of
-//! parallel ranged GETs ahead of them; random readers get block-sized GETs for what they ask.
+//! parallel ranged GETs ahead of them; random readers get GETs of just the pages they ask for.
 //! Every GET is pinned to the ETag seen at open, so a replaced object is never read mixed.
+//! Fetched bytes go to the block cache, and come from it when they are there. A read of the
+//! whole object, in order, is checked against the CRC32 the store keeps for it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,7 +11,8 @@ use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, FutureExt, Shared};
 
 use super::budget::{Budget, Reservation};
-use crate::store::{ByteRange, ObjectStore, StoreError, StoreResult};
+use super::cache::{BlockCache, ObjectId, BLOCK};
+use crate::store::{crc32_header, ByteRange, ObjectStore, StoreError, StoreResult};
 
 #[derive(Clone, Copy, Debug)]
 pub struct PrefetchConfig {
@@ -19,8 +22,8 @@ pub struct PrefetchConfig {
     pub max_window: u64,
     /// Largest single ranged GET.
     pub max_request: u64,
-    /// Alignment and size of GETs for random reads.
-    pub block_size: u64,
+    /// Alignment of GETs for random reads (they fetch only the pages asked for).
+    pub random_align: u64,
 }
 
 impl Default for PrefetchConfig {
@@ -29,7 +32,7 @@ impl Default for PrefetchConfig {
             initial_window: 1 << 20,
             max_window: 64 << 20,
             max_request: 8 << 20,
-            block_size: 128 << 10,
+            random_align: 4 << 10,
         }
     }
 }
@@ -47,6 +50,12 @@ struct Chunk {
     _reservation: Reservation,
 }
 
+/// CRC32 of the bytes from the start of the object up to `pos`, read in order.
+struct Verifier {
+    pos: u64,
+    hasher: crc32fast::Hasher,
+}
+
 struct ReaderState {
     chunks: BTreeMap<u64, Chunk>,
     /// End of the last read served.
@@ -56,15 +65,22 @@ struct ReaderState {
     fetched_end: u64,
     /// Bytes read sequentially since the window last grew.
     consumed: u64,
+    /// Running checksum while the object is being read from its start (None once given up).
+    verify: Option<Verifier>,
 }
 
 pub struct ObjectReader {
     store: Arc<dyn ObjectStore>,
     key: String,
     etag: Option<String>,
+    /// Cache identity (objects without an ETag are not cached).
+    obj: Option<ObjectId>,
     size: u64,
     cfg: PrefetchConfig,
     budget: Arc<Budget>,
+    cache: Arc<BlockCache>,
+    /// The object's stored CRC32 when known (HEAD at open, or a whole-object GET).
+    checksum: Arc<parking_lot::Mutex<Option<String>>>,
     state: tokio::sync::Mutex<ReaderState>,
 }
 
@@ -73,13 +89,16 @@ fn align_down(x: u64, a: u64) -> u64 {
 }
 
 impl ObjectReader {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<dyn ObjectStore>,
         key: String,
         etag: Option<String>,
         size: u64,
+        checksum: Option<String>,
         cfg: PrefetchConfig,
         budget: Arc<Budget>,
+        cache: Arc<BlockCache>,
     ) -> Self {
         let state = ReaderState {
             chunks: BTreeMap::new(),
@@ -87,14 +106,21 @@ impl ObjectReader {
             window: cfg.initial_window,
             fetched_end: 0,
             consumed: 0,
+            verify: Some(Verifier {
+                pos: 0,
+                hasher: crc32fast::Hasher::new(),
+            }),
         };
         ObjectReader {
             store,
+            obj: etag.as_deref().map(|e| ObjectId::new(&key, e)),
             key,
             etag,
             size,
             cfg,
             budget,
+            cache,
+            checksum: Arc::new(parking_lot::Mutex::new(checksum)),
             state: tokio::sync::Mutex::new(state),
         }
     }
@@ -146,6 +172,24 @@ impl ObjectReader {
                 .collect()
         };
 
+        let out = self.assemble(offset, end, parts).await?;
+        let whole_crc = {
+            let mut st = self.state.lock().await;
+            self.advance_verify(&mut st)
+        };
+        if let Some(crc) = whole_crc {
+            self.verify_whole(crc).await?;
+        }
+        Ok(out)
+    }
+
+    /// The bytes `[offset, end)` from the chunks covering them.
+    async fn assemble(
+        &self,
+        offset: u64,
+        end: u64,
+        parts: Vec<(ByteRange, ChunkData)>,
+    ) -> StoreResult<Bytes> {
         // The usual case: one chunk covers the whole request, answered without a copy.
         if let [(range, data)] = parts.as_slice() {
             if range.start <= offset && range.end >= end {
@@ -167,13 +211,75 @@ impl ObjectReader {
             if from >= to {
                 break; // object shorter than it claimed: return what there is
             }
+            out.extend_from_slice(&bytes[from as usize..to as usize]);
             if (range.start + to) < end.min(range.end) {
-                out.extend_from_slice(&bytes[from as usize..to as usize]);
                 break;
             }
-            out.extend_from_slice(&bytes[from as usize..to as usize]);
         }
         Ok(out.freeze())
+    }
+
+    /// Fold every completed chunk at the verifier's position into the running CRC. Returns the
+    /// CRC of the whole object once it has all been seen.
+    fn advance_verify(&self, st: &mut ReaderState) -> Option<u32> {
+        loop {
+            let v = st.verify.as_mut()?;
+            if v.pos >= self.size {
+                return st.verify.take().map(|v| v.hasher.finalize());
+            }
+            let (_, c) = st.chunks.range(..=v.pos).next_back()?;
+            if c.range.end <= v.pos {
+                return None;
+            }
+            match c.data.peek() {
+                Some(Ok(bytes)) => {
+                    let from = (v.pos - c.range.start) as usize;
+                    if bytes.len() <= from {
+                        st.verify = None; // shorter than it claimed: nothing to verify
+                        return None;
+                    }
+                    v.hasher.update(&bytes[from..]);
+                    v.pos += (bytes.len() - from) as u64;
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Compare the CRC32 of the whole object, read in order, with the one the store keeps.
+    async fn verify_whole(&self, crc: u32) -> StoreResult<()> {
+        let known = self.checksum.lock().clone();
+        let stored = match known {
+            Some(c) => Some(c),
+            // Opened from a listing: ask the store (only if it still is the version read).
+            None => match self.store.head(&self.key).await {
+                Ok(m) if m.etag == self.etag => m.checksum_crc32,
+                _ => None,
+            },
+        };
+        let Some(stored) = stored else {
+            return Ok(());
+        };
+        let ours = match stored.split_once('-') {
+            None => crc32_header(crc),
+            // One-part COMPOSITE: the CRC32 of that part's CRC32.
+            Some((_, "1")) => format!("{}-1", crc32_header(crc32fast::hash(&crc.to_be_bytes()))),
+            Some(_) => {
+                tracing::debug!(key = %self.key, "composite multipart checksum: whole-object read not verified");
+                return Ok(());
+            }
+        };
+        if ours == stored {
+            return Ok(());
+        }
+        tracing::error!(key = %self.key, stored = %stored, read = %ours, "data read does not match the object's stored CRC32; failing the read and dropping cached blocks");
+        if let Some(obj) = &self.obj {
+            self.cache.forget(obj, self.size);
+        }
+        Err(StoreError::Checksum(format!(
+            "{}: CRC32 of the data read is {ours}, the store says {stored}",
+            self.key
+        )))
     }
 
     /// Wait for a chunk; a failed one is forgotten so the next read fetches it again.
@@ -195,8 +301,8 @@ impl ObjectReader {
         }
     }
 
-    /// Make sure fetches cover `[from, to)`. Optional (prefetch) fetches stop when the budget is
-    /// spent, and the window shrinks.
+    /// Make sure fetches (or cache reads) cover `[from, to)`. Optional (prefetch) fetches stop
+    /// when the budget is spent, and the window shrinks.
     fn fill(&self, st: &mut ReaderState, from: u64, to: u64, required: bool, sequential: bool) {
         let mut pos = from;
         while pos < to {
@@ -218,24 +324,73 @@ impl ObjectReader {
                 .next()
                 .map(|(s, _)| *s)
                 .unwrap_or(self.size);
-            let (start, want) = if sequential {
-                let piece = (st.window / 2).clamp(self.cfg.block_size, self.cfg.max_request);
-                (pos, piece.max(to.min(pos + self.cfg.max_request) - pos))
+            let limit = next_start.min(self.size);
+
+            // Already in memory: no fetch, no reservation (the cache holds it).
+            if let Some((range, data)) = self
+                .obj
+                .as_ref()
+                .and_then(|o| self.cache.lookup_memory(o, pos))
+            {
+                let stop = range.end.min(limit);
+                let slice = data.slice((pos - range.start) as usize..(stop - range.start) as usize);
+                st.chunks.insert(
+                    pos,
+                    Chunk {
+                        range: ByteRange::new(pos, stop),
+                        data: futures::future::ready(Ok(slice)).boxed().shared(),
+                        _reservation: Reservation::empty(&self.budget),
+                    },
+                );
+                st.fetched_end = st.fetched_end.max(stop);
+                pos = stop;
+                continue;
+            }
+
+            let on_disk = self
+                .obj
+                .as_ref()
+                .is_some_and(|o| self.cache.on_disk(o, pos / BLOCK));
+            let (start, stop) = if on_disk {
+                (pos, ((pos / BLOCK + 1) * BLOCK).min(limit))
             } else {
-                let start = align_down(pos, self.cfg.block_size).max(prev_end);
-                let want = (to - start).div_ceil(self.cfg.block_size) * self.cfg.block_size;
-                (
-                    start,
-                    want.min(self.cfg.max_request)
-                        .max(to.min(start + self.cfg.max_request) - start),
-                )
+                let (start, want) = if sequential {
+                    let piece = (st.window / 2).clamp(BLOCK, self.cfg.max_request);
+                    (pos, piece.max(to.min(pos + self.cfg.max_request) - pos))
+                } else {
+                    let a = self.cfg.random_align.max(1);
+                    let start = align_down(pos, a).max(prev_end);
+                    (
+                        start,
+                        (to.div_ceil(a) * a - start).min(self.cfg.max_request),
+                    )
+                };
+                let mut stop = (start + want).min(limit);
+                // End sequential fetches on block boundaries, so whole blocks reach the cache.
+                if sequential && stop < limit {
+                    let aligned = align_down(stop, BLOCK);
+                    if aligned > pos {
+                        stop = aligned;
+                    }
+                }
+                // Stop where cached bytes begin.
+                if let Some(o) = &self.obj {
+                    let mut b = start / BLOCK + 1;
+                    while b * BLOCK < stop {
+                        if self.cache.contains(o, b * BLOCK) {
+                            stop = b * BLOCK;
+                            break;
+                        }
+                        b += 1;
+                    }
+                }
+                (start, stop)
             };
-            let stop = (start + want).min(next_start).min(self.size);
             let range = ByteRange::new(start, stop);
             let reservation = if required {
                 self.budget.reserve_required(range.len())
             } else {
-                match self.budget.try_reserve(range.len()) {
+                match self.reserve_optional(range.len()) {
                     Some(r) => r,
                     None => {
                         st.window = (st.window / 2).max(self.cfg.initial_window);
@@ -243,7 +398,7 @@ impl ObjectReader {
                     }
                 }
             };
-            let data = self.spawn_fetch(range);
+            let data = self.spawn_fetch(range, on_disk);
             st.chunks.insert(
                 start,
                 Chunk {
@@ -257,11 +412,49 @@ impl ObjectReader {
         }
     }
 
-    fn spawn_fetch(&self, range: ByteRange) -> ChunkData {
+    /// Budget for a prefetch; the memory cache gives way before prefetching does.
+    fn reserve_optional(&self, bytes: u64) -> Option<Reservation> {
+        self.budget.try_reserve(bytes).or_else(|| {
+            self.cache.shrink(bytes);
+            self.budget.try_reserve(bytes)
+        })
+    }
+
+    /// Fetch `range`: from the disk cache when it holds the block, else from the store (the
+    /// whole object in one GET, with its checksum, when the range is the whole object).
+    fn spawn_fetch(&self, range: ByteRange, from_disk: bool) -> ChunkData {
         let store = self.store.clone();
         let key = self.key.clone();
         let etag = self.etag.clone();
-        let task = tokio::spawn(async move { store.get_range(&key, range, etag.as_deref()).await });
+        let obj = self.obj.clone();
+        let cache = self.cache.clone();
+        let checksum = self.checksum.clone();
+        let size = self.size;
+        let task = tokio::spawn(async move {
+            if let (true, Some(o)) = (from_disk, &obj) {
+                let block = range.start / BLOCK;
+                let block_start = block * BLOCK;
+                let block_len = (block_start + BLOCK).min(size) - block_start;
+                if let Some(b) = cache.read_disk(o, block, block_len).await {
+                    return Ok(b.slice(
+                        (range.start - block_start) as usize..(range.end - block_start) as usize,
+                    ));
+                }
+            }
+            let data = if range.start == 0 && range.end == size {
+                let (data, sum) = store.get_whole(&key, size, etag.as_deref()).await?;
+                if sum.is_some() {
+                    *checksum.lock() = sum;
+                }
+                data
+            } else {
+                store.get_range(&key, range, etag.as_deref()).await?
+            };
+            if let Some(o) = &obj {
+                cache.insert(o, range, &data, size);
+            }
+            Ok(data)
+        });
         async move {
             task.await
                 .unwrap_or_else(|e| Err(StoreError::Other(format!("fetch task failed: {e}"))))
@@ -274,6 +467,7 @@ impl ObjectReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::cache::CacheConfig;
     use crate::store::mock::MockStore;
     use std::sync::atomic::Ordering;
 
@@ -282,14 +476,47 @@ mod tests {
     }
 
     fn reader(store: &Arc<MockStore>, key: &str, size: u64, budget: u64) -> ObjectReader {
+        let budget = Budget::new(budget);
         ObjectReader::new(
             store.clone(),
             key.into(),
             None,
             size,
+            None,
             PrefetchConfig::default(),
-            Budget::new(budget),
+            budget.clone(),
+            BlockCache::disabled(budget),
         )
+    }
+
+    /// A reader of the object's current version sharing `cache`.
+    async fn cached_reader(
+        store: &Arc<MockStore>,
+        key: &str,
+        cache: &Arc<BlockCache>,
+    ) -> ObjectReader {
+        let m = store.head(key).await.unwrap();
+        ObjectReader::new(
+            store.clone(),
+            key.into(),
+            m.etag,
+            m.size,
+            None,
+            PrefetchConfig::default(),
+            Budget::new(1 << 30),
+            cache.clone(),
+        )
+    }
+
+    async fn read_all(r: &ObjectReader, step: u32) -> StoreResult<Vec<u8>> {
+        let mut got = Vec::new();
+        loop {
+            let b = r.read(got.len() as u64, step).await?;
+            if b.is_empty() {
+                return Ok(got);
+            }
+            got.extend_from_slice(&b);
+        }
     }
 
     #[tokio::test]
@@ -328,11 +555,119 @@ mod tests {
             assert_eq!(&b[..], &body[o as usize..o as usize + 4096]);
         }
         let fetched = store.counters.bytes_fetched.load(Ordering::Relaxed);
-        // The first read may start a small window; the rest fetch one block each.
-        assert!(
-            fetched <= (2 << 20) + offsets.len() as u64 * (128 << 10),
-            "fetched {fetched}"
+        // Scattered reads fetch the pages they ask for, nothing around them.
+        assert_eq!(fetched, offsets.len() as u64 * 4096, "fetched {fetched}");
+    }
+
+    #[tokio::test]
+    async fn second_reader_is_served_from_memory() {
+        let store = Arc::new(MockStore::new());
+        let body = data(6 << 20);
+        store.insert("k", body.clone());
+        let cache = BlockCache::new(
+            &CacheConfig {
+                memory_bytes: 64 << 20,
+                disk: None,
+            },
+            Budget::new(1 << 30),
+        )
+        .unwrap();
+        let r = cached_reader(&store, "k", &cache).await;
+        assert_eq!(read_all(&r, 128 << 10).await.unwrap(), body);
+        let gets = store.counters.get.load(Ordering::Relaxed);
+        let r2 = cached_reader(&store, "k", &cache).await;
+        assert_eq!(read_all(&r2, 128 << 10).await.unwrap(), body);
+        assert_eq!(
+            store.counters.get.load(Ordering::Relaxed),
+            gets,
+            "re-read went to the store"
         );
+    }
+
+    #[tokio::test]
+    async fn disk_cache_serves_a_new_mount_and_refetches_a_damaged_block() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = CacheConfig {
+            memory_bytes: 0,
+            disk: Some(crate::data::cache::DiskCacheConfig {
+                dir: tmp.path().join("c"),
+                max_bytes: 1 << 30,
+                namespace: "mock".into(),
+            }),
+        };
+        let store = Arc::new(MockStore::new());
+        let body = data((5 << 20) + 123);
+        let etag = store.insert("k", body.clone());
+        {
+            let cache = BlockCache::new(&cfg, Budget::new(1 << 30)).unwrap();
+            let r = cached_reader(&store, "k", &cache).await;
+            assert_eq!(read_all(&r, 128 << 10).await.unwrap(), body);
+            for _ in 0..500 {
+                if cache.disk_usage().unwrap().0 == 6 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            assert_eq!(cache.disk_usage().unwrap().0, 6);
+        }
+        // "Remount": a new cache on the same directory. Damage block 2 on disk.
+        let cache = BlockCache::new(&cfg, Budget::new(1 << 30)).unwrap();
+        let path = crate::data::cache::block_path(
+            cfg.disk.as_ref().unwrap(),
+            &ObjectId::new("k", &etag),
+            2,
+        );
+        let mut raw = std::fs::read(&path).unwrap();
+        let n = raw.len();
+        raw[n - 5000] ^= 1;
+        std::fs::write(&path, raw).unwrap();
+        store.reset_counters();
+        let r = cached_reader(&store, "k", &cache).await;
+        assert_eq!(read_all(&r, 128 << 10).await.unwrap(), body);
+        // Only the damaged block came from the store.
+        assert_eq!(
+            store.counters.bytes_fetched.load(Ordering::Relaxed),
+            1 << 20
+        );
+    }
+
+    #[tokio::test]
+    async fn corrupted_whole_read_fails_and_leaves_nothing_cached() {
+        for size in [100_000usize, 12 << 20] {
+            let store = Arc::new(MockStore::new());
+            let body = data(size);
+            store.insert("k", body.clone());
+            let cache = BlockCache::new(
+                &CacheConfig {
+                    memory_bytes: 64 << 20,
+                    disk: None,
+                },
+                Budget::new(1 << 30),
+            )
+            .unwrap();
+            store.corrupt_next_gets(1);
+            let r = cached_reader(&store, "k", &cache).await;
+            let err = read_all(&r, 128 << 10).await.unwrap_err();
+            assert!(matches!(err, StoreError::Checksum(_)), "{size}: {err:?}");
+            assert_eq!(cache.memory_used(), 0, "bad bytes stayed cached");
+            // Read again: good data, verified.
+            let r = cached_reader(&store, "k", &cache).await;
+            assert_eq!(read_all(&r, 128 << 10).await.unwrap(), body, "{size}");
+        }
+    }
+
+    #[tokio::test]
+    async fn whole_read_of_a_small_object_costs_one_get() {
+        let store = Arc::new(MockStore::new());
+        let body = data(300_000);
+        store.insert("k", body.clone());
+        let cache = BlockCache::disabled(Budget::new(1 << 30));
+        let r = cached_reader(&store, "k", &cache).await;
+        store.reset_counters();
+        assert_eq!(read_all(&r, 128 << 10).await.unwrap(), body);
+        // Verified with the checksum that came with the GET: no HEAD.
+        assert_eq!(store.counters.get.load(Ordering::Relaxed), 1);
+        assert_eq!(store.counters.head.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]
@@ -340,15 +675,7 @@ mod tests {
         let store = Arc::new(MockStore::new());
         let body = data(8 << 20);
         store.insert("k", body.clone());
-        let budget = Budget::new(0);
-        let r = ObjectReader::new(
-            store.clone(),
-            "k".into(),
-            None,
-            body.len() as u64,
-            PrefetchConfig::default(),
-            budget.clone(),
-        );
+        let r = reader(&store, "k", body.len() as u64, 0);
         let mut off = 0;
         while off < body.len() as u64 {
             let b = r.read(off, 1 << 20).await.unwrap();
@@ -371,11 +698,13 @@ mod tests {
             "k".into(),
             Some(etag),
             4 << 20,
+            None,
             PrefetchConfig {
                 initial_window: 128 << 10,
                 ..Default::default()
             },
             Budget::new(1 << 30),
+            BlockCache::disabled(Budget::new(1 << 30)),
         );
         r.read(0, 4096).await.unwrap();
         store.insert("k", vec![1u8; 4 << 20]);

@@ -202,6 +202,7 @@ mod tests {
             size: 7,
             metadata: md,
             has_metadata: true,
+            checksum_crc32: None,
             ..Default::default()
         };
         let a = attr_from_meta(5, Kind::File, Some(&meta), &defaults());

@@ -18,6 +18,7 @@ use lru::LruCache;
 use parking_lot::Mutex;
 
 use crate::data::budget::Budget;
+use crate::data::cache::{BlockCache, CacheConfig};
 use crate::data::prefetch::{ObjectReader, PrefetchConfig};
 use crate::data::upload::{Capabilities, UploadConfig};
 use crate::store::{ByteRange, ObjectMeta, ObjectStore, StoreError, LEGACY_FOLDER_SUFFIX};
@@ -77,6 +78,8 @@ pub struct FsConfig {
     /// How long listings, attributes and negative lookups are trusted.
     pub metadata_ttl: Duration,
     pub prefetch: PrefetchConfig,
+    /// Memory and (optional) disk block cache.
+    pub cache: CacheConfig,
     pub upload: UploadConfig,
     pub max_memory: u64,
     /// Where modified files keep their changed bytes until they are uploaded (mode 0700).
@@ -105,6 +108,10 @@ impl FsConfig {
             },
             metadata_ttl: Duration::from_secs(5),
             prefetch: PrefetchConfig::default(),
+            cache: CacheConfig {
+                memory_bytes: 64 << 20,
+                disk: None,
+            },
             upload: UploadConfig::default(),
             max_memory: 512 << 20,
             list_metadata: false,
@@ -148,7 +155,8 @@ struct DirHandle {
 }
 
 enum FileHandle {
-    Read(ObjectReader),
+    /// A reader and the inode it reads.
+    Read(ObjectReader, u64),
     Write(tokio::sync::Mutex<write::WriteState>),
 }
 
@@ -170,6 +178,7 @@ pub struct Fs {
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
     budget: Arc<Budget>,
+    cache: Arc<BlockCache>,
     caps: Arc<Capabilities>,
     /// Files written through this mount and not committed yet, by key.
     pending: Mutex<HashMap<String, Pending>>,
@@ -192,7 +201,13 @@ fn nz(n: usize) -> NonZeroUsize {
 }
 
 impl Fs {
+    /// A filesystem whose cache needs no disk (tests); see [`Fs::try_new`].
     pub fn new(store: Arc<dyn ObjectStore>, cfg: FsConfig) -> Self {
+        Self::try_new(store, cfg).expect("cannot open the block cache")
+    }
+
+    /// Fails only when the disk cache cannot be opened (directory not writable, or in use).
+    pub fn try_new(store: Arc<dyn ObjectStore>, cfg: FsConfig) -> std::io::Result<Self> {
         let root_attr = attrs::attr_from_meta(ROOT_INO, Kind::Dir, None, &cfg.defaults);
         let root = Inode {
             ino: ROOT_INO,
@@ -207,11 +222,12 @@ impl Fs {
             page_cache_etag: None,
         };
         let budget = Budget::new(cfg.max_memory);
+        let cache = BlockCache::new(&cfg.cache, budget.clone())?;
         let caps = Arc::new(Capabilities::default());
         if !cfg.conditional_writes {
             caps.disable_conditional();
         }
-        Fs {
+        Ok(Fs {
             store,
             inodes: Mutex::new(InodeTable::new(root)),
             listings: Mutex::new(LruCache::new(nz(256))),
@@ -220,12 +236,13 @@ impl Fs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             budget,
+            cache,
             caps,
             pending: Mutex::new(HashMap::new()),
             writers: Mutex::new(HashMap::new()),
             warn: WarnOnce::default(),
             cfg,
-        }
+        })
     }
 
     pub fn config(&self) -> &FsConfig {
@@ -552,8 +569,10 @@ impl Fs {
             inode.key.clone(),
             meta.etag.clone(),
             meta.size,
+            meta.checksum_crc32.clone(),
             self.cfg.prefetch,
             self.budget.clone(),
+            self.cache.clone(),
         );
         let keep_cache = {
             let mut table = self.inodes.lock();
@@ -565,7 +584,7 @@ impl Fs {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.files
             .lock()
-            .insert(fh, Arc::new(FileHandle::Read(reader)));
+            .insert(fh, Arc::new(FileHandle::Read(reader, ino)));
         Ok((fh, keep_cache))
     }
 
@@ -573,12 +592,17 @@ impl Fs {
         let handle = self.files.lock().get(&fh).cloned().ok_or(Errno::EBADF)?;
         let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
         match &*handle {
-            FileHandle::Read(reader) => {
+            FileHandle::Read(reader, ino) => {
                 let read = async {
-                    reader
-                        .read(offset, size)
-                        .await
-                        .map_err(|e| errno_of(&e, "read"))
+                    reader.read(offset, size).await.map_err(|e| {
+                        if matches!(e, StoreError::Checksum(_)) {
+                            // Pages already handed out may be bad: the next open starts afresh.
+                            if let Some(i) = self.inodes.lock().get_mut(*ino) {
+                                i.page_cache_etag = None;
+                            }
+                        }
+                        errno_of(&e, "read")
+                    })
                 };
                 match tokio::time::timeout(self.cfg.op_timeout, read).await {
                     Ok(r) => r,

@@ -272,6 +272,7 @@ impl Fs {
             key: key.clone(),
             metadata: metadata.clone(),
             has_metadata: true,
+            checksum_crc32: None,
             last_modified: Some(now),
             ..Default::default()
         };
@@ -355,7 +356,7 @@ impl Fs {
         let h = self.files.lock().get(&fh).cloned().ok_or(Errno::EBADF)?;
         match &*h {
             FileHandle::Write(_) => Ok(h),
-            FileHandle::Read(_) => Err(Errno::EBADF),
+            FileHandle::Read(..) => Err(Errno::EBADF),
         }
     }
 
@@ -587,6 +588,7 @@ impl Fs {
             content_type: None,
             metadata: st.metadata.clone(),
             has_metadata: true,
+            checksum_crc32: None,
         };
         {
             let mut table = self.inodes.lock();
@@ -613,7 +615,7 @@ impl Fs {
             return Err(Errno::EBADF);
         };
         match &*h {
-            FileHandle::Read(_) => Ok(()),
+            FileHandle::Read(..) => Ok(()),
             FileHandle::Write(lock) => {
                 let mut st = lock.lock().await;
                 self.commit(&mut st).await
@@ -724,6 +726,7 @@ impl Fs {
                 size: st.size,
                 metadata: st.metadata.clone(),
                 has_metadata: true,
+                checksum_crc32: None,
                 ..Default::default()
             };
             let mut table = self.inodes.lock();
@@ -820,6 +823,7 @@ impl Fs {
             let meta = ObjectMeta {
                 metadata: md,
                 has_metadata: true,
+                checksum_crc32: None,
                 ..Default::default()
             };
             let mut table = self.inodes.lock();
@@ -876,6 +880,7 @@ impl Fs {
             etag,
             metadata: md,
             has_metadata: true,
+            checksum_crc32: None,
             ..Default::default()
         };
         let mut table = self.inodes.lock();
@@ -925,6 +930,7 @@ impl Fs {
             content_type: None,
             metadata,
             has_metadata: true,
+            checksum_crc32: None,
         };
         let attr = {
             let mut table = self.inodes.lock();
@@ -1052,6 +1058,7 @@ impl Fs {
             etag: res.etag,
             metadata,
             has_metadata: true,
+            checksum_crc32: None,
             last_modified: Some(now),
             ..Default::default()
         };
@@ -1097,6 +1104,7 @@ impl Fs {
             etag: res.etag,
             metadata,
             has_metadata: true,
+            checksum_crc32: None,
             last_modified: Some(now),
             ..Default::default()
         };

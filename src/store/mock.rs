@@ -18,6 +18,8 @@ struct MockObject {
     last_modified: SystemTime,
     metadata: UserMetadata,
     content_type: Option<String>,
+    /// Full-object CRC32 (base64) when the object was stored with checksums.
+    checksum: Option<String>,
 }
 
 /// Which operation a fault applies to.
@@ -89,6 +91,8 @@ pub struct MockStore {
     pub counters: Counters,
     uploads: Mutex<std::collections::HashMap<String, MockUpload>>,
     upload_seq: AtomicU64,
+    /// GET bodies still to be corrupted (one byte flipped), as a bad network path would.
+    corrupt_gets: AtomicU64,
 }
 
 impl MockStore {
@@ -108,15 +112,30 @@ impl MockStore {
         metadata: UserMetadata,
         content_type: Option<String>,
     ) -> String {
+        let data = data.into();
+        let checksum = Some(crc32_header(crc32fast::hash(&data)));
+        self.insert_stored(key, data, metadata, content_type, checksum)
+    }
+
+    /// Store an object as a write would, with the checksum the write declared (if any).
+    fn insert_stored(
+        &self,
+        key: &str,
+        data: Bytes,
+        metadata: UserMetadata,
+        content_type: Option<String>,
+        checksum: Option<String>,
+    ) -> String {
         let etag = format!("\"mock-{}\"", self.etag_seq.fetch_add(1, Ordering::Relaxed));
         self.objects.lock().insert(
             key.to_string(),
             MockObject {
-                data: data.into(),
+                data,
                 etag: etag.clone(),
                 last_modified: SystemTime::now(),
                 metadata,
                 content_type,
+                checksum,
             },
         );
         etag
@@ -161,6 +180,25 @@ impl MockStore {
             (PutCondition::IfMatch(_), None) => Err(StoreError::NotFound(key.to_string())),
             _ => Ok(()),
         }
+    }
+
+    /// Flip one byte in each of the next `n` GET bodies.
+    pub fn corrupt_next_gets(&self, n: u64) {
+        self.corrupt_gets.store(n, Ordering::Relaxed);
+    }
+
+    fn maybe_corrupt(&self, body: Bytes) -> Bytes {
+        let take = self
+            .corrupt_gets
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if !take || body.is_empty() {
+            return body;
+        }
+        let mut v = body.to_vec();
+        let i = v.len() / 2;
+        v[i] ^= 0x20;
+        v.into()
     }
 
     pub fn set_latency(&self, latency: Option<Duration>) {
@@ -234,6 +272,11 @@ impl MockStore {
                 UserMetadata::new()
             },
             has_metadata: with_metadata,
+            checksum_crc32: if with_metadata {
+                o.checksum.clone()
+            } else {
+                None
+            },
         }
     }
 }
@@ -325,7 +368,30 @@ impl ObjectStore for MockStore {
         self.counters
             .bytes_fetched
             .fetch_add(out.len() as u64, Ordering::Relaxed);
-        Ok(out)
+        Ok(self.maybe_corrupt(out))
+    }
+
+    async fn get_whole(
+        &self,
+        key: &str,
+        _size_hint: u64,
+        if_match: Option<&str>,
+    ) -> StoreResult<(Bytes, Option<String>)> {
+        self.enter(Op::Get, key).await?;
+        let (data, checksum) = {
+            let objects = self.objects.lock();
+            let o = objects
+                .get(key)
+                .ok_or_else(|| StoreError::NotFound(key.to_string()))?;
+            if if_match.is_some_and(|tag| tag != o.etag) {
+                return Err(StoreError::PreconditionFailed(key.to_string()));
+            }
+            (o.data.clone(), o.checksum.clone())
+        };
+        self.counters
+            .bytes_fetched
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok((self.maybe_corrupt(data), checksum))
     }
 
     async fn put(
@@ -348,7 +414,13 @@ impl ObjectStore for MockStore {
         }
         self.check_condition(key, &opts.condition)?;
         let checksum = crc32.map(crc32_header);
-        let etag = self.insert_with(key, body, opts.metadata.clone(), opts.content_type.clone());
+        let etag = self.insert_stored(
+            key,
+            body,
+            opts.metadata.clone(),
+            opts.content_type.clone(),
+            checksum.clone(),
+        );
         Ok(PutResult {
             etag: Some(etag),
             checksum_crc32: checksum,
@@ -377,12 +449,19 @@ impl ObjectStore for MockStore {
             if o.etag != source_etag {
                 return Err(StoreError::PreconditionFailed(source_key.to_string()));
             }
-            o.data.clone()
+            (o.data.clone(), o.checksum.clone())
         };
+        let (data, checksum) = data;
         self.counters
             .bytes_copied
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        let etag = self.insert_with(key, data, opts.metadata.clone(), opts.content_type.clone());
+        let etag = self.insert_stored(
+            key,
+            data,
+            opts.metadata.clone(),
+            opts.content_type.clone(),
+            checksum,
+        );
         Ok(PutResult {
             etag: Some(etag),
             checksum_crc32: None,
@@ -524,10 +603,17 @@ impl ObjectStore for MockStore {
             body.extend_from_slice(data);
             crcs.extend(*crc);
         }
-        let checksum =
-            (crcs.len() == parts.len() && !parts.is_empty()).then(|| composite_crc32(&crcs));
+        // Like S3 with ChecksumType FULL_OBJECT: the CRC32 of the whole object.
+        let checksum = (crcs.len() == parts.len() && !parts.is_empty())
+            .then(|| crc32_header(crc32fast::hash(&body)));
         self.uploads.lock().remove(upload_id);
-        let etag = self.insert_with(key, body, upload.metadata, upload.content_type);
+        let etag = self.insert_stored(
+            key,
+            body.into(),
+            upload.metadata,
+            upload.content_type,
+            checksum.clone(),
+        );
         Ok(PutResult {
             etag: Some(etag),
             checksum_crc32: checksum,

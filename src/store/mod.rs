@@ -28,6 +28,9 @@ pub struct ObjectMeta {
     /// Only HEAD returns user metadata; listings leave it empty and set `has_metadata = false`.
     pub metadata: UserMetadata,
     pub has_metadata: bool,
+    /// The object's stored CRC32 (base64; `-N` suffix for a multipart COMPOSITE checksum), when
+    /// the store keeps one and was asked for it (HEAD with checksum mode; listings have none).
+    pub checksum_crc32: Option<String>,
 }
 
 /// One page of a ListObjectsV2 with a delimiter.
@@ -179,6 +182,14 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
         if_match: Option<&str>,
     ) -> StoreResult<Bytes>;
 
+    /// The whole object, with the CRC32 the store keeps for it (if any), pinned by `if_match`.
+    async fn get_whole(
+        &self,
+        key: &str,
+        size_hint: u64,
+        if_match: Option<&str>,
+    ) -> StoreResult<(Bytes, Option<String>)>;
+
     /// Store `body` as `key` in one request. `crc32` is sent as the body's checksum when given,
     /// so the server rejects a corrupted body.
     async fn put(
@@ -201,7 +212,8 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
         opts: &PutOptions,
     ) -> StoreResult<PutResult>;
 
-    /// Start a multipart upload (declaring CRC32 part checksums when `checksum`); returns its id.
+    /// Start a multipart upload; returns its id. With `checksum`, parts carry CRC32s and the
+    /// object gets a FULL_OBJECT CRC32 (stores that only know COMPOSITE report that instead).
     async fn create_multipart(
         &self,
         key: &str,

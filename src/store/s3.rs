@@ -12,7 +12,9 @@ use aws_config::{BehaviorVersion, Region};
 use aws_sdk_s3::config::RequestChecksumCalculation;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, MetadataDirective};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, ChecksumMode, ChecksumType, CompletedMultipartUpload, MetadataDirective,
+};
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 
@@ -302,6 +304,7 @@ impl ObjectStore for S3Store {
             .head_object()
             .bucket(&self.bucket)
             .key(key)
+            .checksum_mode(ChecksumMode::Enabled)
             .send()
             .await
             .map_err(|e| map_err(e, key))?;
@@ -321,6 +324,7 @@ impl ObjectStore for S3Store {
             content_type: out.content_type().map(str::to_string),
             metadata,
             has_metadata: true,
+            checksum_crc32: out.checksum_crc32().map(str::to_string),
         })
     }
 
@@ -333,28 +337,19 @@ impl ObjectStore for S3Store {
         if range.is_empty() {
             return Ok(Bytes::new());
         }
-        // The SDK retries failed requests; a body that breaks or stalls half way is resumed here
-        // from the byte where it stopped (still pinned to the same ETag).
-        let mut out = bytes::BytesMut::with_capacity(range.len() as usize);
-        let mut failures = 0;
-        loop {
-            let from = range.start + out.len() as u64;
-            match self
-                .get_body_into(key, ByteRange::new(from, range.end), if_match, &mut out)
-                .await
-            {
-                Ok(()) => return Ok(out.freeze()),
-                Err(e)
-                    if matches!(e, StoreError::Timeout(_) | StoreError::Unreachable(_))
-                        && failures + 1 < self.max_attempts =>
-                {
-                    failures += 1;
-                    tracing::warn!(key, error = %e, received = out.len(), attempt = failures, "GET body interrupted; resuming where it stopped");
-                    tokio::time::sleep(Duration::from_millis(100 << failures.min(6))).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        Ok(self
+            .get_resuming(key, Some(range), range.len(), if_match)
+            .await?
+            .0)
+    }
+
+    async fn get_whole(
+        &self,
+        key: &str,
+        size_hint: u64,
+        if_match: Option<&str>,
+    ) -> StoreResult<(Bytes, Option<String>)> {
+        self.get_resuming(key, None, size_hint, if_match).await
     }
 
     async fn put(
@@ -445,6 +440,7 @@ impl ObjectStore for S3Store {
             .bucket(&self.bucket)
             .key(key)
             .set_checksum_algorithm(checksum.then_some(ChecksumAlgorithm::Crc32))
+            .set_checksum_type(checksum.then_some(ChecksumType::FullObject))
             .set_content_type(opts.content_type.clone());
         for (k, v) in &opts.metadata {
             req = req.metadata(k, v);
@@ -637,24 +633,76 @@ impl ObjectStore for S3Store {
 impl S3Store {
     /// One GET of `range`, appending the body to `out` as it arrives; fails on a stall or a body
     /// shorter than the response said (what was received stays in `out`).
+    /// GET `range` (or the whole object, with its stored checksum) into `out`; a body that
+    /// breaks or stalls half way is resumed from the byte where it stopped (still pinned to the
+    /// same ETag). The SDK itself retries failed requests.
+    async fn get_resuming(
+        &self,
+        key: &str,
+        range: Option<ByteRange>,
+        size_hint: u64,
+        if_match: Option<&str>,
+    ) -> StoreResult<(Bytes, Option<String>)> {
+        let mut out = bytes::BytesMut::with_capacity(size_hint as usize);
+        let mut failures = 0;
+        let mut resumed = false;
+        loop {
+            let part = match (range, out.is_empty()) {
+                (None, true) => None,
+                (None, false) => Some(ByteRange::new(out.len() as u64, u64::MAX)),
+                (Some(r), _) => Some(ByteRange::new(r.start + out.len() as u64, r.end)),
+            };
+            match self.get_body_into(key, part, if_match, &mut out).await {
+                // A resumed whole-object read has no checksum for the whole.
+                Ok(c) => return Ok((out.freeze(), c.filter(|_| range.is_none() && !resumed))),
+                Err(StoreError::Checksum(e)) if failures + 1 < self.max_attempts => {
+                    // Corrupted on the way: nothing of it can be trusted, start over.
+                    failures += 1;
+                    tracing::warn!(key, error = %e, attempt = failures, "GET body failed its checksum; fetching it again");
+                    out.clear();
+                    resumed = false;
+                }
+                Err(e)
+                    if matches!(e, StoreError::Timeout(_) | StoreError::Unreachable(_))
+                        && failures + 1 < self.max_attempts =>
+                {
+                    failures += 1;
+                    resumed |= !out.is_empty();
+                    tracing::warn!(key, error = %e, received = out.len(), attempt = failures, "GET body interrupted; resuming where it stopped");
+                    tokio::time::sleep(Duration::from_millis(100 << failures.min(6))).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One GET of `range` (None: the whole object, asking for its checksum) appended to `out`.
     async fn get_body_into(
         &self,
         key: &str,
-        range: ByteRange,
+        range: Option<ByteRange>,
         if_match: Option<&str>,
         out: &mut bytes::BytesMut,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<Option<String>> {
         count(&self.traffic.gets, 1);
         let resp = self
             .client
             .get_object()
             .bucket(&self.bucket)
             .key(key)
-            .range(format!("bytes={}-{}", range.start, range.end - 1))
+            .set_range(range.map(|r| {
+                if r.end == u64::MAX {
+                    format!("bytes={}-", r.start)
+                } else {
+                    format!("bytes={}-{}", r.start, r.end - 1)
+                }
+            }))
+            .set_checksum_mode(range.is_none().then_some(ChecksumMode::Enabled))
             .set_if_match(if_match.map(str::to_string))
             .send()
             .await
             .map_err(|e| map_err(e, key))?;
+        let checksum = resp.checksum_crc32().map(str::to_string);
         let expected = resp.content_length().map(|n| n.max(0) as u64);
         let mut body = resp.body;
         let mut received = 0u64;
@@ -673,9 +721,13 @@ impl S3Store {
                     out.extend_from_slice(&chunk);
                 }
                 Ok(Some(Err(e))) => {
-                    return Err(StoreError::Unreachable(format!(
-                        "{key}: reading body after {received} bytes: {e}"
-                    )))
+                    let what = format!("{key}: reading body after {received} bytes: {e}");
+                    // The SDK checks a whole-object body against the checksum the store sent.
+                    return Err(if what.to_ascii_lowercase().contains("checksum") {
+                        StoreError::Checksum(what)
+                    } else {
+                        StoreError::Unreachable(what)
+                    });
                 }
             }
         }
@@ -683,7 +735,7 @@ impl S3Store {
             Some(n) if received < n => Err(StoreError::Unreachable(format!(
                 "{key}: body ended after {received} of {n} bytes"
             ))),
-            _ => Ok(()),
+            _ => Ok(checksum),
         }
     }
 }
