@@ -105,6 +105,19 @@ pub struct Cli {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64MiB")]
     pub max_prefetch: u64,
 
+    /// Memory for recently read blocks (part of --max-memory; given back under pressure)
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64MiB")]
+    pub memory_cache: u64,
+
+    /// Keep read blocks on local disk here (survives remounts; created 0700, blocks 0600;
+    /// one directory per mount)
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Largest size of the disk cache (least recently used blocks are removed first)
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_cache_size: Option<u64>,
+
     /// Size of the first 1000 parts of a multipart upload (later parts double every 1000 parts)
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "8MiB")]
     pub part_size: u64,

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use crate::cli::Cli;
+use crate::data::cache::{CacheConfig, DiskCacheConfig};
 use crate::data::prefetch::PrefetchConfig;
 use crate::data::upload::UploadConfig;
 use crate::fs::{AttrDefaults, FsConfig};
@@ -30,6 +31,9 @@ pub struct Config {
 
 /// Split `BUCKET`, `BUCKET:/PREFIX`, `BUCKET:PREFIX` or `s3://BUCKET/PREFIX` into a bucket and a
 /// prefix that is empty or ends in `/`.
+/// Disk cache size when --cache-dir is given without --max-cache-size.
+pub const DEFAULT_DISK_CACHE: u64 = 4 << 30;
+
 pub fn parse_source(source: &str) -> Result<(String, String), String> {
     let s = source.trim();
     let (bucket, prefix) = if let Some(rest) = s.strip_prefix("s3://") {
@@ -128,6 +132,12 @@ impl Config {
         if cli.max_part_size < cli.part_size || cli.max_part_size > crate::data::upload::MAX_PART {
             return Err("--max-part-size must be at least --part-size and at most 5GiB".into());
         }
+        if cli.memory_cache > cli.max_memory / 2 {
+            return Err("--memory-cache must be at most half of --max-memory".into());
+        }
+        if cli.max_cache_size.is_some() && cli.cache_dir.is_none() {
+            return Err("--max-cache-size needs --cache-dir (where the disk cache lives)".into());
+        }
         let umask = cli.umask.unwrap_or(0);
         let mut fs = FsConfig::new(&prefix);
         fs.read_only = cli.read_only;
@@ -145,6 +155,30 @@ impl Config {
             }
             fs.staging_dir = dir.clone();
         }
+        fs.cache = CacheConfig {
+            memory_bytes: cli.memory_cache,
+            disk: match &cli.cache_dir {
+                None => None,
+                Some(dir) if !dir.is_absolute() => {
+                    return Err(format!(
+                        "--cache-dir {} must be an absolute path",
+                        dir.display()
+                    ))
+                }
+                Some(dir) => Some(DiskCacheConfig {
+                    dir: dir.clone(),
+                    max_bytes: match cli.max_cache_size {
+                        Some(n) if n < 16 << 20 => {
+                            return Err("--max-cache-size must be at least 16MiB".into())
+                        }
+                        Some(n) => n,
+                        None => DEFAULT_DISK_CACHE,
+                    },
+                    // Buckets of different endpoints never share blocks.
+                    namespace: format!("{}|{bucket}", cli.endpoint_url.as_deref().unwrap_or("aws")),
+                }),
+            },
+        };
         fs.upload = UploadConfig {
             min_part_size: cli.part_size,
             max_part_size: cli.max_part_size,

@@ -107,6 +107,25 @@ pub fn check_local(cfg: &Config) -> Result<PathBuf, Fatal> {
             "mount point {shown} is already mounted ({fstype}); unmount it first with `umount {shown}`"
         )));
     }
+    // Local directories inside the mount would be served by the mount itself (and deadlock).
+    let local_dirs = [
+        (
+            "--cache-dir",
+            cfg.fs.cache.disk.as_ref().map(|d| d.dir.clone()),
+        ),
+        ("--staging-dir", Some(cfg.fs.staging_dir.clone())),
+    ];
+    for (option, dir) in local_dirs {
+        if let Some(dir) = dir {
+            let resolved = std::fs::canonicalize(&dir).unwrap_or(dir.clone());
+            if resolved.starts_with(&canonical) {
+                return Err(Fatal::new(format!(
+                    "{option} {} is inside the mount point {shown}; put it on a local disk",
+                    dir.display()
+                )));
+            }
+        }
+    }
     if !Path::new("/dev/fuse").exists() {
         return Err(Fatal::new(
             "/dev/fuse is missing: load the FUSE kernel module (`modprobe fuse`) or, in a container, pass the device \

@@ -93,7 +93,7 @@ fn tree_reads_back_exactly() {
 fn large_object_reads_back_in_every_pattern() {
     let server = server();
     let bucket = server.new_bucket();
-    let body = pattern(200 << 20, 9);
+    let body = pattern(300 << 20, 9);
     server.put(&bucket, "big.bin", body.clone());
     let m = Mount::new(server, &bucket, &[]);
     let out = sh(&format!("sha256sum '{}'", m.join("big.bin").display()));
@@ -344,4 +344,133 @@ fn works_with_and_without_ca_bundle_variables() {
             "{env:?}"
         );
     }
+}
+
+/// Every file and directory under `root` with its permission bits.
+fn modes(root: &Path) -> Vec<(std::path::PathBuf, u32, bool)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(root).unwrap().flatten() {
+        let m = e.metadata().unwrap();
+        out.push((e.path(), m.mode() & 0o777, m.is_dir()));
+        if m.is_dir() {
+            out.extend(modes(&e.path()));
+        }
+    }
+    out
+}
+
+#[test]
+fn disk_cache_survives_remount_and_rejects_damaged_blocks() {
+    let server = server();
+    let bucket = server.new_bucket();
+    let body = pattern((5 << 20) + 7, 21);
+    server.put(&bucket, "c.bin", body.clone());
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let opts = [
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--max-cache-size",
+        "64MiB",
+    ];
+
+    let m = Mount::new(server, &bucket, &opts);
+    assert!(std::fs::read(m.join("c.bin")).unwrap() == body);
+    let (_, fetched) = m.unmount_traffic();
+    assert_eq!(fetched, body.len() as u64);
+
+    // Blocks are 0600, directories 0700; six 1 MiB blocks for 5 MiB + 7 bytes.
+    let entries = modes(&cache);
+    let blocks: Vec<_> = entries
+        .iter()
+        .filter(|(p, _, dir)| !dir && !p.ends_with("lock"))
+        .collect();
+    assert_eq!(blocks.len(), 6, "{entries:?}");
+    for (p, mode, dir) in &entries {
+        assert_eq!(*mode, if *dir { 0o700 } else { 0o600 }, "{}", p.display());
+    }
+    assert_eq!(std::fs::metadata(&cache).unwrap().mode() & 0o777, 0o700);
+
+    // Damage block 2 (one flipped byte); a remount reads every other block from disk.
+    let damaged = blocks
+        .iter()
+        .find(|(p, _, _)| p.to_string_lossy().ends_with("-2"))
+        .unwrap()
+        .0
+        .clone();
+    let mut raw = std::fs::read(&damaged).unwrap();
+    let n = raw.len();
+    raw[n - 100] ^= 0x01;
+    std::fs::write(&damaged, raw).unwrap();
+
+    let m = Mount::new(server, &bucket, &opts);
+    assert!(
+        std::fs::read(m.join("c.bin")).unwrap() == body,
+        "damaged block returned"
+    );
+    let (_, fetched) = m.unmount_traffic();
+    assert_eq!(fetched, 1 << 20, "only the damaged block is fetched again");
+    let log = std::fs::read_to_string(&m.log).unwrap();
+    assert!(log.contains("disk cache block rejected"), "{log}");
+}
+
+#[test]
+fn random_reads_fetch_what_they_return() {
+    let server = server();
+    let bucket = server.new_bucket();
+    let body = pattern(64 << 20, 22);
+    server.put(&bucket, "r.bin", body.clone());
+    let m = Mount::new(server, &bucket, &[]);
+    let f = std::fs::File::open(m.join("r.bin")).unwrap();
+    use std::os::unix::fs::FileExt;
+    let mut x: u64 = 99;
+    let reads = 300u64;
+    for _ in 0..reads {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let off = ((x >> 20) % ((64 << 20) / 4096)) * 4096;
+        let mut buf = [0u8; 4096];
+        f.read_exact_at(&mut buf, off).unwrap();
+        assert!(
+            buf[..] == body[off as usize..off as usize + 4096],
+            "at {off}"
+        );
+    }
+    drop(f);
+    let (_, fetched) = m.unmount_traffic();
+    assert!(
+        fetched <= 2 * reads * 4096,
+        "{fetched} bytes fetched for {} returned",
+        reads * 4096
+    );
+}
+
+#[test]
+fn concurrent_readers_stay_within_the_memory_budget() {
+    let server = server();
+    let bucket = server.new_bucket();
+    let files = 32;
+    let bodies: Vec<Vec<u8>> = (0..files).map(|i| pattern(12 << 20, 100 + i)).collect();
+    std::thread::scope(|s| {
+        for (i, b) in bodies.iter().enumerate() {
+            let bucket = &bucket;
+            s.spawn(move || server.put(bucket, &format!("f{i}"), b.clone()));
+        }
+    });
+    let m = Mount::new(server, &bucket, &[]);
+    std::thread::scope(|s| {
+        for (i, b) in bodies.iter().enumerate() {
+            let path = m.join(&format!("f{i}"));
+            s.spawn(move || {
+                let got = std::fs::read(&path).unwrap();
+                assert!(got == *b, "f{i} differs");
+            });
+        }
+    });
+    let peak = m.daemon_peak_rss();
+    assert!(
+        peak < 512 << 20,
+        "daemon peak RSS {} MiB over the 512 MiB budget",
+        peak >> 20
+    );
+    eprintln!("32 concurrent readers: daemon peak RSS {} MiB", peak >> 20);
 }

@@ -137,9 +137,12 @@ impl ObjectReader {
         let end = (offset + len as u64).min(self.size);
         let parts: Vec<(ByteRange, ChunkData)> = {
             let mut st = self.state.lock().await;
+            // Sequential: the read continues the last one, or lands near it while prefetched
+            // data runs ahead (the kernel sends read-ahead requests in parallel, out of order).
+            let streaming = st.fetched_end > st.last_end;
             let sequential = offset == st.last_end
-                || (offset > st.last_end && offset < st.fetched_end.max(st.last_end + st.window))
-                || (offset < st.last_end && st.last_end - offset <= BACK_KEEP);
+                || (streaming && offset > st.last_end && offset < st.fetched_end)
+                || (streaming && offset < st.last_end && st.last_end - offset <= BACK_KEEP);
             if sequential {
                 // Double the window each time the reader has consumed half of it (not on the
                 // first read, so a small read of a large file stays small).
@@ -398,6 +401,7 @@ impl ObjectReader {
                     }
                 }
             };
+            tracing::debug!(key = %self.key, start, stop, required, sequential, on_disk, "fetch");
             let data = self.spawn_fetch(range, on_disk);
             st.chunks.insert(
                 start,

@@ -539,6 +539,59 @@ impl Mount {
         self.dir.path().join(p)
     }
 
+    /// Process id of the daemon serving this mount.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        let dir = self.dir.path().display().to_string();
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let ours =
+                args.first()?.ends_with(b"s3mount") && args.iter().any(|a| *a == dir.as_bytes());
+            ours.then_some(pid)
+        })
+    }
+
+    /// Peak resident memory of the daemon so far, in bytes.
+    pub fn daemon_peak_rss(&self) -> u64 {
+        let pid = self.daemon_pid().expect("daemon process");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    }
+
+    /// Unmount, then wait for the daemon's summary line and return what it says it fetched:
+    /// (GET requests, bytes fetched).
+    pub fn unmount_traffic(&self) -> (u64, u64) {
+        self.unmount();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if let Some(line) = log.lines().rev().find(|l| l.contains("store traffic:")) {
+                let num_before = |what: &str| -> u64 {
+                    let i = line.find(what).expect(what);
+                    line[..i]
+                        .trim_end()
+                        .rsplit(|c: char| !c.is_ascii_digit())
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .expect(what)
+                };
+                return (num_before(" GET"), num_before(" bytes fetched"));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no traffic summary in {}",
+                self.log.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Unmount and wait until the daemon let go of the directory.
     pub fn unmount(&self) {
         let p = self.dir.path();
