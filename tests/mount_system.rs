@@ -203,7 +203,15 @@ fn kill_9_keeps_the_old_object_and_reports_staged_changes_at_next_mount() {
         .args(["-c", "import os,sys,time\nfd=os.open(sys.argv[1], os.O_WRONLY)\nos.pwrite(fd, b'XY', 3)\ntime.sleep(60)\n", m.join("doc").to_str().unwrap()])
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    // Wait until both are under way: the edit staged, the replacement's first part uploaded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(staging.path()).unwrap().count() < 2
+        || server.open_uploads(&bucket).is_empty()
+    {
+        assert!(std::time::Instant::now() < deadline, "writes did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
     unsafe { libc::kill(pid, libc::SIGKILL) };
     std::thread::sleep(Duration::from_millis(200));
     let _ = writer.kill();
