@@ -925,13 +925,23 @@ fn time_to_first_byte(b: &Bench) {
     );
 }
 
-/// Runs `cmd` (with `{mnt}` replaced) on a fresh, cold mount; returns its time, its output
-/// and the daemon's request counts.
-fn on_fresh_mount(b: &Bench, cmd: &str) -> (Duration, String, String) {
+/// One listing figure: a plain ListObjectsV2 walk of `prefix` (which must find `entries`), then
+/// `cmd` (with `{mnt}` replaced) on a fresh, cold mount, timed back to back so both see the same
+/// server load; prints the row and the daemon's request counts, returns `cmd`'s output.
+fn listing_vs_walk(
+    b: &Bench,
+    label: &str,
+    (prefix, delimiter, entries): (&str, Option<&str>, usize),
+    cmd: &str,
+) -> String {
+    let (plain, n) = b.rt.block_on(plain_list(&b.c, prefix, delimiter));
+    assert_eq!(n, entries, "plain listing of {prefix}");
     let m = b.mount();
     let (time, out) = timed_sh_output(&cmd.replace("{mnt}", &b.mnt.display().to_string()));
     let log = m.finish();
-    (time, out, Traffic::summary(&log))
+    row_times(label, plain, time);
+    println!("    s3mount requests: {}", Traffic::summary(&log));
+    out
 }
 
 /// Listings at scale: 10,000 objects in one directory, and 100 directories of 100; `ls -l`,
@@ -941,30 +951,35 @@ fn listings(b: &Bench) {
     const DIRS: usize = 100;
     const PER_DIR: usize = 100;
     const WIDE: usize = DIRS * PER_DIR;
-    let wide = (0..WIDE).map(|i| format!("wide/f{i:05}"));
-    let tree = (0..DIRS).flat_map(|d| (0..PER_DIR).map(move |f| format!("tree/d{d:03}/f{f:03}")));
-    let t =
-        b.rt.block_on(plain_put_many(&b.c, wide.chain(tree).collect(), b"x", 64));
+    let wide_keys = (0..WIDE).map(|i| format!("wide/f{i:05}"));
+    let tree_keys =
+        (0..DIRS).flat_map(|d| (0..PER_DIR).map(move |f| format!("tree/d{d:03}/f{f:03}")));
+    let t = b.rt.block_on(plain_put_many(
+        &b.c,
+        wide_keys.chain(tree_keys).collect(),
+        b"x",
+        64,
+    ));
     println!(
         "  (created {} objects for the listings in {:.1} s, 64 PUTs in parallel)",
         2 * WIDE,
         t.as_secs_f64()
     );
 
-    let (plain_wide, n) = b.rt.block_on(plain_list(&b.c, "wide/", Some("/")));
-    assert_eq!(n, WIDE, "plain listing of wide/");
-    let (plain_tree, n) = b.rt.block_on(plain_list(&b.c, "tree/", None));
-    assert_eq!(n, WIDE, "plain listing of tree/");
-
-    let (time, _, requests) = on_fresh_mount(b, "ls -l {mnt}/wide >/dev/null");
-    row_times(
+    let wide = ("wide/", Some("/"), WIDE);
+    let tree = ("tree/", None, WIDE);
+    listing_vs_walk(
+        b,
         "ls -l of 10,000 files, one dir (vs LIST /)",
-        plain_wide,
-        time,
+        wide,
+        "ls -l {mnt}/wide >/dev/null",
     );
-    println!("    s3mount requests: {requests}");
-
-    let (time, out, requests) = on_fresh_mount(b, "find {mnt}/tree | wc -l");
+    let out = listing_vs_walk(
+        b,
+        "find of 100 x 100 files (vs LIST)",
+        tree,
+        "find {mnt}/tree | wc -l",
+    );
     let found: usize = out.trim().parse().expect("find | wc -l");
     assert_eq!(
         found,
@@ -972,12 +987,12 @@ fn listings(b: &Bench) {
         "find on the mount saw {found} entries, expected {} (100 dirs, 10,000 files, the top)",
         WIDE + DIRS + 1
     );
-    row_times("find of 100 x 100 files (vs LIST)", plain_tree, time);
-    println!("    s3mount requests: {requests}");
-
-    let (time, _, requests) = on_fresh_mount(b, "du -s {mnt}/tree >/dev/null");
-    row_times("du -s of 100 x 100 files (vs LIST)", plain_tree, time);
-    println!("    s3mount requests: {requests}");
+    listing_vs_walk(
+        b,
+        "du -s of 100 x 100 files (vs LIST)",
+        tree,
+        "du -s {mnt}/tree >/dev/null",
+    );
     println!("  (target for listings: at most 1.5x the plain walk, i.e. ratio >= 0.67x)");
 }
 
