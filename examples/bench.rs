@@ -1,15 +1,26 @@
 //! Benchmark: s3mount against a plain S3 client on the same local Garage server, same run.
 //!
-//! `cargo run --release --example bench -- [--size-mib 2048] [--files 1000]`
+//! `cargo run --release --example bench -- [--size-mib 2048] [--files 1000] [--soak-seconds 30]
+//!  [--random-reads 2000] [--skip-random] [--skip-ttfb] [--skip-listings] [--skip-readers]
+//!  [--skip-disk-cache]`
 //!
 //! Starts Garage (with an LD_PRELOAD shim forcing TCP_NODELAY on its sockets), then measures:
 //! a plain parallel multipart PUT, `dd bs=1M` into the mount (close included), a plain parallel
-//! ranged GET, a cold `dd` read after a remount, a warm re-read, and small-file creation;
-//! each mount figure is printed as a ratio to the plain client's, with the daemon's peak RSS.
-//! Machines here are noisy: compare ratios, not absolute numbers.
+//! ranged GET, a cold `dd` read after a remount, a warm re-read, small-file creation, random 4 KiB
+//! reads (IOPS, latency, and the bytes the daemon fetched for them), time to first byte, listings
+//! of 10,000 entries, 32 concurrent readers, and a re-read from the disk cache; each mount figure
+//! is printed next to the plain client's, with the ratio s3mount speed / plain speed (higher is
+//! better), and the daemon's peak RSS. Machines here are noisy: compare ratios, not absolute
+//! numbers.
+//!
+//! The daemon is `$CARGO_TARGET_DIR/release/s3mount` (default `target/` in this crate): build it
+//! first with `cargo build --release`.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::primitives::ByteStream;
@@ -19,6 +30,9 @@ use futures::StreamExt;
 
 const KEY: &str = "GK31c2f218a2e44f485b94239e";
 const SECRET: &str = "b892c0665f0ada8a4755dae98baa3b133590e11dae3bcc1f9d769d67f16c3835";
+
+/// The daemon's default `--max-memory`, printed next to its peak RSS.
+const BUDGET_MIB: u64 = 512;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -42,6 +56,15 @@ fn garage_bin() -> PathBuf {
         })
 }
 
+/// The release daemon: `$CARGO_TARGET_DIR/release/s3mount`, else `target/release/s3mount` in
+/// this crate.
+fn s3mount_bin() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("release/s3mount")
+}
+
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("run");
     assert!(
@@ -61,6 +84,7 @@ struct Garage {
 impl Drop for Garage {
     fn drop(&mut self) {
         let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -141,6 +165,7 @@ fn client(endpoint: &str) -> Client {
 
 const PART: usize = 8 << 20;
 const PARALLEL: usize = 8;
+const BLOCK: usize = 4096;
 
 async fn plain_put(c: &Client, key: &str, data: &[u8]) -> Duration {
     let t = Instant::now();
@@ -193,45 +218,170 @@ async fn plain_put(c: &Client, key: &str, data: &[u8]) -> Duration {
     t.elapsed()
 }
 
+/// Single PUTs of `body` to every key, `parallel` at a time; returns the wall time.
+async fn plain_put_many(c: &Client, keys: Vec<String>, body: &[u8], parallel: usize) -> Duration {
+    let body = bytes::Bytes::copy_from_slice(body);
+    let t = Instant::now();
+    futures::stream::iter(keys)
+        .map(|key| {
+            let (c, body) = (c.clone(), body.clone());
+            async move {
+                c.put_object()
+                    .bucket("bench")
+                    .key(key)
+                    .body(ByteStream::from(body))
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        })
+        .buffer_unordered(parallel)
+        .collect::<Vec<_>>()
+        .await;
+    t.elapsed()
+}
+
+/// One GET of `range` (an HTTP Range header value, or the whole object), body drained; returns
+/// the body length.
+async fn plain_get_range(c: &Client, key: &str, range: Option<String>) -> usize {
+    let mut out = c
+        .get_object()
+        .bucket("bench")
+        .key(key)
+        .set_range(range)
+        .send()
+        .await
+        .unwrap();
+    let mut n = 0;
+    while let Some(chunk) = out.body.next().await {
+        n += chunk.unwrap().len();
+    }
+    n
+}
+
 async fn plain_get(c: &Client, key: &str, size: usize) -> Duration {
     let t = Instant::now();
     let total: usize = futures::stream::iter((0..size).step_by(PART))
         .map(|start| {
-            let c = c.clone();
-            async move {
-                let end = (start + PART).min(size) - 1;
-                let out = c
-                    .get_object()
-                    .bucket("bench")
-                    .key(key)
-                    .range(format!("bytes={start}-{end}"))
-                    .send()
-                    .await
-                    .unwrap();
-                out.body.collect().await.unwrap().into_bytes().len()
-            }
+            let end = (start + PART).min(size) - 1;
+            plain_get_range(c, key, Some(format!("bytes={start}-{end}")))
         })
         .buffered(PARALLEL)
-        .map(futures::future::ready)
-        .fold(0, |a, b| async move { a + b.await })
+        .fold(0, |a, b| async move { a + b })
         .await;
     assert_eq!(total, size);
     t.elapsed()
 }
 
+/// A ListObjectsV2 walk of `prefix` over all pages; returns the time and the number of entries
+/// (objects plus common prefixes).
+async fn plain_list(c: &Client, prefix: &str, delimiter: Option<&str>) -> (Duration, usize) {
+    let t = Instant::now();
+    let (mut token, mut entries) = (None, 0);
+    loop {
+        let p = c
+            .list_objects_v2()
+            .bucket("bench")
+            .prefix(prefix)
+            .set_delimiter(delimiter.map(str::to_string))
+            .set_continuation_token(token)
+            .send()
+            .await
+            .unwrap();
+        entries += p.contents().len() + p.common_prefixes().len();
+        token = p.next_continuation_token().map(str::to_string);
+        if token.is_none() {
+            return (t.elapsed(), entries);
+        }
+    }
+}
+
+/// The request counts and bytes the daemon logs at unmount ("... store traffic: A LIST, B HEAD,
+/// C GET, D PUT/part, E other requests; F bytes fetched, G bytes uploaded").
+#[derive(Debug, Default)]
+struct Traffic {
+    list: u64,
+    head: u64,
+    get: u64,
+    put: u64,
+    other: u64,
+    fetched: u64,
+    uploaded: u64,
+}
+
+impl Traffic {
+    /// The last store-traffic line of a daemon log, if there is one.
+    fn parse(log: &str) -> Option<Traffic> {
+        let line = log.lines().rev().find(|l| l.contains("store traffic:"))?;
+        let words: Vec<&str> = line
+            .split("store traffic:")
+            .nth(1)?
+            .split(|c: char| c == ',' || c == ';' || c.is_whitespace())
+            .filter(|w| !w.is_empty())
+            .collect();
+        let mut t = Traffic::default();
+        let mut seen = 0;
+        for w in words.windows(3) {
+            let Ok(n) = w[0].parse::<u64>() else { continue };
+            let slot = match (w[1], w[2]) {
+                ("LIST", _) => &mut t.list,
+                ("HEAD", _) => &mut t.head,
+                ("GET", _) => &mut t.get,
+                ("PUT/part", _) => &mut t.put,
+                ("other", _) => &mut t.other,
+                ("bytes", "fetched") => &mut t.fetched,
+                ("bytes", "uploaded") => &mut t.uploaded,
+                _ => continue,
+            };
+            *slot = n;
+            seen += 1;
+        }
+        (seen == 7).then_some(t)
+    }
+
+    /// "A LIST, B HEAD, C GET, D other" from a daemon log, or why not.
+    fn summary(log: &str) -> String {
+        match Traffic::parse(log) {
+            Some(t) => format!(
+                "{} LIST, {} HEAD, {} GET, {} PUT/part, {} other requests",
+                t.list, t.head, t.get, t.put, t.other
+            ),
+            None => "n/a (no traffic line in log)".into(),
+        }
+    }
+}
+
+/// A running daemon, mounted in the foreground on `dir`; unmounted (umount, then wait) on drop.
 struct Mounted {
     child: Child,
     dir: PathBuf,
+    log: PathBuf,
+}
+
+fn is_mounted(dir: &Path) -> bool {
+    let needle = format!(" {} ", dir.display());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains(&needle)
 }
 
 impl Mounted {
-    fn new(endpoint: &str, dir: &Path) -> Mounted {
-        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/s3mount");
+    /// Mounts the bench bucket on `dir` with extra options, logging to `log` (given as
+    /// `--log-file`, and stderr goes there too since a foreground daemon logs to stderr).
+    /// Err(what the daemon said) if it exits before the mount comes up.
+    fn start(endpoint: &str, dir: &Path, log: &Path, extra: &[&str]) -> Result<Mounted, String> {
+        let bin = s3mount_bin();
         assert!(
             bin.exists(),
-            "build the release binary first: cargo build --release"
+            "{} is missing: build the release binary first (cargo build --release)",
+            bin.display()
         );
-        let child = Command::new(bin)
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut child = Command::new(bin)
             .args([
                 "bench",
                 dir.to_str().unwrap(),
@@ -241,25 +391,36 @@ impl Mounted {
                 "--region",
                 "garage",
                 "--force-path-style",
+                "--log-file",
+                log.to_str().unwrap(),
             ])
+            .args(extra)
             .env("AWS_ACCESS_KEY_ID", KEY)
             .env("AWS_SECRET_ACCESS_KEY", SECRET)
             .env("AWS_EC2_METADATA_DISABLED", "true")
-            .stderr(Stdio::null())
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .contains(dir.to_str().unwrap())
-        {
-            assert!(Instant::now() < deadline, "mount did not come up");
+        while !is_mounted(dir) {
+            let said = || std::fs::read_to_string(log).unwrap_or_default();
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("s3mount exited ({status}): {}", said().trim()));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("mount did not come up: {}", said().trim()));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Mounted {
+        Ok(Mounted {
             child,
             dir: dir.to_path_buf(),
-        }
+            log: log.to_path_buf(),
+        })
     }
 
     fn peak_rss_mib(&self) -> f64 {
@@ -272,6 +433,13 @@ impl Mounted {
             .unwrap_or(0.0)
             / 1024.0
     }
+
+    /// Unmounts, waits for the daemon to exit, and returns its log.
+    fn finish(self) -> String {
+        let log = self.log.clone();
+        drop(self);
+        std::fs::read_to_string(log).unwrap_or_default()
+    }
 }
 
 impl Drop for Mounted {
@@ -281,10 +449,38 @@ impl Drop for Mounted {
     }
 }
 
-fn timed_sh(cmd: &str) -> Duration {
+/// What every measurement needs: the server, a client, a runtime, the mount point.
+struct Bench {
+    rt: tokio::runtime::Runtime,
+    c: Client,
+    endpoint: String,
+    garage_pid: u32,
+    work: PathBuf,
+    mnt: PathBuf,
+    mounts: AtomicUsize,
+}
+
+impl Bench {
+    /// A fresh mount on `mnt` with its own log file.
+    fn try_mount(&self, extra: &[&str]) -> Result<Mounted, String> {
+        let n = self.mounts.fetch_add(1, Ordering::Relaxed);
+        let log = self.work.join(format!("mount-{n}.log"));
+        Mounted::start(&self.endpoint, &self.mnt, &log, extra)
+    }
+
+    fn mount(&self) -> Mounted {
+        self.try_mount(&[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+fn timed_sh_output(cmd: &str) -> (Duration, String) {
     let t = Instant::now();
-    run(Command::new("sh").arg("-c").arg(cmd));
-    t.elapsed()
+    let out = run(Command::new("sh").arg("-c").arg(cmd));
+    (t.elapsed(), out)
+}
+
+fn timed_sh(cmd: &str) -> Duration {
+    timed_sh_output(cmd).0
 }
 
 /// User + system CPU seconds a process has used so far.
@@ -311,19 +507,136 @@ fn mbps(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
 }
 
-fn main() {
-    let mut size_mib = 2048usize;
-    let mut files = 1000usize;
-    let mut soak_secs = 30u64;
-    let args: Vec<String> = std::env::args().collect();
-    for w in args.windows(2) {
-        match w[0].as_str() {
-            "--size-mib" => size_mib = w[1].parse().expect("--size-mib N"),
-            "--files" => files = w[1].parse().expect("--files N"),
-            "--soak-seconds" => soak_secs = w[1].parse().expect("--soak-seconds N"),
-            _ => {}
-        }
+/// The `p`th percentile (0-100, nearest rank) of some durations.
+fn percentile(values: &mut [Duration], p: f64) -> Duration {
+    values.sort_unstable();
+    let i = ((p / 100.0) * (values.len() - 1) as f64).round() as usize;
+    values[i.min(values.len() - 1)]
+}
+
+/// xorshift64: fixed seeds make offsets and contents repeatable across runs.
+struct XorShift(u64);
+
+impl XorShift {
+    fn new(seed: u64) -> XorShift {
+        XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// `len` incompressible bytes, different for every seed (Garage deduplicates equal blocks).
+fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = XorShift::new(seed);
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        v.extend_from_slice(&rng.next().to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+const LABEL: usize = 44;
+
+fn header() {
+    println!(
+        "{:<LABEL$} {:>14} {:>14} {:>8}",
+        "", "plain S3", "s3mount", "ratio"
+    );
+}
+
+/// One figure: label, plain client, s3mount, and s3mount speed / plain speed.
+fn row(label: &str, plain: &str, mount: &str, ratio: Option<f64>) {
+    let ratio = ratio.map(|r| format!("{r:.2}x")).unwrap_or_default();
+    println!("{label:<LABEL$} {plain:>14} {mount:>14} {ratio:>8}");
+}
+
+fn fmt_mbps(v: f64) -> String {
+    format!("{v:.0} MB/s")
+}
+
+fn fmt_ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+/// A row of two durations for the same work: the ratio is plain time / s3mount time.
+fn row_times(label: &str, plain: Duration, mount: Duration) {
+    row(
+        label,
+        &fmt_ms(plain),
+        &fmt_ms(mount),
+        Some(plain.as_secs_f64() / mount.as_secs_f64()),
+    );
+}
+
+/// A row of two throughputs in MB/s.
+fn row_mbps(label: &str, plain: f64, mount: f64) {
+    row(
+        label,
+        &fmt_mbps(plain),
+        &fmt_mbps(mount),
+        Some(mount / plain),
+    );
+}
+
+/// The number after a flag, or exit saying which flag wants one.
+fn value<T: std::str::FromStr>(flag: &str, v: Option<String>) -> T {
+    v.and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{flag} takes a number"))
+}
+
+struct Options {
+    size_mib: usize,
+    files: usize,
+    soak_secs: u64,
+    random_reads: usize,
+    skip_random: bool,
+    skip_ttfb: bool,
+    skip_listings: bool,
+    skip_readers: bool,
+    skip_disk_cache: bool,
+}
+
+impl Options {
+    fn parse() -> Options {
+        let mut o = Options {
+            size_mib: 2048,
+            files: 1000,
+            soak_secs: 30,
+            random_reads: 2000,
+            skip_random: false,
+            skip_ttfb: false,
+            skip_listings: false,
+            skip_readers: false,
+            skip_disk_cache: false,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(a) = args.next() {
+            match a.as_str() {
+                "--size-mib" => o.size_mib = value(&a, args.next()),
+                "--files" => o.files = value(&a, args.next()),
+                "--soak-seconds" => o.soak_secs = value(&a, args.next()),
+                "--random-reads" => o.random_reads = value(&a, args.next()),
+                "--skip-random" => o.skip_random = true,
+                "--skip-ttfb" => o.skip_ttfb = true,
+                "--skip-listings" => o.skip_listings = true,
+                "--skip-readers" => o.skip_readers = true,
+                "--skip-disk-cache" => o.skip_disk_cache = true,
+                // `cargo bench` passes --bench; ignore what we don't know.
+                _ => {}
+            }
+        }
+        o
+    }
+}
+
+fn main() {
+    let o = Options::parse();
     let work = tempfile::tempdir().unwrap();
     let shim = work.path().join("nodelay.so");
     run(Command::new("cc")
@@ -332,10 +645,19 @@ fn main() {
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/nodelay_shim.c"))
         .arg("-ldl"));
     let garage = start_garage(&shim);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let c = client(&garage.endpoint);
+    let mnt = work.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let b = Bench {
+        rt: tokio::runtime::Runtime::new().unwrap(),
+        c: client(&garage.endpoint),
+        endpoint: garage.endpoint.clone(),
+        garage_pid: garage.child.id(),
+        work: work.path().to_path_buf(),
+        mnt,
+        mounts: AtomicUsize::new(0),
+    };
 
-    let size = size_mib << 20;
+    let size = o.size_mib << 20;
     let data: Vec<u8> = (0..size)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
@@ -343,60 +665,69 @@ fn main() {
     std::fs::write(&src, &data).unwrap();
 
     println!(
-        "s3mount benchmark: {size_mib} MiB object, {files} small files, Garage on {}",
-        garage.endpoint
+        "s3mount benchmark: {} MiB object, {} small files, Garage on {}, daemon {}",
+        o.size_mib,
+        o.files,
+        garage.endpoint,
+        s3mount_bin().display()
     );
-    println!(
-        "{:<34} {:>12} {:>12} {:>8}",
-        "", "plain S3", "s3mount", "ratio"
-    );
-    let plain_w = rt.block_on(plain_put(&c, "plain.bin", &data));
-    let mnt = work.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let m = Mounted::new(&garage.endpoint, &mnt);
+    header();
+    let plain_read = sequential_and_small(&b, &data, &src, o.files);
+    let _ = std::fs::remove_file(&src);
+    if !o.skip_random {
+        random_reads(&b, &data, o.random_reads);
+    }
+    drop(data);
+    if !o.skip_ttfb {
+        time_to_first_byte(&b);
+    }
+    if !o.skip_listings {
+        listings(&b);
+    }
+    if !o.skip_readers {
+        concurrent_readers(&b);
+    }
+    if !o.skip_disk_cache {
+        disk_cache(&b, size, plain_read);
+    }
+    if o.soak_secs > 0 {
+        soak(&b, o.soak_secs);
+    }
+}
+
+/// The original figures: sequential write, cold and warm sequential read of the big object,
+/// creating and listing small files. Returns the plain client's sequential read speed (MB/s).
+fn sequential_and_small(b: &Bench, data: &[u8], src: &Path, files: usize) -> f64 {
+    let (c, mnt, size) = (&b.c, b.mnt.display(), data.len());
+    let plain_w = b.rt.block_on(plain_put(c, "plain.bin", data));
+    let m = b.mount();
     let mount_w = timed_sh(&format!(
-        "dd if={} of={}/mount.bin bs=1M 2>/dev/null",
-        src.display(),
-        mnt.display()
+        "dd if={} of={mnt}/mount.bin bs=1M 2>/dev/null",
+        src.display()
     ));
-    let (pw, mw) = (mbps(size, plain_w), mbps(size, mount_w));
-    println!(
-        "{:<34} {:>9.0} MB/s {:>7.0} MB/s {:>7.2}x",
+    row_mbps(
         "sequential write (dd bs=1M)",
-        pw,
-        mw,
-        mw / pw
+        mbps(size, plain_w),
+        mbps(size, mount_w),
     );
     let rss_write = m.peak_rss_mib();
     drop(m);
 
-    let plain_r = rt.block_on(plain_get(&c, "plain.bin", size));
-    let m = Mounted::new(&garage.endpoint, &mnt);
-    let (d0, g0) = (cpu_seconds(m.child.id()), cpu_seconds(garage.child.id()));
+    let plain_r = b.rt.block_on(plain_get(c, "plain.bin", size));
+    let m = b.mount();
+    let daemon = m.child.id();
+    let garage = b.garage_pid;
+    let (d0, g0) = (cpu_seconds(daemon), cpu_seconds(garage));
     let cold = timed_sh(&format!(
-        "dd if={}/plain.bin of=/dev/null bs=1M 2>/dev/null",
-        mnt.display()
+        "dd if={mnt}/plain.bin of=/dev/null bs=1M 2>/dev/null"
     ));
-    let (d1, g1) = (cpu_seconds(m.child.id()), cpu_seconds(garage.child.id()));
+    let (d1, g1) = (cpu_seconds(daemon), cpu_seconds(garage));
     let warm = timed_sh(&format!(
-        "dd if={}/plain.bin of=/dev/null bs=1M 2>/dev/null",
-        mnt.display()
+        "dd if={mnt}/plain.bin of=/dev/null bs=1M 2>/dev/null"
     ));
-    let (pr, cr, wr) = (mbps(size, plain_r), mbps(size, cold), mbps(size, warm));
-    println!(
-        "{:<34} {:>9.0} MB/s {:>7.0} MB/s {:>7.2}x",
-        "cold sequential read (dd)",
-        pr,
-        cr,
-        cr / pr
-    );
-    println!(
-        "{:<34} {:>9.0} MB/s {:>7.0} MB/s {:>7.2}x",
-        "warm re-read (page cache)",
-        pr,
-        wr,
-        wr / pr
-    );
+    let pr = mbps(size, plain_r);
+    row_mbps("cold sequential read (dd)", pr, mbps(size, cold));
+    row_mbps("warm re-read (page cache)", pr, mbps(size, warm));
     println!(
         "  (cold read: {:.1} s wall, daemon {:.1} CPU-s, garage {:.1} CPU-s, on {} cores)",
         cold.as_secs_f64(),
@@ -408,80 +739,362 @@ fn main() {
     );
 
     let small = vec![7u8; 4096];
-    let t = Instant::now();
-    rt.block_on(
-        futures::stream::iter(0..files)
-            .map(|i| {
-                let c = c.clone();
-                let body = small.clone();
-                async move {
-                    c.put_object()
-                        .bucket("bench")
-                        .key(format!("plain-small/{i}"))
-                        .body(ByteStream::from(body))
-                        .send()
-                        .await
-                        .unwrap();
-                }
-            })
-            .buffer_unordered(8)
-            .collect::<Vec<_>>(),
-    );
-    let plain_small = t.elapsed();
-    let local = work.path().join("small");
+    let keys = (0..files).map(|i| format!("plain-small/{i}")).collect();
+    let plain_small = b.rt.block_on(plain_put_many(c, keys, &small, PARALLEL));
+    let local = b.work.join("small");
     std::fs::create_dir(&local).unwrap();
     for i in 0..files {
         std::fs::write(local.join(i.to_string()), &small).unwrap();
     }
-    let mount_small = timed_sh(&format!(
-        "cp -r {} {}/small",
-        local.display(),
-        mnt.display()
-    ));
+    let mount_small = timed_sh(&format!("cp -r {} {mnt}/small", local.display()));
     let (ps, ms) = (
         files as f64 / plain_small.as_secs_f64(),
         files as f64 / mount_small.as_secs_f64(),
     );
-    println!(
-        "{:<34} {:>10.0} /s {:>10.0} /s {:>7.2}x",
+    row(
         "create 4 KiB files (cp -r vs 8 PUTs)",
-        ps,
-        ms,
-        ms / ps
+        &format!("{ps:.0} /s"),
+        &format!("{ms:.0} /s"),
+        Some(ms / ps),
     );
+    let (plain_list, _) = b.rt.block_on(plain_list(c, "plain-small/", None));
+    let mount_list = timed_sh(&format!("ls -l {mnt}/small >/dev/null"));
+    row_times(
+        &format!("ls -l of {files} files (vs LIST)"),
+        plain_list,
+        mount_list,
+    );
+    println!(
+        "peak RSS of the daemon: write run {rss_write:.0} MiB, read run {:.0} MiB (budget --max-memory {BUDGET_MIB} MiB)",
+        m.peak_rss_mib()
+    );
+    pr
+}
+
+/// `n` 4 KiB-aligned offsets in an object of `size` bytes, always the same ones.
+fn random_offsets(size: usize, n: usize) -> Vec<u64> {
+    let blocks = (size / BLOCK) as u64;
+    let mut rng = XorShift::new(0x5EED);
+    (0..n).map(|_| rng.next() % blocks * BLOCK as u64).collect()
+}
+
+/// Random 4 KiB reads of the cold big object: 8 threads sharing one descriptor of a fresh mount
+/// that does nothing else (so its traffic count is theirs), against 8 parallel ranged GETs at the
+/// same offsets; IOPS, latency percentiles, and bytes fetched per byte returned.
+fn random_reads(b: &Bench, data: &[u8], n: usize) {
+    const THREADS: usize = 8;
+    let offsets = random_offsets(data.len(), n);
+
     let t = Instant::now();
-    rt.block_on(async {
-        let mut token = None;
-        loop {
-            let p = c
-                .list_objects_v2()
-                .bucket("bench")
-                .prefix("plain-small/")
-                .set_continuation_token(token)
-                .send()
-                .await
-                .unwrap();
-            token = p.next_continuation_token().map(str::to_string);
-            if token.is_none() {
-                break;
+    let mut plain_lat: Vec<Duration> = b.rt.block_on(
+        futures::stream::iter(&offsets)
+            .map(|&off| async move {
+                let t = Instant::now();
+                let range = format!("bytes={off}-{}", off + BLOCK as u64 - 1);
+                let got = plain_get_range(&b.c, "plain.bin", Some(range)).await;
+                assert_eq!(got, BLOCK);
+                t.elapsed()
+            })
+            .buffer_unordered(THREADS)
+            .collect(),
+    );
+    let plain_time = t.elapsed();
+
+    let m = b.mount();
+    let file = File::open(b.mnt.join("plain.bin")).unwrap();
+    let next = AtomicUsize::new(0);
+    let t = Instant::now();
+    let mut mount_lat: Vec<Duration> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..THREADS)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut buf = vec![0u8; BLOCK];
+                    let mut lat = Vec::new();
+                    while let Some(&off) = offsets.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        let t = Instant::now();
+                        file.read_exact_at(&mut buf, off)
+                            .expect("pread on the mount");
+                        lat.push(t.elapsed());
+                        let off = off as usize;
+                        assert!(buf == data[off..off + BLOCK], "wrong bytes at {off}");
+                    }
+                    lat
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let mount_time = t.elapsed();
+    drop(file);
+    let log = m.finish();
+
+    let (pi, mi) = (
+        n as f64 / plain_time.as_secs_f64(),
+        n as f64 / mount_time.as_secs_f64(),
+    );
+    row(
+        &format!("random 4 KiB reads, {THREADS} threads (IOPS)"),
+        &format!("{pi:.0} /s"),
+        &format!("{mi:.0} /s"),
+        Some(mi / pi),
+    );
+    for p in [50.0, 99.0] {
+        row_times(
+            &format!("  latency p{p}"),
+            percentile(&mut plain_lat, p),
+            percentile(&mut mount_lat, p),
+        );
+    }
+    let returned = (n * BLOCK) as u64;
+    match Traffic::parse(&log) {
+        Some(t) => {
+            row(
+                "  bytes fetched / returned (target <= 2)",
+                "1.00",
+                &format!("{:.2}", t.fetched as f64 / returned as f64),
+                None,
+            );
+            println!(
+                "  (s3mount: {} bytes fetched in {} GETs for {returned} bytes returned; {} LIST, {} HEAD)",
+                t.fetched, t.get, t.list, t.head
+            );
+        }
+        None => row(
+            "  bytes fetched / returned (target <= 2)",
+            "1.00",
+            "n/a (no traffic line in log)",
+            None,
+        ),
+    }
+}
+
+/// Time to first byte of 20 fresh 64 KiB objects: open + read of the first 4 KiB on a fresh
+/// mount (each file's first access, lookup included) against GetObject until the first body
+/// byte; medians.
+fn time_to_first_byte(b: &Bench) {
+    const N: usize = 20;
+    let keys: Vec<String> = (0..N).map(|i| format!("ttfb/{i}")).collect();
+    b.rt.block_on(plain_put_many(
+        &b.c,
+        keys.clone(),
+        &random_bytes(20, 64 << 10),
+        PARALLEL,
+    ));
+    let mut plain: Vec<Duration> = b.rt.block_on(async {
+        let mut times = Vec::new();
+        for key in &keys {
+            let t = Instant::now();
+            let mut out =
+                b.c.get_object()
+                    .bucket("bench")
+                    .key(key)
+                    .send()
+                    .await
+                    .unwrap();
+            while out.body.next().await.unwrap().unwrap().is_empty() {}
+            times.push(t.elapsed());
+            // Drain the rest (untimed) so the connection goes back to the pool.
+            while let Some(chunk) = out.body.next().await {
+                chunk.unwrap();
             }
         }
+        times
     });
-    let plain_list = t.elapsed();
-    let mount_list = timed_sh(&format!("ls -l {}/small >/dev/null", mnt.display()));
-    println!(
-        "{:<34} {:>10.1} ms {:>10.1} ms {:>7.2}x",
-        format!("ls -l of {files} files (vs LIST)"),
-        plain_list.as_secs_f64() * 1e3,
-        mount_list.as_secs_f64() * 1e3,
-        plain_list.as_secs_f64() / mount_list.as_secs_f64()
-    );
-    println!("peak RSS of the daemon: write run {:.0} MiB, read run {:.0} MiB (budget --max-memory 512 MiB)", rss_write, m.peak_rss_mib());
+
+    let m = b.mount();
+    // The directory's own lookup is not part of any file's first byte.
+    std::fs::metadata(b.mnt.join("ttfb")).unwrap();
+    let mut mount: Vec<Duration> = keys
+        .iter()
+        .map(|key| {
+            let mut buf = vec![0u8; BLOCK];
+            let t = Instant::now();
+            let file = File::open(b.mnt.join(key)).unwrap();
+            file.read_exact_at(&mut buf, 0).unwrap();
+            t.elapsed()
+        })
+        .collect();
     drop(m);
-    if soak_secs > 0 {
-        soak(&garage.endpoint, &mnt, soak_secs);
+    row_times(
+        &format!("time to first 4 KiB, {N} files (median)"),
+        percentile(&mut plain, 50.0),
+        percentile(&mut mount, 50.0),
+    );
+}
+
+/// One listing figure: a plain ListObjectsV2 walk of `prefix` (which must find `entries`), then
+/// `cmd` (with `{mnt}` replaced) on a fresh, cold mount, timed back to back so both see the same
+/// server load; prints the row and the daemon's request counts, returns `cmd`'s output.
+fn listing_vs_walk(
+    b: &Bench,
+    label: &str,
+    (prefix, delimiter, entries): (&str, Option<&str>, usize),
+    cmd: &str,
+) -> String {
+    let (plain, n) = b.rt.block_on(plain_list(&b.c, prefix, delimiter));
+    assert_eq!(n, entries, "plain listing of {prefix}");
+    let m = b.mount();
+    let (time, out) = timed_sh_output(&cmd.replace("{mnt}", &b.mnt.display().to_string()));
+    let log = m.finish();
+    row_times(label, plain, time);
+    println!("    s3mount requests: {}", Traffic::summary(&log));
+    out
+}
+
+/// Listings at scale: 10,000 objects in one directory, and 100 directories of 100; `ls -l`,
+/// `find` and `du -s` on fresh mounts against plain ListObjectsV2 walks, with the daemon's
+/// request counts (no HEAD per entry expected).
+fn listings(b: &Bench) {
+    const DIRS: usize = 100;
+    const PER_DIR: usize = 100;
+    const WIDE: usize = DIRS * PER_DIR;
+    let wide_keys = (0..WIDE).map(|i| format!("wide/f{i:05}"));
+    let tree_keys =
+        (0..DIRS).flat_map(|d| (0..PER_DIR).map(move |f| format!("tree/d{d:03}/f{f:03}")));
+    let t = b.rt.block_on(plain_put_many(
+        &b.c,
+        wide_keys.chain(tree_keys).collect(),
+        b"x",
+        64,
+    ));
+    println!(
+        "  (created {} objects for the listings in {:.1} s, 64 PUTs in parallel)",
+        2 * WIDE,
+        t.as_secs_f64()
+    );
+
+    let wide = ("wide/", Some("/"), WIDE);
+    let tree = ("tree/", None, WIDE);
+    listing_vs_walk(
+        b,
+        "ls -l of 10,000 files, one dir (vs LIST /)",
+        wide,
+        "ls -l {mnt}/wide >/dev/null",
+    );
+    let out = listing_vs_walk(
+        b,
+        "find of 100 x 100 files (vs LIST)",
+        tree,
+        "find {mnt}/tree | wc -l",
+    );
+    let found: usize = out.trim().parse().expect("find | wc -l");
+    assert_eq!(
+        found,
+        WIDE + DIRS + 1,
+        "find on the mount saw {found} entries, expected {} (100 dirs, 10,000 files, the top)",
+        WIDE + DIRS + 1
+    );
+    listing_vs_walk(
+        b,
+        "du -s of 100 x 100 files (vs LIST)",
+        tree,
+        "du -s {mnt}/tree >/dev/null",
+    );
+    println!("  (target for listings: at most 1.5x the plain walk, i.e. ratio >= 0.67x)");
+}
+
+/// 32 readers at once: 32 objects of 32 MiB, one `dd bs=1M` process each on one fresh mount,
+/// against 32 parallel GetObjects; aggregate throughput and the daemon's peak RSS.
+fn concurrent_readers(b: &Bench) {
+    const READERS: usize = 32;
+    const SIZE: usize = 32 << 20;
+    let keys: Vec<String> = (0..READERS).map(|i| format!("readers/{i}")).collect();
+    b.rt.block_on(async {
+        for (i, key) in keys.iter().enumerate() {
+            plain_put(&b.c, key, &random_bytes(1000 + i as u64, SIZE)).await;
+        }
+    });
+
+    let t = Instant::now();
+    let total: usize = b.rt.block_on(
+        futures::stream::iter(&keys)
+            .map(|key| plain_get_range(&b.c, key, None))
+            .buffer_unordered(READERS)
+            .fold(0, |a, n| async move { a + n }),
+    );
+    let plain = t.elapsed();
+    assert_eq!(total, READERS * SIZE);
+
+    let m = b.mount();
+    let t = Instant::now();
+    let dds: Vec<Child> = keys
+        .iter()
+        .map(|key| {
+            Command::new("dd")
+                .arg(format!("if={}", b.mnt.join(key).display()))
+                .args(["of=/dev/null", "bs=1M"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut dd in dds {
+        assert!(dd.wait().unwrap().success(), "dd on the mount failed");
     }
-    let _ = std::fs::remove_file(&src);
+    let mount = t.elapsed();
+    let rss = m.peak_rss_mib();
+    drop(m);
+    row_mbps(
+        &format!("{READERS} readers x 32 MiB at once (dd)"),
+        mbps(total, plain),
+        mbps(total, mount),
+    );
+    println!(
+        "  peak RSS of the daemon with {READERS} readers: {rss:.0} MiB (budget --max-memory {BUDGET_MIB} MiB)"
+    );
+}
+
+/// The persistent disk cache: a cold `dd` of the big object fills it, then after a remount with
+/// the same cache directory a second `dd` reads from it.
+fn disk_cache(b: &Bench, size: usize, plain_read: f64) {
+    let dir = b.work.join("cache");
+    std::fs::create_dir_all(&dir).unwrap();
+    let opts = [
+        "--cache-dir",
+        dir.to_str().unwrap(),
+        "--max-cache-size",
+        "4G",
+    ];
+    let dd = format!(
+        "dd if={}/plain.bin of=/dev/null bs=1M 2>/dev/null",
+        b.mnt.display()
+    );
+    let mut speeds = Vec::new();
+    for _ in 0..2 {
+        let m = match b.try_mount(&opts) {
+            Ok(m) => m,
+            // clap: "error: unexpected argument '--cache-dir' found"
+            Err(e) if e.contains("unexpected argument") => {
+                println!("disk cache: n/a (option not available)");
+                return;
+            }
+            Err(e) => {
+                println!("disk cache: n/a (mount failed: {e})");
+                return;
+            }
+        };
+        speeds.push(mbps(size, timed_sh(&dd)));
+        drop(m);
+    }
+    row_mbps(
+        "disk cache: cold read, filling it (dd)",
+        plain_read,
+        speeds[0],
+    );
+    row_mbps(
+        "disk cache: re-read after remount (dd)",
+        plain_read,
+        speeds[1],
+    );
+    let used = run(Command::new("du").arg("-sm").arg(&dir));
+    println!(
+        "  (cache directory after the runs: {} MiB)",
+        used.split_whitespace().next().unwrap_or("?")
+    );
 }
 
 fn proc_count(pid: u32, what: &str) -> usize {
@@ -512,10 +1125,11 @@ fn soak_bytes(name: u64, len: usize) -> Vec<u8> {
 
 /// 64 threads, half writing and half reading mixed small and large files, for `secs` seconds;
 /// reports operations, errors, peak RSS, and descriptors and threads before/after.
-fn soak(endpoint: &str, mnt: &Path, secs: u64) {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+fn soak(b: &Bench, secs: u64) {
+    use std::sync::atomic::{AtomicBool, AtomicU64};
     use std::sync::Arc;
-    let m = Mounted::new(endpoint, mnt);
+    let m = b.mount();
+    let mnt = &b.mnt;
     let pid = m.child.id();
     let dir = mnt.join("soak");
     std::fs::create_dir_all(&dir).unwrap();
