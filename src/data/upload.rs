@@ -411,11 +411,16 @@ impl StreamUpload {
                     attempt(opts).await
                 }
                 Err(StoreError::PreconditionFailed(_)) => {
-                    let kept = self.keep_for_recovery(&body);
+                    let kept = self.keep_for_recovery(&body, "write conflict");
                     return Err(StoreError::PreconditionFailed(format!(
                         "{}: changed by someone else since it was opened; this write was not applied, its bytes are kept at {kept}",
                         self.key
                     )));
+                }
+                Err(e) => {
+                    // Failed for good (retries exhausted): the bytes exist only here now.
+                    self.keep_for_recovery(&body, "upload failed");
+                    return Err(e);
                 }
                 other => other,
             }?;
@@ -508,10 +513,11 @@ impl StreamUpload {
         )))
     }
 
-    /// Save the bytes of a conflicting single PUT; returns where (or why not).
-    fn keep_for_recovery(&self, body: &[u8]) -> String {
+    /// Save the bytes of a single PUT that could not be applied; returns where (or why not).
+    fn keep_for_recovery(&self, body: &[u8], why: &str) -> String {
         use std::os::unix::fs::OpenOptionsExt;
         let Some(path) = self.recovery_path("data") else {
+            tracing::error!(key = %self.key, "{why}: the bytes written are lost (no recovery directory)");
             return "nowhere (no recovery directory)".into();
         };
         let written = std::fs::OpenOptions::new()
@@ -522,10 +528,13 @@ impl StreamUpload {
             .and_then(|mut f| std::io::Write::write_all(&mut f, body));
         match written {
             Ok(()) => {
-                tracing::error!(key = %self.key, kept = %path.display(), "write conflict: the bytes written are kept in the recovery folder");
+                tracing::error!(key = %self.key, kept = %path.display(), "{why}: the bytes written are kept locally at {}", path.display());
                 path.display().to_string()
             }
-            Err(e) => format!("nowhere ({}: {e})", path.display()),
+            Err(e) => {
+                tracing::error!(key = %self.key, "{why}: could not keep the bytes written at {}: {e}", path.display());
+                format!("nowhere ({}: {e})", path.display())
+            }
         }
     }
 
@@ -723,6 +732,31 @@ mod tests {
         assert!(err.is_some() || res.is_err());
         assert_eq!(&store.get_bytes("k").unwrap()[..], b"old");
         assert_eq!(store.open_uploads(), 0, "multipart upload aborted");
+    }
+
+    #[tokio::test]
+    async fn failed_small_upload_keeps_the_bytes_locally() {
+        let store = Arc::new(MockStore::new());
+        store.insert("dir/k", "old");
+        store.inject_fault(
+            Op::Put,
+            "dir/k",
+            StoreError::Unreachable("gone".into()),
+            100,
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let mut u = upload(&store, "dir/k", 1 << 30).with_recovery_dir(tmp.path().join("rec"));
+        let body = data(300_000, 4);
+        u.write(&body).await.unwrap();
+        assert!(matches!(u.finish().await, Err(StoreError::Unreachable(_))));
+        assert_eq!(&store.get_bytes("dir/k").unwrap()[..], b"old");
+        let kept: Vec<_> = std::fs::read_dir(tmp.path().join("rec"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert_eq!(kept.len(), 1);
+        assert!(kept[0].file_name().to_string_lossy().starts_with("dir_k."));
+        assert_eq!(std::fs::read(kept[0].path()).unwrap(), body);
     }
 
     #[tokio::test]
