@@ -14,6 +14,9 @@ use tokio::runtime::Handle;
 
 use crate::fs::{Attr, Caller, Errno, Fs, Kind, SetAttr};
 
+/// Directory entries taken from the filesystem at a time while filling one readdir reply.
+const DIR_SLICE: usize = 64;
+
 pub struct FuseAdapter {
     fs: Arc<Fs>,
     rt: Handle,
@@ -379,17 +382,23 @@ impl Filesystem for FuseAdapter {
         offset: i64,
         mut reply: ReplyDirectory,
     ) {
-        match self.fs.readdir(fh, offset) {
-            Ok(items) => {
-                for item in items {
-                    if reply.add(item.ino, item.next_offset, file_type(item.kind), &item.name) {
-                        break;
-                    }
+        let mut offset = offset;
+        loop {
+            let items = match self.fs.readdir(fh, offset, DIR_SLICE) {
+                Ok(items) => items,
+                Err(Errno(e)) => return reply.error(e),
+            };
+            let Some(last) = items.last().map(|i| i.next_offset) else {
+                break;
+            };
+            for item in items {
+                if reply.add(item.ino, item.next_offset, file_type(item.kind), &item.name) {
+                    return reply.ok();
                 }
-                reply.ok();
             }
-            Err(Errno(e)) => reply.error(e),
+            offset = last;
         }
+        reply.ok();
     }
 
     fn readdirplus(
@@ -400,36 +409,43 @@ impl Filesystem for FuseAdapter {
         offset: i64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let items = match self.fs.readdir(fh, offset) {
-            Ok(items) => items,
-            Err(Errno(e)) => return reply.error(e),
-        };
         let ttl = self.fs.ttl();
-        for item in items {
-            let (attr, counted) = match &item.entry {
-                // `.` and `..` carry attributes but no lookup count.
-                None => match self.fs.attr_of(item.ino) {
-                    Some(a) => (a, false),
-                    None => continue,
-                },
-                Some(entry) => match self.fs.lookup_listed(ino, &item.name, entry) {
-                    Ok(a) => (a, true),
-                    Err(Errno(e)) => return reply.error(e),
-                },
+        let mut offset = offset;
+        loop {
+            let items = match self.fs.readdir(fh, offset, DIR_SLICE) {
+                Ok(items) => items,
+                Err(Errno(e)) => return reply.error(e),
             };
-            if reply.add(
-                attr.ino,
-                item.next_offset,
-                &item.name,
-                &ttl,
-                &to_file_attr(&attr),
-                0,
-            ) {
-                if counted {
-                    self.fs.forget(attr.ino, 1);
-                }
+            let Some(last) = items.last().map(|i| i.next_offset) else {
                 break;
+            };
+            for item in items {
+                let (attr, counted) = match &item.entry {
+                    // `.` and `..` carry attributes but no lookup count.
+                    None => match self.fs.attr_of(item.ino) {
+                        Some(a) => (a, false),
+                        None => continue,
+                    },
+                    Some(entry) => match self.fs.lookup_listed(ino, &item.name, entry) {
+                        Ok(a) => (a, true),
+                        Err(Errno(e)) => return reply.error(e),
+                    },
+                };
+                if reply.add(
+                    attr.ino,
+                    item.next_offset,
+                    &item.name,
+                    &ttl,
+                    &to_file_attr(&attr),
+                    0,
+                ) {
+                    if counted {
+                        self.fs.forget(attr.ino, 1);
+                    }
+                    return reply.ok();
+                }
             }
+            offset = last;
         }
         reply.ok();
     }

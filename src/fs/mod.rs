@@ -654,12 +654,15 @@ impl Fs {
     }
 
     /// Entries from `offset` on (0 is the start; `.` and `..` come first).
-    pub fn readdir(&self, fh: u64, offset: i64) -> FsResult<Vec<DirItem>> {
+    /// Up to `limit` entries from `offset` on (the kernel takes a few dozen per request, so
+    /// a large directory is handed out in slices, never copied whole per request).
+    pub fn readdir(&self, fh: u64, offset: i64, limit: usize) -> FsResult<Vec<DirItem>> {
         let handle = self.dirs.lock().get(&fh).cloned().ok_or(Errno::EBADF)?;
         let start = usize::try_from(offset).map_err(|_| Errno::EINVAL)?;
+        let end = (handle.items.len() + 2).min(start.saturating_add(limit));
         let table = self.inodes.lock();
-        let mut out = Vec::new();
-        for idx in start..handle.items.len() + 2 {
+        let mut out = Vec::with_capacity(end.saturating_sub(start));
+        for idx in start..end {
             let next_offset = idx as i64 + 1;
             let item = match idx {
                 0 => DirItem {

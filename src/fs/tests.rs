@@ -15,7 +15,7 @@ fn setup(prefix: &str) -> (Arc<MockStore>, Fs) {
 
 async fn list_names(fs: &Fs, ino: u64) -> Vec<(String, Kind)> {
     let fh = fs.opendir(ino).await.unwrap();
-    let items = fs.readdir(fh, 0).unwrap();
+    let items = fs.readdir(fh, 0, usize::MAX).unwrap();
     fs.releasedir(fh);
     items.into_iter().map(|i| (i.name, i.kind)).collect()
 }
@@ -140,7 +140,7 @@ async fn readdirplus_costs_listing_requests_only() {
     let d = fs.lookup(ROOT_INO, b"d").await.unwrap();
     store.reset_counters();
     let fh = fs.opendir(d.ino).await.unwrap();
-    let items = fs.readdir(fh, 0).unwrap();
+    let items = fs.readdir(fh, 0, usize::MAX).unwrap();
     for item in &items {
         if let Some(e) = &item.entry {
             let a = fs.lookup_listed(d.ino, &item.name, e).unwrap();
