@@ -84,6 +84,18 @@ fn stored_sha256(server: &S3Server, bucket: &str, key: &str) -> String {
     })
 }
 
+/// The S3 error code and message of an error response the proxy relayed.
+fn s3_code(e: &support::proxy::Exchange) -> String {
+    let body = e.error.as_deref().unwrap_or("");
+    let tag = |t: &str| {
+        body.split_once(&format!("<{t}>"))
+            .and_then(|(_, r)| r.split_once(&format!("</{t}>")))
+            .map(|(v, _)| v.to_string())
+            .unwrap_or_default()
+    };
+    format!("{}: {}", tag("Code"), tag("Message"))
+}
+
 /// The path named by a "kept locally at <path>" log line about `key`, if there is one.
 fn kept_locally(log: &str, key: &str) -> Option<std::path::PathBuf> {
     log.lines()
@@ -401,8 +413,10 @@ fn flipped_bytes_in_upload_bodies_are_rejected_and_resent() {
         .collect();
     assert_eq!(flipped.len(), 1, "the PUT body was flipped: {flipped:?}");
     eprintln!(
-        "flipped PutObject body: Garage answered {} ({})",
-        flipped[0].status, flipped[0].line
+        "flipped PutObject body: Garage answered {} {} ({})",
+        flipped[0].status,
+        s3_code(&flipped[0]),
+        flipped[0].line
     );
     assert!(
         (400..500).contains(&flipped[0].status),
@@ -423,8 +437,10 @@ fn flipped_bytes_in_upload_bodies_are_rejected_and_resent() {
         .collect();
     assert_eq!(flipped.len(), 1, "an UploadPart body was flipped");
     eprintln!(
-        "flipped UploadPart body: Garage answered {} ({})",
-        flipped[0].status, flipped[0].line
+        "flipped UploadPart body: Garage answered {} {} ({})",
+        flipped[0].status,
+        s3_code(&flipped[0]),
+        flipped[0].line
     );
     assert!(
         (400..500).contains(&flipped[0].status),
@@ -436,10 +452,13 @@ fn flipped_bytes_in_upload_bodies_are_rejected_and_resent() {
     );
     assert!(server.open_uploads(&bucket).is_empty());
     let log = log_of(&m);
-    assert!(
-        log.to_ascii_lowercase().contains("checksum"),
-        "the rejected bodies are logged"
-    );
+    for key in ["small-up.bin", "big-up.bin"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(key) && l.contains("InvalidDigest")),
+            "the rejected body of {key} is logged"
+        );
+    }
 }
 
 /// Connections reset mid-body and bodies cut short on a fifth of the GETs: the read resumes and

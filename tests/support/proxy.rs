@@ -55,6 +55,8 @@ pub struct Exchange {
     pub fault: Option<&'static str>,
     /// The response reached the client complete and unmodified.
     pub complete: bool,
+    /// The start of the body of an error response (status 400 and up), e.g. the S3 error code.
+    pub error: Option<String>,
 }
 
 #[derive(Default)]
@@ -94,11 +96,23 @@ impl Shared {
     }
 
     fn record(&self, line: &str, status: u16, fault: Option<&'static str>, complete: bool) {
+        self.record_error(line, status, fault, complete, None);
+    }
+
+    fn record_error(
+        &self,
+        line: &str,
+        status: u16,
+        fault: Option<&'static str>,
+        complete: bool,
+        error: Option<String>,
+    ) {
         self.log.lock().unwrap().push(Exchange {
             line: line.to_string(),
             status,
             fault,
             complete,
+            error,
         });
     }
 }
@@ -432,15 +446,21 @@ struct BodyFault {
 
 const MIDDLE: u64 = u64::MAX;
 
-/// Writes to the client, pausing once after `stall.0` bytes for `stall.1`.
+/// Writes to the client, pausing once after `stall.0` bytes for `stall.1`; keeps the first
+/// bytes written when `capture` is set.
 struct Out<'a> {
     w: &'a mut TcpStream,
     written: u64,
     stall: Option<(u64, Duration)>,
+    capture: Option<Vec<u8>>,
 }
 
 impl Out<'_> {
     fn put(&mut self, mut buf: &[u8]) -> io::Result<()> {
+        if let Some(c) = self.capture.as_mut() {
+            let room = 1024usize.saturating_sub(c.len());
+            c.extend_from_slice(&buf[..room.min(buf.len())]);
+        }
         if let Some((at, pause)) = self.stall {
             if self.written + buf.len() as u64 >= at {
                 let first = (at - self.written) as usize;
@@ -668,6 +688,7 @@ fn serve(client: TcpStream, upstream_port: u16, sh: &Shared) -> io::Result<()> {
             w: &mut uw,
             written: 0,
             stall: None,
+            capture: None,
         };
         let sent = relay_body(&mut cr, &mut up_out, req_framing, &mut req_fault, &sh.down);
         if sent.is_err() {
@@ -726,14 +747,22 @@ fn serve(client: TcpStream, upstream_port: u16, sh: &Shared) -> io::Result<()> {
             w: &mut cw,
             written: 0,
             stall,
+            capture: None,
         };
-        let relayed = out
-            .put(&resp_raw)
-            .and_then(|_| relay_body(&mut ur, &mut out, framing, &mut body_fault, &sh.down));
+        let relayed = out.put(&resp_raw).and_then(|_| {
+            if status >= 400 {
+                out.capture = Some(Vec::new());
+            }
+            relay_body(&mut ur, &mut out, framing, &mut body_fault, &sh.down)
+        });
+        let error = out
+            .capture
+            .take()
+            .map(|c| String::from_utf8_lossy(&c).into_owned());
         let modified = matches!(action, Some(Action::FlipResponse { .. }));
         match relayed {
             Ok(true) => {
-                sh.record(&line, status, fault, !modified);
+                sh.record_error(&line, status, fault, !modified, error);
             }
             Ok(false) => {
                 // Cut short on purpose.
