@@ -637,6 +637,7 @@ fn one_gib_through_a_flaky_store_is_byte_identical() {
         ],
     );
     // The source on local disk, and its hash, 16 MiB at a time.
+    let started = Instant::now();
     let src = tempfile::NamedTempFile::new().unwrap();
     let mut h = sha2::Sha256::new();
     {
@@ -649,6 +650,7 @@ fn one_gib_through_a_flaky_store_is_byte_identical() {
         f.flush().unwrap();
     }
     let want = format!("{:x}", h.finalize());
+    eprintln!("1 GiB source written and hashed in {:?}", started.elapsed());
     proxy.fail_some("*", "", 503, 100);
     proxy.reset_some("*", "", None, 10);
     proxy.reset_some("GET", "", Some(1 << 20), 10);
@@ -688,7 +690,9 @@ fn one_gib_through_a_flaky_store_is_byte_identical() {
         proxy.exchanges().len()
     );
     assert_eq!(through_mount, want, "read back through the mount");
+    let t = Instant::now();
     assert_eq!(stored_sha256(server, &bucket, "gig.bin"), want, "stored");
+    eprintln!("stored object hashed in {:?}", t.elapsed());
     assert!(server.open_uploads(&bucket).is_empty());
     assert!(injected >= 20, "faults were injected: {injected}");
 }
