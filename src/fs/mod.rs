@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
 use lru::LruCache;
 use parking_lot::Mutex;
 
@@ -172,7 +173,10 @@ pub struct Fs {
     store: Arc<dyn ObjectStore>,
     cfg: FsConfig,
     inodes: Mutex<InodeTable>,
-    listings: Mutex<LruCache<String, (Instant, Arc<Listing>)>>,
+    listings: Arc<Mutex<ListingCache>>,
+    /// Listings being fetched, so concurrent and prefetched requests for one prefix share a LIST.
+    inflight: Arc<Mutex<HashMap<String, SharedListing>>>,
+    listing_generation: Arc<AtomicU64>,
     negative: Mutex<LruCache<String, Instant>>,
     files: Mutex<HashMap<u64, Arc<FileHandle>>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
@@ -184,7 +188,109 @@ pub struct Fs {
     pending: Mutex<HashMap<String, Pending>>,
     /// The most recent write handle of each inode (setattr without a handle uses it).
     writers: Mutex<HashMap<u64, u64>>,
-    warn: WarnOnce,
+    warn: Arc<WarnOnce>,
+}
+
+type ListingCache = LruCache<String, (Instant, Arc<Listing>)>;
+type SharedListing = Shared<BoxFuture<'static, FsResult<Arc<Listing>>>>;
+
+/// Subdirectories whose listings are fetched ahead when their parent is listed (for `find`,
+/// `du`, `ls -R`, `cp -r`), and how many such LISTs run at once.
+const PREFETCH_SUBDIRS: usize = 128;
+const PREFETCH_PARALLEL: usize = 8;
+
+/// What fetching a listing needs, detached from `Fs` so it can run in a task of its own.
+#[derive(Clone)]
+struct ListingFetch {
+    store: Arc<dyn ObjectStore>,
+    warn: Arc<WarnOnce>,
+    listings: Arc<Mutex<ListingCache>>,
+    inflight: Arc<Mutex<HashMap<String, SharedListing>>>,
+    /// Bumped by every change this mount makes to a directory: a listing fetched across a
+    /// change may miss it, so it is returned but not cached.
+    generation: Arc<AtomicU64>,
+    ttl: Duration,
+}
+
+impl ListingFetch {
+    /// The listing of `prefix`: joins a fetch already under way when `join`, else starts one.
+    fn shared(&self, prefix: &str, join: bool) -> SharedListing {
+        let mut inflight = self.inflight.lock();
+        if join {
+            if let Some(f) = inflight.get(prefix) {
+                return f.clone();
+            }
+        }
+        let me = self.clone();
+        let key = prefix.to_string();
+        let fut = async move {
+            let result = me.fetch(&key).await;
+            me.inflight.lock().remove(&key);
+            result
+        }
+        .boxed()
+        .shared();
+        inflight.insert(prefix.to_string(), fut.clone());
+        fut
+    }
+
+    async fn fetch(&self, prefix: &str) -> FsResult<Arc<Listing>> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let mut listing = Listing::default();
+        let mut token = None;
+        loop {
+            let page = self
+                .store
+                .list_page(prefix, Some("/"), token, None)
+                .await
+                .map_err(|e| errno_of(&e, "list"))?;
+            token = page.next_token.clone();
+            listing.add_page(prefix, page, &self.warn);
+            if token.is_none() {
+                break;
+            }
+        }
+        let listing = Arc::new(listing);
+        let mut listings = self.listings.lock();
+        if !self.ttl.is_zero() && generation == self.generation.load(Ordering::Acquire) {
+            listings.put(prefix.to_string(), (Instant::now(), listing.clone()));
+        }
+        Ok(listing)
+    }
+
+    fn cached(&self, prefix: &str) -> bool {
+        self.listings
+            .lock()
+            .peek(prefix)
+            .is_some_and(|(at, _)| at.elapsed() < self.ttl)
+    }
+
+    /// List the subdirectories of a listing just fetched, a few at a time, in the background.
+    fn prefetch_subdirs(&self, prefix: &str, listing: &Listing) {
+        let subdirs: Vec<String> = listing
+            .entries
+            .iter()
+            .filter(|(_, e)| e.kind == Kind::Dir)
+            .map(|(name, _)| format!("{prefix}{name}/"))
+            .collect();
+        if subdirs.is_empty() || subdirs.len() > PREFETCH_SUBDIRS || self.ttl.is_zero() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            futures::stream::iter(subdirs)
+                .for_each_concurrent(PREFETCH_PARALLEL, |sub| {
+                    let me = me.clone();
+                    async move {
+                        if !me.cached(&sub) {
+                            let _ = me.shared(&sub, true).await;
+                        }
+                    }
+                })
+                .await;
+        });
+    }
 }
 
 impl std::fmt::Debug for Fs {
@@ -230,7 +336,9 @@ impl Fs {
         Ok(Fs {
             store,
             inodes: Mutex::new(InodeTable::new(root)),
-            listings: Mutex::new(LruCache::new(nz(256))),
+            listings: Arc::new(Mutex::new(LruCache::new(nz(1024)))),
+            inflight: Arc::default(),
+            listing_generation: Arc::default(),
             negative: Mutex::new(LruCache::new(nz(16_384))),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
@@ -240,7 +348,7 @@ impl Fs {
             caps,
             pending: Mutex::new(HashMap::new()),
             writers: Mutex::new(HashMap::new()),
-            warn: WarnOnce::default(),
+            warn: Arc::default(),
             cfg,
         })
     }
@@ -283,23 +391,14 @@ impl Fs {
                 }
             }
         }
-        let mut listing = Listing::default();
-        let mut token = None;
-        loop {
-            let page = self
-                .store
-                .list_page(prefix, Some("/"), token, None)
-                .await
-                .map_err(|e| errno_of(&e, "list"))?;
-            token = page.next_token.clone();
-            listing.add_page(prefix, page, &self.warn);
-            if token.is_none() {
-                break;
-            }
+        let fetch = self.listing_fetch();
+        if !self.cfg.list_metadata {
+            let listing = fetch.shared(prefix, allow_cached).await?;
+            fetch.prefetch_subdirs(prefix, &listing);
+            return Ok(listing);
         }
-        if self.cfg.list_metadata {
-            self.fetch_listed_metadata(&mut listing).await;
-        }
+        let mut listing = (*fetch.shared(prefix, false).await?).clone();
+        self.fetch_listed_metadata(&mut listing).await;
         let listing = Arc::new(listing);
         if !self.cfg.metadata_ttl.is_zero() {
             self.listings
@@ -307,6 +406,23 @@ impl Fs {
                 .put(prefix.to_string(), (Instant::now(), listing.clone()));
         }
         Ok(listing)
+    }
+
+    fn listing_fetch(&self) -> ListingFetch {
+        ListingFetch {
+            store: self.store.clone(),
+            warn: self.warn.clone(),
+            listings: self.listings.clone(),
+            inflight: self.inflight.clone(),
+            generation: self.listing_generation.clone(),
+            ttl: self.cfg.metadata_ttl,
+        }
+    }
+
+    /// This mount changed a directory: listings under way may not show it.
+    pub(super) fn listings_changed(&self) {
+        self.listing_generation.fetch_add(1, Ordering::AcqRel);
+        self.inflight.lock().clear();
     }
 
     /// `--list-metadata`: HEAD every listed file (16 at a time) so that `ls -l` shows stored

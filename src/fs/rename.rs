@@ -158,6 +158,7 @@ impl Fs {
             }
             self.move_tree(&src_prefix, &dst_prefix).await?;
             self.inodes.lock().rekey(&src_prefix, &dst_prefix);
+            self.listings_changed();
             let mut listings = self.listings.lock();
             let stale: Vec<String> = listings
                 .iter()

@@ -876,3 +876,36 @@ async fn hung_store_gives_etimedout_within_the_bound() {
     store.set_latency(Some(std::time::Duration::from_secs(30)));
     assert_eq!(fs.read(fh, 0, 1).await, Err(Errno::ETIMEDOUT));
 }
+
+#[tokio::test]
+async fn subdirectory_listings_are_fetched_ahead_and_shared() {
+    let (store, fs) = setup("");
+    for d in 0..5 {
+        for f in 0..3 {
+            store.insert(&format!("top/d{d}/f{f}"), "x");
+        }
+    }
+    let top = fs.lookup(ROOT_INO, b"top").await.unwrap();
+    list_names(&fs, top.ino).await;
+    // The five subdirectories are listed in the background, once each.
+    for _ in 0..200 {
+        if store.counters.list.load(Ordering::Relaxed) >= 1 + 5 + 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let before = store.counters.list.load(Ordering::Relaxed);
+    for d in 0..5 {
+        let sub = fs
+            .lookup(top.ino, format!("d{d}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(list_names(&fs, sub.ino).await.len(), 2 + 3);
+    }
+    assert_eq!(
+        store.counters.list.load(Ordering::Relaxed),
+        before,
+        "a `find` step listed a directory already fetched ahead"
+    );
+}
