@@ -231,6 +231,7 @@ impl FaultProxy {
 
     /// XOR one byte of the body of the next `times` matching requests before forwarding them,
     /// at body offset `at` (`None`: the middle). aws-chunked bodies are flipped as they are.
+    /// Only requests with a body count (an empty PUT does not use the rule up).
     pub fn flip_request(&self, method: &str, contains: &str, at: Option<u64>, times: u32) {
         self.add(method, contains, Action::FlipRequest { at }, times, 1000);
     }
