@@ -130,6 +130,11 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub upload_concurrency: u32,
 
+    /// Streamed files keep a local copy of their bytes in the staging directory up to this size,
+    /// so an upload that fails for good loses nothing (0: keep none)
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1GiB")]
+    pub spool_limit: u64,
+
     /// Directory for the changed bytes of files modified in place (created 0700; files 0600)
     #[arg(long, value_name = "DIR")]
     pub staging_dir: Option<PathBuf>,

@@ -183,6 +183,7 @@ impl Config {
             min_part_size: cli.part_size,
             max_part_size: cli.max_part_size,
             concurrency: cli.upload_concurrency as usize,
+            spool_limit: cli.spool_limit,
         };
         fs.prefetch = PrefetchConfig {
             max_window: cli.max_prefetch,

@@ -346,7 +346,7 @@ fn sidecar(path: &Path) -> PathBuf {
 /// power loss) and data kept after conflicts: (path, what the sidecar says).
 pub fn leftovers(dir: &Path) -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
-    for d in [dir.to_path_buf(), dir.join("recovered")] {
+    for d in [dir.to_path_buf(), dir.join("recovered"), dir.join("spool")] {
         let Ok(entries) = std::fs::read_dir(&d) else {
             continue;
         };

@@ -31,6 +31,9 @@ pub struct UploadConfig {
     pub max_part_size: u64,
     /// Parts of one file uploading at the same time.
     pub concurrency: usize,
+    /// A streamed file keeps a local copy of its bytes (in the staging directory) up to this
+    /// size, so that an upload that fails for good loses nothing; 0 keeps none.
+    pub spool_limit: u64,
 }
 
 impl Default for UploadConfig {
@@ -39,6 +42,7 @@ impl Default for UploadConfig {
             min_part_size: 8 << 20,
             max_part_size: 4 << 30,
             concurrency: 4,
+            spool_limit: 1 << 30,
         }
     }
 }
@@ -159,6 +163,17 @@ pub struct StreamUpload {
     copied_prefix: bool,
     /// Where a conflicting upload leaves what it holds (bytes, or a note on the open upload).
     recovery_dir: Option<std::path::PathBuf>,
+    /// Local copy of the bytes shipped as parts (see [`UploadConfig::spool_limit`]).
+    spool: Option<Spool>,
+    /// Set once a spool was given up (too large, or the disk refused it).
+    spool_off: bool,
+}
+
+/// The bytes of a streamed upload, on local disk until the object is complete.
+struct Spool {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+    bytes: u64,
 }
 
 impl StreamUpload {
@@ -189,6 +204,8 @@ impl StreamUpload {
             prefix: None,
             copied_prefix: false,
             recovery_dir: None,
+            spool: None,
+            spool_off: false,
         }
     }
 
@@ -346,6 +363,7 @@ impl StreamUpload {
             self.reap_one().await?;
         }
         let body = std::mem::take(&mut self.buf).freeze();
+        self.spool_append(&body);
         let reservation =
             std::mem::replace(&mut self.buf_reservation, Reservation::empty(&self.budget));
         let n = self.next_part;
@@ -375,8 +393,111 @@ impl StreamUpload {
         let result = self.finish_inner().await;
         if result.is_err() {
             self.abort_remote().await;
+            self.keep_spool();
         }
+        self.drop_spool();
         result
+    }
+
+    /// Copy shipped bytes to the local spool while the file is within the spool limit.
+    fn spool_append(&mut self, body: &[u8]) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        if self.spool_off || self.prefix.is_some() || body.is_empty() {
+            return;
+        }
+        let Some(dir) = self.recovery_dir.as_ref().and_then(|d| d.parent()) else {
+            return;
+        };
+        let shipped = self.spool.as_ref().map_or(0, |s| s.bytes);
+        if shipped + body.len() as u64 > self.cfg.spool_limit {
+            tracing::debug!(key = %self.key, limit = self.cfg.spool_limit, "streamed file is larger than --spool-limit: no local copy kept while it uploads");
+            self.spool_off = true;
+            self.drop_spool();
+            return;
+        }
+        if self.spool.is_none() {
+            let dir = dir.join("spool");
+            static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let path = dir.join(format!(
+                "{}.{}.{}",
+                safe_name(&self.key),
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            ));
+            let opened = super::staging::prepare_dir(&dir).and_then(|_| {
+                let mut info = path.as_os_str().to_owned();
+                info.push(".info");
+                std::fs::write(
+                    &info,
+                    format!(
+                        "key: {}\nkind: bytes of a streamed upload, from offset 0\n",
+                        self.key
+                    ),
+                )?;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+            });
+            match opened {
+                Ok(file) => {
+                    self.spool = Some(Spool {
+                        file,
+                        path,
+                        bytes: 0,
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(key = %self.key, dir = %dir.display(), "cannot keep a local copy of the upload: {e}");
+                    self.spool_off = true;
+                    return;
+                }
+            }
+        }
+        let spool = self.spool.as_mut().expect("spool opened above");
+        match spool.file.write_all(body) {
+            Ok(()) => spool.bytes += body.len() as u64,
+            Err(e) => {
+                tracing::warn!(key = %self.key, path = %spool.path.display(), "local copy of the upload given up: {e}");
+                self.spool_off = true;
+                self.drop_spool();
+            }
+        }
+    }
+
+    /// The upload failed for good: move the spool (plus bytes never shipped) to the recovery
+    /// folder and say where it is.
+    fn keep_spool(&mut self) {
+        if self.spool.is_none() {
+            return;
+        }
+        let rest = std::mem::take(&mut self.buf);
+        self.spool_append(&rest);
+        let (Some(spool), Some(dest)) = (self.spool.take(), self.recovery_path("data")) else {
+            return;
+        };
+        let mut info = spool.path.as_os_str().to_owned();
+        info.push(".info");
+        let _ = std::fs::remove_file(std::path::PathBuf::from(info));
+        match std::fs::rename(&spool.path, &dest) {
+            Ok(()) => {
+                tracing::error!(key = %self.key, kept = %dest.display(), bytes = spool.bytes, "upload failed: the bytes written are kept locally at {}", dest.display())
+            }
+            Err(e) => {
+                tracing::error!(key = %self.key, kept = %spool.path.display(), bytes = spool.bytes, "upload failed: the bytes written are kept locally at {} ({e} moving it)", spool.path.display())
+            }
+        }
+    }
+
+    fn drop_spool(&mut self) {
+        if let Some(spool) = self.spool.take() {
+            let mut info = spool.path.as_os_str().to_owned();
+            info.push(".info");
+            let _ = std::fs::remove_file(&spool.path);
+            let _ = std::fs::remove_file(std::path::PathBuf::from(info));
+        }
     }
 
     async fn finish_inner(&mut self) -> StoreResult<PutResult> {
@@ -498,19 +619,12 @@ impl StreamUpload {
     fn recovery_path(&self, suffix: &str) -> Option<std::path::PathBuf> {
         let dir = self.recovery_dir.as_ref()?;
         super::staging::prepare_dir(dir).ok()?;
-        let safe: String = self
-            .key
-            .chars()
-            .map(|c| if c == '/' || c.is_control() { '_' } else { c })
-            .collect();
+        let safe = safe_name(&self.key);
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
+            .map(|d| d.as_nanos())
             .unwrap_or(0);
-        Some(dir.join(format!(
-            "{}.{stamp}.{suffix}",
-            safe.chars().take(200).collect::<String>()
-        )))
+        Some(dir.join(format!("{safe}.{stamp}.{suffix}")))
     }
 
     /// Save the bytes of a single PUT that could not be applied; returns where (or why not).
@@ -578,7 +692,16 @@ impl StreamUpload {
     /// Give up: nothing becomes visible, the multipart upload (if any) is aborted.
     pub async fn abort(mut self) {
         self.abort_remote().await;
+        self.drop_spool();
     }
+}
+
+/// A key as one file name: `/` and control characters become `_`, at most 200 characters.
+fn safe_name(key: &str) -> String {
+    key.chars()
+        .map(|c| if c == '/' || c.is_control() { '_' } else { c })
+        .take(200)
+        .collect()
 }
 
 /// Send with a checksum while the store takes them; retry a body the server found corrupted.
@@ -631,6 +754,7 @@ mod tests {
             min_part_size: 5 << 20,
             max_part_size: 64 << 20,
             concurrency: 3,
+            spool_limit: 1 << 30,
         }
     }
 
@@ -757,6 +881,43 @@ mod tests {
         assert_eq!(kept.len(), 1);
         assert!(kept[0].file_name().to_string_lossy().starts_with("dir_k."));
         assert_eq!(std::fs::read(kept[0].path()).unwrap(), body);
+    }
+
+    #[tokio::test]
+    async fn failed_multipart_upload_keeps_every_byte_locally() {
+        let store = Arc::new(MockStore::new());
+        store.insert("k", "old");
+        store.inject_fault(
+            Op::Complete,
+            "k",
+            StoreError::Unreachable("gone".into()),
+            100,
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let staging = tmp.path().join("staging");
+        let mut u = upload(&store, "k", 1 << 30).with_recovery_dir(staging.join("recovered"));
+        let body = data((12 << 20) + 5, 7);
+        for chunk in body.chunks(1 << 20) {
+            u.write(chunk).await.unwrap();
+        }
+        assert!(u.finish().await.is_err());
+        assert_eq!(&store.get_bytes("k").unwrap()[..], b"old");
+        assert_eq!(store.open_uploads(), 0);
+        let kept: Vec<_> = std::fs::read_dir(staging.join("recovered"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert_eq!(kept.len(), 1);
+        assert!(
+            std::fs::read(kept[0].path()).unwrap() == body,
+            "kept bytes differ"
+        );
+        // The spool itself is gone (moved), and a successful upload leaves no spool behind.
+        assert_eq!(std::fs::read_dir(staging.join("spool")).unwrap().count(), 0);
+        let mut u = upload(&store, "other", 1 << 30).with_recovery_dir(staging.join("recovered"));
+        u.write(&body).await.unwrap();
+        u.finish().await.unwrap();
+        assert_eq!(std::fs::read_dir(staging.join("spool")).unwrap().count(), 0);
     }
 
     #[tokio::test]
