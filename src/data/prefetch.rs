@@ -153,7 +153,11 @@ impl ObjectReader {
                         st.consumed = 0;
                     }
                 }
-                st.chunks.retain(|_, c| c.range.end + BACK_KEEP > offset);
+                // Chunks the whole-object checksum has not taken in yet stay too (the kernel's
+                // parallel read-ahead requests arrive out of order).
+                let verified_to = st.verify.as_ref().map_or(0, |v| v.pos);
+                st.chunks
+                    .retain(|_, c| c.range.end + BACK_KEEP > offset || c.range.end > verified_to);
             } else {
                 st.window = self.cfg.initial_window;
                 st.fetched_end = 0;
@@ -658,6 +662,30 @@ mod tests {
             let r = cached_reader(&store, "k", &cache).await;
             assert_eq!(read_all(&r, 128 << 10).await.unwrap(), body, "{size}");
         }
+    }
+
+    #[tokio::test]
+    async fn out_of_order_start_is_still_verified() {
+        // The kernel's parallel read-ahead: the first request to arrive is not at offset 0.
+        let store = Arc::new(MockStore::new());
+        let body = data(20 << 20);
+        store.insert("k", body.clone());
+        let cache = BlockCache::disabled(Budget::new(1 << 30));
+        let r = cached_reader(&store, "k", &cache).await;
+        store.corrupt_next_gets(1);
+        let early = r.read(2 << 20, 128 << 10).await.unwrap();
+        assert_ne!(&early[..], &body[2 << 20..(2 << 20) + (128 << 10)]);
+        let mut off = 0u64;
+        let err = loop {
+            match r.read(off, 1 << 20).await {
+                Ok(b) if b.is_empty() => panic!("corrupted read passed verification"),
+                Ok(b) => off += b.len() as u64,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, StoreError::Checksum(_)), "{err:?}");
+        // Found once every byte has been seen (prefetched data may complete it before EOF).
+        assert!(off > 2 << 20, "failed at {off}");
     }
 
     #[tokio::test]

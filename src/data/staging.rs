@@ -305,9 +305,7 @@ impl StagedFile {
             Err(e) => Err(e),
         };
         if outcome.is_err() {
-            if let Err(e) = store.abort_multipart(key, &id).await {
-                tracing::error!(key, upload_id = %id, error = %e, "could not abort multipart upload");
-            }
+            super::upload::abort_upload(store, key, &id).await;
         }
         outcome
     }

@@ -681,11 +681,7 @@ impl StreamUpload {
         self.inflight.abort_all();
         while self.inflight.join_next().await.is_some() {}
         if let Some(id) = self.upload_id.take() {
-            if let Err(e) = self.store.abort_multipart(&self.key, &id).await {
-                tracing::error!(key = %self.key, upload_id = %id, error = %e, "could not abort multipart upload");
-            } else {
-                tracing::info!(key = %self.key, upload_id = %id, "multipart upload aborted");
-            }
+            abort_upload(&self.store, &self.key, &id).await;
         }
     }
 
@@ -694,6 +690,41 @@ impl StreamUpload {
         self.abort_remote().await;
         self.drop_spool();
     }
+}
+
+/// How long a failed abort keeps being retried in the background.
+const ABORT_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// Abort a multipart upload. When the store cannot be reached (the reason uploads fail), keep
+/// trying in the background, backing off up to 5 s, so the upload is not left open (and
+/// billed) once the store is back; a mount started later reports any that remain.
+pub async fn abort_upload(store: &Arc<dyn ObjectStore>, key: &str, id: &str) {
+    match store.abort_multipart(key, id).await {
+        Ok(()) | Err(StoreError::NotFound(_)) => {
+            tracing::info!(key, upload_id = %id, "multipart upload aborted");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(key, upload_id = %id, error = %e, "could not abort multipart upload; retrying in the background")
+        }
+    }
+    let (store, key, id) = (store.clone(), key.to_string(), id.to_string());
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(250);
+        while started.elapsed() < ABORT_RETRY_FOR {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            match store.abort_multipart(&key, &id).await {
+                Ok(()) | Err(StoreError::NotFound(_)) => {
+                    tracing::info!(key, upload_id = %id, "multipart upload aborted");
+                    return;
+                }
+                Err(e) => tracing::debug!(key, upload_id = %id, error = %e, "abort still failing"),
+            }
+        }
+        tracing::error!(key, upload_id = %id, "could not abort multipart upload; it stays open until aborted (reported at the next mount)");
+    });
 }
 
 /// A key as one file name: `/` and control characters become `_`, at most 200 characters.

@@ -65,12 +65,12 @@ impl Fs {
             {
                 Ok(res) => Ok(res.etag),
                 Err(e) => {
-                    let _ = self.store.abort_multipart(dst, &id).await;
+                    crate::data::upload::abort_upload(&self.store, dst, &id).await;
                     Err(e)
                 }
             },
             Err(e) => {
-                let _ = self.store.abort_multipart(dst, &id).await;
+                crate::data::upload::abort_upload(&self.store, dst, &id).await;
                 Err(e)
             }
         }

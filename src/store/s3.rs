@@ -649,6 +649,10 @@ impl S3Store {
         loop {
             let part = match (range, out.is_empty()) {
                 (None, true) => None,
+                // Everything arrived before the body broke: done (unverified by the GET).
+                (None, false) if out.len() as u64 >= size_hint && size_hint > 0 => {
+                    return Ok((out.freeze(), None))
+                }
                 (None, false) => Some(ByteRange::new(out.len() as u64, u64::MAX)),
                 (Some(r), _) => Some(ByteRange::new(r.start + out.len() as u64, r.end)),
             };
@@ -721,7 +725,10 @@ impl S3Store {
                     out.extend_from_slice(&chunk);
                 }
                 Ok(Some(Err(e))) => {
-                    let what = format!("{key}: reading body after {received} bytes: {e}");
+                    let what = format!(
+                        "{key}: reading body after {received} bytes: {}",
+                        DisplayErrorContext(&e)
+                    );
                     // The SDK checks a whole-object body against the checksum the store sent.
                     return Err(if what.to_ascii_lowercase().contains("checksum") {
                         StoreError::Checksum(what)
