@@ -67,6 +67,9 @@ struct ReaderState {
     consumed: u64,
     /// Running checksum while the object is being read from its start (None once given up).
     verify: Option<Verifier>,
+    /// Set once bytes of this handle failed a checksum: everything it could still hand out is
+    /// suspect (the kernel retries pages one by one), so every later read fails too.
+    poisoned: Option<StoreError>,
 }
 
 pub struct ObjectReader {
@@ -110,6 +113,7 @@ impl ObjectReader {
                 pos: 0,
                 hasher: crc32fast::Hasher::new(),
             }),
+            poisoned: None,
         };
         ObjectReader {
             store,
@@ -135,8 +139,25 @@ impl ObjectReader {
             return Ok(Bytes::new());
         }
         let end = (offset + len as u64).min(self.size);
+        let result = self.read_checked(offset, end).await;
+        if let Err(e @ StoreError::Checksum(_)) = &result {
+            let mut st = self.state.lock().await;
+            st.poisoned = Some(e.clone());
+            st.chunks.clear();
+            st.verify = None;
+            if let Some(obj) = &self.obj {
+                self.cache.forget(obj, self.size);
+            }
+        }
+        result
+    }
+
+    async fn read_checked(&self, offset: u64, end: u64) -> StoreResult<Bytes> {
         let parts: Vec<(ByteRange, ChunkData)> = {
             let mut st = self.state.lock().await;
+            if let Some(e) = &st.poisoned {
+                return Err(e.clone());
+            }
             // Sequential: the read continues the last one, or lands near it while prefetched
             // data runs ahead (the kernel sends read-ahead requests in parallel, out of order).
             let streaming = st.fetched_end > st.last_end;
@@ -686,6 +707,9 @@ mod tests {
         assert!(matches!(err, StoreError::Checksum(_)), "{err:?}");
         // Found once every byte has been seen (prefetched data may complete it before EOF).
         assert!(off > 2 << 20, "failed at {off}");
+        // The kernel retries pages one by one: none of them may come back unchecked.
+        let again = r.read(2 << 20, 4096).await.unwrap_err();
+        assert!(matches!(again, StoreError::Checksum(_)), "{again:?}");
     }
 
     #[tokio::test]
