@@ -298,14 +298,29 @@ impl FaultProxy {
 
     /// Injected faults of this kind ("fail", "stall", "reset", "truncate", "flip_response",
     /// "flip_request") into requests whose line contains `contains`.
+    /// Requests whose request line contains `contains` that got `fault`. An exchange is logged
+    /// when the proxy finishes relaying it, which can be just after the client has its answer:
+    /// wait until the count settles.
     pub fn injected(&self, fault: &str, contains: &str) -> usize {
-        self.shared
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|e| e.fault == Some(fault) && e.line.contains(contains))
-            .count()
+        let count = || {
+            self.shared
+                .log
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| e.fault == Some(fault) && e.line.contains(contains))
+                .count()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let mut last = count();
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            let now = count();
+            if now == last && (now > 0 || std::time::Instant::now() > deadline) {
+                return now;
+            }
+            last = now;
+        }
     }
 }
 
