@@ -205,9 +205,7 @@ fn kill_9_keeps_the_old_object_and_reports_staged_changes_at_next_mount() {
         .unwrap();
     // Wait until both are under way: the edit staged, the replacement's first part uploaded.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::fs::read_dir(staging.path()).unwrap().count() < 2
-        || server.open_uploads(&bucket).is_empty()
-    {
+    while files_in(staging.path()) < 2 || server.open_uploads(&bucket).is_empty() {
         assert!(std::time::Instant::now() < deadline, "writes did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -229,12 +227,14 @@ fn kill_9_keeps_the_old_object_and_reports_staged_changes_at_next_mount() {
         log.contains("found data not uploaded by an earlier run") && log.contains("key: doc"),
         "{log}"
     );
+    // The streamed replacement's local copy (its shipped parts) is reported too.
+    assert!(log.contains("key: big"), "{log}");
     assert!(
         log.contains("multipart upload left open") || server.open_uploads(&bucket).is_empty(),
         "{log}"
     );
     assert!(
-        std::fs::read_dir(staging.path()).unwrap().count() >= 2,
+        files_in(staging.path()) >= 2,
         "staged file and its sidecar kept"
     );
 }

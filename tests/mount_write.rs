@@ -428,9 +428,7 @@ fn modify_in_place_append_and_truncate_both_ways() {
     assert_eq!(&got[..16], b"HEADER-WRITTEN-!");
     assert!(got[16..] == pattern(9 << 20, 1)[..]);
     assert_eq!(
-        std::fs::read_dir(staging.path())
-            .map(|d| d.count())
-            .unwrap_or(0),
+        files_in(staging.path()),
         0,
         "staging files removed after upload"
     );

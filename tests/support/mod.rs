@@ -655,3 +655,14 @@ pub fn sh(cmd: &str) -> Output {
         .output()
         .expect("run sh")
 }
+
+/// Regular files directly in `dir` (subdirectories such as `spool/` not counted).
+pub fn files_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                .count()
+        })
+        .unwrap_or(0)
+}
