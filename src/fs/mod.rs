@@ -22,7 +22,9 @@ use crate::data::budget::Budget;
 use crate::data::cache::{BlockCache, CacheConfig};
 use crate::data::prefetch::{ObjectReader, PrefetchConfig};
 use crate::data::upload::{Capabilities, UploadConfig};
-use crate::store::{ByteRange, ObjectMeta, ObjectStore, StoreError, LEGACY_FOLDER_SUFFIX};
+use crate::store::{
+    ByteRange, ListPage, ObjectMeta, ObjectStore, StoreError, LEGACY_FOLDER_SUFFIX,
+};
 pub use attrs::{Attr, AttrDefaults, Kind};
 use dir::{invalid_name_reason, DirEntry, Listing, WarnOnce};
 use inode::{Inode, InodeTable, ROOT_INO};
@@ -198,6 +200,8 @@ type SharedListing = Shared<BoxFuture<'static, FsResult<Arc<Listing>>>>;
 /// `du`, `ls -R`, `cp -r`), and how many such LISTs run at once.
 const PREFETCH_SUBDIRS: usize = 128;
 const PREFETCH_PARALLEL: usize = 8;
+/// Pages (of up to 1,000 keys) the delimiter-less walk below a listed directory may read.
+const FLAT_PAGES: usize = 16;
 
 /// What fetching a listing needs, detached from `Fs` so it can run in a task of its own.
 #[derive(Clone)]
@@ -265,7 +269,10 @@ impl ListingFetch {
             .is_some_and(|(at, _)| at.elapsed() < self.ttl)
     }
 
-    /// List the subdirectories of a listing just fetched, a few at a time, in the background.
+    /// After a directory was listed, list what is below it in the background so that `find`,
+    /// `du` and `ls -R` find their listings cached: first the whole subtree without a
+    /// delimiter (at most [`FLAT_PAGES`] pages, every directory it covers completely is
+    /// cached), then, one listing each, the subdirectories that walk did not finish.
     fn prefetch_subdirs(&self, prefix: &str, listing: &Listing) {
         let subdirs: Vec<String> = listing
             .entries
@@ -273,11 +280,16 @@ impl ListingFetch {
             .filter(|(_, e)| e.kind == Kind::Dir)
             .map(|(name, _)| format!("{prefix}{name}/"))
             .collect();
-        if subdirs.is_empty() || subdirs.len() > PREFETCH_SUBDIRS || self.ttl.is_zero() {
+        if subdirs.is_empty() || self.ttl.is_zero() {
             return;
         }
         let me = self.clone();
+        let prefix = prefix.to_string();
         tokio::spawn(async move {
+            me.walk_flat(&prefix).await;
+            if subdirs.len() > PREFETCH_SUBDIRS {
+                return;
+            }
             use futures::StreamExt;
             futures::stream::iter(subdirs)
                 .for_each_concurrent(PREFETCH_PARALLEL, |sub| {
@@ -290,6 +302,67 @@ impl ListingFetch {
                 })
                 .await;
         });
+    }
+
+    /// List everything below `root` in key order and cache the listing of each directory as
+    /// soon as the walk has passed it (keys under one prefix are contiguous in that order).
+    async fn walk_flat(&self, root: &str) {
+        let generation = self.generation.load(Ordering::Acquire);
+        // The directories containing the current key, outermost first, with what they hold so far.
+        let mut open: Vec<(String, Listing)> = Vec::new();
+        let mut token = None;
+        for _ in 0..FLAT_PAGES {
+            let Ok(page) = self.store.list_page(root, None, token, None).await else {
+                return;
+            };
+            for obj in page.objects {
+                let Some(rest) = obj.key.strip_prefix(root) else {
+                    continue;
+                };
+                while open
+                    .last()
+                    .is_some_and(|(d, _)| !obj.key.starts_with(d.as_str()))
+                {
+                    let (d, l) = open.pop().expect("checked");
+                    self.keep_walked(d, l, generation);
+                }
+                for (i, _) in rest.match_indices('/') {
+                    let dir = &obj.key[..root.len() + i + 1];
+                    if !open.iter().any(|(d, _)| d == dir) {
+                        open.push((dir.to_string(), Listing::default()));
+                    }
+                }
+                for (dir, listing) in open.iter_mut() {
+                    let below = &obj.key[dir.len()..];
+                    let page = match below.find('/') {
+                        Some(i) => ListPage {
+                            common_prefixes: vec![obj.key[..dir.len() + i + 1].to_string()],
+                            ..ListPage::default()
+                        },
+                        None => ListPage {
+                            objects: vec![obj.clone()],
+                            ..ListPage::default()
+                        },
+                    };
+                    listing.add_page(dir, page, &self.warn);
+                }
+            }
+            token = page.next_token;
+            if token.is_none() {
+                for (d, l) in open.drain(..) {
+                    self.keep_walked(d, l, generation);
+                }
+                return;
+            }
+        }
+        // Out of pages: the directories still open are incomplete and are not kept.
+    }
+
+    fn keep_walked(&self, dir: String, listing: Listing, generation: u64) {
+        let mut listings = self.listings.lock();
+        if generation == self.generation.load(Ordering::Acquire) {
+            listings.put(dir, (Instant::now(), Arc::new(listing)));
+        }
     }
 }
 

@@ -909,3 +909,71 @@ async fn subdirectory_listings_are_fetched_ahead_and_shared() {
         "a `find` step listed a directory already fetched ahead"
     );
 }
+
+/// Every directory of `fs` below `ino`, by path, with its entries (names and kinds).
+async fn tree_of(fs: &Fs, ino: u64, path: &str, out: &mut Vec<(String, Vec<(String, Kind)>)>) {
+    let names = list_names(fs, ino).await;
+    out.push((path.to_string(), names.clone()));
+    for (name, kind) in names {
+        if kind == Kind::Dir && name != "." && name != ".." {
+            let sub = fs.lookup(ino, name.as_bytes()).await.unwrap();
+            Box::pin(tree_of(fs, sub.ino, &format!("{path}{name}/"), out)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn listings_walked_ahead_match_listings_asked_for() {
+    walked_tree_matches(7, true).await;
+    // Pages too small for the walk to finish: what it cached is still exactly right.
+    walked_tree_matches(2, false).await;
+}
+
+async fn walked_tree_matches(page_size: usize, all_ahead: bool) {
+    let store = Arc::new(MockStore::new());
+    store.set_page_size(page_size);
+    for key in [
+        "t/a/1",
+        "t/a/2",
+        "t/a/b/c/deep",
+        "t/a/b/x",
+        "t/a.txt",
+        "t/a-b/f",
+        "t/x",
+        "t/x/inside",
+        "t/marker/",
+        "t/old_$folder$",
+        "t/old/f",
+        "t/m/",
+        "t/m/n/",
+        "t/z/last",
+        "t/zz",
+    ] {
+        store.insert(key, "v");
+    }
+    for i in 0..30 {
+        store.insert(&format!("t/many/f{i:02}"), "v");
+    }
+    let ahead = Fs::new(store.clone(), FsConfig::new(""));
+    let top = ahead.lookup(ROOT_INO, b"t").await.unwrap();
+    list_names(&ahead, top.ino).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let lists_before = store.counters.list.load(Ordering::Relaxed);
+    let mut walked = Vec::new();
+    tree_of(&ahead, top.ino, "t/", &mut walked).await;
+    if all_ahead {
+        assert_eq!(
+            store.counters.list.load(Ordering::Relaxed),
+            lists_before,
+            "every listing of the tree was cached ahead"
+        );
+    }
+
+    let mut cfg = FsConfig::new("");
+    cfg.metadata_ttl = std::time::Duration::ZERO;
+    let direct = Fs::new(store.clone(), cfg);
+    let top = direct.lookup(ROOT_INO, b"t").await.unwrap();
+    let mut asked = Vec::new();
+    tree_of(&direct, top.ino, "t/", &mut asked).await;
+    assert_eq!(walked, asked);
+}
