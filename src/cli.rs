@@ -346,7 +346,7 @@ pub fn parse_ttl(s: &str) -> Result<Duration, String> {
         .trim_end_matches('s')
         .parse()
         .map_err(|_| format!("'{s}' is not a number of seconds or 'indefinite'"))?;
-    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
         return Err(format!("'{s}' is out of range (0 to 1e9 seconds)"));
     }
     Ok(Duration::from_secs_f64(secs))

@@ -259,7 +259,7 @@ mod syslog {
         fn drop(&mut self) {
             let text: Vec<u8> = self.buf.iter().copied().filter(|b| *b != 0).collect();
             if let Ok(c) = CString::new(text) {
-                unsafe { libc::syslog(self.priority, b"%s\0".as_ptr().cast(), c.as_ptr()) };
+                unsafe { libc::syslog(self.priority, c"%s".as_ptr(), c.as_ptr()) };
             }
         }
     }

@@ -102,7 +102,7 @@ fn kept_locally(log: &str, key: &str) -> Option<std::path::PathBuf> {
         .filter(|l| l.contains(key))
         .find_map(|l| l.split_once("kept locally at "))
         .and_then(|(_, rest)| rest.split_whitespace().next())
-        .map(|p| p.trim_end_matches(|c| c == ',' || c == '"').into())
+        .map(|p| p.trim_end_matches([',', '"']).into())
 }
 
 /// A python child that opens `path` for writing (O_TRUNC, O_CREAT when `create`), writes the

@@ -148,8 +148,12 @@ impl BlockCache {
         })
     }
 
-    /// Bytes held in memory covering `pos`: the whole cached range and its data.
+    /// Bytes held in memory covering `pos`: the whole cached range and its data (counts as a use).
     pub fn lookup_memory(&self, obj: &ObjectId, pos: u64) -> Option<(ByteRange, Bytes)> {
+        self.find_memory(obj, pos, true)
+    }
+
+    fn find_memory(&self, obj: &ObjectId, pos: u64, used: bool) -> Option<(ByteRange, Bytes)> {
         let mut mem = self.mem.lock();
         let start = {
             let ranges = mem.index.get(obj)?;
@@ -161,7 +165,12 @@ impl BlockCache {
                 .find(|(_, &end)| end > pos)
                 .map(|(&s, _)| s)?
         };
-        let e = mem.lru.get(&(obj.clone(), start))?;
+        let key = (obj.clone(), start);
+        let e = if used {
+            mem.lru.get(&key)?
+        } else {
+            mem.lru.peek(&key)?
+        };
         Some((ByteRange::new(start, e.end), e.data.clone()))
     }
 
@@ -172,7 +181,7 @@ impl BlockCache {
 
     /// Is anything for `pos` cached (memory or disk)?
     pub fn contains(&self, obj: &ObjectId, pos: u64) -> bool {
-        self.lookup_memory(obj, pos).is_some() || self.on_disk(obj, pos / BLOCK)
+        self.find_memory(obj, pos, false).is_some() || self.on_disk(obj, pos / BLOCK)
     }
 
     /// Read block `block` from disk, verified; `None` when it is missing or damaged (then it is
@@ -436,9 +445,7 @@ impl DiskCache {
 
     fn read(&self, obj: &ObjectId, block: u64, len: u64) -> Option<Bytes> {
         let name = block_name(obj, block);
-        if self.index.lock().lru.get(&name).is_none() {
-            return None;
-        }
+        self.index.lock().lru.get(&name)?;
         let path = self.dir.join(&name);
         let result = std::fs::read(&path)
             .map_err(|e| {

@@ -159,8 +159,8 @@ struct DirHandle {
 
 enum FileHandle {
     /// A reader and the inode it reads.
-    Read(ObjectReader, u64),
-    Write(tokio::sync::Mutex<write::WriteState>),
+    Read(Box<ObjectReader>, u64),
+    Write(Box<tokio::sync::Mutex<write::WriteState>>),
 }
 
 /// A file created or being rewritten by this mount and not yet committed to the bucket.
@@ -773,7 +773,7 @@ impl Fs {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.files
             .lock()
-            .insert(fh, Arc::new(FileHandle::Read(reader, ino)));
+            .insert(fh, Arc::new(FileHandle::Read(Box::new(reader), ino)));
         Ok((fh, keep_cache))
     }
 

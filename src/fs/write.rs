@@ -212,7 +212,7 @@ impl Fs {
         self.writers.lock().insert(state.ino, fh);
         self.files.lock().insert(
             fh,
-            Arc::new(FileHandle::Write(tokio::sync::Mutex::new(state))),
+            Arc::new(FileHandle::Write(Box::new(tokio::sync::Mutex::new(state)))),
         );
         fh
     }
@@ -395,7 +395,7 @@ impl Fs {
 
     /// Grow the file with zeros up to `to` (holes, ftruncate up).
     async fn fill_zeros(&self, st: &mut WriteState, to: u64) -> FsResult<()> {
-        const ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
         while st.size < to {
             let n = ((to - st.size) as usize).min(ZEROS.len());
             self.append(st, &ZEROS[..n]).await?;

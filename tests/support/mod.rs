@@ -546,8 +546,7 @@ impl Mount {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
             let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
             let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            let ours =
-                args.first()?.ends_with(b"s3mount") && args.iter().any(|a| *a == dir.as_bytes());
+            let ours = args.first()?.ends_with(b"s3mount") && args.contains(&dir.as_bytes());
             ours.then_some(pid)
         })
     }

@@ -647,10 +647,7 @@ fn serve(client: TcpStream, upstream_port: u16, sh: &Shared) -> io::Result<()> {
     client.set_nodelay(true)?;
     let mut cw = client.try_clone()?;
     let mut cr = BufReader::with_capacity(64 << 10, client);
-    loop {
-        let Some(raw) = read_head(&mut cr)? else {
-            break;
-        };
+    while let Some(raw) = read_head(&mut cr)? {
         let req = Head::new(&raw);
         let line = req.first_line().to_string();
         if sh.is_down() {
