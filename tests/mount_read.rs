@@ -141,6 +141,10 @@ fn directory_semantics_on_garage() {
     server.put(&bucket, "dots/../escape", "skipped");
     server.put(&bucket, &format!("long/{}", "n".repeat(300)), "skipped");
     server.put(&bucket, "ctl/tab\there", "shown");
+    server.put(&bucket, "withdata/", "a marker that carries bytes");
+    server.put(&bucket, "withdata/inside", "in");
+    server.put(&bucket, "case/Name", "upper");
+    server.put(&bucket, "case/name", "lower");
     let m = Mount::new(server, &bucket, &[]);
     assert!(m.join("both").is_dir());
     assert_eq!(std::fs::read(m.join("both/child")).unwrap(), b"visible");
@@ -158,6 +162,14 @@ fn directory_semantics_on_garage() {
     assert!(dots.is_empty(), "'..' must not be shown: {dots:?}");
     assert_eq!(std::fs::read_dir(m.join("long")).unwrap().count(), 0);
     assert_eq!(std::fs::read(m.join("ctl/tab\there")).unwrap(), b"shown");
+    // A `dir/` key with data is a directory; names differing only in case are two files.
+    assert!(m.join("withdata").is_dir());
+    assert_eq!(std::fs::read(m.join("withdata/inside")).unwrap(), b"in");
+    assert_eq!(std::fs::read(m.join("case/Name")).unwrap(), b"upper");
+    assert_eq!(std::fs::read(m.join("case/name")).unwrap(), b"lower");
+    // Walking everything works and stays inside the mount.
+    let out = sh(&format!("find '{}' | wc -l", m.path().display()));
+    assert!(out.status.success(), "{out:?}");
     // Removing the last file of a directory is a writer's business; here: emptied prefixes vanish
     // only if they had no marker, and a marker keeps an empty directory.
     assert!(std::fs::read_dir(m.path()).unwrap().all(|e| e.is_ok()));
