@@ -161,3 +161,46 @@ fn errors_are_classified() {
     let r = rt().block_on(s.list_page("", Some("/"), None, Some(1)));
     assert!(matches!(r, Err(StoreError::Unreachable(_))), "{r:?}");
 }
+
+#[test]
+fn multipart_objects_keep_a_full_object_crc32_and_report_part_sizes() {
+    let server = server();
+    let bucket = server.new_bucket();
+    let s = store(server, &bucket);
+    let part1 = pattern(5 << 20, 2);
+    let part2 = pattern(1 << 20, 3);
+    let whole: Vec<u8> = [part1.clone(), part2.clone()].concat();
+    rt().block_on(async {
+        let id = s
+            .create_multipart("mp", &PutOptions::default(), true)
+            .await
+            .expect("create");
+        let mut parts = Vec::new();
+        for (n, body) in [(1, &part1), (2, &part2)] {
+            let crc = crc32fast::hash(body);
+            parts.push(
+                s.upload_part("mp", &id, n, bytes::Bytes::from(body.clone()), Some(crc))
+                    .await
+                    .expect("part"),
+            );
+        }
+        s.complete_multipart("mp", &id, parts, &Default::default())
+            .await
+            .expect("complete");
+        let crc = s3mount::store::crc32_header(crc32fast::hash(&whole));
+        let meta = s.head("mp").await.expect("head");
+        // Garage and moto both keep FULL_OBJECT checksums; whatever is reported must be right.
+        assert_eq!(
+            meta.checksum_crc32.as_deref(),
+            Some(crc.as_str()),
+            "{:?}",
+            server.kind
+        );
+        assert_eq!(s.part_size("mp", 1).await.unwrap(), 5 << 20);
+        let (data, sum) = s.get_whole("mp", whole.len() as u64, None).await.unwrap();
+        assert!(data == whole);
+        if let Some(sum) = sum {
+            assert_eq!(sum, crc);
+        }
+    });
+}

@@ -20,6 +20,8 @@ struct MockObject {
     content_type: Option<String>,
     /// Full-object CRC32 (base64) when the object was stored with checksums.
     checksum: Option<String>,
+    /// Part sizes of an object completed from a multipart upload.
+    parts: Option<Vec<u64>>,
 }
 
 /// Which operation a fault applies to.
@@ -136,6 +138,7 @@ impl MockStore {
                 metadata,
                 content_type,
                 checksum,
+                parts: None,
             },
         );
         etag
@@ -180,6 +183,24 @@ impl MockStore {
             (PutCondition::IfMatch(_), None) => Err(StoreError::NotFound(key.to_string())),
             _ => Ok(()),
         }
+    }
+
+    /// Store `data` as a multipart object of `part_size` parts with a COMPOSITE CRC32, as other
+    /// tools write them.
+    pub fn insert_composite(&self, key: &str, data: Vec<u8>, part_size: usize) -> String {
+        let crcs: Vec<u32> = data.chunks(part_size).map(crc32fast::hash).collect();
+        let sizes = data.chunks(part_size).map(|c| c.len() as u64).collect();
+        let etag = self.insert_stored(
+            key,
+            data.into(),
+            UserMetadata::new(),
+            None,
+            Some(composite_crc32(&crcs)),
+        );
+        if let Some(o) = self.objects.lock().get_mut(key) {
+            o.parts = Some(sizes);
+        }
+        etag
     }
 
     /// Flip one byte in each of the next `n` GET bodies.
@@ -369,6 +390,22 @@ impl ObjectStore for MockStore {
             .bytes_fetched
             .fetch_add(out.len() as u64, Ordering::Relaxed);
         Ok(self.maybe_corrupt(out))
+    }
+
+    async fn part_size(&self, key: &str, part_number: i32) -> StoreResult<u64> {
+        self.enter(Op::Head, key).await?;
+        let objects = self.objects.lock();
+        let o = objects
+            .get(key)
+            .ok_or_else(|| StoreError::NotFound(key.to_string()))?;
+        match (&o.parts, part_number) {
+            (Some(p), n) => p
+                .get(n as usize - 1)
+                .copied()
+                .ok_or_else(|| StoreError::InvalidRange(format!("{key} part {n}"))),
+            (None, 1) => Ok(o.data.len() as u64),
+            (None, n) => Err(StoreError::InvalidRange(format!("{key} part {n}"))),
+        }
     }
 
     async fn get_whole(
@@ -583,6 +620,7 @@ impl ObjectStore for MockStore {
             .ok_or_else(|| StoreError::NotFound(format!("upload {upload_id}")))?;
         let mut body = Vec::new();
         let mut crcs = Vec::new();
+        let mut sizes = Vec::new();
         for (i, p) in parts.iter().enumerate() {
             let (etag, data, crc) = upload
                 .parts
@@ -601,6 +639,7 @@ impl ObjectStore for MockStore {
                 )));
             }
             body.extend_from_slice(data);
+            sizes.push(data.len() as u64);
             crcs.extend(*crc);
         }
         // Like S3 with ChecksumType FULL_OBJECT: the CRC32 of the whole object.
@@ -614,6 +653,9 @@ impl ObjectStore for MockStore {
             upload.content_type,
             checksum.clone(),
         );
+        if let Some(o) = self.objects.lock().get_mut(key) {
+            o.parts = Some(sizes);
+        }
         Ok(PutResult {
             etag: Some(etag),
             checksum_crc32: checksum,

@@ -190,6 +190,11 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
         if_match: Option<&str>,
     ) -> StoreResult<(Bytes, Option<String>)>;
 
+    /// Size of part `part_number` of a multipart object (HEAD with partNumber; for an object
+    /// stored in one piece, part 1 is the whole object). Not pinned to an ETag: moto answers
+    /// If-Match on a part with 412.
+    async fn part_size(&self, key: &str, part_number: i32) -> StoreResult<u64>;
+
     /// Store `body` as `key` in one request. `crc32` is sent as the body's checksum when given,
     /// so the server rejects a corrupted body.
     async fn put(

@@ -352,6 +352,20 @@ impl ObjectStore for S3Store {
         self.get_resuming(key, None, size_hint, if_match).await
     }
 
+    async fn part_size(&self, key: &str, part_number: i32) -> StoreResult<u64> {
+        count(&self.traffic.heads, 1);
+        let out = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .part_number(part_number)
+            .send()
+            .await
+            .map_err(|e| map_err(e, key))?;
+        Ok(out.content_length().unwrap_or(0).max(0) as u64)
+    }
+
     async fn put(
         &self,
         key: &str,
