@@ -428,12 +428,17 @@ impl StreamUpload {
             let opened = super::staging::prepare_dir(&dir).and_then(|_| {
                 let mut info = path.as_os_str().to_owned();
                 info.push(".info");
-                std::fs::write(
-                    &info,
+                std::io::Write::write_all(
+                    &mut std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&info)?,
                     format!(
                         "key: {}\nkind: bytes of a streamed upload, from offset 0\n",
                         self.key
-                    ),
+                    )
+                    .as_bytes(),
                 )?;
                 std::fs::OpenOptions::new()
                     .write(true)
@@ -930,6 +935,18 @@ mod tests {
         let body = data((12 << 20) + 5, 7);
         for chunk in body.chunks(1 << 20) {
             u.write(chunk).await.unwrap();
+        }
+        // While it streams, its local copy and sidecar are private (0600 in a 0700 directory).
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&staging.join("spool")), 0o700);
+        let spooled: Vec<_> = std::fs::read_dir(staging.join("spool"))
+            .unwrap()
+            .flatten()
+            .collect();
+        assert_eq!(spooled.len(), 2, "copy and sidecar");
+        for f in &spooled {
+            assert_eq!(mode(&f.path()), 0o600, "{}", f.path().display());
         }
         assert!(u.finish().await.is_err());
         assert_eq!(&store.get_bytes("k").unwrap()[..], b"old");
