@@ -38,11 +38,15 @@ impl Budget {
         self.limit.saturating_sub(self.used())
     }
 
+    /// Optional buffers may use seven eighths of the budget: the rest stays for buffers a request
+    /// cannot do without and for what the process needs besides buffers (so the daemon's RSS
+    /// stays under the budget even when prefetch and cache take all they may).
     pub fn try_reserve(self: &Arc<Self>, bytes: u64) -> Option<Reservation> {
+        let optional_limit = self.limit - self.limit / 8;
         let mut cur = self.used.load(Ordering::Relaxed);
         loop {
             let next = cur.checked_add(bytes)?;
-            if next > self.limit {
+            if next > optional_limit {
                 return None;
             }
             match self
@@ -119,6 +123,12 @@ mod tests {
         drop(r2);
         assert_eq!(b.used(), 0);
         assert_eq!(b.peak(), 110);
-        assert!(b.try_reserve(100).is_some());
+        // Optional buffers stop at seven eighths; required ones may use the rest.
+        assert!(b.try_reserve(89).is_none());
+        let r3 = b.try_reserve(88).unwrap();
+        assert!(b.try_reserve(1).is_none());
+        let r4 = b.reserve_required(12);
+        assert_eq!(b.used(), 100);
+        drop((r3, r4));
     }
 }

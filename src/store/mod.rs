@@ -10,6 +10,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub mod buffers;
 pub mod mock;
 pub mod s3;
 

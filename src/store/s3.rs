@@ -63,6 +63,7 @@ pub struct S3Store {
     stall_timeout: Duration,
     max_attempts: u32,
     traffic: Arc<Traffic>,
+    buffers: Arc<super::buffers::BufferPool>,
 }
 
 /// Requests sent and bytes moved, for the summary logged at unmount (and the benchmark).
@@ -178,6 +179,8 @@ impl S3Store {
             client: Client::from_conf(b.build()),
             bucket: s.bucket.clone(),
             traffic: Arc::default(),
+            // Idle GET buffers kept for reuse: two of the largest ranged GETs.
+            buffers: super::buffers::BufferPool::new(16 << 20),
             stall_timeout: if s.stall_timeout.is_zero() {
                 Duration::from_secs(30)
             } else {
@@ -657,7 +660,7 @@ impl S3Store {
         size_hint: u64,
         if_match: Option<&str>,
     ) -> StoreResult<(Bytes, Option<String>)> {
-        let mut out = bytes::BytesMut::with_capacity(size_hint as usize);
+        let mut out = self.buffers.take(size_hint as usize);
         let mut failures = 0;
         let mut resumed = false;
         loop {
@@ -665,14 +668,17 @@ impl S3Store {
                 (None, true) => None,
                 // Everything arrived before the body broke: done (unverified by the GET).
                 (None, false) if out.len() as u64 >= size_hint && size_hint > 0 => {
-                    return Ok((out.freeze(), None))
+                    return Ok((self.buffers.freeze(out), None))
                 }
                 (None, false) => Some(ByteRange::new(out.len() as u64, u64::MAX)),
                 (Some(r), _) => Some(ByteRange::new(r.start + out.len() as u64, r.end)),
             };
             match self.get_body_into(key, part, if_match, &mut out).await {
                 // A resumed whole-object read has no checksum for the whole.
-                Ok(c) => return Ok((out.freeze(), c.filter(|_| range.is_none() && !resumed))),
+                Ok(c) => {
+                    let sum = c.filter(|_| range.is_none() && !resumed);
+                    return Ok((self.buffers.freeze(out), sum));
+                }
                 Err(StoreError::Checksum(e)) if failures + 1 < self.max_attempts => {
                     // Corrupted on the way: nothing of it can be trusted, start over.
                     failures += 1;
@@ -700,7 +706,7 @@ impl S3Store {
         key: &str,
         range: Option<ByteRange>,
         if_match: Option<&str>,
-        out: &mut bytes::BytesMut,
+        out: &mut Vec<u8>,
     ) -> StoreResult<Option<String>> {
         count(&self.traffic.gets, 1);
         let resp = self
