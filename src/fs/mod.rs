@@ -179,6 +179,8 @@ pub struct Fs {
     /// Listings being fetched, so concurrent and prefetched requests for one prefix share a LIST.
     inflight: Arc<Mutex<HashMap<String, SharedListing>>>,
     listing_generation: Arc<AtomicU64>,
+    /// Directories whose subtree was listed ahead, and when.
+    walked: Mutex<LruCache<String, Instant>>,
     negative: Mutex<LruCache<String, Instant>>,
     files: Mutex<HashMap<u64, Arc<FileHandle>>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
@@ -194,6 +196,12 @@ pub struct Fs {
 }
 
 type ListingCache = LruCache<String, (Instant, Arc<Listing>)>;
+
+/// `a/b/` -> `a/`, `a/` -> `` (the bucket root); `` has no parent.
+fn parent_prefix(prefix: &str) -> Option<&str> {
+    let trimmed = prefix.strip_suffix('/')?;
+    Some(trimmed.rfind('/').map_or("", |i| &trimmed[..=i]))
+}
 type SharedListing = Shared<BoxFuture<'static, FsResult<Arc<Listing>>>>;
 
 /// Subdirectories whose listings are fetched ahead when their parent is listed (for `find`,
@@ -412,6 +420,7 @@ impl Fs {
             listings: Arc::new(Mutex::new(LruCache::new(nz(1024)))),
             inflight: Arc::default(),
             listing_generation: Arc::default(),
+            walked: Mutex::new(LruCache::new(nz(1024))),
             negative: Mutex::new(LruCache::new(nz(16_384))),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
@@ -467,7 +476,7 @@ impl Fs {
         let fetch = self.listing_fetch();
         if !self.cfg.list_metadata {
             let listing = fetch.shared(prefix, allow_cached).await?;
-            fetch.prefetch_subdirs(prefix, &listing);
+            self.walk_parent_ahead(prefix);
             return Ok(listing);
         }
         let mut listing = (*fetch.shared(prefix, false).await?).clone();
@@ -479,6 +488,31 @@ impl Fs {
                 .put(prefix.to_string(), (Instant::now(), listing.clone()));
         }
         Ok(listing)
+    }
+
+    /// A subdirectory of a directory listed moments ago is being listed: someone is descending
+    /// the tree (`find`, `du`, `cp -r`, `ls -R`), so list the rest of it ahead, once per TTL.
+    /// A plain `ls` of a directory never starts this, so it costs no extra requests.
+    fn walk_parent_ahead(&self, prefix: &str) {
+        let Some(parent) = parent_prefix(prefix) else {
+            return;
+        };
+        if parent.len() < self.cfg.prefix.len() {
+            return;
+        }
+        let parent_listing = match self.listings.lock().peek(parent) {
+            Some((at, l)) if self.fresh(*at) => l.clone(),
+            _ => return,
+        };
+        {
+            let mut walked = self.walked.lock();
+            if walked.get(parent).is_some_and(|at| self.fresh(*at)) {
+                return;
+            }
+            walked.put(parent.to_string(), Instant::now());
+        }
+        self.listing_fetch()
+            .prefetch_subdirs(parent, &parent_listing);
     }
 
     fn listing_fetch(&self) -> ListingFetch {

@@ -887,15 +887,16 @@ async fn subdirectory_listings_are_fetched_ahead_and_shared() {
     }
     let top = fs.lookup(ROOT_INO, b"top").await.unwrap();
     list_names(&fs, top.ino).await;
-    // The five subdirectories are listed in the background, once each.
-    for _ in 0..200 {
-        // The top directory, its five subdirectories and the walk below it.
-        if store.counters.list.load(Ordering::Relaxed) > 1 + 5 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // A plain `ls` of a directory lists nothing more.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let after_ls = store.counters.list.load(Ordering::Relaxed);
+    list_names(&fs, top.ino).await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(store.counters.list.load(Ordering::Relaxed), after_ls);
+    // Descending into one subdirectory starts listing the rest ahead.
+    let d0 = fs.lookup(top.ino, b"d0").await.unwrap();
+    list_names(&fs, d0.ino).await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let before = store.counters.list.load(Ordering::Relaxed);
     for d in 0..5 {
         let sub = fs
@@ -958,6 +959,9 @@ async fn walked_tree_matches(page_size: usize, all_ahead: bool) {
     let ahead = Fs::new(store.clone(), FsConfig::new(""));
     let top = ahead.lookup(ROOT_INO, b"t").await.unwrap();
     list_names(&ahead, top.ino).await;
+    // The first step down starts the walk of the rest.
+    let a = ahead.lookup(top.ino, b"a").await.unwrap();
+    list_names(&ahead, a.ino).await;
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let lists_before = store.counters.list.load(Ordering::Relaxed);
     let mut walked = Vec::new();
@@ -977,4 +981,11 @@ async fn walked_tree_matches(page_size: usize, all_ahead: bool) {
     let mut asked = Vec::new();
     tree_of(&direct, top.ino, "t/", &mut asked).await;
     assert_eq!(walked, asked);
+}
+
+#[test]
+fn parent_prefixes() {
+    assert_eq!(parent_prefix("a/b/"), Some("a/"));
+    assert_eq!(parent_prefix("a/"), Some(""));
+    assert_eq!(parent_prefix(""), None);
 }
