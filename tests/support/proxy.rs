@@ -276,7 +276,22 @@ impl FaultProxy {
 
     /// Every request seen so far.
     pub fn exchanges(&self) -> Vec<Exchange> {
-        self.shared.log.lock().unwrap().clone()
+        self.settled_log()
+    }
+
+    /// The exchange log once it stops growing: an exchange is logged when the proxy finishes
+    /// relaying it, which can be just after the client already has its answer.
+    fn settled_log(&self) -> Vec<Exchange> {
+        let len = || self.shared.log.lock().unwrap().len();
+        let mut last = len();
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            let now = len();
+            if now == last {
+                return self.shared.log.lock().unwrap().clone();
+            }
+            last = now;
+        }
     }
 
     /// Requests with `method` (`*`: any) whose line contains `contains` that the server answered
@@ -298,29 +313,12 @@ impl FaultProxy {
 
     /// Injected faults of this kind ("fail", "stall", "reset", "truncate", "flip_response",
     /// "flip_request") into requests whose line contains `contains`.
-    /// Requests whose request line contains `contains` that got `fault`. An exchange is logged
-    /// when the proxy finishes relaying it, which can be just after the client has its answer:
-    /// wait until the count settles.
+    /// Requests whose request line contains `contains` that got `fault` (once the log settled).
     pub fn injected(&self, fault: &str, contains: &str) -> usize {
-        let count = || {
-            self.shared
-                .log
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|e| e.fault == Some(fault) && e.line.contains(contains))
-                .count()
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-        let mut last = count();
-        loop {
-            std::thread::sleep(std::time::Duration::from_millis(150));
-            let now = count();
-            if now == last && (now > 0 || std::time::Instant::now() > deadline) {
-                return now;
-            }
-            last = now;
-        }
+        self.settled_log()
+            .iter()
+            .filter(|e| e.fault == Some(fault) && e.line.contains(contains))
+            .count()
     }
 }
 
