@@ -17,6 +17,28 @@ use crate::fs::{Attr, Caller, Errno, Fs, Kind, SetAttr};
 /// Directory entries taken from the filesystem at a time while filling one readdir reply.
 const DIR_SLICE: usize = 64;
 
+/// Hand directory entries from `offset` on to `add`, a slice at a time, until it reports the
+/// reply full (`Ok(true)`) or the directory ends.
+fn fill_dir(
+    fs: &Fs,
+    fh: u64,
+    mut offset: i64,
+    mut add: impl FnMut(crate::fs::DirItem) -> Result<bool, i32>,
+) -> Result<(), i32> {
+    loop {
+        let items = fs.readdir(fh, offset, DIR_SLICE).map_err(|e| e.0)?;
+        let Some(last) = items.last().map(|i| i.next_offset) else {
+            return Ok(());
+        };
+        for item in items {
+            if add(item)? {
+                return Ok(());
+            }
+        }
+        offset = last;
+    }
+}
+
 pub struct FuseAdapter {
     fs: Arc<Fs>,
     rt: Handle,
@@ -382,23 +404,13 @@ impl Filesystem for FuseAdapter {
         offset: i64,
         mut reply: ReplyDirectory,
     ) {
-        let mut offset = offset;
-        loop {
-            let items = match self.fs.readdir(fh, offset, DIR_SLICE) {
-                Ok(items) => items,
-                Err(Errno(e)) => return reply.error(e),
-            };
-            let Some(last) = items.last().map(|i| i.next_offset) else {
-                break;
-            };
-            for item in items {
-                if reply.add(item.ino, item.next_offset, file_type(item.kind), &item.name) {
-                    return reply.ok();
-                }
-            }
-            offset = last;
+        let filled = fill_dir(&self.fs, fh, offset, |item| {
+            Ok(reply.add(item.ino, item.next_offset, file_type(item.kind), &item.name))
+        });
+        match filled {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        reply.ok();
     }
 
     fn readdirplus(
@@ -410,44 +422,36 @@ impl Filesystem for FuseAdapter {
         mut reply: ReplyDirectoryPlus,
     ) {
         let ttl = self.fs.ttl();
-        let mut offset = offset;
-        loop {
-            let items = match self.fs.readdir(fh, offset, DIR_SLICE) {
-                Ok(items) => items,
-                Err(Errno(e)) => return reply.error(e),
+        let fs = &self.fs;
+        let filled = fill_dir(fs, fh, offset, |item| {
+            let (attr, counted) = match &item.entry {
+                // `.` and `..` carry attributes but no lookup count.
+                None => match fs.attr_of(item.ino) {
+                    Some(a) => (a, false),
+                    None => return Ok(false),
+                },
+                Some(entry) => (
+                    fs.lookup_listed(ino, &item.name, entry).map_err(|e| e.0)?,
+                    true,
+                ),
             };
-            let Some(last) = items.last().map(|i| i.next_offset) else {
-                break;
-            };
-            for item in items {
-                let (attr, counted) = match &item.entry {
-                    // `.` and `..` carry attributes but no lookup count.
-                    None => match self.fs.attr_of(item.ino) {
-                        Some(a) => (a, false),
-                        None => continue,
-                    },
-                    Some(entry) => match self.fs.lookup_listed(ino, &item.name, entry) {
-                        Ok(a) => (a, true),
-                        Err(Errno(e)) => return reply.error(e),
-                    },
-                };
-                if reply.add(
-                    attr.ino,
-                    item.next_offset,
-                    &item.name,
-                    &ttl,
-                    &to_file_attr(&attr),
-                    0,
-                ) {
-                    if counted {
-                        self.fs.forget(attr.ino, 1);
-                    }
-                    return reply.ok();
-                }
+            let full = reply.add(
+                attr.ino,
+                item.next_offset,
+                &item.name,
+                &ttl,
+                &to_file_attr(&attr),
+                0,
+            );
+            if full && counted {
+                fs.forget(attr.ino, 1);
             }
-            offset = last;
+            Ok(full)
+        });
+        match filled {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        reply.ok();
     }
 
     fn releasedir(

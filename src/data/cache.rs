@@ -375,9 +375,7 @@ fn decode(buf: &[u8], obj: &ObjectId, block: u64) -> Result<Bytes, &'static str>
 
 impl DiskCache {
     fn open(cfg: &DiskCacheConfig) -> std::io::Result<Self> {
-        let dir = cfg
-            .dir
-            .join(format!("{:016x}", fnv64(&[cfg.namespace.as_bytes()])));
+        let dir = namespace_dir(cfg);
         super::staging::prepare_dir(&cfg.dir)?;
         super::staging::prepare_dir(&dir)?;
         let lock = std::fs::OpenOptions::new()
@@ -568,11 +566,15 @@ impl DiskCache {
     }
 }
 
-/// Path of the file holding a block (tests corrupt it on purpose).
-pub fn block_path(cfg: &DiskCacheConfig, obj: &ObjectId, block: u64) -> PathBuf {
+/// The subdirectory of `--cache-dir` holding one bucket's blocks.
+fn namespace_dir(cfg: &DiskCacheConfig) -> PathBuf {
     cfg.dir
         .join(format!("{:016x}", fnv64(&[cfg.namespace.as_bytes()])))
-        .join(block_name(obj, block))
+}
+
+/// Path of the file holding a block (tests corrupt it on purpose).
+pub fn block_path(cfg: &DiskCacheConfig, obj: &ObjectId, block: u64) -> PathBuf {
+    namespace_dir(cfg).join(block_name(obj, block))
 }
 
 #[cfg(test)]

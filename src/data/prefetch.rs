@@ -335,10 +335,8 @@ impl ObjectReader {
         if ours == stored {
             return Ok(());
         }
+        // `read` drops the cached blocks and poisons the handle for every checksum failure.
         tracing::error!(key = %self.key, stored = %stored, read = %ours, "data read does not match the object's stored CRC32; failing the read and dropping cached blocks");
-        if let Some(obj) = &self.obj {
-            self.cache.forget(obj, self.size);
-        }
         Err(StoreError::Checksum(format!(
             "{}: CRC32 of the data read is {ours}, the store says {stored}",
             self.key

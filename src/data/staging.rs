@@ -334,7 +334,8 @@ impl Drop for StagedFile {
     }
 }
 
-fn sidecar(path: &Path) -> PathBuf {
+/// The `.info` file beside a kept file, naming its key (reported by [`leftovers`]).
+pub(super) fn sidecar(path: &Path) -> PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push(".info");
     PathBuf::from(p)

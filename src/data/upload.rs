@@ -426,14 +426,12 @@ impl StreamUpload {
                 SEQ.fetch_add(1, Ordering::Relaxed)
             ));
             let opened = super::staging::prepare_dir(&dir).and_then(|_| {
-                let mut info = path.as_os_str().to_owned();
-                info.push(".info");
                 std::io::Write::write_all(
                     &mut std::fs::OpenOptions::new()
                         .write(true)
                         .create_new(true)
                         .mode(0o600)
-                        .open(&info)?,
+                        .open(super::staging::sidecar(&path))?,
                     format!(
                         "key: {}\nkind: bytes of a streamed upload, from offset 0\n",
                         self.key
@@ -483,9 +481,7 @@ impl StreamUpload {
         let (Some(spool), Some(dest)) = (self.spool.take(), self.recovery_path("data")) else {
             return;
         };
-        let mut info = spool.path.as_os_str().to_owned();
-        info.push(".info");
-        let _ = std::fs::remove_file(std::path::PathBuf::from(info));
+        let _ = std::fs::remove_file(super::staging::sidecar(&spool.path));
         match std::fs::rename(&spool.path, &dest) {
             Ok(()) => {
                 tracing::error!(key = %self.key, kept = %dest.display(), bytes = spool.bytes, "upload failed: the bytes written are kept locally at {}", dest.display())
@@ -498,10 +494,8 @@ impl StreamUpload {
 
     fn drop_spool(&mut self) {
         if let Some(spool) = self.spool.take() {
-            let mut info = spool.path.as_os_str().to_owned();
-            info.push(".info");
             let _ = std::fs::remove_file(&spool.path);
-            let _ = std::fs::remove_file(std::path::PathBuf::from(info));
+            let _ = std::fs::remove_file(super::staging::sidecar(&spool.path));
         }
     }
 

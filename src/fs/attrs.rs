@@ -202,7 +202,6 @@ mod tests {
             size: 7,
             metadata: md,
             has_metadata: true,
-            checksum_crc32: None,
             ..Default::default()
         };
         let a = attr_from_meta(5, Kind::File, Some(&meta), &defaults());

@@ -263,10 +263,7 @@ impl ListingFetch {
             }
         }
         let listing = Arc::new(listing);
-        let mut listings = self.listings.lock();
-        if !self.ttl.is_zero() && generation == self.generation.load(Ordering::Acquire) {
-            listings.put(prefix.to_string(), (Instant::now(), listing.clone()));
-        }
+        self.keep(prefix.to_string(), listing.clone(), generation);
         Ok(listing)
     }
 
@@ -332,7 +329,7 @@ impl ListingFetch {
                     .is_some_and(|(d, _)| !obj.key.starts_with(d.as_str()))
                 {
                     let (d, l) = open.pop().expect("checked");
-                    self.keep_walked(d, l, generation);
+                    self.keep(d, Arc::new(l), generation);
                 }
                 for (i, _) in rest.match_indices('/') {
                     let dir = &obj.key[..root.len() + i + 1];
@@ -358,7 +355,7 @@ impl ListingFetch {
             token = page.next_token;
             if token.is_none() {
                 for (d, l) in open.drain(..) {
-                    self.keep_walked(d, l, generation);
+                    self.keep(d, Arc::new(l), generation);
                 }
                 return;
             }
@@ -366,10 +363,11 @@ impl ListingFetch {
         // Out of pages: the directories still open are incomplete and are not kept.
     }
 
-    fn keep_walked(&self, dir: String, listing: Listing, generation: u64) {
+    /// Cache a listing fetched since `generation`, unless this mount changed a directory since.
+    fn keep(&self, dir: String, listing: Arc<Listing>, generation: u64) {
         let mut listings = self.listings.lock();
-        if generation == self.generation.load(Ordering::Acquire) {
-            listings.put(dir, (Instant::now(), Arc::new(listing)));
+        if !self.ttl.is_zero() && generation == self.generation.load(Ordering::Acquire) {
+            listings.put(dir, (Instant::now(), listing));
         }
     }
 }

@@ -274,7 +274,6 @@ impl Fs {
             key: key.clone(),
             metadata: metadata.clone(),
             has_metadata: true,
-            checksum_crc32: None,
             last_modified: Some(now),
             ..Default::default()
         };
@@ -728,7 +727,6 @@ impl Fs {
                 size: st.size,
                 metadata: st.metadata.clone(),
                 has_metadata: true,
-                checksum_crc32: None,
                 ..Default::default()
             };
             let mut table = self.inodes.lock();
@@ -825,7 +823,6 @@ impl Fs {
             let meta = ObjectMeta {
                 metadata: md,
                 has_metadata: true,
-                checksum_crc32: None,
                 ..Default::default()
             };
             let mut table = self.inodes.lock();
@@ -882,7 +879,6 @@ impl Fs {
             etag,
             metadata: md,
             has_metadata: true,
-            checksum_crc32: None,
             ..Default::default()
         };
         let mut table = self.inodes.lock();
@@ -1060,7 +1056,6 @@ impl Fs {
             etag: res.etag,
             metadata,
             has_metadata: true,
-            checksum_crc32: None,
             last_modified: Some(now),
             ..Default::default()
         };
@@ -1106,7 +1101,6 @@ impl Fs {
             etag: res.etag,
             metadata,
             has_metadata: true,
-            checksum_crc32: None,
             last_modified: Some(now),
             ..Default::default()
         };
