@@ -74,6 +74,28 @@ fn list_paginates_and_groups() {
     assert_eq!(prefixes, vec!["dir/marker/", "dir/sub/"]);
 }
 
+/// The walk ahead starts each of its key ranges with StartAfter (keys sorting between `p/a`
+/// and `p/a/` included: they are not below `p/a/`).
+#[test]
+fn list_after_a_key() {
+    let server = server();
+    let bucket = server.new_bucket();
+    let keys = [
+        "p/a", "p/a-b/x", "p/a.c", "p/a/y", "p/b/z", "p/c", "q/other",
+    ];
+    for k in keys {
+        server.put(&bucket, k, "v");
+    }
+    let s = store(server, &bucket);
+    let got = rt().block_on(async {
+        let first = s.list_page_after("p/", "p/a").await.expect("list after");
+        assert!(first.common_prefixes.is_empty(), "no delimiter");
+        first
+    });
+    let names: Vec<&str> = got.objects.iter().map(|o| o.key.as_str()).collect();
+    assert_eq!(names, ["p/a-b/x", "p/a.c", "p/a/y", "p/b/z", "p/c"]);
+}
+
 #[test]
 fn ranged_get_head_and_conditions() {
     let server = server();

@@ -208,8 +208,10 @@ type SharedListing = Shared<BoxFuture<'static, FsResult<Arc<Listing>>>>;
 /// `du`, `ls -R`, `cp -r`), and how many such LISTs run at once.
 const PREFETCH_SUBDIRS: usize = 128;
 const PREFETCH_PARALLEL: usize = 8;
-/// Pages (of up to 1,000 keys) the delimiter-less walk below a listed directory may read.
+/// Pages (of up to 1,000 keys) the delimiter-less walks below a listed directory may read in
+/// all, and how many walks (over key ranges split at subdirectories) run at once.
 const FLAT_PAGES: usize = 16;
+const PARALLEL_WALKS: usize = 4;
 
 /// What fetching a listing needs, detached from `Fs` so it can run in a task of its own.
 #[derive(Clone)]
@@ -276,10 +278,11 @@ impl ListingFetch {
 
     /// After a directory was listed, list what is below it in the background so that `find`,
     /// `du` and `ls -R` find their listings cached: first the whole subtree without a
-    /// delimiter (at most [`FLAT_PAGES`] pages, every directory it covers completely is
-    /// cached), then, one listing each, the subdirectories that walk did not finish.
+    /// delimiter, split at subdirectories into [`PARALLEL_WALKS`] key ranges walked at once (at
+    /// most [`FLAT_PAGES`] pages in all; every directory a walk covers completely is cached),
+    /// then, one listing each, the subdirectories those walks did not finish.
     fn prefetch_subdirs(&self, prefix: &str, listing: &Listing) {
-        let subdirs: Vec<String> = listing
+        let mut subdirs: Vec<String> = listing
             .entries
             .iter()
             .filter(|(_, e)| e.kind == Kind::Dir)
@@ -288,10 +291,20 @@ impl ListingFetch {
         if subdirs.is_empty() || self.ttl.is_zero() {
             return;
         }
+        // Key order (bytes), which is what the walks' ranges are in.
+        subdirs.sort_unstable();
         let me = self.clone();
         let prefix = prefix.to_string();
         tokio::spawn(async move {
-            me.walk_flat(&prefix).await;
+            let walks = PARALLEL_WALKS.min(subdirs.len());
+            let bound = |i: usize| {
+                (i > 0 && i < walks).then(|| subdirs[i * subdirs.len() / walks].as_str())
+            };
+            let pages = FLAT_PAGES.div_ceil(walks);
+            futures::future::join_all(
+                (0..walks).map(|i| me.walk_flat(&prefix, bound(i), bound(i + 1), pages)),
+            )
+            .await;
             if subdirs.len() > PREFETCH_SUBDIRS {
                 return;
             }
@@ -309,21 +322,42 @@ impl ListingFetch {
         });
     }
 
-    /// List everything below `root` in key order and cache the listing of each directory as
-    /// soon as the walk has passed it (keys under one prefix are contiguous in that order).
-    async fn walk_flat(&self, root: &str) {
+    /// List the keys below `root` from `from` (a subdirectory's prefix; the start when `None`)
+    /// up to `to` (excluded; the end when `None`) in key order, reading at most `pages` pages,
+    /// and cache the listing of each directory as soon as the walk has passed it (keys under
+    /// one prefix are contiguous in that order, so no directory below `root` straddles a
+    /// bound that is itself a directory below `root`).
+    async fn walk_flat(&self, root: &str, from: Option<&str>, to: Option<&str>, pages: usize) {
         let generation = self.generation.load(Ordering::Acquire);
         // The directories containing the current key, outermost first, with what they hold so far.
         let mut open: Vec<(String, Listing)> = Vec::new();
         let mut token = None;
-        for _ in 0..FLAT_PAGES {
-            let Ok(page) = self.store.list_page(root, None, token, None).await else {
+        for n in 0..pages {
+            let page = match (n, from) {
+                // Keys between `a/b` and `a/b/` (`a/b-c`) sort before the bound and are skipped.
+                (0, Some(from)) => {
+                    let after = from.strip_suffix('/').unwrap_or(from);
+                    self.store.list_page_after(root, after).await
+                }
+                _ => self.store.list_page(root, None, token.take(), None).await,
+            };
+            let Ok(page) = page else {
                 return;
             };
             for obj in page.objects {
+                if from.is_some_and(|f| obj.key.as_str() < f) {
+                    continue;
+                }
                 let Some(rest) = obj.key.strip_prefix(root) else {
                     continue;
                 };
+                if to.is_some_and(|t| obj.key.as_str() >= t) {
+                    // Every directory still open ends before the bound: complete.
+                    for (d, l) in open.drain(..) {
+                        self.keep(d, Arc::new(l), generation);
+                    }
+                    return;
+                }
                 while open
                     .last()
                     .is_some_and(|(d, _)| !obj.key.starts_with(d.as_str()))

@@ -7,9 +7,28 @@ use super::*;
 use crate::store::mock::{MockStore, Op};
 use crate::store::UserMetadata;
 
+/// The configuration of a test filesystem: what failed uploads keep goes to a staging
+/// directory of this test process, removed when it exits, not to the shared default.
+fn test_config(prefix: &str) -> FsConfig {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    extern "C" fn remove_staging() {
+        if let Some(dir) = DIR.get() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    let dir = DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("staging dir").keep();
+        unsafe { libc::atexit(remove_staging) };
+        dir
+    });
+    let mut cfg = FsConfig::new(prefix);
+    cfg.staging_dir = dir.clone();
+    cfg
+}
+
 fn setup(prefix: &str) -> (Arc<MockStore>, Fs) {
     let store = Arc::new(MockStore::new());
-    let fs = Fs::new(store.clone(), FsConfig::new(prefix));
+    let fs = Fs::new(store.clone(), test_config(prefix));
     (store, fs)
 }
 
@@ -57,7 +76,7 @@ async fn implicit_and_explicit_directories_and_shadowing() {
         ]
     );
     // Lookup without a cached listing gives the same answers.
-    let fs = Fs::new(store.clone(), FsConfig::new(""));
+    let fs = Fs::new(store.clone(), test_config(""));
     for (name, kind) in [
         ("both", Kind::Dir),
         ("explicit", Kind::Dir),
@@ -186,7 +205,7 @@ async fn negative_lookups_are_cached() {
 #[tokio::test]
 async fn zero_ttl_sees_changes_immediately() {
     let store = Arc::new(MockStore::new());
-    let mut cfg = FsConfig::new("");
+    let mut cfg = test_config("");
     cfg.metadata_ttl = std::time::Duration::ZERO;
     let fs = Fs::new(store.clone(), cfg);
     assert_eq!(fs.lookup(ROOT_INO, b"late").await, Err(Errno::ENOENT));
@@ -198,7 +217,7 @@ async fn zero_ttl_sees_changes_immediately() {
 #[tokio::test]
 async fn writes_are_refused_and_errors_map() {
     let store = Arc::new(MockStore::new());
-    let mut cfg = FsConfig::new("");
+    let mut cfg = test_config("");
     cfg.read_only = true;
     let fs = Fs::new(store.clone(), cfg);
     store.insert("f", "data");
@@ -222,7 +241,7 @@ async fn writes_are_refused_and_errors_map() {
 #[tokio::test]
 async fn replaced_object_gives_estale_then_new_content_after_reopen() {
     let store = Arc::new(MockStore::new());
-    let mut cfg = FsConfig::new("");
+    let mut cfg = test_config("");
     cfg.metadata_ttl = std::time::Duration::ZERO;
     cfg.prefetch.initial_window = 128 << 10;
     let fs = Fs::new(store.clone(), cfg);
@@ -240,7 +259,7 @@ async fn replaced_object_gives_estale_then_new_content_after_reopen() {
 #[tokio::test]
 async fn page_cache_kept_only_while_etag_unchanged() {
     let store = Arc::new(MockStore::new());
-    let mut cfg = FsConfig::new("");
+    let mut cfg = test_config("");
     cfg.metadata_ttl = std::time::Duration::ZERO;
     let fs = Fs::new(store.clone(), cfg);
     store.insert("f", "one");
@@ -490,7 +509,7 @@ async fn chmod_and_touch_rewrite_metadata_without_data() {
 #[tokio::test]
 async fn read_only_mount_refuses_every_write() {
     let store = Arc::new(MockStore::new());
-    let mut cfg = FsConfig::new("");
+    let mut cfg = test_config("");
     cfg.read_only = true;
     let fs = Fs::new(store.clone(), cfg);
     store.insert("f", "x");
@@ -729,7 +748,11 @@ async fn truncate_to_a_smaller_size_keeps_the_head() {
 
 #[tokio::test]
 async fn failed_staged_upload_keeps_the_changes_on_disk() {
-    let (store, fs) = setup("");
+    let store = Arc::new(MockStore::new());
+    let staging = tempfile::tempdir().unwrap();
+    let mut cfg = test_config("");
+    cfg.staging_dir = staging.path().to_path_buf();
+    let fs = Fs::new(store.clone(), cfg);
     store.insert("keep", "original");
     let a = fs.lookup(ROOT_INO, b"keep").await.unwrap();
     let (fh, _) = fs.open(a.ino, libc::O_WRONLY).await.unwrap();
@@ -751,9 +774,6 @@ async fn failed_staged_upload_keeps_the_changes_on_disk() {
         !kept.is_empty(),
         "changed bytes kept in the staging directory"
     );
-    for k in kept {
-        let _ = std::fs::remove_file(k.path());
-    }
 }
 
 #[tokio::test]
@@ -777,13 +797,13 @@ async fn symlinks_are_stored_like_s3fs_and_listed_with_list_metadata() {
     );
     assert_eq!(&fs.readlink(a.ino).await.unwrap()[..], b"../target/file");
     // A fresh mount with --list-metadata sees it as a symlink straight from the listing.
-    let mut cfg = FsConfig::new("");
+    let mut cfg = test_config("");
     cfg.list_metadata = true;
     let fs2 = Fs::new(store.clone(), cfg);
     let names = list_names(&fs2, ROOT_INO).await;
     assert!(names.contains(&("link".into(), Kind::Symlink)), "{names:?}");
     // Without it, a lookup by name (a HEAD) still finds the symlink.
-    let fs3 = Fs::new(store.clone(), FsConfig::new(""));
+    let fs3 = Fs::new(store.clone(), test_config(""));
     assert_eq!(
         fs3.lookup(ROOT_INO, b"link").await.unwrap().kind,
         Kind::Symlink
@@ -794,7 +814,7 @@ async fn symlinks_are_stored_like_s3fs_and_listed_with_list_metadata() {
 async fn concurrent_change_is_detected_and_both_sides_kept() {
     let store = Arc::new(MockStore::new());
     let staging = tempfile::tempdir().unwrap();
-    let mut cfg = FsConfig::new("");
+    let mut cfg = test_config("");
     cfg.staging_dir = staging.path().to_path_buf();
     let fs = Fs::new(store.clone(), cfg);
     // Replace (O_TRUNC) while someone else replaces the object.
@@ -858,7 +878,7 @@ async fn concurrent_change_is_detected_and_both_sides_kept() {
 async fn hung_store_gives_etimedout_within_the_bound() {
     let store = Arc::new(MockStore::new());
     store.insert("f", "x");
-    let mut cfg = FsConfig::new("");
+    let mut cfg = test_config("");
     cfg.op_timeout = std::time::Duration::from_millis(300);
     let fs = Fs::new(store.clone(), cfg);
     store.set_latency(Some(std::time::Duration::from_secs(30)));
@@ -950,13 +970,16 @@ async fn walked_tree_matches(page_size: usize, all_ahead: bool) {
         "t/m/n/",
         "t/z/last",
         "t/zz",
+        // Between `t/x` and `t/x/`: before a walk's bound, so the walk before it covers them.
+        "t/x-y/f",
+        "t/x.z",
     ] {
         store.insert(key, "v");
     }
     for i in 0..30 {
         store.insert(&format!("t/many/f{i:02}"), "v");
     }
-    let ahead = Fs::new(store.clone(), FsConfig::new(""));
+    let ahead = Fs::new(store.clone(), test_config(""));
     let top = ahead.lookup(ROOT_INO, b"t").await.unwrap();
     list_names(&ahead, top.ino).await;
     // The first step down starts the walk of the rest.
@@ -974,13 +997,40 @@ async fn walked_tree_matches(page_size: usize, all_ahead: bool) {
         );
     }
 
-    let mut cfg = FsConfig::new("");
+    let mut cfg = test_config("");
     cfg.metadata_ttl = std::time::Duration::ZERO;
     let direct = Fs::new(store.clone(), cfg);
     let top = direct.lookup(ROOT_INO, b"t").await.unwrap();
     let mut asked = Vec::new();
     tree_of(&direct, top.ino, "t/", &mut asked).await;
     assert_eq!(walked, asked);
+}
+
+#[tokio::test]
+async fn the_walk_ahead_runs_in_parallel_key_ranges() {
+    let store = Arc::new(MockStore::new());
+    for d in 0..8 {
+        for f in 0..3 {
+            store.insert(&format!("t/d{d}/f{f}"), "v");
+        }
+    }
+    let fs = Fs::new(store.clone(), test_config(""));
+    let top = fs.lookup(ROOT_INO, b"t").await.unwrap();
+    list_names(&fs, top.ino).await;
+    let d0 = fs.lookup(top.ino, b"d0").await.unwrap();
+    list_names(&fs, d0.ino).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // The lookup of `t` (a one-key LIST beside its HEAD), `t/`, `t/d0/`, then one page for
+    // each of the four walks, and nothing per directory.
+    assert_eq!(store.counters.list.load(Ordering::Relaxed), 3 + 4);
+    for d in 1..8 {
+        let sub = fs
+            .lookup(top.ino, format!("d{d}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(list_names(&fs, sub.ino).await.len(), 3 + 2, "d{d}");
+    }
+    assert_eq!(store.counters.list.load(Ordering::Relaxed), 3 + 4);
 }
 
 #[test]

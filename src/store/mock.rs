@@ -352,6 +352,12 @@ impl ObjectStore for MockStore {
         Ok(page)
     }
 
+    async fn list_page_after(&self, prefix: &str, start_after: &str) -> StoreResult<ListPage> {
+        // The mock's continuation token is the last key returned, which is what StartAfter is.
+        self.list_page(prefix, None, Some(start_after.to_string()), None)
+            .await
+    }
+
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
         self.enter(Op::Head, key).await?;
         let objects = self.objects.lock();

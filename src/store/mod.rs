@@ -171,6 +171,10 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
         max_keys: Option<i32>,
     ) -> StoreResult<ListPage>;
 
+    /// The first page of keys under `prefix` that sort after `start_after`, without a
+    /// delimiter; later pages come from [`ObjectStore::list_page`] with its token.
+    async fn list_page_after(&self, prefix: &str, start_after: &str) -> StoreResult<ListPage>;
+
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta>;
 
     /// Bytes `range` of `key`; with `if_match`, fails with `PreconditionFailed` when the object

@@ -11,6 +11,7 @@ use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_s3::config::RequestChecksumCalculation;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::list_objects_v2::builders::ListObjectsV2FluentBuilder;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     ChecksumAlgorithm, ChecksumMode, ChecksumType, CompletedMultipartUpload, MetadataDirective,
@@ -258,46 +259,27 @@ impl ObjectStore for S3Store {
         continuation: Option<String>,
         max_keys: Option<i32>,
     ) -> StoreResult<ListPage> {
-        count(&self.traffic.lists, 1);
-        let out = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(prefix)
-            .set_delimiter(delimiter.map(str::to_string))
-            .set_continuation_token(continuation)
-            .set_max_keys(max_keys)
-            .send()
-            .await
-            .map_err(|e| map_err(e, &format!("list s3://{}/{prefix}", self.bucket)))?;
-        let objects = out
-            .contents()
-            .iter()
-            .filter_map(|o| {
-                Some(ObjectMeta {
-                    key: o.key()?.to_string(),
-                    size: o.size().unwrap_or(0).max(0) as u64,
-                    etag: o.e_tag().map(str::to_string),
-                    last_modified: to_system_time(o.last_modified()),
-                    ..Default::default()
-                })
-            })
-            .collect();
-        let common_prefixes = out
-            .common_prefixes()
-            .iter()
-            .filter_map(|p| p.prefix().map(str::to_string))
-            .collect();
-        let next_token = if out.is_truncated().unwrap_or(false) {
-            out.next_continuation_token().map(str::to_string)
-        } else {
-            None
-        };
-        Ok(ListPage {
-            objects,
-            common_prefixes,
-            next_token,
-        })
+        self.list(
+            self.client
+                .list_objects_v2()
+                .prefix(prefix)
+                .set_delimiter(delimiter.map(str::to_string))
+                .set_continuation_token(continuation)
+                .set_max_keys(max_keys),
+            prefix,
+        )
+        .await
+    }
+
+    async fn list_page_after(&self, prefix: &str, start_after: &str) -> StoreResult<ListPage> {
+        self.list(
+            self.client
+                .list_objects_v2()
+                .prefix(prefix)
+                .start_after(start_after),
+            prefix,
+        )
+        .await
     }
 
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
@@ -648,8 +630,44 @@ impl ObjectStore for S3Store {
 }
 
 impl S3Store {
-    /// One GET of `range`, appending the body to `out` as it arrives; fails on a stall or a body
-    /// shorter than the response said (what was received stays in `out`).
+    /// Send a ListObjectsV2 request built by the caller and convert its page.
+    async fn list(&self, req: ListObjectsV2FluentBuilder, prefix: &str) -> StoreResult<ListPage> {
+        count(&self.traffic.lists, 1);
+        let out = req
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map_err(|e| map_err(e, &format!("list s3://{}/{prefix}", self.bucket)))?;
+        let objects = out
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                Some(ObjectMeta {
+                    key: o.key()?.to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: o.e_tag().map(str::to_string),
+                    last_modified: to_system_time(o.last_modified()),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        let common_prefixes = out
+            .common_prefixes()
+            .iter()
+            .filter_map(|p| p.prefix().map(str::to_string))
+            .collect();
+        let next_token = if out.is_truncated().unwrap_or(false) {
+            out.next_continuation_token().map(str::to_string)
+        } else {
+            None
+        };
+        Ok(ListPage {
+            objects,
+            common_prefixes,
+            next_token,
+        })
+    }
+
     /// GET `range` (or the whole object, with its stored checksum) into `out`; a body that
     /// breaks or stalls half way is resumed from the byte where it stopped (still pinned to the
     /// same ETag). The SDK itself retries failed requests.

@@ -8,7 +8,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::primitives::ByteStream;
@@ -31,6 +31,37 @@ pub struct S3Server {
     pub secret_key: String,
     pub region: String,
     _dir: Option<tempfile::TempDir>,
+}
+
+/// Servers and directories to remove when the test process exits. Servers live in statics, which
+/// are never dropped, and their data (more than a GiB after the big tests) would otherwise stay in
+/// the temporary directory of every run: CI once ran out of disk that way.
+static AT_EXIT: Mutex<Vec<(Option<u32>, PathBuf)>> = Mutex::new(Vec::new());
+
+extern "C" fn clean_up_at_exit() {
+    let items = std::mem::take(&mut *AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()));
+    for (pid, dir) in items {
+        if let Some(pid) = pid {
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Kill `pid` (if any) and remove `dir` when the test process exits, whether its tests passed or
+/// failed (libtest leaves through `exit`, which runs atexit handlers).
+fn clean_up_at_exit_of(pid: Option<u32>, dir: &Path) {
+    static REGISTER: Once = Once::new();
+    REGISTER.call_once(|| unsafe {
+        libc::atexit(clean_up_at_exit);
+    });
+    AT_EXIT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((pid, dir.to_path_buf()));
 }
 
 fn free_port() -> u16 {
@@ -201,6 +232,7 @@ admin_token = "s3mount-test-admin-token"
         &["key", "allow", "--create-bucket", "s3mount-test"],
     );
     wait_port(s3, &mut child, &log);
+    clean_up_at_exit_of(Some(child.id()), dir.path());
     std::mem::forget(child);
     S3Server {
         kind: Kind::Garage,
@@ -230,6 +262,7 @@ fn start_moto() -> S3Server {
     .stderr(logf);
     let mut child = spawn_long_lived(cmd);
     wait_port(port, &mut child, &log);
+    clean_up_at_exit_of(Some(child.id()), dir.path());
     std::mem::forget(child);
     S3Server {
         kind: Kind::Moto,
@@ -473,8 +506,10 @@ pub fn require_fuse() {
 pub struct Mount {
     pub dir: tempfile::TempDir,
     pub bucket: String,
-    /// The daemon's log file.
+    /// The daemon's log file (removed on drop unless the test failed).
     pub log: PathBuf,
+    /// The staging directory, unless the test names its own with --staging-dir.
+    staging: Option<tempfile::TempDir>,
 }
 
 impl Mount {
@@ -506,6 +541,13 @@ impl Mount {
             "--force-path-style".into(),
         ]);
         args.extend(extra.iter().map(|s| s.to_string()));
+        // Each mount stages into its own directory, removed with the mount, so what a test leaves
+        // there (data kept after a failed upload) does not pile up in /tmp/s3mount-staging-0.
+        let staging = (!extra.contains(&"--staging-dir")).then(|| {
+            let staging = tempfile::tempdir().expect("staging dir");
+            args.extend(["--staging-dir".into(), staging.path().display().to_string()]);
+            staging
+        });
         let log = std::env::temp_dir().join(format!("s3mount-test-{}.log", rand_suffix()));
         args.extend(["--log-file".into(), log.display().to_string(), "-d".into()]);
         let mut cmd = Command::new(s3mount_bin());
@@ -528,7 +570,12 @@ impl Mount {
             String::from_utf8_lossy(&out.stderr)
         );
         let bucket = source.split(':').next().unwrap_or(source).to_string();
-        Mount { dir, bucket, log }
+        Mount {
+            dir,
+            bucket,
+            log,
+            staging,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -612,6 +659,11 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         self.unmount();
+        if std::thread::panicking() {
+            eprintln!("s3mount log: {}", self.log.display());
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 
