@@ -320,6 +320,40 @@ async fn write_file(fs: &Fs, parent: u64, name: &str, body: &[u8]) -> Attr {
 }
 
 #[tokio::test]
+async fn a_file_written_here_is_verified_with_the_checksum_its_upload_reported() {
+    let (store, fs) = setup("");
+    let body: Vec<u8> = (0..(20 << 20)).map(|i| (i % 251) as u8).collect();
+    let attr = write_file(&fs, ROOT_INO, "big", &body).await;
+    let heads = store.counters.head.load(Ordering::Relaxed);
+    assert!(read_all(&fs, attr.ino).await == body);
+    assert_eq!(
+        store.counters.head.load(Ordering::Relaxed),
+        heads,
+        "verified at EOF without asking the store for the checksum"
+    );
+    // The checksum is really used: a corrupted body fails the read.
+    let attr = write_file(&fs, ROOT_INO, "big2", &body).await;
+    store.corrupt_next_gets(1);
+    let (fh, _) = fs.open(attr.ino, libc::O_RDONLY).await.unwrap();
+    let mut failed = false;
+    let mut off = 0i64;
+    while off < body.len() as i64 {
+        match fs.read(fh, off, 1 << 20).await {
+            Ok(b) if b.is_empty() => break,
+            Ok(b) => off += b.len() as i64,
+            Err(e) => {
+                assert_eq!(e, Errno::EIO);
+                failed = true;
+                break;
+            }
+        }
+    }
+    let _ = fs.release(fh).await;
+    assert!(failed, "a corrupted body is never returned whole");
+    assert_eq!(store.counters.head.load(Ordering::Relaxed), heads);
+}
+
+#[tokio::test]
 async fn create_write_close_lands_with_s3fs_metadata() {
     let (store, fs) = setup("p/");
     let body: Vec<u8> = (0..(20 << 20)).map(|i| (i % 253) as u8).collect();

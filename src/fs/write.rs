@@ -16,7 +16,7 @@ use super::inode::Inode;
 use super::{errno_of, Errno, FileHandle, Fs, FsResult, Pending};
 use crate::data::staging::{Base, StagedFile};
 use crate::data::upload::{CommittedPrefix, StreamUpload};
-use crate::store::{ObjectMeta, PutCondition, PutOptions, StoreError, UserMetadata};
+use crate::store::{ObjectMeta, PutCondition, PutOptions, PutResult, StoreError, UserMetadata};
 
 /// Who is asking (for the owner of new files and directories).
 #[derive(Clone, Copy, Debug)]
@@ -525,7 +525,7 @@ impl Fs {
                 .await
             {
                 Ok(res) => {
-                    self.committed(st, res.etag);
+                    self.committed(st, res);
                     Ok(())
                 }
                 Err(e) => {
@@ -558,7 +558,7 @@ impl Fs {
         }
         match upload.finish().await {
             Ok(res) => {
-                self.committed(st, res.etag);
+                self.committed(st, res);
                 Ok(())
             }
             Err(e) => {
@@ -570,8 +570,12 @@ impl Fs {
         }
     }
 
-    /// The bucket now holds everything written through `st`, as `etag`.
-    fn committed(&self, st: &mut WriteState, etag: Option<String>) {
+    /// The bucket now holds everything written through `st`, as `res` says.
+    fn committed(&self, st: &mut WriteState, res: PutResult) {
+        let PutResult {
+            etag,
+            checksum_crc32,
+        } = res;
         st.dirty = false;
         st.expect = match &etag {
             Some(tag) => PutCondition::IfMatch(tag.clone()),
@@ -589,7 +593,9 @@ impl Fs {
             content_type: None,
             metadata: st.metadata.clone(),
             has_metadata: true,
-            checksum_crc32: None,
+            // The checksum the store reported (and the upload compared with its own): a reader
+            // of this file verifies against it without a HEAD.
+            checksum_crc32,
         };
         {
             let mut table = self.inodes.lock();
@@ -714,7 +720,7 @@ impl Fs {
                     ino,
                     &st.key,
                     st.size,
-                    Some(new_etag),
+                    copied(new_etag),
                     st.metadata.clone(),
                 ));
             }
@@ -756,7 +762,7 @@ impl Fs {
                     .put(&inode.key, bytes::Bytes::new(), &opts, crc)
                     .await
                     .map_err(|e| errno_of(&e, "truncate"))?;
-                return Ok(self.store_committed(ino, &inode.key, 0, res.etag, metadata));
+                return Ok(self.store_committed(ino, &inode.key, 0, res, metadata));
             }
             Some(n) if n != meta.size => {
                 // truncate(2) on a closed file: stage the size change against the object.
@@ -790,7 +796,7 @@ impl Fs {
                     )
                     .await
                     .map_err(|e| errno_of(&e, "truncate"))?;
-                return Ok(self.store_committed(ino, &inode.key, n, res.etag, metadata));
+                return Ok(self.store_committed(ino, &inode.key, n, res, metadata));
             }
             _ => {}
         }
@@ -800,7 +806,7 @@ impl Fs {
         apply_metadata(&mut metadata, &req);
         let etag = meta.etag.clone().unwrap_or_default();
         let new_etag = self.replace_metadata(&inode.key, &etag, &metadata).await?;
-        Ok(self.store_committed(ino, &inode.key, meta.size, Some(new_etag), metadata))
+        Ok(self.store_committed(ino, &inode.key, meta.size, copied(new_etag), metadata))
     }
 
     /// Directory attributes live on its `dir/` marker: rewritten in place, or a marker is
@@ -911,24 +917,25 @@ impl Fs {
         Ok(res.etag.unwrap_or_default())
     }
 
-    /// Record what the bucket now holds for `ino` and return its attributes.
+    /// Record what the bucket now holds for `ino` (`res` of the request that stored it) and
+    /// return its attributes.
     fn store_committed(
         &self,
         ino: u64,
         key: &str,
         size: u64,
-        etag: Option<String>,
+        res: PutResult,
         metadata: UserMetadata,
     ) -> Attr {
         let meta = ObjectMeta {
             key: key.to_string(),
             size,
-            etag,
+            etag: res.etag,
             last_modified: Some(SystemTime::now()),
             content_type: None,
             metadata,
             has_metadata: true,
-            checksum_crc32: None,
+            checksum_crc32: res.checksum_crc32,
         };
         let attr = {
             let mut table = self.inodes.lock();
@@ -1188,5 +1195,14 @@ impl Fs {
                 st.base.etag = tag;
             }
         }
+    }
+}
+
+/// What a metadata-only copy left: a new ETag, and no checksum we can vouch for (the copy may
+/// or may not have kept it), so a reader asks the store with a HEAD.
+fn copied(etag: String) -> PutResult {
+    PutResult {
+        etag: Some(etag),
+        checksum_crc32: None,
     }
 }

@@ -633,11 +633,19 @@ impl S3Store {
     /// Send a ListObjectsV2 request built by the caller and convert its page.
     async fn list(&self, req: ListObjectsV2FluentBuilder, prefix: &str) -> StoreResult<ListPage> {
         count(&self.traffic.lists, 1);
+        let started = std::time::Instant::now();
         let out = req
             .bucket(&self.bucket)
             .send()
             .await
             .map_err(|e| map_err(e, &format!("list s3://{}/{prefix}", self.bucket)))?;
+        tracing::debug!(
+            prefix,
+            start_after = out.start_after().unwrap_or(""),
+            keys = out.key_count().unwrap_or(0),
+            ms = started.elapsed().as_secs_f64() * 1000.0,
+            "LIST"
+        );
         let objects = out
             .contents()
             .iter()
