@@ -19,14 +19,14 @@ const DIR_SLICE: usize = 64;
 
 /// Hand directory entries from `offset` on to `add`, a slice at a time, until it reports the
 /// reply full (`Ok(true)`) or the directory ends.
-fn fill_dir(
+async fn fill_dir(
     fs: &Fs,
     fh: u64,
     mut offset: i64,
     mut add: impl FnMut(crate::fs::DirItem) -> Result<bool, i32>,
 ) -> Result<(), i32> {
     loop {
-        let items = fs.readdir(fh, offset, DIR_SLICE).map_err(|e| e.0)?;
+        let items = fs.readdir(fh, offset, DIR_SLICE).await.map_err(|e| e.0)?;
         let Some(last) = items.last().map(|i| i.next_offset) else {
             return Ok(());
         };
@@ -404,13 +404,18 @@ impl Filesystem for FuseAdapter {
         offset: i64,
         mut reply: ReplyDirectory,
     ) {
-        let filled = fill_dir(&self.fs, fh, offset, |item| {
-            Ok(reply.add(item.ino, item.next_offset, file_type(item.kind), &item.name))
+        let fs = self.fs.clone();
+        // Waits while a large directory's listing is still arriving.
+        self.rt.spawn(async move {
+            let filled = fill_dir(&fs, fh, offset, |item| {
+                Ok(reply.add(item.ino, item.next_offset, file_type(item.kind), &item.name))
+            })
+            .await;
+            match filled {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
         });
-        match filled {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
     }
 
     fn readdirplus(
@@ -422,36 +427,41 @@ impl Filesystem for FuseAdapter {
         mut reply: ReplyDirectoryPlus,
     ) {
         let ttl = self.fs.ttl();
-        let fs = &self.fs;
-        let filled = fill_dir(fs, fh, offset, |item| {
-            let (attr, counted) = match &item.entry {
-                // `.` and `..` carry attributes but no lookup count.
-                None => match fs.attr_of(item.ino) {
-                    Some(a) => (a, false),
-                    None => return Ok(false),
-                },
-                Some(entry) => (
-                    fs.lookup_listed(ino, &item.name, entry).map_err(|e| e.0)?,
-                    true,
-                ),
-            };
-            let full = reply.add(
-                attr.ino,
-                item.next_offset,
-                &item.name,
-                &ttl,
-                &to_file_attr(&attr),
-                0,
-            );
-            if full && counted {
-                fs.forget(attr.ino, 1);
+        let fs = self.fs.clone();
+        // Waits while a large directory's listing is still arriving.
+        self.rt.spawn(async move {
+            let fs = &fs;
+            let filled = fill_dir(fs, fh, offset, |item| {
+                let (attr, counted) = match &item.entry {
+                    // `.` and `..` carry attributes but no lookup count.
+                    None => match fs.attr_of(item.ino) {
+                        Some(a) => (a, false),
+                        None => return Ok(false),
+                    },
+                    Some(entry) => (
+                        fs.lookup_listed(ino, &item.name, entry).map_err(|e| e.0)?,
+                        true,
+                    ),
+                };
+                let full = reply.add(
+                    attr.ino,
+                    item.next_offset,
+                    &item.name,
+                    &ttl,
+                    &to_file_attr(&attr),
+                    0,
+                );
+                if full && counted {
+                    fs.forget(attr.ino, 1);
+                }
+                Ok(full)
+            })
+            .await;
+            match filled {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
             }
-            Ok(full)
         });
-        match filled {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
     }
 
     fn releasedir(

@@ -151,10 +151,41 @@ pub struct StatFs {
     pub frsize: u32,
 }
 
+/// An open directory: its entries in the order readdir hands them out. While its listing is
+/// still being fetched, an entry is added as soon as no later page can change it, so a large
+/// directory is handed to the kernel while the rest of it is still arriving.
 struct DirHandle {
     ino: u64,
     parent: u64,
-    items: Vec<(String, DirEntry)>,
+    items: Arc<Mutex<Vec<(String, DirEntry)>>>,
+    progress: tokio::sync::watch::Receiver<DirProgress>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct DirProgress {
+    /// Pages of the listing received.
+    pages: usize,
+    /// Entries in `items`.
+    ready: usize,
+    /// Set once no more entries will come: Ok when the listing is complete.
+    end: Option<Result<(), Errno>>,
+}
+
+impl DirHandle {
+    /// A directory whose entries are all known.
+    fn complete(ino: u64, parent: u64, items: Vec<(String, DirEntry)>) -> Self {
+        let (_tx, progress) = tokio::sync::watch::channel(DirProgress {
+            pages: 1,
+            ready: items.len(),
+            end: Some(Ok(())),
+        });
+        DirHandle {
+            ino,
+            parent,
+            items: Arc::new(Mutex::new(items)),
+            progress,
+        }
+    }
 }
 
 enum FileHandle {
@@ -204,6 +235,32 @@ fn parent_prefix(prefix: &str) -> Option<&str> {
 }
 type SharedListing = Shared<BoxFuture<'static, FsResult<Arc<Listing>>>>;
 
+/// Where a listing fetch stands after a page: more pages follow, all after this key; done;
+/// or failed.
+enum PageEnd<'a> {
+    More(&'a str),
+    Done,
+    Failed(Errno),
+}
+type OnPage = Box<dyn FnMut(&Listing, PageEnd<'_>) + Send>;
+
+/// The largest key or common prefix of a page: every later page's keys sort after it.
+fn page_last_key(page: &ListPage) -> Option<String> {
+    let obj = page.objects.last().map(|o| o.key.as_str());
+    let cp = page.common_prefixes.last().map(String::as_str);
+    obj.max(cp).map(str::to_string)
+}
+
+/// No key after `last` can change entry `name` of the listing of `prefix`: the keys that
+/// could (`name`, `name/`, `name_$folder$`) all sort at or before `last`.
+fn entry_settled(prefix: &str, name: &str, last: &str) -> bool {
+    let longest = prefix
+        .bytes()
+        .chain(name.bytes())
+        .chain(LEGACY_FOLDER_SUFFIX.bytes());
+    longest.cmp(last.bytes()) != std::cmp::Ordering::Greater
+}
+
 /// Subdirectories whose listings are fetched ahead when their parent is listed (for `find`,
 /// `du`, `ls -R`, `cp -r`), and how many such LISTs run at once.
 const PREFETCH_SUBDIRS: usize = 128;
@@ -235,10 +292,21 @@ impl ListingFetch {
                 return f.clone();
             }
         }
+        self.start(&mut inflight, prefix, None)
+    }
+
+    /// Start fetching the listing of `prefix` (shared with later callers until it is done);
+    /// `on_page` sees the listing so far after each page.
+    fn start(
+        &self,
+        inflight: &mut HashMap<String, SharedListing>,
+        prefix: &str,
+        on_page: Option<OnPage>,
+    ) -> SharedListing {
         let me = self.clone();
         let key = prefix.to_string();
         let fut = async move {
-            let result = me.fetch(&key).await;
+            let result = me.fetch(&key, on_page).await;
             me.inflight.lock().remove(&key);
             result
         }
@@ -248,18 +316,31 @@ impl ListingFetch {
         fut
     }
 
-    async fn fetch(&self, prefix: &str) -> FsResult<Arc<Listing>> {
+    async fn fetch(&self, prefix: &str, mut on_page: Option<OnPage>) -> FsResult<Arc<Listing>> {
         let generation = self.generation.load(Ordering::Acquire);
         let mut listing = Listing::default();
         let mut token = None;
         loop {
-            let page = self
-                .store
-                .list_page(prefix, Some("/"), token, None)
-                .await
-                .map_err(|e| errno_of(&e, "list"))?;
+            let page = match self.store.list_page(prefix, Some("/"), token, None).await {
+                Ok(page) => page,
+                Err(e) => {
+                    let e = errno_of(&e, "list");
+                    if let Some(f) = on_page.as_mut() {
+                        f(&listing, PageEnd::Failed(e));
+                    }
+                    return Err(e);
+                }
+            };
             token = page.next_token.clone();
+            let last = page_last_key(&page);
             listing.add_page(prefix, page, &self.warn);
+            if let Some(f) = on_page.as_mut() {
+                match (&token, &last) {
+                    (None, _) => f(&listing, PageEnd::Done),
+                    (Some(_), Some(last)) => f(&listing, PageEnd::More(last)),
+                    (Some(_), None) => {}
+                }
+            }
             if token.is_none() {
                 break;
             }
@@ -890,31 +971,134 @@ impl Fs {
 
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
         let inode = self.dir_inode(ino)?;
-        let listing = self
-            .bounded("opendir", ino, self.listing(&inode.key, true))
-            .await?;
-        let mut entries = listing.entries.clone();
-        self.add_pending_entries(ino, &inode.key, &mut entries);
-        let items = entries.into_iter().collect();
+        let handle = match self.stream_listing(&inode) {
+            Some(handle) => {
+                // The first page decides: a failure (no permission, no bucket) fails opendir.
+                let mut rx = handle.progress.clone();
+                let first = self
+                    .bounded("opendir", ino, async move {
+                        rx.wait_for(|p| p.pages > 0 || p.end.is_some())
+                            .await
+                            .map(|p| *p)
+                            .map_err(|_| Errno::EIO)
+                    })
+                    .await?;
+                if let (0, Some(Err(e))) = (first.pages, first.end) {
+                    return Err(e);
+                }
+                handle
+            }
+            None => {
+                let listing = self
+                    .bounded("opendir", ino, self.listing(&inode.key, true))
+                    .await?;
+                let mut entries = listing.entries.clone();
+                self.add_pending_entries(ino, &inode.key, &mut entries);
+                DirHandle::complete(ino, inode.parent, entries.into_iter().collect())
+            }
+        };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.dirs.lock().insert(
-            fh,
-            Arc::new(DirHandle {
-                ino,
-                parent: inode.parent,
-                items,
-            }),
-        );
+        self.dirs.lock().insert(fh, Arc::new(handle));
         Ok(fh)
     }
 
-    /// Entries from `offset` on (0 is the start; `.` and `..` come first).
-    /// Up to `limit` entries from `offset` on (the kernel takes a few dozen per request, so
-    /// a large directory is handed out in slices, never copied whole per request).
-    pub fn readdir(&self, fh: u64, offset: i64, limit: usize) -> FsResult<Vec<DirItem>> {
+    /// Start fetching the listing of a directory that is neither cached nor being fetched,
+    /// handing out its entries page by page (None: the whole listing is at hand or on its way
+    /// for someone else, or `--list-metadata` must HEAD the entries first).
+    fn stream_listing(&self, inode: &Inode) -> Option<DirHandle> {
+        let prefix = inode.key.clone();
+        let cached = self
+            .listings
+            .lock()
+            .get(&prefix)
+            .is_some_and(|(at, _)| self.fresh(*at));
+        if cached || self.cfg.list_metadata || self.inflight.lock().contains_key(&prefix) {
+            return None;
+        }
+        // Files this mount is writing show as they are here (they override the listing).
+        let mut pending = std::collections::BTreeMap::new();
+        self.add_pending_entries(inode.ino, &prefix, &mut pending);
+        let items = Arc::new(Mutex::new(Vec::new()));
+        let (tx, progress) = tokio::sync::watch::channel(DirProgress::default());
+        let mut emitted = std::collections::HashSet::new();
+        let out = items.clone();
+        let dir = prefix.clone();
+        let on_page: OnPage = Box::new(move |listing: &Listing, end: PageEnd<'_>| {
+            let mut items = out.lock();
+            let done = match end {
+                PageEnd::Failed(e) => {
+                    tx.send_modify(|p| p.end = Some(Err(e)));
+                    return;
+                }
+                PageEnd::More(_) => false,
+                PageEnd::Done => true,
+            };
+            for (name, entry) in &listing.entries {
+                let settled = match end {
+                    PageEnd::More(last) => entry_settled(&dir, name, last),
+                    _ => true,
+                };
+                if settled && !emitted.contains(name) {
+                    emitted.insert(name.clone());
+                    let entry = pending.remove(name).unwrap_or_else(|| entry.clone());
+                    items.push((name.clone(), entry));
+                }
+            }
+            if done {
+                items.extend(std::mem::take(&mut pending));
+            }
+            let ready = items.len();
+            tx.send_modify(|p| {
+                p.pages += 1;
+                p.ready = ready;
+                if done {
+                    p.end = Some(Ok(()));
+                }
+            });
+        });
+        let fetch = self.listing_fetch();
+        let fut = {
+            let mut inflight = self.inflight.lock();
+            if inflight.contains_key(&prefix) {
+                return None;
+            }
+            fetch.start(&mut inflight, &prefix, Some(on_page))
+        };
+        // Fetched to the end (and cached) even if the directory is closed before.
+        tokio::spawn(fut);
+        self.walk_parent_ahead(&prefix);
+        Some(DirHandle {
+            ino: inode.ino,
+            parent: inode.parent,
+            items,
+            progress,
+        })
+    }
+
+    /// Up to `limit` entries from `offset` on (0 is the start; `.` and `..` come first). The
+    /// kernel takes a few dozen per request, so a large directory is handed out in slices,
+    /// never copied whole per request; while the listing is still arriving, this waits for the
+    /// entries asked for (or for the end of the listing).
+    pub async fn readdir(&self, fh: u64, offset: i64, limit: usize) -> FsResult<Vec<DirItem>> {
         let handle = self.dirs.lock().get(&fh).cloned().ok_or(Errno::EBADF)?;
         let start = usize::try_from(offset).map_err(|_| Errno::EINVAL)?;
-        let end = (handle.items.len() + 2).min(start.saturating_add(limit));
+        let want = start.saturating_add(limit).saturating_sub(2);
+        let mut rx = handle.progress.clone();
+        let progress = self
+            .bounded("readdir", handle.ino, async move {
+                rx.wait_for(|p| p.ready >= want || p.end.is_some())
+                    .await
+                    .map(|p| *p)
+                    .map_err(|_| Errno::EIO)
+            })
+            .await?;
+        let items = handle.items.lock();
+        if start >= items.len() + 2 {
+            if let Some(Err(e)) = progress.end {
+                return Err(e);
+            }
+        }
+        let end = (items.len() + 2).min(start.saturating_add(limit));
         let table = self.inodes.lock();
         let mut out = Vec::with_capacity(end.saturating_sub(start));
         for idx in start..end {
@@ -935,7 +1119,7 @@ impl Fs {
                     ino: handle.parent,
                 },
                 _ => {
-                    let (name, entry) = &handle.items[idx - 2];
+                    let (name, entry) = &items[idx - 2];
                     let ino = table
                         .find(handle.ino, name)
                         .unwrap_or_else(|| stand_in_ino(handle.ino, name));

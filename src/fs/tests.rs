@@ -34,7 +34,7 @@ fn setup(prefix: &str) -> (Arc<MockStore>, Fs) {
 
 async fn list_names(fs: &Fs, ino: u64) -> Vec<(String, Kind)> {
     let fh = fs.opendir(ino).await.unwrap();
-    let items = fs.readdir(fh, 0, usize::MAX).unwrap();
+    let items = fs.readdir(fh, 0, usize::MAX).await.unwrap();
     fs.releasedir(fh);
     items.into_iter().map(|i| (i.name, i.kind)).collect()
 }
@@ -159,7 +159,7 @@ async fn readdirplus_costs_listing_requests_only() {
     let d = fs.lookup(ROOT_INO, b"d").await.unwrap();
     store.reset_counters();
     let fh = fs.opendir(d.ino).await.unwrap();
-    let items = fs.readdir(fh, 0, usize::MAX).unwrap();
+    let items = fs.readdir(fh, 0, usize::MAX).await.unwrap();
     for item in &items {
         if let Some(e) = &item.entry {
             let a = fs.lookup_listed(d.ino, &item.name, e).unwrap();
@@ -968,7 +968,9 @@ async fn subdirectory_listings_are_fetched_ahead_and_shared() {
 
 /// Every directory of `fs` below `ino`, by path, with its entries (names and kinds).
 async fn tree_of(fs: &Fs, ino: u64, path: &str, out: &mut Vec<(String, Vec<(String, Kind)>)>) {
-    let names = list_names(fs, ino).await;
+    // Sorted: a directory listed while its pages arrive comes in key order, not name order.
+    let mut names = list_names(fs, ino).await;
+    names.sort_by(|a, b| a.0.cmp(&b.0));
     out.push((path.to_string(), names.clone()));
     for (name, kind) in names {
         if kind == Kind::Dir && name != "." && name != ".." {
@@ -1065,6 +1067,141 @@ async fn the_walk_ahead_runs_in_parallel_key_ranges() {
         assert_eq!(list_names(&fs, sub.ino).await.len(), 3 + 2, "d{d}");
     }
     assert_eq!(store.counters.list.load(Ordering::Relaxed), 3 + 4);
+}
+
+/// All of a directory through readdir, `limit` entries per call (like the kernel's slices).
+async fn readdir_all(fs: &Fs, fh: u64, limit: usize) -> FsResult<Vec<(String, Kind)>> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    loop {
+        let items = fs.readdir(fh, offset, limit).await?;
+        let Some(last) = items.last() else {
+            return Ok(out);
+        };
+        offset = last.next_offset;
+        out.extend(items.into_iter().map(|i| (i.name, i.kind)));
+    }
+}
+
+#[tokio::test]
+async fn a_directory_streamed_page_by_page_lists_exactly_its_entries() {
+    let store = Arc::new(MockStore::new());
+    store.set_page_size(3);
+    let keys = [
+        "d/a",
+        "d/a!x",
+        "d/a-b/f",
+        "d/a.txt",
+        "d/a/inner",
+        "d/a_$folder$",
+        "d/b",
+        "d/b/",
+        "d/c_$folder$",
+        "d/with space",
+        "d/x",
+        "d/x/y",
+        "d/y/",
+        "d/y/z",
+        "d/z",
+    ];
+    for k in keys {
+        store.insert(k, "v");
+    }
+    for i in 0..20 {
+        store.insert(&format!("d/f{i:02}"), "v");
+    }
+    let fs = Fs::new(store.clone(), test_config(""));
+    let d = fs.lookup(ROOT_INO, b"d").await.unwrap();
+    let fh = fs.opendir(d.ino).await.unwrap();
+    let mut streamed = readdir_all(&fs, fh, 4).await.unwrap();
+    fs.releasedir(fh);
+    let n = streamed.len();
+    streamed.sort_by(|a, b| a.0.cmp(&b.0));
+    streamed.dedup_by(|a, b| a.0 == b.0);
+    assert_eq!(streamed.len(), n, "no entry twice");
+    let mut want: Vec<(String, Kind)> = [
+        (".", Kind::Dir),
+        ("..", Kind::Dir),
+        ("a", Kind::Dir),
+        ("a!x", Kind::File),
+        ("a-b", Kind::Dir),
+        ("a.txt", Kind::File),
+        ("b", Kind::Dir),
+        ("c", Kind::Dir),
+        ("with space", Kind::File),
+        ("x", Kind::Dir),
+        ("y", Kind::Dir),
+        ("z", Kind::File),
+    ]
+    .into_iter()
+    .map(|(n, k)| (n.to_string(), k))
+    .chain((0..20).map(|i| (format!("f{i:02}"), Kind::File)))
+    .collect();
+    want.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(streamed, want);
+    // The listing was cached at the end: the same entries, without a request.
+    let lists = store.counters.list.load(Ordering::Relaxed);
+    let mut cached = list_names(&fs, d.ino).await;
+    cached.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(cached, want);
+    assert_eq!(store.counters.list.load(Ordering::Relaxed), lists);
+}
+
+#[tokio::test]
+async fn readdir_hands_out_entries_before_the_last_page_arrives() {
+    let store = Arc::new(MockStore::new());
+    store.set_page_size(10);
+    for i in 0..100 {
+        store.insert(&format!("big/f{i:03}"), "v");
+    }
+    store.set_latency(Some(std::time::Duration::from_millis(20)));
+    let fs = Fs::new(store.clone(), test_config(""));
+    let d = fs.lookup(ROOT_INO, b"big").await.unwrap();
+    let before = store.counters.list.load(Ordering::Relaxed);
+    let fh = fs.opendir(d.ino).await.unwrap();
+    let first = fs.readdir(fh, 0, 12).await.unwrap();
+    assert_eq!(first.len(), 12);
+    let pages = store.counters.list.load(Ordering::Relaxed) - before;
+    assert!(pages < 10, "12 entries came after {pages} of 10 pages");
+    let rest = readdir_all(&fs, fh, 64).await.unwrap();
+    assert_eq!(rest.len(), 102, "all 100 files and . and ..");
+    fs.releasedir(fh);
+}
+
+#[tokio::test]
+async fn a_listing_that_fails_half_way_gives_what_came_then_the_error() {
+    let store = Arc::new(MockStore::new());
+    store.set_page_size(10);
+    for i in 0..50 {
+        store.insert(&format!("big/f{i:03}"), "v");
+    }
+    let fs = Fs::new(store.clone(), test_config(""));
+    let d = fs.lookup(ROOT_INO, b"big").await.unwrap();
+    // The first page fails: opendir fails.
+    store.inject_fault(Op::List, "big/", StoreError::Other("HTTP 500".into()), 1);
+    assert_eq!(fs.opendir(d.ino).await, Err(Errno::EIO));
+    // A later page fails: the entries before it, then EIO.
+    store.set_latency(Some(std::time::Duration::from_millis(20)));
+    let fh = fs.opendir(d.ino).await.unwrap();
+    store.inject_fault(Op::List, "big/", StoreError::Other("HTTP 500".into()), 1);
+    let mut offset = 0;
+    let mut seen = 0;
+    let err = loop {
+        match fs.readdir(fh, offset, 8).await {
+            Ok(items) if items.is_empty() => panic!("the listing cannot have ended"),
+            Ok(items) => {
+                seen += items.len();
+                offset = items.last().unwrap().next_offset;
+            }
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err, Errno::EIO);
+    assert!(seen < 52, "{seen} entries before the error");
+    fs.releasedir(fh);
+    // Nothing half-listed was cached: the next listing is complete.
+    store.set_latency(None);
+    assert_eq!(list_names(&fs, d.ino).await.len(), 52);
 }
 
 #[test]
