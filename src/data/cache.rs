@@ -516,6 +516,13 @@ impl DiskCache {
     fn write(&self, obj: &ObjectId, block: u64, data: &[u8]) -> std::io::Result<()> {
         let name = block_name(obj, block);
         let path = self.dir.join(&name);
+        // The cache directory itself is made at mount; if it was removed since, it stays gone.
+        if !self.dir.is_dir() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the cache directory was removed",
+            ));
+        }
         if let Some(parent) = path.parent() {
             super::staging::prepare_dir(parent)?;
         }
