@@ -438,10 +438,7 @@ impl Filesystem for FuseAdapter {
                         Some(a) => (a, false),
                         None => return Ok(false),
                     },
-                    Some(entry) => (
-                        fs.lookup_listed(ino, &item.name, entry).map_err(|e| e.0)?,
-                        true,
-                    ),
+                    Some(_) => (fs.lookup_listed(ino, &item).map_err(|e| e.0)?, true),
                 };
                 let full = reply.add(
                     attr.ino,

@@ -7,7 +7,23 @@ fn fail(message: &str, code: i32) -> ! {
     std::process::exit(code);
 }
 
+/// glibc gives each thread that allocates a malloc arena of its own (up to 8 per core), and
+/// memory freed in one arena cannot serve another: with many uploads and readers at once the
+/// daemon's RSS grew 60-100 MiB past what its buffers held. Two arenas keep RSS under the memory
+/// budget (soak: 515-547 MiB -> 438-451 MiB) at no measurable cost. MALLOC_ARENA_MAX, when
+/// set, still wins.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: called before any other thread exists; mallopt only sets a tunable.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 fn main() {
+    limit_malloc_arenas();
     let mut args = Vec::new();
     for a in std::env::args_os() {
         match a.into_string() {

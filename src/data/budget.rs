@@ -8,12 +8,15 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Debug)]
 pub struct Budget {
     limit: u64,
     used: AtomicU64,
     peak: AtomicU64,
+    /// Woken whenever bytes come back, for writers waiting for room.
+    released: tokio::sync::Notify,
 }
 
 impl Budget {
@@ -22,6 +25,7 @@ impl Budget {
             limit,
             used: AtomicU64::new(0),
             peak: AtomicU64::new(0),
+            released: tokio::sync::Notify::new(),
         })
     }
 
@@ -42,11 +46,39 @@ impl Budget {
     /// cannot do without and for what the process needs besides buffers (so the daemon's RSS
     /// stays under the budget even when prefetch and cache take all they may).
     pub fn try_reserve(self: &Arc<Self>, bytes: u64) -> Option<Reservation> {
-        let optional_limit = self.limit - self.limit / 8;
+        self.try_reserve_below(bytes, self.limit - self.limit / 8)
+    }
+
+    /// Write buffers: take `bytes` within the whole budget, waiting up to `patience` for other
+    /// buffers to come back (uploads finishing) when it is spent; past that, take them anyway.
+    /// The wait bounds memory when many files are written at once; the overdraw after it keeps
+    /// a writer from waiting forever on files that other applications hold open without writing.
+    pub async fn reserve_waiting(self: &Arc<Self>, bytes: u64, patience: Duration) -> Reservation {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if let Some(r) = self.try_reserve_below(bytes, self.limit) {
+                return r;
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                tracing::debug!(
+                    bytes,
+                    used = self.used(),
+                    limit = self.limit,
+                    "memory budget spent for {patience:?}; a write buffer goes over it"
+                );
+                return self.reserve_required(bytes);
+            }
+        }
+    }
+
+    fn try_reserve_below(self: &Arc<Self>, bytes: u64, limit: u64) -> Option<Reservation> {
         let mut cur = self.used.load(Ordering::Relaxed);
         loop {
             let next = cur.checked_add(bytes)?;
-            if next > optional_limit {
+            if next > limit {
                 return None;
             }
             match self
@@ -104,7 +136,10 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+        if self.bytes > 0 {
+            self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+            self.budget.released.notify_waiters();
+        }
     }
 }
 
@@ -130,5 +165,34 @@ mod tests {
         let r4 = b.reserve_required(12);
         assert_eq!(b.used(), 100);
         drop((r3, r4));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_writer_gets_memory_when_it_comes_back_and_never_waits_forever() {
+        let b = Budget::new(100);
+        let held = b.reserve_required(100);
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move {
+                let t = std::time::Instant::now();
+                let r = b.reserve_waiting(30, Duration::from_secs(30)).await;
+                (r, t.elapsed())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(b.used(), 100, "still waiting: nothing came back");
+        drop(held);
+        let (r, waited) = waiter.await.unwrap();
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+        assert_eq!(r.bytes(), 30);
+        assert_eq!(b.peak(), 100, "never over the budget");
+        // Nothing comes back: after its patience the writer goes over rather than hang.
+        let full = b.reserve_required(70);
+        let t = std::time::Instant::now();
+        let over = b.reserve_waiting(10, Duration::from_millis(100)).await;
+        assert!(t.elapsed() >= Duration::from_millis(100));
+        assert_eq!(b.used(), 110);
+        drop((r, full, over));
+        assert_eq!(b.used(), 0);
     }
 }

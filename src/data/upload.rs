@@ -25,6 +25,10 @@ pub const MAX_PARTS: i32 = 10_000;
 pub const MIN_PART: u64 = 5 << 20;
 pub const MAX_PART: u64 = 5 << 30;
 
+/// How long a write waits for other files' buffers to come back when the memory budget is
+/// spent and it has no part of its own uploading, before it takes the memory anyway.
+const BUDGET_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Clone, Copy, Debug)]
 pub struct UploadConfig {
     pub min_part_size: u64,
@@ -167,6 +171,9 @@ pub struct StreamUpload {
     spool: Option<Spool>,
     /// Set once a spool was given up (too large, or the disk refused it).
     spool_off: bool,
+    /// The part for which a write already waited [`BUDGET_PATIENCE`] for memory in vain; the
+    /// rest of that part goes over the budget without waiting again.
+    over_budget_part: Option<i32>,
 }
 
 /// The bytes of a streamed upload, on local disk until the object is complete.
@@ -203,6 +210,7 @@ impl StreamUpload {
             failed: None,
             prefix: None,
             copied_prefix: false,
+            over_budget_part: None,
             recovery_dir: None,
             spool: None,
             spool_off: false,
@@ -260,12 +268,28 @@ impl StreamUpload {
         while !data.is_empty() {
             let cap = self.cfg.part_size(self.next_part);
             let n = ((cap - self.buf.len() as u64) as usize).min(data.len());
-            // Back-pressure: while the budget is spent, let this file's own parts drain first.
+            // Back-pressure: while the budget is spent, let this file's own parts drain first,
+            // then wait a while for other files' uploads to give memory back.
             while self.budget.available() < n as u64 && !self.inflight.is_empty() {
                 self.reap_one().await?;
             }
-            self.buf_reservation
-                .absorb(self.budget.reserve_required(n as u64));
+            let n64 = n as u64;
+            // Waiting helps only when other files hold memory that their uploads give back.
+            let others_hold = self.budget.used() > self.buf_reservation.bytes();
+            let reservation = if self.budget.available() >= n64
+                || !others_hold
+                || self.over_budget_part == Some(self.next_part)
+            {
+                self.budget.reserve_required(n64)
+            } else {
+                let started = std::time::Instant::now();
+                let r = self.budget.reserve_waiting(n64, BUDGET_PATIENCE).await;
+                if started.elapsed() >= BUDGET_PATIENCE {
+                    self.over_budget_part = Some(self.next_part);
+                }
+                r
+            };
+            self.buf_reservation.absorb(reservation);
             if self.buf.capacity() - self.buf.len() < n {
                 self.buf
                     .reserve((cap as usize - self.buf.len()).min(n.max(1 << 20)));

@@ -137,6 +137,8 @@ pub struct DirItem {
     pub entry: Option<DirEntry>,
     /// Inode to report: known ino, or a stable stand-in for entries never looked up.
     pub ino: u64,
+    /// When the directory was opened: the entry shows the bucket as it was then, or later.
+    listed_at: Instant,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -159,6 +161,8 @@ struct DirHandle {
     parent: u64,
     items: Arc<Mutex<Vec<(String, DirEntry)>>>,
     progress: tokio::sync::watch::Receiver<DirProgress>,
+    /// When it was opened (what its entries are at least as new as).
+    listed_at: Instant,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -173,7 +177,7 @@ struct DirProgress {
 
 impl DirHandle {
     /// A directory whose entries are all known.
-    fn complete(ino: u64, parent: u64, items: Vec<(String, DirEntry)>) -> Self {
+    fn complete(ino: u64, parent: u64, items: Vec<(String, DirEntry)>, listed_at: Instant) -> Self {
         let (_tx, progress) = tokio::sync::watch::channel(DirProgress {
             pages: 1,
             ready: items.len(),
@@ -184,6 +188,7 @@ impl DirHandle {
             parent,
             items: Arc::new(Mutex::new(items)),
             progress,
+            listed_at,
         }
     }
 }
@@ -971,7 +976,8 @@ impl Fs {
 
     pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
         let inode = self.dir_inode(ino)?;
-        let handle = match self.stream_listing(&inode) {
+        let opened = Instant::now();
+        let handle = match self.stream_listing(&inode, opened) {
             Some(handle) => {
                 // The first page decides: a failure (no permission, no bucket) fails opendir.
                 let mut rx = handle.progress.clone();
@@ -994,7 +1000,7 @@ impl Fs {
                     .await?;
                 let mut entries = listing.entries.clone();
                 self.add_pending_entries(ino, &inode.key, &mut entries);
-                DirHandle::complete(ino, inode.parent, entries.into_iter().collect())
+                DirHandle::complete(ino, inode.parent, entries.into_iter().collect(), opened)
             }
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -1005,7 +1011,7 @@ impl Fs {
     /// Start fetching the listing of a directory that is neither cached nor being fetched,
     /// handing out its entries page by page (None: the whole listing is at hand or on its way
     /// for someone else, or `--list-metadata` must HEAD the entries first).
-    fn stream_listing(&self, inode: &Inode) -> Option<DirHandle> {
+    fn stream_listing(&self, inode: &Inode, opened: Instant) -> Option<DirHandle> {
         let prefix = inode.key.clone();
         let cached = self
             .listings
@@ -1072,6 +1078,7 @@ impl Fs {
             parent: inode.parent,
             items,
             progress,
+            listed_at: opened,
         })
     }
 
@@ -1110,6 +1117,7 @@ impl Fs {
                     kind: Kind::Dir,
                     entry: None,
                     ino: handle.ino,
+                    listed_at: handle.listed_at,
                 },
                 1 => DirItem {
                     next_offset,
@@ -1117,6 +1125,7 @@ impl Fs {
                     kind: Kind::Dir,
                     entry: None,
                     ino: handle.parent,
+                    listed_at: handle.listed_at,
                 },
                 _ => {
                     let (name, entry) = &items[idx - 2];
@@ -1129,6 +1138,7 @@ impl Fs {
                         kind: entry.kind,
                         entry: Some(entry.clone()),
                         ino,
+                        listed_at: handle.listed_at,
                     }
                 }
             };
@@ -1137,10 +1147,28 @@ impl Fs {
         Ok(out)
     }
 
-    /// For readdirplus: count a lookup of a listed entry and return its attributes.
-    pub fn lookup_listed(&self, dir_ino: u64, name: &str, entry: &DirEntry) -> FsResult<Attr> {
+    /// For readdirplus: count a lookup of a listed entry and return its attributes. What this
+    /// mount knows that is newer than the listing wins: a file it is writing, or one it
+    /// committed, looked up or changed after the directory was opened.
+    pub fn lookup_listed(&self, dir_ino: u64, item: &DirItem) -> FsResult<Attr> {
+        let entry = item.entry.as_ref().ok_or(Errno::EINVAL)?;
         let parent = self.dir_inode(dir_ino)?;
-        Ok(self.remember_entry(&parent, name, entry))
+        let writing = self
+            .pending
+            .lock()
+            .contains_key(&format!("{}{}", parent.key, item.name));
+        {
+            let mut table = self.inodes.lock();
+            let known = table
+                .find(dir_ino, &item.name)
+                .and_then(|ino| table.get_mut(ino))
+                .filter(|i| i.kind == entry.kind && (writing || i.fetched > item.listed_at));
+            if let Some(i) = known {
+                i.lookups += 1;
+                return Ok(i.attr);
+            }
+        }
+        Ok(self.remember_entry(&parent, &item.name, entry))
     }
 
     pub fn releasedir(&self, fh: u64) {

@@ -161,8 +161,8 @@ async fn readdirplus_costs_listing_requests_only() {
     let fh = fs.opendir(d.ino).await.unwrap();
     let items = fs.readdir(fh, 0, usize::MAX).await.unwrap();
     for item in &items {
-        if let Some(e) = &item.entry {
-            let a = fs.lookup_listed(d.ino, &item.name, e).unwrap();
+        if item.entry.is_some() {
+            let a = fs.lookup_listed(d.ino, item).unwrap();
             let want: u64 = item.name[1..].parse().unwrap();
             assert_eq!(a.size, want);
         }
@@ -1202,6 +1202,32 @@ async fn a_listing_that_fails_half_way_gives_what_came_then_the_error() {
     // Nothing half-listed was cached: the next listing is complete.
     store.set_latency(None);
     assert_eq!(list_names(&fs, d.ino).await.len(), 52);
+}
+
+#[tokio::test]
+async fn a_listing_older_than_a_local_write_does_not_shrink_the_file() {
+    let (store, fs) = setup("");
+    store.set_page_size(2);
+    for k in ["d/a", "d/b", "d/c"] {
+        store.insert(k, "v");
+    }
+    let d = fs.lookup(ROOT_INO, b"d").await.unwrap();
+    let (attr, fh) = fs
+        .create(d.ino, b"new", 0o644, libc::O_WRONLY, ME)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"abc").await.unwrap();
+    // Opened while `new` has 3 bytes; it is finished (10 bytes) before the entries are read.
+    let dh = fs.opendir(d.ino).await.unwrap();
+    fs.write(fh, 3, b"defghij").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let items = fs.readdir(dh, 0, usize::MAX).await.unwrap();
+    fs.releasedir(dh);
+    let item = items.iter().find(|i| i.name == "new").expect("listed");
+    assert_eq!(fs.lookup_listed(d.ino, item).unwrap().size, 10);
+    assert_eq!(fs.getattr(attr.ino).await.unwrap().size, 10);
+    assert_eq!(read_all(&fs, attr.ino).await, b"abcdefghij");
 }
 
 #[test]
