@@ -18,15 +18,24 @@ use crate::fs::{Attr, Caller, Errno, Fs, Kind, SetAttr};
 const DIR_SLICE: usize = 64;
 
 /// Hand directory entries from `offset` on to `add`, a slice at a time, until it reports the
-/// reply full (`Ok(true)`) or the directory ends.
+/// reply full (`Ok(true)`), the directory ends, or (once the reply holds something) no more
+/// entries have arrived yet: a directory whose listing is still coming goes to the kernel in
+/// the pieces that have come, and a listing that fails half way gives what came before the
+/// error, which the next request then gets.
 async fn fill_dir(
     fs: &Fs,
     fh: u64,
     mut offset: i64,
     mut add: impl FnMut(crate::fs::DirItem) -> Result<bool, i32>,
 ) -> Result<(), i32> {
+    let mut first = true;
     loop {
-        let items = fs.readdir(fh, offset, DIR_SLICE).await.map_err(|e| e.0)?;
+        let items = match fs.readdir(fh, offset, DIR_SLICE, first).await {
+            Ok(items) => items,
+            Err(_) if !first => return Ok(()),
+            Err(e) => return Err(e.0),
+        };
+        first = false;
         let Some(last) = items.last().map(|i| i.next_offset) else {
             return Ok(());
         };

@@ -697,3 +697,72 @@ fn one_gib_through_a_flaky_store_is_byte_identical() {
     assert!(server.open_uploads(&bucket).is_empty());
     assert!(injected >= 20, "faults were injected: {injected}");
 }
+
+/// A large directory is handed to `ls` while its pages arrive; when a later page cannot be had,
+/// `ls` gets the entries before it and then EIO, and nothing half-listed is kept: once the store
+/// answers again, the whole directory is listed.
+#[test]
+fn a_listing_that_breaks_half_way_gives_eio_and_is_not_kept() {
+    let server = garage();
+    let bucket = server.new_bucket();
+    let client = server.client();
+    let b = bucket.clone();
+    support::rt().block_on(async move {
+        use futures::StreamExt;
+        futures::stream::iter(0..2_500)
+            .map(|i| {
+                let (c, b) = (client.clone(), b.clone());
+                async move {
+                    c.put_object()
+                        .bucket(&b)
+                        .key(format!("big/f{i:05}"))
+                        .body(Vec::new().into())
+                        .send()
+                        .await
+                        .expect("put")
+                }
+            })
+            .buffer_unordered(64)
+            .collect::<Vec<_>>()
+            .await;
+    });
+    let proxy = FaultProxy::start(server.port());
+    let m = Mount::via(server, &proxy.endpoint(), &bucket, &["--max-attempts", "2"]);
+    // Every request for a second or later page of a listing fails.
+    proxy.fail_some("GET", "continuation-token", 500, 1000);
+    // Entries read one by one until the error (`ls` shows nothing when readdir fails).
+    let script = format!(
+        "import os\nn = 0\ntry:\n    for e in os.scandir({:?}):\n        n += 1\n    print(n, 0)\nexcept OSError as e:\n    print(n, e.errno)\n",
+        m.join("big").display().to_string()
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut words = said
+        .split_whitespace()
+        .map(|w| w.parse::<usize>().unwrap_or(0));
+    let (listed, errno) = (words.next().unwrap_or(0), words.next().unwrap_or(0));
+    assert_eq!(
+        errno,
+        libc::EIO as usize,
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The first page (1,000 keys) was handed out before the second one failed.
+    assert!(
+        (900..2_500).contains(&listed),
+        "{listed} entries before the error: {said}"
+    );
+    let out = support::sh(&format!("ls -1 '{}'", m.join("big").display()));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success() && err.contains("Input/output error"),
+        "{err}"
+    );
+    proxy.clear();
+    let out = support::sh(&format!("ls -1 '{}' | wc -l", m.join("big").display()));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2500");
+}

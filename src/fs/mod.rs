@@ -1084,21 +1084,31 @@ impl Fs {
 
     /// Up to `limit` entries from `offset` on (0 is the start; `.` and `..` come first). The
     /// kernel takes a few dozen per request, so a large directory is handed out in slices,
-    /// never copied whole per request; while the listing is still arriving, this waits for the
-    /// entries asked for (or for the end of the listing).
-    pub async fn readdir(&self, fh: u64, offset: i64, limit: usize) -> FsResult<Vec<DirItem>> {
+    /// never copied whole per request. While the listing is still arriving, `wait` waits for
+    /// the entries asked for (or for the end of the listing); without it, this returns what is
+    /// there now (nothing, if nothing is), so a reply can go out with what has arrived.
+    pub async fn readdir(
+        &self,
+        fh: u64,
+        offset: i64,
+        limit: usize,
+        wait: bool,
+    ) -> FsResult<Vec<DirItem>> {
         let handle = self.dirs.lock().get(&fh).cloned().ok_or(Errno::EBADF)?;
         let start = usize::try_from(offset).map_err(|_| Errno::EINVAL)?;
         let want = start.saturating_add(limit).saturating_sub(2);
         let mut rx = handle.progress.clone();
-        let progress = self
-            .bounded("readdir", handle.ino, async move {
+        let progress = if wait {
+            self.bounded("readdir", handle.ino, async move {
                 rx.wait_for(|p| p.ready >= want || p.end.is_some())
                     .await
                     .map(|p| *p)
                     .map_err(|_| Errno::EIO)
             })
-            .await?;
+            .await?
+        } else {
+            *rx.borrow()
+        };
         let items = handle.items.lock();
         if start >= items.len() + 2 {
             if let Some(Err(e)) = progress.end {

@@ -34,7 +34,7 @@ fn setup(prefix: &str) -> (Arc<MockStore>, Fs) {
 
 async fn list_names(fs: &Fs, ino: u64) -> Vec<(String, Kind)> {
     let fh = fs.opendir(ino).await.unwrap();
-    let items = fs.readdir(fh, 0, usize::MAX).await.unwrap();
+    let items = fs.readdir(fh, 0, usize::MAX, true).await.unwrap();
     fs.releasedir(fh);
     items.into_iter().map(|i| (i.name, i.kind)).collect()
 }
@@ -159,7 +159,7 @@ async fn readdirplus_costs_listing_requests_only() {
     let d = fs.lookup(ROOT_INO, b"d").await.unwrap();
     store.reset_counters();
     let fh = fs.opendir(d.ino).await.unwrap();
-    let items = fs.readdir(fh, 0, usize::MAX).await.unwrap();
+    let items = fs.readdir(fh, 0, usize::MAX, true).await.unwrap();
     for item in &items {
         if item.entry.is_some() {
             let a = fs.lookup_listed(d.ino, item).unwrap();
@@ -1074,7 +1074,7 @@ async fn readdir_all(fs: &Fs, fh: u64, limit: usize) -> FsResult<Vec<(String, Ki
     let mut out = Vec::new();
     let mut offset = 0;
     loop {
-        let items = fs.readdir(fh, offset, limit).await?;
+        let items = fs.readdir(fh, offset, limit, true).await?;
         let Some(last) = items.last() else {
             return Ok(out);
         };
@@ -1159,10 +1159,13 @@ async fn readdir_hands_out_entries_before_the_last_page_arrives() {
     let d = fs.lookup(ROOT_INO, b"big").await.unwrap();
     let before = store.counters.list.load(Ordering::Relaxed);
     let fh = fs.opendir(d.ino).await.unwrap();
-    let first = fs.readdir(fh, 0, 12).await.unwrap();
+    let first = fs.readdir(fh, 0, 12, true).await.unwrap();
     assert_eq!(first.len(), 12);
     let pages = store.counters.list.load(Ordering::Relaxed) - before;
     assert!(pages < 10, "12 entries came after {pages} of 10 pages");
+    // Without waiting: what has come so far, at once.
+    let now = fs.readdir(fh, 0, 1000, false).await.unwrap();
+    assert!((12..102).contains(&now.len()), "{}", now.len());
     let rest = readdir_all(&fs, fh, 64).await.unwrap();
     assert_eq!(rest.len(), 102, "all 100 files and . and ..");
     fs.releasedir(fh);
@@ -1187,7 +1190,7 @@ async fn a_listing_that_fails_half_way_gives_what_came_then_the_error() {
     let mut offset = 0;
     let mut seen = 0;
     let err = loop {
-        match fs.readdir(fh, offset, 8).await {
+        match fs.readdir(fh, offset, 8, true).await {
             Ok(items) if items.is_empty() => panic!("the listing cannot have ended"),
             Ok(items) => {
                 seen += items.len();
@@ -1222,7 +1225,7 @@ async fn a_listing_older_than_a_local_write_does_not_shrink_the_file() {
     fs.write(fh, 3, b"defghij").await.unwrap();
     fs.flush(fh).await.unwrap();
     fs.release(fh).await.unwrap();
-    let items = fs.readdir(dh, 0, usize::MAX).await.unwrap();
+    let items = fs.readdir(dh, 0, usize::MAX, true).await.unwrap();
     fs.releasedir(dh);
     let item = items.iter().find(|i| i.name == "new").expect("listed");
     assert_eq!(fs.lookup_listed(d.ino, item).unwrap().size, 10);
