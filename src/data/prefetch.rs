@@ -715,6 +715,16 @@ mod tests {
             store.counters.bytes_fetched.load(Ordering::Relaxed),
             1 << 20
         );
+        // It is written to the disk cache again, good this time (and before the directory goes).
+        for _ in 0..500 {
+            if cache.disk_usage().unwrap().0 == 6
+                && std::fs::read(&path).map_or(0, |b| b.len()) == n
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(cache.disk_usage().unwrap().0, 6);
     }
 
     #[tokio::test]
