@@ -705,27 +705,7 @@ fn one_gib_through_a_flaky_store_is_byte_identical() {
 fn a_listing_that_breaks_half_way_gives_eio_and_is_not_kept() {
     let server = garage();
     let bucket = server.new_bucket();
-    let client = server.client();
-    let b = bucket.clone();
-    support::rt().block_on(async move {
-        use futures::StreamExt;
-        futures::stream::iter(0..2_500)
-            .map(|i| {
-                let (c, b) = (client.clone(), b.clone());
-                async move {
-                    c.put_object()
-                        .bucket(&b)
-                        .key(format!("big/f{i:05}"))
-                        .body(Vec::new().into())
-                        .send()
-                        .await
-                        .expect("put")
-                }
-            })
-            .buffer_unordered(64)
-            .collect::<Vec<_>>()
-            .await;
-    });
+    server.put_empty_many(&bucket, (0..2_500).map(|i| format!("big/f{i:05}")));
     let proxy = FaultProxy::start(server.port());
     let m = Mount::via(server, &proxy.endpoint(), &bucket, &["--max-attempts", "2"]);
     // Every request for a second or later page of a listing fails.

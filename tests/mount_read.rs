@@ -219,28 +219,7 @@ fn prefix_mount_and_s3fs_metadata() {
 fn big_directory_lists_completely() {
     let server = server();
     let bucket = server.new_bucket();
-    let client = server.client();
-    let b = bucket.clone();
-    rt().block_on(async move {
-        use futures::StreamExt;
-        futures::stream::iter(0..25_000)
-            .map(|i| {
-                let c = client.clone();
-                let b = b.clone();
-                async move {
-                    c.put_object()
-                        .bucket(&b)
-                        .key(format!("many/k{i:05}"))
-                        .body(Vec::new().into())
-                        .send()
-                        .await
-                        .expect("put")
-                }
-            })
-            .buffer_unordered(64)
-            .collect::<Vec<_>>()
-            .await;
-    });
+    server.put_empty_many(&bucket, (0..25_000).map(|i| format!("many/k{i:05}")));
     let m = Mount::new(server, &bucket, &[]);
     let n = std::fs::read_dir(m.join("many")).unwrap().count();
     assert_eq!(n, 25_000);

@@ -50,17 +50,22 @@ impl Budget {
     }
 
     /// Write buffers: take `bytes` within the whole budget, waiting up to `patience` for other
-    /// buffers to come back (uploads finishing) when it is spent; past that, take them anyway.
-    /// The wait bounds memory when many files are written at once; the overdraw after it keeps
-    /// a writer from waiting forever on files that other applications hold open without writing.
-    pub async fn reserve_waiting(self: &Arc<Self>, bytes: u64, patience: Duration) -> Reservation {
+    /// buffers to come back (uploads finishing) when it is spent; past that, take them anyway
+    /// (the flag says so). The wait bounds memory when many files are written at once; the
+    /// overdraw after it keeps a writer from waiting forever on files that other applications
+    /// hold open without writing.
+    pub async fn reserve_waiting(
+        self: &Arc<Self>,
+        bytes: u64,
+        patience: Duration,
+    ) -> (Reservation, bool) {
         let deadline = tokio::time::Instant::now() + patience;
         loop {
             let released = self.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
             if let Some(r) = self.try_reserve_below(bytes, self.limit) {
-                return r;
+                return (r, false);
             }
             if tokio::time::timeout_at(deadline, released).await.is_err() {
                 tracing::debug!(
@@ -69,7 +74,7 @@ impl Budget {
                     limit = self.limit,
                     "memory budget spent for {patience:?}; a write buffer goes over it"
                 );
-                return self.reserve_required(bytes);
+                return (self.reserve_required(bytes), true);
             }
         }
     }
@@ -175,7 +180,7 @@ mod tests {
             let b = b.clone();
             tokio::spawn(async move {
                 let t = std::time::Instant::now();
-                let r = b.reserve_waiting(30, Duration::from_secs(30)).await;
+                let (r, _) = b.reserve_waiting(30, Duration::from_secs(30)).await;
                 (r, t.elapsed())
             })
         };
@@ -189,7 +194,7 @@ mod tests {
         // Nothing comes back: after its patience the writer goes over rather than hang.
         let full = b.reserve_required(70);
         let t = std::time::Instant::now();
-        let over = b.reserve_waiting(10, Duration::from_millis(100)).await;
+        let (over, _) = b.reserve_waiting(10, Duration::from_millis(100)).await;
         assert!(t.elapsed() >= Duration::from_millis(100));
         assert_eq!(b.used(), 110);
         drop((r, full, over));

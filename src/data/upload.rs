@@ -282,9 +282,8 @@ impl StreamUpload {
             {
                 self.budget.reserve_required(n64)
             } else {
-                let started = std::time::Instant::now();
-                let r = self.budget.reserve_waiting(n64, BUDGET_PATIENCE).await;
-                if started.elapsed() >= BUDGET_PATIENCE {
+                let (r, over) = self.budget.reserve_waiting(n64, BUDGET_PATIENCE).await;
+                if over {
                     self.over_budget_part = Some(self.next_part);
                 }
                 r

@@ -1031,19 +1031,18 @@ impl Fs {
         let dir = prefix.clone();
         let on_page: OnPage = Box::new(move |listing: &Listing, end: PageEnd<'_>| {
             let mut items = out.lock();
-            let done = match end {
+            // Entries at or before `last` are final; at the end, all are.
+            let last = match end {
                 PageEnd::Failed(e) => {
                     tx.send_modify(|p| p.end = Some(Err(e)));
                     return;
                 }
-                PageEnd::More(_) => false,
-                PageEnd::Done => true,
+                PageEnd::More(last) => Some(last),
+                PageEnd::Done => None,
             };
+            let done = last.is_none();
             for (name, entry) in &listing.entries {
-                let settled = match end {
-                    PageEnd::More(last) => entry_settled(&dir, name, last),
-                    _ => true,
-                };
+                let settled = last.is_none_or(|last| entry_settled(&dir, name, last));
                 if settled && !emitted.contains(name) {
                     emitted.insert(name.clone());
                     let entry = pending.remove(name).unwrap_or_else(|| entry.clone());
@@ -1163,16 +1162,14 @@ impl Fs {
     pub fn lookup_listed(&self, dir_ino: u64, item: &DirItem) -> FsResult<Attr> {
         let entry = item.entry.as_ref().ok_or(Errno::EINVAL)?;
         let parent = self.dir_inode(dir_ino)?;
-        let writing = self
-            .pending
-            .lock()
-            .contains_key(&format!("{}{}", parent.key, item.name));
         {
+            // Lock order inodes, then pending: nothing takes them the other way round.
             let mut table = self.inodes.lock();
             let known = table
                 .find(dir_ino, &item.name)
                 .and_then(|ino| table.get_mut(ino))
-                .filter(|i| i.kind == entry.kind && (writing || i.fetched > item.listed_at));
+                .filter(|i| i.kind == entry.kind)
+                .filter(|i| i.fetched > item.listed_at || self.pending.lock().contains_key(&i.key));
             if let Some(i) = known {
                 i.lookups += 1;
                 return Ok(i.attr);

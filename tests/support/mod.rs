@@ -36,24 +36,22 @@ pub struct S3Server {
 /// Servers and directories to remove when the test process exits. Servers live in statics, which
 /// are never dropped, and their data (more than a GiB after the big tests) would otherwise stay in
 /// the temporary directory of every run: CI once ran out of disk that way.
-static AT_EXIT: Mutex<Vec<(Option<u32>, PathBuf)>> = Mutex::new(Vec::new());
+static AT_EXIT: Mutex<Vec<(u32, PathBuf)>> = Mutex::new(Vec::new());
 
 extern "C" fn clean_up_at_exit() {
     let items = std::mem::take(&mut *AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()));
     for (pid, dir) in items {
-        if let Some(pid) = pid {
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGKILL);
-                libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0);
-            }
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0);
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
-/// Kill `pid` (if any) and remove `dir` when the test process exits, whether its tests passed or
+/// Kill server `pid` and remove its `dir` when the test process exits, whether its tests passed or
 /// failed (libtest leaves through `exit`, which runs atexit handlers).
-fn clean_up_at_exit_of(pid: Option<u32>, dir: &Path) {
+fn clean_up_at_exit_of(pid: u32, dir: &Path) {
     static REGISTER: Once = Once::new();
     REGISTER.call_once(|| unsafe {
         libc::atexit(clean_up_at_exit);
@@ -232,7 +230,7 @@ admin_token = "s3mount-test-admin-token"
         &["key", "allow", "--create-bucket", "s3mount-test"],
     );
     wait_port(s3, &mut child, &log);
-    clean_up_at_exit_of(Some(child.id()), dir.path());
+    clean_up_at_exit_of(child.id(), dir.path());
     std::mem::forget(child);
     S3Server {
         kind: Kind::Garage,
@@ -262,7 +260,7 @@ fn start_moto() -> S3Server {
     .stderr(logf);
     let mut child = spawn_long_lived(cmd);
     wait_port(port, &mut child, &log);
-    clean_up_at_exit_of(Some(child.id()), dir.path());
+    clean_up_at_exit_of(child.id(), dir.path());
     std::mem::forget(child);
     S3Server {
         kind: Kind::Moto,
@@ -343,6 +341,29 @@ impl S3Server {
         rt().block_on(async move { c.create_bucket().bucket(&n).send().await })
             .expect("create bucket");
         name
+    }
+
+    /// Empty objects under `keys`, 64 PUTs at a time (directories at scale).
+    pub fn put_empty_many(&self, bucket: &str, keys: impl Iterator<Item = String>) {
+        use futures::StreamExt;
+        let c = self.client();
+        rt().block_on(
+            futures::stream::iter(keys)
+                .map(|key| {
+                    let c = c.clone();
+                    async move {
+                        c.put_object()
+                            .bucket(bucket)
+                            .key(&key)
+                            .body(ByteStream::from(Vec::new()))
+                            .send()
+                            .await
+                            .unwrap_or_else(|e| panic!("put {key}: {e:?}"))
+                    }
+                })
+                .buffer_unordered(64)
+                .collect::<Vec<_>>(),
+        );
     }
 
     pub fn put(&self, bucket: &str, key: &str, body: impl Into<Vec<u8>>) {
