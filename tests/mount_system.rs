@@ -275,3 +275,131 @@ fn secrets_never_reach_the_log_even_at_trace_level() {
         "a request signature appears in the log"
     );
 }
+
+/// Run `script` with sh as uid/gid 65534 (nobody); returns (exit code, stderr).
+fn as_nobody(script: &str) -> (i32, String) {
+    use std::os::unix::process::CommandExt;
+    let out = Command::new("sh")
+        .args(["-c", script])
+        .uid(65534)
+        .gid(65534)
+        .current_dir("/")
+        .output()
+        .expect("run sh as nobody");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Security defaults through the real binary: without --allow-other nobody but the mounting
+/// user gets in; with it, the kernel enforces each file's mode bits (default_permissions); the
+/// data a write stages locally is 0600 under 0700 directories.
+#[test]
+fn other_users_are_kept_out_and_mode_bits_are_enforced() {
+    use std::os::unix::fs::PermissionsExt;
+    require_fuse();
+    let server = server();
+    let bucket = server.new_bucket();
+    server.put(&bucket, "public.txt", "for everyone");
+    server.put_with_meta(&bucket, "private.txt", "root only", &[("mode", "33152")]); // 0100600
+    server.put(&bucket, "open/inside.txt", "x");
+
+    // Default: another user cannot even look at the mount point.
+    let m = Mount::new(server, &bucket, &["--metadata-ttl", "0"]);
+    let root = m.path().display().to_string();
+    assert_eq!(
+        std::fs::read(m.join("public.txt")).unwrap(),
+        b"for everyone"
+    );
+    let (code, err) = as_nobody(&format!("stat '{root}/public.txt'"));
+    assert_ne!(
+        code, 0,
+        "nobody could stat a file of a mount without --allow-other"
+    );
+    assert!(err.contains("Permission denied"), "{err}");
+    let (code, _) = as_nobody(&format!("ls '{root}'"));
+    assert_ne!(code, 0, "nobody could list a mount without --allow-other");
+    drop(m);
+
+    // --allow-other: in, but mode bits hold.
+    let staging = tempfile::tempdir().unwrap();
+    let staging_dir = staging.path().join("stage");
+    let m = Mount::new(
+        server,
+        &bucket,
+        &[
+            "--allow-other",
+            "--metadata-ttl",
+            "0",
+            "--staging-dir",
+            staging_dir.to_str().unwrap(),
+        ],
+    );
+    let root = m.path().display().to_string();
+    let (code, err) = as_nobody(&format!("cat '{root}/public.txt'"));
+    assert_eq!(
+        (code, err.as_str()),
+        (0, ""),
+        "a 0644 file is readable by others"
+    );
+    let (code, err) = as_nobody(&format!("cat '{root}/private.txt'"));
+    assert_ne!(code, 0, "nobody read a 0600 file of root");
+    assert!(err.contains("Permission denied"), "{err}");
+    let (code, err) = as_nobody(&format!("echo overwritten > '{root}/public.txt'"));
+    assert_ne!(code, 0, "nobody wrote to a 0644 file of root");
+    assert!(err.contains("Permission denied"), "{err}");
+    let (code, err) = as_nobody(&format!("echo new > '{root}/open/created.txt'"));
+    assert_ne!(code, 0, "nobody created a file in root's 0755 directory");
+    assert!(err.contains("Permission denied"), "{err}");
+    let (code, _) = as_nobody(&format!("rm -f '{root}/public.txt'"));
+    assert_eq!(code, 1, "nobody removed a file from root's 0755 directory");
+    // The owner may give the file away; then its new mode bits count.
+    std::fs::set_permissions(
+        m.join("private.txt"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let (code, err) = as_nobody(&format!("cat '{root}/private.txt'"));
+    assert_eq!(
+        (code, err.as_str()),
+        (0, ""),
+        "after chmod 644 the file is readable"
+    );
+    assert_eq!(server.get(&bucket, "public.txt").unwrap(), b"for everyone");
+    assert_eq!(server.get(&bucket, "open/created.txt"), None);
+
+    // An in-place edit stages its bytes locally: 0600 files in 0700 directories.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(m.join("public.txt"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_at(&mut f, b"F", 0).unwrap();
+    let mut seen = Vec::new();
+    let mut stack = vec![staging_dir.clone()];
+    while let Some(d) = stack.pop() {
+        let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "staging directory {} is {mode:o}", d.display());
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                let mode = e.metadata().unwrap().permissions().mode() & 0o777;
+                assert_eq!(
+                    mode,
+                    0o600,
+                    "staged file {} is {mode:o}",
+                    e.path().display()
+                );
+                seen.push(e.path());
+            }
+        }
+    }
+    assert!(
+        !seen.is_empty(),
+        "the in-place edit staged nothing under {staging_dir:?}"
+    );
+    drop(f);
+    assert_eq!(server.get(&bucket, "public.txt").unwrap(), b"For everyone");
+}
