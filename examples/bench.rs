@@ -434,17 +434,11 @@ impl Mounted {
             / 1024.0
     }
 
-    /// Unmounts, waits for the daemon to exit, and returns its log.
     /// Unmount and return the daemon's log (also copied into $BENCH_KEEP_LOGS when set, e.g.
     /// with S3MOUNT_LOG=s3mount=debug to see every request and its time).
     fn finish(self) -> String {
         let log = self.log.clone();
         drop(self);
-        if let Some(keep) = std::env::var_os("BENCH_KEEP_LOGS") {
-            let _ = std::fs::create_dir_all(&keep);
-            let name = log.file_name().unwrap_or_default();
-            let _ = std::fs::copy(&log, Path::new(&keep).join(name));
-        }
         std::fs::read_to_string(log).unwrap_or_default()
     }
 }
@@ -453,6 +447,11 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.dir).status();
         let _ = self.child.wait();
+        if let Some(keep) = std::env::var_os("BENCH_KEEP_LOGS") {
+            let _ = std::fs::create_dir_all(&keep);
+            let name = self.log.file_name().unwrap_or_default();
+            let _ = std::fs::copy(&self.log, Path::new(&keep).join(name));
+        }
     }
 }
 
@@ -720,7 +719,9 @@ fn sequential_and_small(b: &Bench, data: &[u8], src: &Path, files: usize) -> f64
     let rss_write = m.peak_rss_mib();
     drop(m);
 
+    let (c0, pg0) = (cpu_seconds(std::process::id()), cpu_seconds(b.garage_pid));
     let plain_r = b.rt.block_on(plain_get(c, "plain.bin", size));
+    let (c1, pg1) = (cpu_seconds(std::process::id()), cpu_seconds(b.garage_pid));
     let m = b.mount();
     let daemon = m.child.id();
     let garage = b.garage_pid;
@@ -736,13 +737,17 @@ fn sequential_and_small(b: &Bench, data: &[u8], src: &Path, files: usize) -> f64
     row_mbps("cold sequential read (dd)", pr, mbps(size, cold));
     row_mbps("warm re-read (page cache)", pr, mbps(size, warm));
     println!(
-        "  (cold read: {:.1} s wall, daemon {:.1} CPU-s, garage {:.1} CPU-s, on {} cores)",
+        "  (cold read: {:.1} s wall, daemon {:.1} CPU-s, garage {:.1} CPU-s, on {} cores;\n   \
+         plain GET: {:.1} s wall, client {:.1} CPU-s, garage {:.1} CPU-s)",
         cold.as_secs_f64(),
         d1 - d0,
         g1 - g0,
         std::thread::available_parallelism()
             .map(|n| n.get())
-            .unwrap_or(1)
+            .unwrap_or(1),
+        plain_r.as_secs_f64(),
+        c1 - c0,
+        pg1 - pg0,
     );
 
     let small = vec![7u8; 4096];

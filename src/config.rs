@@ -187,6 +187,8 @@ impl Config {
         };
         fs.prefetch = PrefetchConfig {
             max_window: cli.max_prefetch,
+            // The kernel keeps up to about two read-ahead windows of requests in flight.
+            reorder: cli.kernel_read_ahead.saturating_mul(2).max(1 << 20),
             ..PrefetchConfig::default()
         };
         fs.defaults = AttrDefaults {

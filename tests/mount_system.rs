@@ -370,11 +370,11 @@ fn other_users_are_kept_out_and_mode_bits_are_enforced() {
     assert_eq!(server.get(&bucket, "open/created.txt"), None);
 
     // An in-place edit stages its bytes locally: 0600 files in 0700 directories.
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .write(true)
         .open(m.join("public.txt"))
         .unwrap();
-    std::os::unix::fs::FileExt::write_at(&mut f, b"F", 0).unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, b"F", 0).unwrap();
     let mut seen = Vec::new();
     let mut stack = vec![staging_dir.clone()];
     while let Some(d) = stack.pop() {

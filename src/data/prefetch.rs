@@ -26,6 +26,10 @@ pub struct PrefetchConfig {
     pub max_request: u64,
     /// Alignment of GETs for random reads (they fetch only the pages asked for).
     pub random_align: u64,
+    /// How far behind the furthest read a read may land and still be part of the same
+    /// sequential stream: the kernel's read-ahead sends several requests at once and they
+    /// arrive in any order (about twice its read-ahead window).
+    pub reorder: u64,
 }
 
 impl Default for PrefetchConfig {
@@ -35,6 +39,7 @@ impl Default for PrefetchConfig {
             max_window: 64 << 20,
             max_request: 8 << 20,
             random_align: 4 << 10,
+            reorder: 8 << 20,
         }
     }
 }
@@ -96,8 +101,10 @@ fn combine_blocks(blocks: &[u32], size: u64, from: usize, to: usize) -> u32 {
 
 struct ReaderState {
     chunks: BTreeMap<u64, Chunk>,
-    /// End of the last read served.
+    /// End of the last read served (of a sequential stream: the furthest end).
     last_end: u64,
+    /// A sequential stream is under way: reads continued one another and its prefetch runs.
+    streaming: bool,
     window: u64,
     /// How far ahead fetches have been issued.
     fetched_end: u64,
@@ -144,6 +151,7 @@ impl ObjectReader {
         let state = ReaderState {
             chunks: BTreeMap::new(),
             last_end: 0,
+            streaming: false,
             window: cfg.initial_window,
             fetched_end: 0,
             consumed: 0,
@@ -193,12 +201,14 @@ impl ObjectReader {
             if let Some(e) = &st.poisoned {
                 return Err(e.clone());
             }
-            // Sequential: the read continues the last one, or lands near it while prefetched
-            // data runs ahead (the kernel sends read-ahead requests in parallel, out of order).
-            let streaming = st.fetched_end > st.last_end;
+            // Sequential: the read continues the last one, or, while a stream's prefetch runs,
+            // lands ahead in what is fetched or a little behind the furthest read (the kernel
+            // sends read-ahead requests in parallel and they arrive out of order: a reset there
+            // would restart the window at every reordering).
+            let streaming = st.streaming && st.fetched_end > st.last_end;
             let sequential = offset == st.last_end
                 || (streaming && offset > st.last_end && offset < st.fetched_end)
-                || (streaming && offset < st.last_end && st.last_end - offset <= BACK_KEEP);
+                || (streaming && offset < st.last_end && st.last_end - offset <= self.cfg.reorder);
             if sequential {
                 // Double the window each time the reader has consumed half of it (not on the
                 // first read, so a small read of a large file stays small).
@@ -211,11 +221,16 @@ impl ObjectReader {
                 }
                 // Chunks the whole-object checksum has not taken in yet stay too (the kernel's
                 // parallel read-ahead requests arrive out of order).
+                // Reads that arrive late, out of order, still find their chunks: keep what lies
+                // within the reordering distance behind the furthest read.
                 let verified_to = st.verify.as_ref().map_or(0, |v| v.pos);
-                st.chunks
-                    .retain(|_, c| c.range.end + BACK_KEEP > offset || c.range.end > verified_to);
+                let keep_from = st.last_end.max(end).saturating_sub(self.cfg.reorder / 2);
+                st.chunks.retain(|_, c| {
+                    c.range.end + BACK_KEEP > offset.min(keep_from) || c.range.end > verified_to
+                });
             } else {
                 st.window = self.cfg.initial_window;
+                st.streaming = false;
                 st.fetched_end = 0;
                 st.consumed = 0;
                 while st.chunks.len() > RANDOM_KEEP {
@@ -224,10 +239,14 @@ impl ObjectReader {
             }
             self.fill(&mut st, offset, end, true, sequential);
             if sequential {
-                let ahead = (end + st.window).min(self.size);
-                self.fill(&mut st, end, ahead, false, true);
+                st.streaming = true;
+                let from = st.last_end.max(end);
+                let ahead = (from + st.window).min(self.size);
+                self.fill(&mut st, from, ahead, false, true);
+                st.last_end = from;
+            } else {
+                st.last_end = end;
             }
-            st.last_end = end;
             st.chunks
                 .range(..end)
                 .filter(|(_, c)| c.range.end > offset)
@@ -627,6 +646,34 @@ mod tests {
         // 160 kernel-sized reads must become far fewer GETs, and nothing is fetched twice.
         assert!(gets <= 20, "{gets} GETs for 20 MiB");
         assert_eq!(fetched, body.len() as u64);
+    }
+
+    /// The kernel's parallel read-ahead requests arrive out of order (here each 4 MiB comes as
+    /// 1 MiB reads in the order 1, 0, 3, 2): the stream stays one stream, its window keeps
+    /// growing, and nothing is fetched twice.
+    #[tokio::test]
+    async fn reordered_read_ahead_stays_one_stream() {
+        let store = Arc::new(MockStore::new());
+        let body = data(64 << 20);
+        store.insert("k", body.clone());
+        let r = reader(&store, "k", body.len() as u64, 256 << 20);
+        const MIB: u64 = 1 << 20;
+        let mut order: Vec<u64> = (0..4).collect();
+        for group in (4..64).step_by(4) {
+            order.extend([group + 1, group, group + 3, group + 2]);
+        }
+        for m in order {
+            let b = r.read(m * MIB, MIB as u32).await.unwrap();
+            assert!(
+                b[..] == body[(m * MIB) as usize..((m + 1) * MIB) as usize],
+                "MiB {m} differs"
+            );
+        }
+        let gets = store.counters.get.load(Ordering::Relaxed);
+        let fetched = store.counters.bytes_fetched.load(Ordering::Relaxed);
+        assert_eq!(fetched, body.len() as u64, "nothing fetched twice");
+        // A window restarted at every reordering would take 1 and 2 MiB GETs: ~40 of them.
+        assert!(gets <= 16, "{gets} GETs for 64 MiB");
     }
 
     #[tokio::test]

@@ -52,12 +52,18 @@ impl BufferPool {
         })
     }
 
+    /// Keep a buffer for reuse. Beyond the bound the oldest idle buffers are freed instead, so
+    /// the pool follows the sizes a reader asks for now (a window grows from 1 to 8 MiB pieces).
     fn give_back(&self, mut buf: Vec<u8>) {
+        if buf.capacity() > self.max_idle_bytes {
+            return;
+        }
+        buf.clear();
         let mut idle = self.idle.lock();
-        let held: usize = idle.iter().map(Vec::capacity).sum();
-        if held + buf.capacity() <= self.max_idle_bytes {
-            buf.clear();
-            idle.push(buf);
+        idle.push(buf);
+        let mut held: usize = idle.iter().map(Vec::capacity).sum();
+        while held > self.max_idle_bytes {
+            held -= idle.remove(0).capacity();
         }
     }
 
@@ -115,6 +121,17 @@ mod tests {
             .collect();
         drop(big);
         assert!(pool.idle_bytes() <= 8 << 20);
+        // A full pool makes room for the newest buffer: the sizes in use now are the ones kept.
+        let small = pool.freeze(Vec::with_capacity(2 << 20));
+        drop(small);
+        let eight = pool.freeze(vec![0u8; 8 << 20]);
+        drop(eight);
+        assert_eq!(
+            pool.idle_bytes(),
+            8 << 20,
+            "only the 8 MiB buffer fits the bound"
+        );
+        assert!(pool.take(8 << 20).capacity() >= 8 << 20);
         // Small buffers are never pooled.
         drop(pool.freeze(vec![1, 2, 3]));
         assert!(pool.idle_bytes() <= 8 << 20);
