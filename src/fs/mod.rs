@@ -274,6 +274,14 @@ const PREFETCH_PARALLEL: usize = 8;
 /// all, and how many walks (over key ranges split at subdirectories) run at once.
 const FLAT_PAGES: usize = 16;
 const PARALLEL_WALKS: usize = 4;
+/// How long a listing of a subdirectory a walk is about to reach waits for it before listing
+/// the subdirectory itself.
+const WALK_WAIT: Duration = Duration::from_secs(1);
+
+/// Subdirectories a walk will list on its way, each with the listing future others join
+/// meanwhile (so `find`, running ahead of the walk, waits for it instead of listing the same
+/// keys again) and the sender that completes it.
+type Promises = HashMap<String, (SharedListing, tokio::sync::oneshot::Sender<Arc<Listing>>)>;
 
 /// What fetching a listing needs, detached from `Fs` so it can run in a task of its own.
 #[derive(Clone)]
@@ -355,6 +363,50 @@ impl ListingFetch {
         Ok(listing)
     }
 
+    /// Register a listing of `prefix` that a walk will deliver: joiners wait for it (at most
+    /// [`WALK_WAIT`], and if the walk ends without it they list `prefix` themselves). None if
+    /// the listing is cached or being fetched already.
+    fn promise(&self, prefix: &str, promises: &mut Promises) {
+        if self.cached(prefix) {
+            return;
+        }
+        let mut inflight = self.inflight.lock();
+        if inflight.contains_key(prefix) {
+            return;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let me = self.clone();
+        let key = prefix.to_string();
+        let fut = async move {
+            match tokio::time::timeout(WALK_WAIT, rx).await {
+                Ok(Ok(listing)) => Ok(listing),
+                _ => me.fetch(&key, None).await,
+            }
+        }
+        .boxed()
+        .shared();
+        inflight.insert(prefix.to_string(), fut.clone());
+        promises.insert(prefix.to_string(), (fut, tx));
+    }
+
+    /// Hand a walked listing to whoever waits for it, and stop offering the promise (later
+    /// callers find the listing cached). Without a listing: the walk gave up, joiners list it
+    /// themselves.
+    fn fulfil(&self, prefix: &str, promises: &mut Promises, listing: Option<Arc<Listing>>) {
+        let Some((fut, tx)) = promises.remove(prefix) else {
+            return;
+        };
+        {
+            let mut inflight = self.inflight.lock();
+            if inflight.get(prefix).is_some_and(|f| f.ptr_eq(&fut)) {
+                inflight.remove(prefix);
+            }
+        }
+        if let Some(listing) = listing {
+            let _ = tx.send(listing);
+        }
+    }
+
     fn cached(&self, prefix: &str) -> bool {
         self.listings
             .lock()
@@ -387,9 +439,17 @@ impl ListingFetch {
                 (i > 0 && i < walks).then(|| subdirs[i * subdirs.len() / walks].as_str())
             };
             let pages = FLAT_PAGES.div_ceil(walks);
-            futures::future::join_all(
-                (0..walks).map(|i| me.walk_flat(&prefix, bound(i), bound(i + 1), pages)),
-            )
+            futures::future::join_all((0..walks).map(|i| {
+                let (from, to) = (bound(i), bound(i + 1));
+                let mut promises = Promises::new();
+                for sub in &subdirs {
+                    if from.is_none_or(|f| sub.as_str() >= f) && to.is_none_or(|t| sub.as_str() < t)
+                    {
+                        me.promise(sub, &mut promises);
+                    }
+                }
+                me.walk_flat(&prefix, from, to, pages, promises)
+            }))
             .await;
             if subdirs.len() > PREFETCH_SUBDIRS {
                 return;
@@ -413,7 +473,31 @@ impl ListingFetch {
     /// and cache the listing of each directory as soon as the walk has passed it (keys under
     /// one prefix are contiguous in that order, so no directory below `root` straddles a
     /// bound that is itself a directory below `root`).
-    async fn walk_flat(&self, root: &str, from: Option<&str>, to: Option<&str>, pages: usize) {
+    /// Directories in `promises` are handed to those waiting for them as the walk completes
+    /// them; the rest are released when it ends.
+    async fn walk_flat(
+        &self,
+        root: &str,
+        from: Option<&str>,
+        to: Option<&str>,
+        pages: usize,
+        mut promises: Promises,
+    ) {
+        self.walk_range(root, from, to, pages, &mut promises).await;
+        let left: Vec<String> = promises.keys().cloned().collect();
+        for dir in left {
+            self.fulfil(&dir, &mut promises, None);
+        }
+    }
+
+    async fn walk_range(
+        &self,
+        root: &str,
+        from: Option<&str>,
+        to: Option<&str>,
+        pages: usize,
+        promises: &mut Promises,
+    ) {
         let generation = self.generation.load(Ordering::Acquire);
         // The directories containing the current key, outermost first, with what they hold so far.
         let mut open: Vec<(String, Listing)> = Vec::new();
@@ -440,7 +524,7 @@ impl ListingFetch {
                 if to.is_some_and(|t| obj.key.as_str() >= t) {
                     // Every directory still open ends before the bound: complete.
                     for (d, l) in open.drain(..) {
-                        self.keep(d, Arc::new(l), generation);
+                        self.walked(d, l, generation, promises);
                     }
                     return;
                 }
@@ -449,7 +533,7 @@ impl ListingFetch {
                     .is_some_and(|(d, _)| !obj.key.starts_with(d.as_str()))
                 {
                     let (d, l) = open.pop().expect("checked");
-                    self.keep(d, Arc::new(l), generation);
+                    self.walked(d, l, generation, promises);
                 }
                 for (i, _) in rest.match_indices('/') {
                     let dir = &obj.key[..root.len() + i + 1];
@@ -475,12 +559,19 @@ impl ListingFetch {
             token = page.next_token;
             if token.is_none() {
                 for (d, l) in open.drain(..) {
-                    self.keep(d, Arc::new(l), generation);
+                    self.walked(d, l, generation, promises);
                 }
                 return;
             }
         }
         // Out of pages: the directories still open are incomplete and are not kept.
+    }
+
+    /// A directory the walk has passed completely: cache it, and hand it to its waiters.
+    fn walked(&self, dir: String, listing: Listing, generation: u64, promises: &mut Promises) {
+        let listing = Arc::new(listing);
+        self.keep(dir.clone(), listing.clone(), generation);
+        self.fulfil(&dir, promises, Some(listing));
     }
 
     /// Cache a listing fetched since `generation`, unless this mount changed a directory since.

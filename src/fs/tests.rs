@@ -1069,6 +1069,46 @@ async fn the_walk_ahead_runs_in_parallel_key_ranges() {
     assert_eq!(store.counters.list.load(Ordering::Relaxed), 3 + 4);
 }
 
+/// A reader that runs ahead of the walk (as `find` does) waits for the walk to reach the
+/// directory instead of listing its keys a second time.
+#[tokio::test]
+async fn a_reader_ahead_of_the_walk_waits_for_it() {
+    let store = Arc::new(MockStore::new());
+    for d in 0..8 {
+        for f in 0..30 {
+            store.insert(&format!("t/d{d}/f{f:02}"), "v");
+        }
+    }
+    store.set_page_size(20);
+    let fs = Fs::new(store.clone(), test_config(""));
+    let top = fs.lookup(ROOT_INO, b"t").await.unwrap();
+    list_names(&fs, top.ino).await;
+    let d0 = fs.lookup(top.ino, b"d0").await.unwrap();
+    store.set_latency(Some(std::time::Duration::from_millis(20)));
+    let before = store.counters.list.load(Ordering::Relaxed);
+    // Listing d0 starts the walks: four ranges of two directories (60 keys) each.
+    assert_eq!(list_names(&fs, d0.ino).await.len(), 30 + 2);
+    // d1 is the second directory of the first range: the walk finishes it on its fourth page.
+    let d1 = fs.lookup(top.ino, b"d1").await.unwrap();
+    assert_eq!(list_names(&fs, d1.ino).await.len(), 30 + 2);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    store.set_latency(None);
+    for d in 0..8 {
+        let sub = fs
+            .lookup(top.ino, format!("d{d}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(list_names(&fs, sub.ino).await.len(), 30 + 2, "d{d}");
+    }
+    // d0 itself (two pages), then the walks' pages (a range learns that its last directory
+    // is complete from the page after it: four pages, three for the last range); nothing for
+    // d1 or any other directory (listing d1 itself would be two more).
+    assert_eq!(
+        store.counters.list.load(Ordering::Relaxed) - before,
+        2 + 3 * 4 + 3
+    );
+}
+
 /// All of a directory through readdir, `limit` entries per call (like the kernel's slices).
 async fn readdir_all(fs: &Fs, fh: u64, limit: usize) -> FsResult<Vec<(String, Kind)>> {
     let mut out = Vec::new();
