@@ -567,11 +567,14 @@ impl ListingFetch {
         // Out of pages: the directories still open are incomplete and are not kept.
     }
 
-    /// A directory the walk has passed completely: cache it, and hand it to its waiters.
+    /// A directory the walk has passed completely: cache it, and hand it to its waiters. If
+    /// this mount changed a directory since the walk began, its pages may predate the change:
+    /// waiters then list the directory themselves, as they asked after the change.
     fn walked(&self, dir: String, listing: Listing, generation: u64, promises: &mut Promises) {
         let listing = Arc::new(listing);
         self.keep(dir.clone(), listing.clone(), generation);
-        self.fulfil(&dir, promises, Some(listing));
+        let current = generation == self.generation.load(Ordering::Acquire);
+        self.fulfil(&dir, promises, current.then_some(listing));
     }
 
     /// Cache a listing fetched since `generation`, unless this mount changed a directory since.
