@@ -181,7 +181,7 @@ impl S3Store {
             bucket: s.bucket.clone(),
             traffic: Arc::default(),
             // Idle GET buffers kept for reuse: two of the largest ranged GETs.
-            buffers: super::buffers::BufferPool::new(32 << 20),
+            buffers: super::buffers::BufferPool::new(16 << 20),
             stall_timeout: if s.stall_timeout.is_zero() {
                 Duration::from_secs(30)
             } else {
