@@ -1219,8 +1219,27 @@ fn soak(b: &Bench, secs: u64) {
                                         bytes.fetch_add(got.len() as u64, Ordering::Relaxed);
                                         let same = got == soak_bytes(n, len);
                                         if !same {
+                                            // What the kernel believes now, and a second read:
+                                            // tells a stale size from wrong bytes.
+                                            let size = std::fs::metadata(e.path())
+                                                .map(|m| m.len().to_string())
+                                                .unwrap_or_else(|e| e.to_string());
+                                            let again = std::fs::read(e.path())
+                                                .map(|b| {
+                                                    format!(
+                                                        "{} bytes, {}",
+                                                        b.len(),
+                                                        if b == soak_bytes(n, len) {
+                                                            "right"
+                                                        } else {
+                                                            "wrong"
+                                                        }
+                                                    )
+                                                })
+                                                .unwrap_or_else(|e| e.to_string());
                                             eprintln!(
-                                                "soak: read {name}: {} bytes, content differs",
+                                                "soak: read {name}: {} bytes, content differs \
+                                                 (stat now: {size}; read again: {again})",
                                                 got.len()
                                             );
                                         }
