@@ -911,9 +911,19 @@ impl Fs {
             .lock()
             .get(&parent.key)
             .filter(|(at, _)| self.fresh(*at))
-            .map(|(_, l)| l.clone());
+            .map(|(at, l)| (*at, l.clone()));
         let entry = match cached {
-            Some(listing) => listing.entries.get(name).cloned(),
+            Some((listed_at, listing)) => {
+                let entry = listing.entries.get(name).cloned();
+                // What this mount learnt after the listing was taken (a file it wrote) wins.
+                if let Some(attr) = entry
+                    .as_ref()
+                    .and_then(|e| self.newer_than(&parent, name, e, listed_at))
+                {
+                    return Ok(attr);
+                }
+                entry
+            }
             None => {
                 let full = format!("{}{name}", parent.key);
                 let negative = self
@@ -1256,20 +1266,30 @@ impl Fs {
     pub fn lookup_listed(&self, dir_ino: u64, item: &DirItem) -> FsResult<Attr> {
         let entry = item.entry.as_ref().ok_or(Errno::EINVAL)?;
         let parent = self.dir_inode(dir_ino)?;
-        {
-            // Lock order inodes, then pending: nothing takes them the other way round.
-            let mut table = self.inodes.lock();
-            let known = table
-                .find(dir_ino, &item.name)
-                .and_then(|ino| table.get_mut(ino))
-                .filter(|i| i.kind == entry.kind)
-                .filter(|i| i.fetched > item.listed_at || self.pending.lock().contains_key(&i.key));
-            if let Some(i) = known {
-                i.lookups += 1;
-                return Ok(i.attr);
-            }
+        if let Some(attr) = self.newer_than(&parent, &item.name, entry, item.listed_at) {
+            return Ok(attr);
         }
         Ok(self.remember_entry(&parent, &item.name, entry))
+    }
+
+    /// The attributes of the known inode `name` in `parent` (counted as a lookup) if they are
+    /// newer than a listing taken at `listed_at`: fetched or committed since, or being written.
+    fn newer_than(
+        &self,
+        parent: &Inode,
+        name: &str,
+        entry: &DirEntry,
+        listed_at: Instant,
+    ) -> Option<Attr> {
+        // Lock order inodes, then pending: nothing takes them the other way round.
+        let mut table = self.inodes.lock();
+        let i = table
+            .find(parent.ino, name)
+            .and_then(|ino| table.get_mut(ino))
+            .filter(|i| i.kind == entry.kind)
+            .filter(|i| i.fetched > listed_at || self.pending.lock().contains_key(&i.key))?;
+        i.lookups += 1;
+        Some(i.attr)
     }
 
     pub fn releasedir(&self, fh: u64) {

@@ -1273,6 +1273,34 @@ async fn a_listing_older_than_a_local_write_does_not_shrink_the_file() {
     assert_eq!(read_all(&fs, attr.ino).await, b"abcdefghij");
 }
 
+/// A lookup answered from a cached listing does not undo what this mount learnt since the
+/// listing was taken: the soak once read 0 bytes of a 64 KiB file whose lookup, between the
+/// file's commit and the listing's update, took the entry noted at create (size 0).
+#[tokio::test]
+async fn a_lookup_from_an_older_listing_keeps_a_newer_commit() {
+    let (_store, fs) = setup("");
+    let d = fs.mkdir(ROOT_INO, b"d", 0o755, ME).await.unwrap();
+    list_names(&fs, d.ino).await;
+    let (attr, fh) = fs
+        .create(d.ino, b"f", 0o644, libc::O_WRONLY, ME)
+        .await
+        .unwrap();
+    // The listing as it was while `f` was being written: the entry noted at create.
+    let stale = fs.listings.lock().peek("d/").cloned().expect("listing cached");
+    assert_eq!(
+        stale.1.entries.get("f").and_then(|e| e.meta.as_ref()).map(|m| m.size),
+        Some(0)
+    );
+    fs.write(fh, 0, &[7u8; 65536]).await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    fs.listings.lock().put("d/".to_string(), stale);
+    let found = fs.lookup(d.ino, b"f").await.unwrap();
+    assert_eq!((found.ino, found.size), (attr.ino, 65536));
+    assert_eq!(fs.getattr(attr.ino).await.unwrap().size, 65536);
+    assert_eq!(read_all(&fs, attr.ino).await, vec![7u8; 65536]);
+}
+
 #[test]
 fn parent_prefixes() {
     assert_eq!(parent_prefix("a/b/"), Some("a/"));

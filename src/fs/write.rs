@@ -606,13 +606,15 @@ impl Fs {
                 i.page_cache_etag = None;
             }
         }
+        // The cached listing learns the new size before the file stops being pending: a lookup
+        // in between would otherwise take the listing's entry noted at create (size 0).
+        self.note_inode(st.ino);
         {
             let mut pending = self.pending.lock();
             if pending.get(&st.key).is_some_and(|p| p.ino == st.ino) {
                 pending.remove(&st.key);
             }
         }
-        self.note_inode(st.ino);
         tracing::debug!(key = %st.key, size = st.size, "committed");
     }
 
