@@ -140,6 +140,11 @@ impl BlockCache {
         self.mem.lock().bytes
     }
 
+    /// Is there a disk cache (which keeps whole blocks only)?
+    pub fn has_disk(&self) -> bool {
+        self.disk.is_some()
+    }
+
     /// Blocks on disk now and their total size.
     pub fn disk_usage(&self) -> Option<(usize, u64)> {
         self.disk.as_ref().map(|d| {

@@ -46,6 +46,8 @@ impl Default for PrefetchConfig {
 
 /// Bytes kept behind the reader so short backward seeks don't refetch.
 const BACK_KEEP: u64 = 1 << 20;
+/// Smallest first request of a file read from its start (larger files; see `fill`).
+const FIRST_READ: u64 = 64 << 10;
 /// Chunks a random reader keeps around.
 const RANDOM_KEEP: usize = 32;
 
@@ -237,12 +239,18 @@ impl ObjectReader {
                     st.chunks.pop_first();
                 }
             }
+            // The first read of a larger file from its start is fetched alone, small: a
+            // reader after the first bytes only (`head`, `file`) gets them sooner and fetches
+            // nothing more; the window starts with the next read.
+            let first_alone = st.last_end == 0 && offset == 0 && self.first_read_small();
             self.fill(&mut st, offset, end, true, sequential);
             if sequential {
                 st.streaming = true;
                 let from = st.last_end.max(end);
-                let ahead = (from + st.window).min(self.size);
-                self.fill(&mut st, from, ahead, false, true);
+                if !first_alone {
+                    let ahead = (from + st.window).min(self.size);
+                    self.fill(&mut st, from, ahead, false, true);
+                }
                 st.last_end = from;
             } else {
                 st.last_end = end;
@@ -386,6 +394,12 @@ impl ObjectReader {
         Some(composite_crc32(&crcs))
     }
 
+    /// Is the first read from the start fetched small and alone? For files larger than two
+    /// blocks, and not with a disk cache (which keeps only whole blocks).
+    fn first_read_small(&self) -> bool {
+        self.size > 2 * BLOCK && !self.cache.has_disk()
+    }
+
     /// Wait for a chunk; a failed one is forgotten so the next read fetches it again.
     async fn await_chunk(&self, range: ByteRange, data: ChunkData) -> StoreResult<Bytes> {
         match data.await {
@@ -458,7 +472,15 @@ impl ObjectReader {
             let (start, stop) = if on_disk {
                 (pos, ((pos / BLOCK + 1) * BLOCK).min(limit))
             } else {
-                let (start, want) = if sequential {
+                let first = sequential && required && st.last_end == 0 && pos == 0;
+                let (start, want) = if first && self.first_read_small() {
+                    // The first read of a larger file from its start: fetch what it asks for
+                    // (at least FIRST_READ), not a whole block, so its first byte does not wait
+                    // for a megabyte; the window's prefetch fetches the rest of the block with
+                    // the next read.
+                    let asked = (to - pos).div_ceil(FIRST_READ) * FIRST_READ;
+                    (pos, asked.min(self.cfg.max_request))
+                } else if sequential {
                     let piece = (st.window / 2).clamp(BLOCK, self.cfg.max_request);
                     (pos, piece.max(to.min(pos + self.cfg.max_request) - pos))
                 } else {
@@ -674,6 +696,54 @@ mod tests {
         assert_eq!(fetched, body.len() as u64, "nothing fetched twice");
         // A window restarted at every reordering would take 1 and 2 MiB GETs: ~40 of them.
         assert!(gets <= 16, "{gets} GETs for 64 MiB");
+    }
+
+    /// The first read of a large file from its start waits for what it asked for (64 KiB at
+    /// least), not a whole block; a file of up to two blocks still starts with a whole block.
+    #[tokio::test]
+    async fn a_first_read_from_the_start_fetches_what_it_asks_for() {
+        let store = Arc::new(MockStore::new());
+        let body = data(8 << 20);
+        store.insert("big", body.clone());
+        // No room for prefetch: only the bytes the read needs are fetched.
+        let r = reader(&store, "big", body.len() as u64, 1);
+        assert_eq!(&r.read(0, 4096).await.unwrap()[..], &body[..4096]);
+        assert_eq!(
+            store.counters.bytes_fetched.load(Ordering::Relaxed),
+            64 << 10
+        );
+        // With room as well: the first read is fetched alone, then the stream goes on.
+        let r = reader(&store, "big", body.len() as u64, 256 << 20);
+        store.reset_counters();
+        assert_eq!(&r.read(0, 4096).await.unwrap()[..], &body[..4096]);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(
+            store.counters.bytes_fetched.load(Ordering::Relaxed),
+            64 << 10
+        );
+        // The next reads start the window.
+        let r = reader(&store, "big", body.len() as u64, 256 << 20);
+        store.reset_counters();
+        let mut got = Vec::new();
+        while got.len() < body.len() {
+            let b = r.read(got.len() as u64, 128 << 10).await.unwrap();
+            got.extend_from_slice(&b);
+        }
+        assert!(got == body);
+        assert_eq!(
+            store.counters.bytes_fetched.load(Ordering::Relaxed),
+            8 << 20
+        );
+        // A file of up to two blocks: its first block in one GET.
+        store.insert("small", body[..2 << 20].to_vec());
+        store.reset_counters();
+        let r = reader(&store, "small", 2 << 20, 1);
+        assert_eq!(&r.read(0, 4096).await.unwrap()[..], &body[..4096]);
+        assert_eq!(store.counters.get.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            store.counters.bytes_fetched.load(Ordering::Relaxed),
+            1 << 20
+        );
     }
 
     #[tokio::test]

@@ -1286,9 +1286,19 @@ async fn a_lookup_from_an_older_listing_keeps_a_newer_commit() {
         .await
         .unwrap();
     // The listing as it was while `f` was being written: the entry noted at create.
-    let stale = fs.listings.lock().peek("d/").cloned().expect("listing cached");
+    let stale = fs
+        .listings
+        .lock()
+        .peek("d/")
+        .cloned()
+        .expect("listing cached");
     assert_eq!(
-        stale.1.entries.get("f").and_then(|e| e.meta.as_ref()).map(|m| m.size),
+        stale
+            .1
+            .entries
+            .get("f")
+            .and_then(|e| e.meta.as_ref())
+            .map(|m| m.size),
         Some(0)
     );
     fs.write(fh, 0, &[7u8; 65536]).await.unwrap();

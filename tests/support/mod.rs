@@ -323,6 +323,13 @@ impl S3Server {
             .endpoint_url(&self.endpoint)
             .credentials_provider(creds)
             .force_path_style(true)
+            // Garage has been seen, rarely, to stop answering one connection mid-upload (the
+            // client had sent every byte): an attempt that hangs is retried on a new one.
+            .timeout_config(
+                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                    .operation_attempt_timeout(std::time::Duration::from_secs(120))
+                    .build(),
+            )
             .build();
         Client::from_conf(conf)
     }
