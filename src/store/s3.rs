@@ -65,7 +65,14 @@ pub struct S3Store {
     max_attempts: u32,
     traffic: Arc<Traffic>,
     buffers: Arc<super::buffers::BufferPool>,
+    /// Large GETs in flight at once: each keeps a connection busy whose read buffer (up to
+    /// ~400 KiB in hyper) the memory budget does not see.
+    large_gets: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most GETs of a MiB or more in flight at once, over all files (six full read-ahead windows).
+/// Smaller ones (random reads, small files) never wait behind them.
+const MAX_LARGE_GETS: usize = 48;
 
 /// Requests sent and bytes moved, for the summary logged at unmount (and the benchmark).
 #[derive(Debug, Default)]
@@ -182,6 +189,7 @@ impl S3Store {
             traffic: Arc::default(),
             // Idle GET buffers kept for reuse: two of the largest ranged GETs.
             buffers: super::buffers::BufferPool::new(16 << 20),
+            large_gets: Arc::new(tokio::sync::Semaphore::new(MAX_LARGE_GETS)),
             stall_timeout: if s.stall_timeout.is_zero() {
                 Duration::from_secs(30)
             } else {
@@ -686,6 +694,10 @@ impl S3Store {
         size_hint: u64,
         if_match: Option<&str>,
     ) -> StoreResult<(Bytes, Option<String>)> {
+        let _permit = match size_hint >= super::buffers::MIN_POOLED as u64 {
+            true => Some(self.large_gets.acquire().await.expect("never closed")),
+            false => None,
+        };
         let mut out = self.buffers.take(size_hint as usize);
         let mut failures = 0;
         let mut resumed = false;
