@@ -7,12 +7,11 @@
 //! Starts Garage (with an LD_PRELOAD shim forcing TCP_NODELAY on its sockets), then measures:
 //! a plain parallel multipart PUT, `dd bs=1M` into the mount (close included), a plain parallel
 //! ranged GET, a cold `dd` read after a remount, a warm re-read, small-file creation, random 4 KiB
-//! reads (IOPS, latency, and the bytes the daemon fetched for them), time to first byte (small files
-//! and the large object), listings
-//! of 10,000 entries, 32 concurrent readers, and a re-read from the disk cache; each mount figure
-//! is printed next to the plain client's, with the ratio s3mount speed / plain speed (higher is
-//! better), and the daemon's peak RSS. Machines here are noisy: compare ratios, not absolute
-//! numbers.
+//! reads (IOPS, latency, and the bytes the daemon fetched for them), time to first byte (small
+//! files and the large object), listings of 10,000 entries, 32 concurrent readers, and a re-read
+//! from the disk cache; each mount figure is printed next to the plain client's, with the ratio
+//! s3mount speed / plain speed (higher is better), and the daemon's peak RSS. Machines here are
+//! noisy: compare ratios, not absolute numbers.
 //!
 //! The daemon is `$CARGO_TARGET_DIR/release/s3mount` (default `target/` in this crate): build it
 //! first with `cargo build --release`.
