@@ -251,6 +251,13 @@ async fn plain_put_many(c: &Client, keys: Vec<String>, body: &[u8], parallel: us
 /// One GET of `range` (an HTTP Range header value, or the whole object), body drained; returns
 /// the body length.
 async fn plain_get_range(c: &Client, key: &str, range: Option<String>) -> usize {
+    plain_get_timed(c, key, range).await.0
+}
+
+/// One GET of `range` (or the whole object), body drained; returns the body length and the time
+/// from sending the request to the first body byte.
+async fn plain_get_timed(c: &Client, key: &str, range: Option<String>) -> (usize, Duration) {
+    let t = Instant::now();
     let mut out = c
         .get_object()
         .bucket("bench")
@@ -259,11 +266,15 @@ async fn plain_get_range(c: &Client, key: &str, range: Option<String>) -> usize 
         .send()
         .await
         .unwrap();
-    let mut n = 0;
+    let (mut n, mut first) = (0, None);
     while let Some(chunk) = out.body.next().await {
-        n += chunk.unwrap().len();
+        let len = chunk.unwrap().len();
+        if len > 0 && first.is_none() {
+            first = Some(t.elapsed());
+        }
+        n += len;
     }
-    n
+    (n, first.unwrap_or_else(|| t.elapsed()))
 }
 
 async fn plain_get(c: &Client, key: &str, size: usize) -> Duration {
@@ -902,6 +913,21 @@ fn random_reads(b: &Bench, data: &[u8], n: usize) {
 /// Time to first byte of 20 fresh 64 KiB objects: open + read of the first 4 KiB on a fresh
 /// mount (each file's first access, lookup included) against GetObject until the first body
 /// byte; medians.
+/// A GetObject of `key` (of `range`, if given) until the first body byte (the rest is drained
+/// untimed, so the connection goes back to the pool).
+fn plain_first_byte(b: &Bench, key: &str, range: Option<String>) -> Duration {
+    b.rt.block_on(plain_get_timed(&b.c, key, range)).1
+}
+
+/// Open `key` on the mount and read its first 4 KiB.
+fn mount_first_block(b: &Bench, key: &str) -> Duration {
+    let mut buf = vec![0u8; BLOCK];
+    let t = Instant::now();
+    let file = File::open(b.mnt.join(key)).unwrap();
+    file.read_exact_at(&mut buf, 0).unwrap();
+    t.elapsed()
+}
+
 fn time_to_first_byte(b: &Bench) {
     const N: usize = 20;
     let keys: Vec<String> = (0..N).map(|i| format!("ttfb/{i}")).collect();
@@ -911,40 +937,15 @@ fn time_to_first_byte(b: &Bench) {
         &random_bytes(20, 64 << 10),
         PARALLEL,
     ));
-    let mut plain: Vec<Duration> = b.rt.block_on(async {
-        let mut times = Vec::new();
-        for key in &keys {
-            let t = Instant::now();
-            let mut out =
-                b.c.get_object()
-                    .bucket("bench")
-                    .key(key)
-                    .send()
-                    .await
-                    .unwrap();
-            while out.body.next().await.unwrap().unwrap().is_empty() {}
-            times.push(t.elapsed());
-            // Drain the rest (untimed) so the connection goes back to the pool.
-            while let Some(chunk) = out.body.next().await {
-                chunk.unwrap();
-            }
-        }
-        times
-    });
+    let mut plain: Vec<Duration> = keys
+        .iter()
+        .map(|key| plain_first_byte(b, key, None))
+        .collect();
 
     let m = b.mount();
     // The directory's own lookup is not part of any file's first byte.
     std::fs::metadata(b.mnt.join("ttfb")).unwrap();
-    let mut mount: Vec<Duration> = keys
-        .iter()
-        .map(|key| {
-            let mut buf = vec![0u8; BLOCK];
-            let t = Instant::now();
-            let file = File::open(b.mnt.join(key)).unwrap();
-            file.read_exact_at(&mut buf, 0).unwrap();
-            t.elapsed()
-        })
-        .collect();
+    let mut mount: Vec<Duration> = keys.iter().map(|key| mount_first_block(b, key)).collect();
     drop(m);
     row_times(
         &format!("time to first 4 KiB, {N} files (median)"),
@@ -955,37 +956,14 @@ fn time_to_first_byte(b: &Bench) {
     // The first 4 KiB of the large object: a ranged GET of them, against open + read on a
     // fresh mount each time (lookup included).
     const BIG: usize = 7;
-    let mut plain: Vec<Duration> = b.rt.block_on(async {
-        let mut times = Vec::new();
-        for _ in 0..BIG {
-            let t = Instant::now();
-            let mut out =
-                b.c.get_object()
-                    .bucket("bench")
-                    .key("plain.bin")
-                    .range(format!("bytes=0-{}", BLOCK - 1))
-                    .send()
-                    .await
-                    .unwrap();
-            while out.body.next().await.unwrap().unwrap().is_empty() {}
-            times.push(t.elapsed());
-            while let Some(chunk) = out.body.next().await {
-                chunk.unwrap();
-            }
-        }
-        times
-    });
+    let first_block = Some(format!("bytes=0-{}", BLOCK - 1));
+    let mut plain: Vec<Duration> = (0..BIG)
+        .map(|_| plain_first_byte(b, "plain.bin", first_block.clone()))
+        .collect();
     let mut mount: Vec<Duration> = (0..BIG)
         .map(|_| {
-            let m = b.mount();
-            let mut buf = vec![0u8; BLOCK];
-            let t = Instant::now();
-            let file = File::open(b.mnt.join("plain.bin")).unwrap();
-            file.read_exact_at(&mut buf, 0).unwrap();
-            let took = t.elapsed();
-            drop(file);
-            drop(m);
-            took
+            let _m = b.mount();
+            mount_first_block(b, "plain.bin")
         })
         .collect();
     row_times(

@@ -221,10 +221,9 @@ impl ObjectReader {
                         st.consumed = 0;
                     }
                 }
-                // Chunks the whole-object checksum has not taken in yet stay too (the kernel's
-                // parallel read-ahead requests arrive out of order).
                 // Reads that arrive late, out of order, still find their chunks: keep what lies
-                // within the reordering distance behind the furthest read.
+                // within the reordering distance behind the furthest read, and what the
+                // whole-object checksum has not taken in yet.
                 let verified_to = st.verify.as_ref().map_or(0, |v| v.pos);
                 let keep_from = st.last_end.max(end).saturating_sub(self.cfg.reorder / 2);
                 st.chunks.retain(|_, c| {
@@ -242,7 +241,7 @@ impl ObjectReader {
             // The first read of a larger file from its start is fetched alone, small: a
             // reader after the first bytes only (`head`, `file`) gets them sooner and fetches
             // nothing more; the window starts with the next read.
-            let first_alone = st.last_end == 0 && offset == 0 && self.first_read_small();
+            let first_alone = self.first_read_small(&st, offset);
             self.fill(&mut st, offset, end, true, sequential);
             if sequential {
                 st.streaming = true;
@@ -394,10 +393,10 @@ impl ObjectReader {
         Some(composite_crc32(&crcs))
     }
 
-    /// Is the first read from the start fetched small and alone? For files larger than two
-    /// blocks, and not with a disk cache (which keeps only whole blocks).
-    fn first_read_small(&self) -> bool {
-        self.size > 2 * BLOCK && !self.cache.has_disk()
+    /// Is a read at `pos` the first read from the start, fetched small and alone? For files
+    /// larger than two blocks, and not with a disk cache (which keeps only whole blocks).
+    fn first_read_small(&self, st: &ReaderState, pos: u64) -> bool {
+        st.last_end == 0 && pos == 0 && self.size > 2 * BLOCK && !self.cache.has_disk()
     }
 
     /// Wait for a chunk; a failed one is forgotten so the next read fetches it again.
@@ -472,8 +471,7 @@ impl ObjectReader {
             let (start, stop) = if on_disk {
                 (pos, ((pos / BLOCK + 1) * BLOCK).min(limit))
             } else {
-                let first = sequential && required && st.last_end == 0 && pos == 0;
-                let (start, want) = if first && self.first_read_small() {
+                let (start, want) = if sequential && required && self.first_read_small(st, pos) {
                     // The first read of a larger file from its start: fetch what it asks for
                     // (at least FIRST_READ), not a whole block, so its first byte does not wait
                     // for a megabyte; the window's prefetch fetches the rest of the block with

@@ -364,8 +364,8 @@ impl ListingFetch {
     }
 
     /// Register a listing of `prefix` that a walk will deliver: joiners wait for it (at most
-    /// [`WALK_WAIT`], and if the walk ends without it they list `prefix` themselves). None if
-    /// the listing is cached or being fetched already.
+    /// [`WALK_WAIT`], and if the walk ends without it they list `prefix` themselves). Nothing
+    /// is registered when the listing is cached or being fetched already.
     fn promise(&self, prefix: &str, promises: &mut Promises) {
         if self.cached(prefix) {
             return;
@@ -435,20 +435,17 @@ impl ListingFetch {
         let prefix = prefix.to_string();
         tokio::spawn(async move {
             let walks = PARALLEL_WALKS.min(subdirs.len());
-            let bound = |i: usize| {
-                (i > 0 && i < walks).then(|| subdirs[i * subdirs.len() / walks].as_str())
-            };
+            // Walk `i` covers subdirs[split(i)..split(i + 1)], from the first of them (the start
+            // for the first walk) to the first of the next walk's (the end for the last).
+            let split = |i: usize| i * subdirs.len() / walks;
+            let bound = |i: usize| (i > 0 && i < walks).then(|| subdirs[split(i)].as_str());
             let pages = FLAT_PAGES.div_ceil(walks);
             futures::future::join_all((0..walks).map(|i| {
-                let (from, to) = (bound(i), bound(i + 1));
                 let mut promises = Promises::new();
-                for sub in &subdirs {
-                    if from.is_none_or(|f| sub.as_str() >= f) && to.is_none_or(|t| sub.as_str() < t)
-                    {
-                        me.promise(sub, &mut promises);
-                    }
+                for sub in &subdirs[split(i)..split(i + 1)] {
+                    me.promise(sub, &mut promises);
                 }
-                me.walk_flat(&prefix, from, to, pages, promises)
+                me.walk_flat(&prefix, bound(i), bound(i + 1), pages, promises)
             }))
             .await;
             if subdirs.len() > PREFETCH_SUBDIRS {

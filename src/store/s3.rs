@@ -694,9 +694,10 @@ impl S3Store {
         size_hint: u64,
         if_match: Option<&str>,
     ) -> StoreResult<(Bytes, Option<String>)> {
-        let _permit = match size_hint >= super::buffers::MIN_POOLED as u64 {
-            true => Some(self.large_gets.acquire().await.expect("never closed")),
-            false => None,
+        let _permit = if size_hint >= super::buffers::MIN_POOLED as u64 {
+            Some(self.large_gets.acquire().await.expect("never closed"))
+        } else {
+            None
         };
         let mut out = self.buffers.take(size_hint as usize);
         let mut failures = 0;
