@@ -22,6 +22,7 @@ fn settings(server: &S3Server, bucket: &str) -> S3Settings {
         credentials: None,
         ca_bundle: None,
         stall_timeout: Duration::from_secs(5),
+        idle_buffers: 16 << 20,
     }
 }
 
@@ -119,6 +120,18 @@ fn ranged_get_head_and_conditions() {
             .await
             .expect("get");
         assert_eq!(&got[..], &body[1_000_000..1_000_100]);
+        // With the CRC32s of its pieces between multiples of 1 MiB, hashed as they arrive.
+        let range = ByteRange::new(700_000, 2_500_000);
+        let (got, crcs) = s
+            .get_range_crcs("obj", range, Some(&etag), 1 << 20)
+            .await
+            .expect("get with crcs");
+        assert_eq!(&got[..], &body[700_000..2_500_000]);
+        assert_eq!(
+            crcs,
+            [700_000..1 << 20, 1 << 20..2 << 20, 2 << 20..2_500_000]
+                .map(|r| crc32fast::hash(&body[r]))
+        );
         // A range past the end is clipped.
         let tail = s
             .get_range(

@@ -51,7 +51,21 @@ const FIRST_READ: u64 = 64 << 10;
 /// Chunks a random reader keeps around.
 const RANDOM_KEEP: usize = 32;
 
-type ChunkData = Shared<BoxFuture<'static, StoreResult<Bytes>>>;
+type ChunkData = Shared<BoxFuture<'static, StoreResult<Fetched>>>;
+
+/// A chunk's bytes, with the CRC32 of each piece between block boundaries when the store
+/// computed them as the bytes arrived (GETs of a reader that verifies the whole object).
+#[derive(Clone)]
+struct Fetched {
+    bytes: Bytes,
+    crcs: Option<Arc<[u32]>>,
+}
+
+impl Fetched {
+    fn plain(bytes: Bytes) -> Self {
+        Fetched { bytes, crcs: None }
+    }
+}
 
 struct Chunk {
     range: ByteRange,
@@ -70,6 +84,22 @@ struct Verifier {
 }
 
 impl Verifier {
+    /// Take in the next `len` bytes by their CRC32 (they must not cross a block boundary).
+    fn feed_crc(&mut self, crc: u32, len: u64) {
+        debug_assert!(self.pos % BLOCK + len <= BLOCK);
+        if self.pos % BLOCK == 0 && len == BLOCK {
+            self.blocks.push(crc);
+            self.pos += len;
+            return;
+        }
+        self.block
+            .combine(&crc32fast::Hasher::new_with_initial_len(crc, len));
+        self.pos += len;
+        if self.pos % BLOCK == 0 {
+            self.blocks.push(std::mem::take(&mut self.block).finalize());
+        }
+    }
+
     fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             let n = ((BLOCK - self.pos % BLOCK) as usize).min(data.len());
@@ -321,7 +351,20 @@ impl ObjectReader {
                 return None;
             }
             match c.data.peek() {
-                Some(Ok(bytes)) => {
+                // Whole, from its start, with the CRCs of its pieces: no pass over the bytes.
+                Some(Ok(Fetched {
+                    bytes,
+                    crcs: Some(crcs),
+                })) if v.pos == c.range.start && bytes.len() as u64 == c.range.len() => {
+                    let mut pos = c.range.start;
+                    for crc in crcs.iter() {
+                        let end = ((pos / BLOCK + 1) * BLOCK).min(c.range.end);
+                        v.feed_crc(*crc, end - pos);
+                        pos = end;
+                    }
+                    debug_assert_eq!(pos, c.range.end);
+                }
+                Some(Ok(Fetched { bytes, .. })) => {
                     let from = (v.pos - c.range.start) as usize;
                     if bytes.len() <= from {
                         st.verify = None; // shorter than it claimed: nothing to verify
@@ -402,7 +445,7 @@ impl ObjectReader {
     /// Wait for a chunk; a failed one is forgotten so the next read fetches it again.
     async fn await_chunk(&self, range: ByteRange, data: ChunkData) -> StoreResult<Bytes> {
         match data.await {
-            Ok(b) => Ok(b),
+            Ok(f) => Ok(f.bytes),
             Err(e) => {
                 let mut st = self.state.lock().await;
                 if st
@@ -455,7 +498,9 @@ impl ObjectReader {
                     pos,
                     Chunk {
                         range: ByteRange::new(pos, stop),
-                        data: futures::future::ready(Ok(slice)).boxed().shared(),
+                        data: futures::future::ready(Ok(Fetched::plain(slice)))
+                            .boxed()
+                            .shared(),
                         _reservation: Reservation::empty(&self.budget),
                     },
                 );
@@ -523,7 +568,7 @@ impl ObjectReader {
                 }
             };
             tracing::debug!(key = %self.key, start, stop, required, sequential, on_disk, "fetch");
-            let data = self.spawn_fetch(range, on_disk);
+            let data = self.spawn_fetch(range, on_disk, st.verify.is_some());
             st.chunks.insert(
                 start,
                 Chunk {
@@ -546,8 +591,9 @@ impl ObjectReader {
     }
 
     /// Fetch `range`: from the disk cache when it holds the block, else from the store (the
-    /// whole object in one GET, with its checksum, when the range is the whole object).
-    fn spawn_fetch(&self, range: ByteRange, from_disk: bool) -> ChunkData {
+    /// whole object in one GET, with its checksum, when the range is the whole object; with
+    /// piece CRCs for the whole-object check when `crcs`).
+    fn spawn_fetch(&self, range: ByteRange, from_disk: bool, crcs: bool) -> ChunkData {
         let store = self.store.clone();
         let key = self.key.clone();
         let etag = self.etag.clone();
@@ -561,24 +607,32 @@ impl ObjectReader {
                 let block_start = block * BLOCK;
                 let block_len = (block_start + BLOCK).min(size) - block_start;
                 if let Some(b) = cache.read_disk(o, block, block_len).await {
-                    return Ok(b.slice(
+                    return Ok(Fetched::plain(b.slice(
                         (range.start - block_start) as usize..(range.end - block_start) as usize,
-                    ));
+                    )));
                 }
             }
-            let data = if range.start == 0 && range.end == size {
+            let fetched = if range.start == 0 && range.end == size {
                 let (data, sum) = store.get_whole(&key, size, etag.as_deref()).await?;
                 if sum.is_some() {
                     *checksum.lock() = sum;
                 }
-                data
+                Fetched::plain(data)
+            } else if crcs {
+                let (bytes, crcs) = store
+                    .get_range_crcs(&key, range, etag.as_deref(), BLOCK)
+                    .await?;
+                Fetched {
+                    bytes,
+                    crcs: Some(crcs.into()),
+                }
             } else {
-                store.get_range(&key, range, etag.as_deref()).await?
+                Fetched::plain(store.get_range(&key, range, etag.as_deref()).await?)
             };
             if let Some(o) = &obj {
-                cache.insert(o, range, &data, size);
+                cache.insert(o, range, &fetched.bytes, size);
             }
-            Ok(data)
+            Ok(fetched)
         });
         async move {
             task.await
@@ -921,6 +975,35 @@ mod tests {
                 assert!(res.is_ok(), "{size}/{part}");
             }
         }
+    }
+
+    #[test]
+    fn the_verifier_takes_piece_crcs_as_it_takes_bytes() {
+        let body = data((5 << 20) + 777);
+        let mut by_bytes = Verifier::default();
+        by_bytes.feed(&body);
+        let want = by_bytes.finish();
+        // Chunks as a reader fetches them: a small first read, then pieces of odd sizes, each
+        // fed by the CRC32s of its stretches between block boundaries.
+        let mut by_crcs = Verifier::default();
+        let mut pos = 0usize;
+        for len in [
+            64 << 10,
+            (1 << 20) - (64 << 10),
+            3 << 20,
+            100_000,
+            usize::MAX,
+        ] {
+            let end = pos.saturating_add(len).min(body.len());
+            let mut p = pos as u64;
+            for crc in crate::store::piece_crcs(&body[pos..end], pos as u64, BLOCK) {
+                let stop = ((p / BLOCK + 1) * BLOCK).min(end as u64);
+                by_crcs.feed_crc(crc, stop - p);
+                p = stop;
+            }
+            pos = end;
+        }
+        assert_eq!(by_crcs.finish(), want);
     }
 
     #[tokio::test]

@@ -27,18 +27,19 @@ impl BufferPool {
         })
     }
 
-    /// An empty buffer with room for `len` bytes (an idle one of a fitting size if there is).
-    pub fn take(&self, len: usize) -> Vec<u8> {
+    /// An empty buffer with room for `len` bytes: an idle one of a fitting size if there is
+    /// (then `true`), else a new one.
+    pub fn take(&self, len: usize) -> (Vec<u8>, bool) {
         if len >= MIN_POOLED {
             let mut idle = self.idle.lock();
             if let Some(i) = idle
                 .iter()
                 .position(|b| b.capacity() >= len && b.capacity() <= len + len / 4)
             {
-                return idle.swap_remove(i);
+                return (idle.swap_remove(i), true);
             }
         }
-        Vec::with_capacity(len)
+        (Vec::with_capacity(len), false)
     }
 
     /// The filled buffer as `Bytes`; when the last reference goes, the buffer comes back here.
@@ -98,7 +99,8 @@ mod tests {
     fn buffers_come_back_and_the_pool_stays_bounded() {
         let pool = BufferPool::new(8 << 20);
         // A buffer is reused for requests it fits without wasting more than a quarter.
-        let mut a = pool.take(4 << 20);
+        let (mut a, reused) = pool.take(4 << 20);
+        assert!(!reused);
         a.extend_from_slice(&vec![7u8; 4 << 20]);
         let ptr = a.as_ptr();
         let bytes = pool.freeze(a);
@@ -108,13 +110,14 @@ mod tests {
         assert_eq!(&slice[..], &[7u8; 10]);
         drop(slice);
         assert_eq!(pool.idle_bytes(), 4 << 20);
-        let again = pool.take((7 << 20) / 2);
+        let (again, reused) = pool.take((7 << 20) / 2);
+        assert!(reused);
         assert_eq!(again.as_ptr(), ptr, "the same memory is reused");
         assert!(again.is_empty());
         // Beyond the bound, buffers are freed, not kept.
         let big: Vec<Bytes> = (0..4)
             .map(|_| {
-                let mut v = pool.take(4 << 20);
+                let (mut v, _) = pool.take(4 << 20);
                 v.resize(4 << 20, 1);
                 pool.freeze(v)
             })
@@ -131,7 +134,7 @@ mod tests {
             8 << 20,
             "only the 8 MiB buffer fits the bound"
         );
-        assert!(pool.take(8 << 20).capacity() >= 8 << 20);
+        assert!(pool.take(8 << 20).0.capacity() >= 8 << 20);
         // Small buffers are never pooled.
         drop(pool.freeze(vec![1, 2, 3]));
         assert!(pool.idle_bytes() <= 8 << 20);

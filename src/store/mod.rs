@@ -122,6 +122,60 @@ pub fn composite_crc32(part_crcs: &[u32]) -> String {
     format!("{}-{}", crc32_header(h.finalize()), part_crcs.len())
 }
 
+/// CRC32s of consecutive pieces of a body that starts at object offset `start`, one per stretch
+/// between multiples of `block` (object offsets): the first piece runs to the first multiple
+/// after `start`, the last one ends with the body. Fed as the bytes arrive, so each piece is
+/// hashed while it is still in the CPU cache (about four times faster than a later pass).
+#[derive(Clone, Debug)]
+pub struct PieceCrcs {
+    pos: u64,
+    block: u64,
+    hasher: crc32fast::Hasher,
+    /// The current piece has bytes in `hasher`.
+    open: bool,
+    done: Vec<u32>,
+}
+
+impl PieceCrcs {
+    pub fn new(start: u64, block: u64) -> Self {
+        PieceCrcs {
+            pos: start,
+            block: block.max(1),
+            hasher: crc32fast::Hasher::new(),
+            open: false,
+            done: Vec::new(),
+        }
+    }
+
+    pub fn update(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let n = ((self.block - self.pos % self.block) as usize).min(data.len());
+            self.hasher.update(&data[..n]);
+            self.open = true;
+            self.pos += n as u64;
+            data = &data[n..];
+            if self.pos % self.block == 0 {
+                self.done.push(std::mem::take(&mut self.hasher).finalize());
+                self.open = false;
+            }
+        }
+    }
+
+    pub fn finish(mut self) -> Vec<u32> {
+        if self.open {
+            self.done.push(self.hasher.finalize());
+        }
+        self.done
+    }
+}
+
+/// [`PieceCrcs`] of a whole body at once.
+pub fn piece_crcs(data: &[u8], start: u64, block: u64) -> Vec<u32> {
+    let mut p = PieceCrcs::new(start, block);
+    p.update(data);
+    p.finish()
+}
+
 /// Errors, classified by what the layers above do about them.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -186,6 +240,20 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
         range: ByteRange,
         if_match: Option<&str>,
     ) -> StoreResult<Bytes>;
+
+    /// [`ObjectStore::get_range`] plus the [`PieceCrcs`] of the body for `block`, which a
+    /// store computes where the bytes arrive (this default hashes the finished body).
+    async fn get_range_crcs(
+        &self,
+        key: &str,
+        range: ByteRange,
+        if_match: Option<&str>,
+        block: u64,
+    ) -> StoreResult<(Bytes, Vec<u32>)> {
+        let body = self.get_range(key, range, if_match).await?;
+        let crcs = piece_crcs(&body, range.start, block);
+        Ok((body, crcs))
+    }
 
     /// The whole object, with the CRC32 the store keeps for it (if any), pinned by `if_match`.
     async fn get_whole(
@@ -270,3 +338,31 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
 
 /// The directory-marker name used by old tools (s3fox, s3fs with an option): `dir_$folder$`.
 pub const LEGACY_FOLDER_SUFFIX: &str = "_$folder$";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn piece_crcs_split_at_block_multiples_of_the_object() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 31 % 253) as u8).collect();
+        // A body of 10,000 bytes at offset 2,500 with blocks of 4,096: pieces end at 4,096,
+        // 8,192, 12,288 and 12,500.
+        let want = vec![
+            crc32fast::hash(&data[..1_596]),
+            crc32fast::hash(&data[1_596..5_692]),
+            crc32fast::hash(&data[5_692..9_788]),
+            crc32fast::hash(&data[9_788..]),
+        ];
+        assert_eq!(piece_crcs(&data, 2_500, 4_096), want);
+        // Fed in arbitrary slices, the result is the same.
+        let mut p = PieceCrcs::new(2_500, 4_096);
+        for c in data.chunks(777) {
+            p.update(c);
+        }
+        assert_eq!(p.finish(), want);
+        // A body ending on a multiple has no empty last piece; an empty body has no piece.
+        assert_eq!(piece_crcs(&data[..1_596], 2_500, 4_096).len(), 1);
+        assert!(piece_crcs(&[], 4_096, 4_096).is_empty());
+    }
+}

@@ -56,6 +56,9 @@ pub struct S3Settings {
     /// A response that sends no byte for this long is given up and retried from where it
     /// stopped (also the time allowed to the first byte).
     pub stall_timeout: Duration,
+    /// Bytes of idle GET body buffers kept for reuse (outside the read/write budget: a freed
+    /// buffer would otherwise fault in every page again when the next GET fills it).
+    pub idle_buffers: usize,
 }
 
 pub struct S3Store {
@@ -86,6 +89,9 @@ pub struct Traffic {
     pub bytes_down: AtomicU64,
     /// Body bytes sent by PUTs and UploadParts.
     pub bytes_up: AtomicU64,
+    /// GETs whose body needed a pooled-size buffer, and how many got an idle one.
+    pub large_gets: AtomicU64,
+    pub reused_buffers: AtomicU64,
 }
 
 impl fmt::Display for Traffic {
@@ -93,14 +99,16 @@ impl fmt::Display for Traffic {
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         write!(
             f,
-            "{} LIST, {} HEAD, {} GET, {} PUT/part, {} other requests; {} bytes fetched, {} bytes uploaded",
+            "{} LIST, {} HEAD, {} GET, {} PUT/part, {} other requests; {} bytes fetched, {} bytes uploaded; {} of {} large GETs had a reused buffer",
             n(&self.lists),
             n(&self.heads),
             n(&self.gets),
             n(&self.puts),
             n(&self.other),
             n(&self.bytes_down),
-            n(&self.bytes_up)
+            n(&self.bytes_up),
+            n(&self.reused_buffers),
+            n(&self.large_gets)
         )
     }
 }
@@ -187,8 +195,7 @@ impl S3Store {
             client: Client::from_conf(b.build()),
             bucket: s.bucket.clone(),
             traffic: Arc::default(),
-            // Idle GET buffers kept for reuse: two of the largest ranged GETs.
-            buffers: super::buffers::BufferPool::new(16 << 20),
+            buffers: super::buffers::BufferPool::new(s.idle_buffers),
             large_gets: Arc::new(tokio::sync::Semaphore::new(MAX_LARGE_GETS)),
             stall_timeout: if s.stall_timeout.is_zero() {
                 Duration::from_secs(30)
@@ -331,9 +338,25 @@ impl ObjectStore for S3Store {
             return Ok(Bytes::new());
         }
         Ok(self
-            .get_resuming(key, Some(range), range.len(), if_match)
+            .get_resuming(key, Some(range), range.len(), if_match, None)
             .await?
-            .0)
+            .body)
+    }
+
+    async fn get_range_crcs(
+        &self,
+        key: &str,
+        range: ByteRange,
+        if_match: Option<&str>,
+        block: u64,
+    ) -> StoreResult<(Bytes, Vec<u32>)> {
+        if range.is_empty() {
+            return Ok((Bytes::new(), Vec::new()));
+        }
+        let got = self
+            .get_resuming(key, Some(range), range.len(), if_match, Some(block))
+            .await?;
+        Ok((got.body, got.crcs))
     }
 
     async fn get_whole(
@@ -342,7 +365,10 @@ impl ObjectStore for S3Store {
         size_hint: u64,
         if_match: Option<&str>,
     ) -> StoreResult<(Bytes, Option<String>)> {
-        self.get_resuming(key, None, size_hint, if_match).await
+        let got = self
+            .get_resuming(key, None, size_hint, if_match, None)
+            .await?;
+        Ok((got.body, got.checksum))
     }
 
     async fn part_size(&self, key: &str, part_number: i32) -> StoreResult<u64> {
@@ -684,45 +710,58 @@ impl S3Store {
         })
     }
 
-    /// GET `range` (or the whole object, with its stored checksum) into `out`; a body that
-    /// breaks or stalls half way is resumed from the byte where it stopped (still pinned to the
-    /// same ETag). The SDK itself retries failed requests.
+    /// GET `range` (or the whole object, with its stored checksum), with the piece CRC32s for
+    /// `crc_block` when asked; a body that breaks or stalls half way is resumed from the byte
+    /// where it stopped (still pinned to the same ETag). The SDK itself retries failed requests.
     async fn get_resuming(
         &self,
         key: &str,
         range: Option<ByteRange>,
         size_hint: u64,
         if_match: Option<&str>,
-    ) -> StoreResult<(Bytes, Option<String>)> {
+        crc_block: Option<u64>,
+    ) -> StoreResult<Got> {
         let _permit = if size_hint >= super::buffers::MIN_POOLED as u64 {
             Some(self.large_gets.acquire().await.expect("never closed"))
         } else {
             None
         };
-        let mut out = self.buffers.take(size_hint as usize);
+        let (buf, reused) = self.buffers.take(size_hint as usize);
+        if size_hint >= super::buffers::MIN_POOLED as u64 {
+            count(&self.traffic.large_gets, 1);
+            count(&self.traffic.reused_buffers, reused as u64);
+        }
+        let start = range.map_or(0, |r| r.start);
+        let new_crcs = || crc_block.map(|b| PieceCrcs::new(start, b));
+        let mut sink = Sink {
+            buf,
+            crcs: new_crcs(),
+        };
         let mut failures = 0;
         let mut resumed = false;
         loop {
-            let part = match (range, out.is_empty()) {
-                (None, true) => None,
+            let received = sink.buf.len() as u64;
+            let part = match (range, received) {
+                (None, 0) => None,
                 // Everything arrived before the body broke: done (unverified by the GET).
-                (None, false) if out.len() as u64 >= size_hint && size_hint > 0 => {
-                    return Ok((self.buffers.freeze(out), None))
+                (None, _) if received >= size_hint && size_hint > 0 => {
+                    return Ok(sink.finish(&self.buffers, None))
                 }
-                (None, false) => Some(ByteRange::new(out.len() as u64, u64::MAX)),
-                (Some(r), _) => Some(ByteRange::new(r.start + out.len() as u64, r.end)),
+                (None, _) => Some(ByteRange::new(received, u64::MAX)),
+                (Some(r), _) => Some(ByteRange::new(r.start + received, r.end)),
             };
-            match self.get_body_into(key, part, if_match, &mut out).await {
+            match self.get_body_into(key, part, if_match, &mut sink).await {
                 // A resumed whole-object read has no checksum for the whole.
                 Ok(c) => {
                     let sum = c.filter(|_| range.is_none() && !resumed);
-                    return Ok((self.buffers.freeze(out), sum));
+                    return Ok(sink.finish(&self.buffers, sum));
                 }
                 Err(StoreError::Checksum(e)) if failures + 1 < self.max_attempts => {
                     // Corrupted on the way: nothing of it can be trusted, start over.
                     failures += 1;
                     tracing::warn!(key, error = %e, attempt = failures, "GET body failed its checksum; fetching it again");
-                    out.clear();
+                    sink.buf.clear();
+                    sink.crcs = new_crcs();
                     resumed = false;
                 }
                 Err(e)
@@ -730,8 +769,8 @@ impl S3Store {
                         && failures + 1 < self.max_attempts =>
                 {
                     failures += 1;
-                    resumed |= !out.is_empty();
-                    tracing::warn!(key, error = %e, received = out.len(), attempt = failures, "GET body interrupted; resuming where it stopped");
+                    resumed |= !sink.buf.is_empty();
+                    tracing::warn!(key, error = %e, received = sink.buf.len(), attempt = failures, "GET body interrupted; resuming where it stopped");
                     tokio::time::sleep(Duration::from_millis(100 << failures.min(6))).await;
                 }
                 Err(e) => return Err(e),
@@ -745,7 +784,7 @@ impl S3Store {
         key: &str,
         range: Option<ByteRange>,
         if_match: Option<&str>,
-        out: &mut Vec<u8>,
+        out: &mut Sink,
     ) -> StoreResult<Option<String>> {
         count(&self.traffic.gets, 1);
         let resp = self
@@ -781,7 +820,7 @@ impl S3Store {
                 Ok(Some(Ok(chunk))) => {
                     received += chunk.len() as u64;
                     count(&self.traffic.bytes_down, chunk.len() as u64);
-                    out.extend_from_slice(&chunk);
+                    out.extend(&chunk);
                 }
                 Ok(Some(Err(e))) => {
                     let what = format!(
@@ -802,6 +841,40 @@ impl S3Store {
                 "{key}: body ended after {received} of {n} bytes"
             ))),
             _ => Ok(checksum),
+        }
+    }
+}
+
+/// What [`S3Store::get_resuming`] received.
+struct Got {
+    body: Bytes,
+    /// The object's stored CRC32 (whole-object GETs that were not resumed).
+    checksum: Option<String>,
+    /// The body's piece CRC32s, when asked for.
+    crcs: Vec<u32>,
+}
+
+/// A GET body being received: each chunk is copied in and, when piece CRCs are wanted, hashed
+/// right away from the copy, while it is still in the CPU cache.
+struct Sink {
+    buf: Vec<u8>,
+    crcs: Option<PieceCrcs>,
+}
+
+impl Sink {
+    fn extend(&mut self, chunk: &[u8]) {
+        let from = self.buf.len();
+        self.buf.extend_from_slice(chunk);
+        if let Some(c) = &mut self.crcs {
+            c.update(&self.buf[from..]);
+        }
+    }
+
+    fn finish(self, pool: &Arc<super::buffers::BufferPool>, checksum: Option<String>) -> Got {
+        Got {
+            body: pool.freeze(self.buf),
+            checksum,
+            crcs: self.crcs.map(PieceCrcs::finish).unwrap_or_default(),
         }
     }
 }
