@@ -4,6 +4,7 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
+use std::time::UNIX_EPOCH;
 
 use fuser::{
     consts, FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyCreate, ReplyData,
@@ -87,6 +88,27 @@ fn to_file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// What a negative lookup reply carries: only inode 0 matters to the kernel.
+fn negative_entry() -> FileAttr {
+    FileAttr {
+        ino: 0,
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
+}
+
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
         // readdirplus lets `ls -l` be answered from the listing; larger requests cut per-request cost.
@@ -105,6 +127,13 @@ impl Filesystem for FuseAdapter {
         self.rt.spawn(async move {
             match fs.lookup(parent, &name).await {
                 Ok(attr) => reply.entry(&fs.ttl(), &to_file_attr(&attr), 0),
+                // A negative entry (inode 0): the kernel keeps "no such name" for the metadata
+                // TTL, as the filesystem does, instead of asking again (`cp` looks a new name up
+                // three times before creating it). Names created through this mount replace
+                // it at once; names created elsewhere appear within the TTL, as before.
+                Err(Errno(libc::ENOENT)) if !fs.ttl().is_zero() => {
+                    reply.entry(&fs.ttl(), &negative_entry(), 0)
+                }
                 Err(Errno(e)) => reply.error(e),
             }
         });

@@ -638,3 +638,36 @@ fn a_hung_store_gives_etimedout_within_the_bound() {
     let log = std::fs::read_to_string(&m.log).unwrap_or_default();
     assert!(log.contains("operation timed out"), "logged with its key");
 }
+
+#[test]
+fn a_missing_name_is_remembered_for_the_ttl_only_and_never_hides_what_this_mount_creates() {
+    let server = server();
+    let bucket = server.new_bucket();
+    let m = Mount::new(server, &bucket, &["--metadata-ttl", "1"]);
+    let missing = |name: &str| {
+        std::fs::metadata(m.join(name))
+            .map(|_| false)
+            .unwrap_or_else(|e| e.raw_os_error() == Some(libc::ENOENT))
+    };
+    // Looked up while absent (the kernel may now keep a negative entry), then created here:
+    // visible at once, with its content, whichever way it is created.
+    for name in ["f", "d", "l", "r", "e"] {
+        assert!(missing(name), "{name}");
+        assert!(missing(name), "{name}");
+    }
+    std::fs::write(m.join("f"), "file").unwrap();
+    assert_eq!(std::fs::read(m.join("f")).unwrap(), b"file");
+    std::fs::create_dir(m.join("d")).unwrap();
+    assert!(m.join("d").is_dir());
+    std::os::unix::fs::symlink("f", m.join("l")).unwrap();
+    assert_eq!(std::fs::read(m.join("l")).unwrap(), b"file");
+    std::fs::rename(m.join("f"), m.join("r")).unwrap();
+    assert_eq!(std::fs::read(m.join("r")).unwrap(), b"file");
+    assert!(missing("f"), "renamed away");
+    // Created by another client: seen once the TTL has passed.
+    server.put(&bucket, "f", "elsewhere");
+    server.put(&bucket, "e/x", "elsewhere");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(std::fs::read(m.join("f")).unwrap(), b"elsewhere");
+    assert_eq!(std::fs::read(m.join("e/x")).unwrap(), b"elsewhere");
+}
