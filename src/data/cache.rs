@@ -201,8 +201,17 @@ impl BlockCache {
     }
 
     /// Keep bytes `range` of an object just fetched: in memory, and their whole blocks on disk.
-    /// `size` is the object's size (a block ending there may be short).
-    pub fn insert(self: &Arc<Self>, obj: &ObjectId, range: ByteRange, data: &Bytes, size: u64) {
+    /// `size` is the object's size (a block ending there may be short). `crcs`, when known, are
+    /// the CRC32s of the range's pieces between block boundaries (see `PieceCrcs`): blocks
+    /// written to disk take theirs instead of hashing the data again.
+    pub fn insert(
+        self: &Arc<Self>,
+        obj: &ObjectId,
+        range: ByteRange,
+        data: &Bytes,
+        size: u64,
+        crcs: Option<&[u32]>,
+    ) {
         if data.len() as u64 != range.len() || range.is_empty() {
             return;
         }
@@ -217,7 +226,8 @@ impl BlockCache {
                 if !disk.contains(obj, b) {
                     let slice =
                         data.slice((from - range.start) as usize..(to - range.start) as usize);
-                    disk.write_later(obj.clone(), b, slice, &self.budget);
+                    let crc = crcs.and_then(|c| c.get((b - range.start / BLOCK) as usize));
+                    disk.write_later(obj.clone(), b, slice, crc.copied(), &self.budget);
                 }
                 b += 1;
             }
@@ -339,24 +349,30 @@ fn block_name(obj: &ObjectId, block: u64) -> String {
     format!("{:02x}/{h:016x}-{block}", h >> 56)
 }
 
-fn encode(obj: &ObjectId, block: u64, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_FIXED + obj.key.len() + obj.etag.len() + data.len());
+/// The header of a block file whose data (`len` bytes, CRC32 `data_crc`) follows it: the CRC32
+/// it carries covers the rest of the header and the data, combined without reading the data.
+fn header(obj: &ObjectId, block: u64, len: usize, data_crc: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_FIXED + obj.key.len() + obj.etag.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&block.to_le_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(len as u32).to_le_bytes());
     out.extend_from_slice(&(obj.key.len() as u32).to_le_bytes());
     out.extend_from_slice(&(obj.etag.len() as u32).to_le_bytes());
     out.extend_from_slice(obj.key.as_bytes());
     out.extend_from_slice(obj.etag.as_bytes());
-    out.extend_from_slice(data);
-    let crc = crc32fast::hash(&out[12..]);
+    let mut h = crc32fast::Hasher::new();
+    h.update(&out[12..]);
+    h.combine(&crc32fast::Hasher::new_with_initial_len(
+        data_crc, len as u64,
+    ));
+    let crc = h.finalize();
     out[8..12].copy_from_slice(&crc.to_le_bytes());
     out
 }
 
 /// The data of a block file, if it is intact and is block `block` of `obj`.
-fn decode(buf: &[u8], obj: &ObjectId, block: u64) -> Result<Bytes, &'static str> {
+fn decode(buf: Vec<u8>, obj: &ObjectId, block: u64) -> Result<Bytes, &'static str> {
     if buf.len() < HEADER_FIXED || &buf[..8] != MAGIC {
         return Err("not a cache block");
     }
@@ -375,7 +391,8 @@ fn decode(buf: &[u8], obj: &ObjectId, block: u64) -> Result<Bytes, &'static str>
     if stored_block != block || key != obj.key.as_bytes() || etag != obj.etag.as_bytes() {
         return Err("block of another object");
     }
-    Ok(Bytes::copy_from_slice(&buf[HEADER_FIXED + klen + elen..]))
+    let start = HEADER_FIXED + klen + elen;
+    Ok(Bytes::from(buf).slice(start..))
 }
 
 impl DiskCache {
@@ -458,7 +475,7 @@ impl DiskCache {
                     "unreadable"
                 }
             })
-            .and_then(|buf| decode(&buf, obj, block))
+            .and_then(|buf| decode(buf, obj, block))
             .and_then(|d| {
                 if d.len() as u64 == len {
                     Ok(d)
@@ -498,7 +515,14 @@ impl DiskCache {
     }
 
     /// Write a block in the background (a full write queue or budget skips it: it is a cache).
-    fn write_later(self: &Arc<Self>, obj: ObjectId, block: u64, data: Bytes, budget: &Arc<Budget>) {
+    fn write_later(
+        self: &Arc<Self>,
+        obj: ObjectId,
+        block: u64,
+        data: Bytes,
+        crc: Option<u32>,
+        budget: &Arc<Budget>,
+    ) {
         use std::sync::atomic::Ordering;
         if self.pending.fetch_add(1, Ordering::AcqRel) >= MAX_PENDING_WRITES {
             self.pending.fetch_sub(1, Ordering::AcqRel);
@@ -510,7 +534,8 @@ impl DiskCache {
         };
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = me.write(&obj, block, &data) {
+            let crc = crc.unwrap_or_else(|| crc32fast::hash(&data));
+            if let Err(e) = me.write(&obj, block, &data, crc) {
                 tracing::warn!(key = %obj.key, block, dir = %me.dir.display(), "cannot write disk cache block: {e}");
             }
             drop(reservation);
@@ -518,7 +543,8 @@ impl DiskCache {
         });
     }
 
-    fn write(&self, obj: &ObjectId, block: u64, data: &[u8]) -> std::io::Result<()> {
+    /// Store block `block` of `obj`, whose CRC32 is `crc`.
+    fn write(&self, obj: &ObjectId, block: u64, data: &[u8], crc: u32) -> std::io::Result<()> {
         let name = block_name(obj, block);
         let path = self.dir.join(&name);
         // The cache directory itself is made at mount; if it was removed since, it stays gone.
@@ -532,7 +558,7 @@ impl DiskCache {
             super::staging::prepare_dir(parent)?;
         }
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let buf = encode(obj, block, data);
+        let head = header(obj, block, data.len(), crc);
         let written = (|| {
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
@@ -540,7 +566,8 @@ impl DiskCache {
                 .truncate(true)
                 .mode(0o600)
                 .open(&tmp)?;
-            f.write_all(&buf)?;
+            f.write_all(&head)?;
+            f.write_all(data)?;
             std::fs::rename(&tmp, &path)
         })();
         if written.is_err() {
@@ -549,10 +576,11 @@ impl DiskCache {
         }
         {
             let mut idx = self.index.lock();
-            if let Some(old) = idx.lru.put(name, buf.len() as u64) {
+            let file_len = (head.len() + data.len()) as u64;
+            if let Some(old) = idx.lru.put(name, file_len) {
                 idx.bytes -= old;
             }
-            idx.bytes += buf.len() as u64;
+            idx.bytes += file_len;
         }
         self.evict();
         Ok(())
@@ -643,6 +671,7 @@ mod tests {
                 ByteRange::new(i << 20, (i + 1) << 20),
                 &body(1 << 20, i as u8),
                 64 << 20,
+                None,
             );
         }
         assert!(c.memory_used() <= 4 << 20);
@@ -678,6 +707,7 @@ mod tests {
                 ByteRange::new(i << 20, (i + 1) << 20),
                 &body(1 << 20, 0),
                 64 << 20,
+                None,
             );
         }
         let held = budget.reserve_required(1 << 20);
@@ -686,6 +716,7 @@ mod tests {
             ByteRange::new(3 << 20, 4 << 20),
             &body(1 << 20, 0),
             64 << 20,
+            None,
         );
         assert!(budget.used() <= 3 << 20, "{}", budget.used());
         c.shrink(u64::MAX);
@@ -706,7 +737,9 @@ mod tests {
             // A second mount on the same directory is refused while this one holds it.
             let err = BlockCache::new(&cfg, Budget::new(1 << 30)).unwrap_err();
             assert!(err.to_string().contains("in use"), "{err}");
-            c.insert(&o, ByteRange::new(0, size), &data, size);
+            // With the CRC32s of its pieces, as a verifying reader's GET brings them.
+            let crcs = crate::store::piece_crcs(&data, 0, BLOCK);
+            c.insert(&o, ByteRange::new(0, size), &data, size, Some(&crcs));
             settle(&c, 3).await;
         }
         let c = BlockCache::new(&cfg, Budget::new(1 << 30)).unwrap();
@@ -767,6 +800,7 @@ mod tests {
                 ByteRange::new(b << 20, (b + 1) << 20),
                 &data.slice((b << 20) as usize..((b + 1) << 20) as usize),
                 size,
+                None,
             );
             settle(&c, b as usize + 1).await;
         }
@@ -777,6 +811,7 @@ mod tests {
             ByteRange::new(3 << 20, 4 << 20),
             &data.slice(3 << 20..4 << 20),
             size,
+            None,
         );
         for _ in 0..500 {
             if c.on_disk(&obj(), 3) {
@@ -787,5 +822,30 @@ mod tests {
         assert!(c.on_disk(&obj(), 3) && c.on_disk(&obj(), 0));
         assert!(!c.on_disk(&obj(), 1));
         assert!(c.disk_usage().unwrap().1 <= (3 << 20) + 4096);
+    }
+
+    #[tokio::test]
+    async fn a_block_written_with_a_wrong_crc_is_never_read() {
+        // The CRC32 a GET computed is what the block file carries: a wrong one makes the block
+        // a miss, so a mistake there can cost a fetch but never return bad bytes.
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = disk_cfg(tmp.path(), 64 << 20);
+        let c = BlockCache::new(&cfg, Budget::new(1 << 30)).unwrap();
+        let data = body(2 << 20, 5);
+        let mut crcs = crate::store::piece_crcs(&data, 0, BLOCK);
+        crcs[1] ^= 1;
+        c.insert(
+            &obj(),
+            ByteRange::new(0, 2 << 20),
+            &data,
+            2 << 20,
+            Some(&crcs),
+        );
+        settle(&c, 2).await;
+        assert_eq!(
+            &c.read_disk(&obj(), 0, 1 << 20).await.unwrap()[..],
+            &data[..1 << 20]
+        );
+        assert!(c.read_disk(&obj(), 1, 1 << 20).await.is_none());
     }
 }

@@ -630,7 +630,7 @@ impl ObjectReader {
                 Fetched::plain(store.get_range(&key, range, etag.as_deref()).await?)
             };
             if let Some(o) = &obj {
-                cache.insert(o, range, &fetched.bytes, size);
+                cache.insert(o, range, &fetched.bytes, size, fetched.crcs.as_deref());
             }
             Ok(fetched)
         });
