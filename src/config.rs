@@ -145,7 +145,11 @@ impl Config {
         fs.list_metadata = cli.list_metadata;
         fs.op_timeout = cli.op_timeout.max(Duration::from_millis(100));
         fs.conditional_writes = !cli.no_conditional_writes;
-        fs.max_memory = cli.max_memory;
+        // Idle GET buffers kept for reuse: a sequential reader's GETs finish in bursts, and an
+        // eighth of the budget (64 MiB at the default) lets nearly every body reuse a buffer
+        // whose pages are already there. They are memory too: the buffer budget is the rest.
+        let idle_buffers = (cli.max_memory / 8).min(256 << 20);
+        fs.max_memory = cli.max_memory - idle_buffers;
         if let Some(dir) = &cli.staging_dir {
             if !dir.is_absolute() {
                 return Err(format!(
@@ -217,9 +221,7 @@ impl Config {
                     .filter(|v| !v.is_empty())
                     .map(PathBuf::from)
             }),
-            // A sequential reader's GETs finish in bursts; an eighth of the budget (64 MiB at
-            // the default) lets nearly every body reuse a buffer whose pages are already there.
-            idle_buffers: (cli.max_memory / 8).clamp(16 << 20, 256 << 20) as usize,
+            idle_buffers: idle_buffers as usize,
         };
         if let Some(ca) = &s3.ca_bundle {
             if !ca.is_file() {
@@ -269,6 +271,28 @@ mod tests {
         assert!(!format!("{:?}", read_passwd_file(&p, "other").unwrap()).contains("defsecret"));
         std::fs::write(&p, "garbage line without colon\n").unwrap();
         assert!(read_passwd_file(&p, "b").unwrap_err().contains("line 1"));
+    }
+
+    #[test]
+    fn idle_get_buffers_are_part_of_the_memory_budget() {
+        for (args, budget, idle) in [
+            (&[][..], 512u64 << 20, 64u64 << 20),
+            (
+                &["--max-memory", "16MiB", "--memory-cache", "4MiB"][..],
+                16 << 20,
+                2 << 20,
+            ),
+            (&["--max-memory", "8GiB"][..], 8 << 30, 256 << 20),
+        ] {
+            let argv: Vec<String> = ["s3mount", "b", "/mnt"]
+                .iter()
+                .chain(args)
+                .map(|s| s.to_string())
+                .collect();
+            let c = Config::from_cli(crate::cli::parse_args(&argv).unwrap()).unwrap();
+            assert_eq!(c.s3.idle_buffers as u64, idle, "{args:?}");
+            assert_eq!(c.fs.max_memory, budget - idle, "{args:?}");
+        }
     }
 
     #[test]
