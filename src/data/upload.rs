@@ -156,6 +156,9 @@ pub struct StreamUpload {
     upload_id: Option<String>,
     next_part: i32,
     buf: BytesMut,
+    /// CRC32 of `buf`, taken in as bytes are appended (while they are in the CPU cache; a pass
+    /// over a finished part runs at a quarter of that speed).
+    buf_crc: crc32fast::Hasher,
     buf_reservation: Reservation,
     inflight: JoinSet<PartResult>,
     /// (part, CRC32 of its bytes, its length)
@@ -203,6 +206,7 @@ impl StreamUpload {
             upload_id: None,
             next_part: 1,
             buf: BytesMut::new(),
+            buf_crc: crc32fast::Hasher::new(),
             buf_reservation,
             inflight: JoinSet::new(),
             done: Vec::new(),
@@ -236,6 +240,7 @@ impl StreamUpload {
                 .absorb(self.budget.reserve_required(bytes.len() as u64));
             self.total = bytes.len() as u64;
             self.buf.extend_from_slice(&bytes);
+            self.buf_crc.update(&bytes);
         } else {
             self.total = committed.size;
             self.prefix = Some(committed);
@@ -294,6 +299,7 @@ impl StreamUpload {
                     .reserve((cap as usize - self.buf.len()).min(n.max(1 << 20)));
             }
             self.buf.extend_from_slice(&data[..n]);
+            self.buf_crc.update(&data[..n]);
             self.total += n as u64;
             data = &data[n..];
             if self.buf.len() as u64 == cap {
@@ -386,6 +392,8 @@ impl StreamUpload {
             self.reap_one().await?;
         }
         let body = std::mem::take(&mut self.buf).freeze();
+        let crc = std::mem::take(&mut self.buf_crc).finalize();
+        debug_assert_eq!(crc, crc32fast::hash(&body), "running CRC32 of the part");
         self.spool_append(&body);
         let reservation =
             std::mem::replace(&mut self.buf_reservation, Reservation::empty(&self.budget));
@@ -394,7 +402,6 @@ impl StreamUpload {
         let (store, key, caps) = (self.store.clone(), self.key.clone(), self.caps.clone());
         self.inflight.spawn(async move {
             let _reservation = reservation;
-            let crc = crc32fast::hash(&body);
             let len = body.len() as u64;
             let part = send_with_checksum(&caps, |c| {
                 let (store, key, id, body) = (store.clone(), key.clone(), id.clone(), body.clone());
@@ -500,6 +507,7 @@ impl StreamUpload {
             return;
         }
         let rest = std::mem::take(&mut self.buf);
+        self.buf_crc = crc32fast::Hasher::new();
         self.spool_append(&rest);
         let (Some(spool), Some(dest)) = (self.spool.take(), self.recovery_path("data")) else {
             return;
@@ -526,7 +534,8 @@ impl StreamUpload {
         self.check_failed()?;
         if self.upload_id.is_none() && self.prefix.is_none() {
             let body = std::mem::take(&mut self.buf).freeze();
-            let crc = crc32fast::hash(&body);
+            let crc = std::mem::take(&mut self.buf_crc).finalize();
+            debug_assert_eq!(crc, crc32fast::hash(&body), "running CRC32 of the body");
             let (store, key) = (self.store.clone(), self.key.clone());
             let caps = self.caps.clone();
             let mut opts = self.opts.clone();
