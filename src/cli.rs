@@ -17,6 +17,14 @@ Examples:
 Without -f the command returns once the mount is live (exit 0) and the daemon logs to syslog.
 Unmount with `umount DIR` or `fusermount3 -u DIR`.";
 
+/// When upload bodies are hashed into the request signature (see `--sign-payload`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignPayload {
+    Auto,
+    Always,
+    Never,
+}
+
 #[derive(Parser, Debug, Clone)]
 #[command(name = "s3mount", version, about = "Mount an S3 bucket, or a prefix of one, as a directory", after_help = EXAMPLES)]
 pub struct Cli {
@@ -55,6 +63,13 @@ pub struct Cli {
     /// Send unsigned requests (public buckets)
     #[arg(long)]
     pub no_sign_request: bool,
+
+    /// Hash upload bodies into the request signature (SHA-256). auto: over plain HTTP only;
+    /// over HTTPS a body that carries a CRC32 the server checks goes as UNSIGNED-PAYLOAD (TLS
+    /// guards it, and the hash took a third of the daemon's CPU while writing). never: also
+    /// over HTTP (trusted networks)
+    #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
+    pub sign_payload: SignPayload,
 
     /// Mount read-only: every write fails with EROFS
     #[arg(long)]

@@ -8,7 +8,7 @@ use crate::data::cache::{CacheConfig, DiskCacheConfig};
 use crate::data::prefetch::PrefetchConfig;
 use crate::data::upload::UploadConfig;
 use crate::fs::{AttrDefaults, FsConfig};
-use crate::store::s3::{S3Settings, StaticCredentials};
+use crate::store::s3::{PayloadSigning, S3Settings, StaticCredentials};
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -222,6 +222,11 @@ impl Config {
                     .map(PathBuf::from)
             }),
             idle_buffers: idle_buffers as usize,
+            payload_signing: match cli.sign_payload {
+                crate::cli::SignPayload::Auto => PayloadSigning::Auto,
+                crate::cli::SignPayload::Always => PayloadSigning::Always,
+                crate::cli::SignPayload::Never => PayloadSigning::Never,
+            },
         };
         if let Some(ca) = &s3.ca_bundle {
             if !ca.is_file() {

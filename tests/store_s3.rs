@@ -23,16 +23,20 @@ fn settings(server: &S3Server, bucket: &str) -> S3Settings {
         ca_bundle: None,
         stall_timeout: Duration::from_secs(5),
         idle_buffers: 16 << 20,
+        payload_signing: Default::default(),
     }
 }
 
 fn store(server: &S3Server, bucket: &str) -> S3Store {
+    store_with(settings(server, bucket))
+}
+
+fn store_with(settings: S3Settings) -> S3Store {
     // The store reads credentials from the standard chain: the environment here.
-    for (k, v) in server.env() {
+    for (k, v) in server().env() {
         std::env::set_var(k, v);
     }
-    rt().block_on(S3Store::connect(&settings(server, bucket)))
-        .expect("connect")
+    rt().block_on(S3Store::connect(&settings)).expect("connect")
 }
 
 #[test]
@@ -238,4 +242,58 @@ fn multipart_objects_keep_a_full_object_crc32_and_report_part_sizes() {
             assert_eq!(sum, crc);
         }
     });
+}
+
+#[test]
+fn unsigned_payloads_are_accepted_and_their_crc32_still_checked() {
+    use s3mount::store::s3::PayloadSigning;
+    let server = server();
+    let bucket = server.new_bucket();
+    let mut set = settings(server, &bucket);
+    set.payload_signing = PayloadSigning::Never;
+    let s = store_with(set);
+    let body = pattern(3 << 20, 9);
+    rt().block_on(async {
+        let crc = crc32fast::hash(&body);
+        s.put(
+            "one",
+            bytes::Bytes::from(body.clone()),
+            &PutOptions::default(),
+            Some(crc),
+        )
+        .await
+        .expect("unsigned put");
+        let id = s
+            .create_multipart("mp", &PutOptions::default(), true)
+            .await
+            .expect("create");
+        let part = s
+            .upload_part("mp", &id, 1, bytes::Bytes::from(body.clone()), Some(crc))
+            .await
+            .expect("unsigned part");
+        s.complete_multipart("mp", &id, vec![part], &Default::default())
+            .await
+            .expect("complete");
+        // A body that does not match its CRC32 is refused by a server that checks them
+        // (Garage; moto checks none), signed payload or not.
+        let wrong = s
+            .put(
+                "bad",
+                bytes::Bytes::from(body.clone()),
+                &PutOptions::default(),
+                Some(crc ^ 1),
+            )
+            .await;
+        if server.kind == Kind::Garage {
+            assert!(wrong.is_err(), "a wrong CRC32 was accepted: {wrong:?}");
+        }
+    });
+    assert_eq!(server.get(&bucket, "one").unwrap(), body);
+    assert_eq!(server.get(&bucket, "mp").unwrap(), body);
+    // auto: unsigned only over TLS, and only with a CRC32 to check.
+    assert!(PayloadSigning::Auto.unsigned(true, true));
+    assert!(!PayloadSigning::Auto.unsigned(false, true));
+    assert!(!PayloadSigning::Auto.unsigned(true, false));
+    assert!(!PayloadSigning::Always.unsigned(true, true));
+    assert!(PayloadSigning::Never.unsigned(false, false));
 }

@@ -56,9 +56,34 @@ pub struct S3Settings {
     /// A response that sends no byte for this long is given up and retried from where it
     /// stopped (also the time allowed to the first byte).
     pub stall_timeout: Duration,
+    /// When upload bodies are hashed into the signature.
+    pub payload_signing: PayloadSigning,
     /// Bytes of idle GET body buffers kept for reuse (outside the read/write budget: a freed
     /// buffer would otherwise fault in every page again when the next GET fills it).
     pub idle_buffers: usize,
+}
+
+/// When an upload body is hashed (SHA-256) into the request's SigV4 signature.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PayloadSigning {
+    /// Always, except over HTTPS for a body that carries a CRC32 the server checks: TLS guards
+    /// it against tampering, the CRC32 against corruption.
+    #[default]
+    Auto,
+    Always,
+    /// Never (UNSIGNED-PAYLOAD), also over plain HTTP.
+    Never,
+}
+
+impl PayloadSigning {
+    /// Is a body sent unsigned, over a connection that is `tls` or not, with a CRC32 or not?
+    pub fn unsigned(self, tls: bool, has_crc32: bool) -> bool {
+        match self {
+            PayloadSigning::Auto => tls && has_crc32,
+            PayloadSigning::Always => false,
+            PayloadSigning::Never => true,
+        }
+    }
 }
 
 pub struct S3Store {
@@ -67,6 +92,9 @@ pub struct S3Store {
     stall_timeout: Duration,
     max_attempts: u32,
     traffic: Arc<Traffic>,
+    payload_signing: PayloadSigning,
+    /// The endpoint is HTTPS (AWS's own when no endpoint is given).
+    tls: bool,
     buffers: Arc<super::buffers::BufferPool>,
     /// Large GETs in flight at once: each keeps a connection busy whose read buffer (up to
     /// ~400 KiB in hyper) the memory budget does not see.
@@ -126,6 +154,11 @@ impl fmt::Debug for S3Store {
 }
 
 impl S3Store {
+    /// Is an upload body with this CRC32 (or none) sent without hashing it into the signature?
+    fn unsigned(&self, crc32: Option<u32>) -> bool {
+        self.payload_signing.unsigned(self.tls, crc32.is_some())
+    }
+
     /// Requests and bytes so far (shared: keep it to report after the store is handed on).
     pub fn traffic(&self) -> Arc<Traffic> {
         self.traffic.clone()
@@ -196,6 +229,11 @@ impl S3Store {
             bucket: s.bucket.clone(),
             traffic: Arc::default(),
             buffers: super::buffers::BufferPool::new(s.idle_buffers),
+            payload_signing: s.payload_signing,
+            tls: s
+                .endpoint_url
+                .as_deref()
+                .is_none_or(|u| u.to_ascii_lowercase().starts_with("https://")),
             large_gets: Arc::new(tokio::sync::Semaphore::new(MAX_LARGE_GETS)),
             stall_timeout: if s.stall_timeout.is_zero() {
                 Duration::from_secs(30)
@@ -410,7 +448,12 @@ impl ObjectStore for S3Store {
             PutCondition::IfNoneMatch => req.if_none_match("*"),
             PutCondition::IfMatch(tag) => req.if_match(tag),
         };
-        let out = req.send().await.map_err(|e| map_err(e, key))?;
+        let out = if self.unsigned(crc32) {
+            req.customize().disable_payload_signing().send().await
+        } else {
+            req.send().await
+        }
+        .map_err(|e| map_err(e, key))?;
         Ok(PutResult {
             etag: out.e_tag().map(str::to_string),
             checksum_crc32: out.checksum_crc32().map(str::to_string),
@@ -496,7 +539,7 @@ impl ObjectStore for S3Store {
     ) -> StoreResult<CompletedPart> {
         count(&self.traffic.puts, 1);
         count(&self.traffic.bytes_up, body.len() as u64);
-        let out = self
+        let req = self
             .client
             .upload_part()
             .bucket(&self.bucket)
@@ -504,10 +547,13 @@ impl ObjectStore for S3Store {
             .upload_id(upload_id)
             .part_number(part_number)
             .set_checksum_crc32(crc32.map(crc32_header))
-            .body(ByteStream::from(body))
-            .send()
-            .await
-            .map_err(|e| map_err(e, &format!("{key} part {part_number}")))?;
+            .body(ByteStream::from(body));
+        let out = if self.unsigned(crc32) {
+            req.customize().disable_payload_signing().send().await
+        } else {
+            req.send().await
+        }
+        .map_err(|e| map_err(e, &format!("{key} part {part_number}")))?;
         Ok(CompletedPart {
             part_number,
             etag: out.e_tag().unwrap_or_default().to_string(),
