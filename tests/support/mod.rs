@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod tls;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
