@@ -13,7 +13,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use super::budget::{Budget, Reservation};
 use super::cache::{BlockCache, ObjectId, BLOCK};
 use crate::store::{
-    composite_crc32, crc32_header, ByteRange, ObjectStore, StoreError, StoreResult,
+    composite_crc32, crc32_header, ByteRange, ObjectStore, PieceCrcs, StoreError, StoreResult,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -73,54 +73,6 @@ struct Chunk {
     _reservation: Reservation,
 }
 
-/// CRC32s of the bytes from the start of the object up to `pos`, read in order: one per 1 MiB
-/// block, so that both the whole object's CRC32 and the part CRC32s of a COMPOSITE multipart
-/// checksum can be derived (CRC32s combine without the data).
-#[derive(Default)]
-struct Verifier {
-    pos: u64,
-    block: crc32fast::Hasher,
-    blocks: Vec<u32>,
-}
-
-impl Verifier {
-    /// Take in the next `len` bytes by their CRC32 (they must not cross a block boundary).
-    fn feed_crc(&mut self, crc: u32, len: u64) {
-        debug_assert!(self.pos % BLOCK + len <= BLOCK);
-        if self.pos % BLOCK == 0 && len == BLOCK {
-            self.blocks.push(crc);
-            self.pos += len;
-            return;
-        }
-        self.block
-            .combine(&crc32fast::Hasher::new_with_initial_len(crc, len));
-        self.pos += len;
-        if self.pos % BLOCK == 0 {
-            self.blocks.push(std::mem::take(&mut self.block).finalize());
-        }
-    }
-
-    fn feed(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
-            let n = ((BLOCK - self.pos % BLOCK) as usize).min(data.len());
-            self.block.update(&data[..n]);
-            self.pos += n as u64;
-            data = &data[n..];
-            if self.pos % BLOCK == 0 {
-                self.blocks.push(std::mem::take(&mut self.block).finalize());
-            }
-        }
-    }
-
-    /// All block CRCs, the last one possibly of a short block.
-    fn finish(mut self) -> Vec<u32> {
-        if self.pos % BLOCK != 0 {
-            self.blocks.push(self.block.finalize());
-        }
-        self.blocks
-    }
-}
-
 /// CRC32 of blocks `from..to` of an object of `size` bytes, from their CRCs.
 fn combine_blocks(blocks: &[u32], size: u64, from: usize, to: usize) -> u32 {
     let mut h = crc32fast::Hasher::new();
@@ -142,8 +94,10 @@ struct ReaderState {
     fetched_end: u64,
     /// Bytes read sequentially since the window last grew.
     consumed: u64,
-    /// Running checksum while the object is being read from its start (None once given up).
-    verify: Option<Verifier>,
+    /// CRC32s of each 1 MiB block read so far, in order from the object's start, so that both
+    /// the whole object's CRC32 and the part CRC32s of a COMPOSITE multipart checksum can be
+    /// derived (CRC32s combine without the data). None once given up.
+    verify: Option<PieceCrcs>,
     /// Set once bytes of this handle failed a checksum: everything it could still hand out is
     /// suspect (the kernel retries pages one by one), so every later read fails too.
     poisoned: Option<StoreError>,
@@ -187,7 +141,7 @@ impl ObjectReader {
             window: cfg.initial_window,
             fetched_end: 0,
             consumed: 0,
-            verify: Some(Verifier::default()),
+            verify: Some(PieceCrcs::new(0, BLOCK)),
             poisoned: None,
         };
         ObjectReader {
@@ -254,7 +208,7 @@ impl ObjectReader {
                 // Reads that arrive late, out of order, still find their chunks: keep what lies
                 // within the reordering distance behind the furthest read, and what the
                 // whole-object checksum has not taken in yet.
-                let verified_to = st.verify.as_ref().map_or(0, |v| v.pos);
+                let verified_to = st.verify.as_ref().map_or(0, PieceCrcs::pos);
                 let keep_from = st.last_end.max(end).saturating_sub(self.cfg.reorder / 2);
                 st.chunks.retain(|_, c| {
                     c.range.end + BACK_KEEP > offset.min(keep_from) || c.range.end > verified_to
@@ -343,11 +297,12 @@ impl ObjectReader {
     fn advance_verify(&self, st: &mut ReaderState) -> Option<Vec<u32>> {
         loop {
             let v = st.verify.as_mut()?;
-            if v.pos >= self.size {
-                return st.verify.take().map(Verifier::finish);
+            let pos = v.pos();
+            if pos >= self.size {
+                return st.verify.take().map(PieceCrcs::finish);
             }
-            let (_, c) = st.chunks.range(..=v.pos).next_back()?;
-            if c.range.end <= v.pos {
+            let (_, c) = st.chunks.range(..=pos).next_back()?;
+            if c.range.end <= pos {
                 return None;
             }
             match c.data.peek() {
@@ -355,22 +310,16 @@ impl ObjectReader {
                 Some(Ok(Fetched {
                     bytes,
                     crcs: Some(crcs),
-                })) if v.pos == c.range.start && bytes.len() as u64 == c.range.len() => {
-                    let mut pos = c.range.start;
-                    for crc in crcs.iter() {
-                        let end = ((pos / BLOCK + 1) * BLOCK).min(c.range.end);
-                        v.feed_crc(*crc, end - pos);
-                        pos = end;
-                    }
-                    debug_assert_eq!(pos, c.range.end);
+                })) if pos == c.range.start && bytes.len() as u64 == c.range.len() => {
+                    v.update_from(crcs, c.range.len());
                 }
                 Some(Ok(Fetched { bytes, .. })) => {
-                    let from = (v.pos - c.range.start) as usize;
+                    let from = (pos - c.range.start) as usize;
                     if bytes.len() <= from {
                         st.verify = None; // shorter than it claimed: nothing to verify
                         return None;
                     }
-                    v.feed(&bytes[from..]);
+                    v.update(&bytes[from..]);
                 }
                 _ => return None,
             }
@@ -980,12 +929,12 @@ mod tests {
     #[test]
     fn the_verifier_takes_piece_crcs_as_it_takes_bytes() {
         let body = data((5 << 20) + 777);
-        let mut by_bytes = Verifier::default();
-        by_bytes.feed(&body);
+        let mut by_bytes = PieceCrcs::new(0, BLOCK);
+        by_bytes.update(&body);
         let want = by_bytes.finish();
         // Chunks as a reader fetches them: a small first read, then pieces of odd sizes, each
         // fed by the CRC32s of its stretches between block boundaries.
-        let mut by_crcs = Verifier::default();
+        let mut by_crcs = PieceCrcs::new(0, BLOCK);
         let mut pos = 0usize;
         for len in [
             64 << 10,
@@ -995,12 +944,8 @@ mod tests {
             usize::MAX,
         ] {
             let end = pos.saturating_add(len).min(body.len());
-            let mut p = pos as u64;
-            for crc in crate::store::piece_crcs(&body[pos..end], pos as u64, BLOCK) {
-                let stop = ((p / BLOCK + 1) * BLOCK).min(end as u64);
-                by_crcs.feed_crc(crc, stop - p);
-                p = stop;
-            }
+            let crcs = crate::store::piece_crcs(&body[pos..end], pos as u64, BLOCK);
+            by_crcs.update_from(&crcs, (end - pos) as u64);
             pos = end;
         }
         assert_eq!(by_crcs.finish(), want);

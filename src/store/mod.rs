@@ -161,6 +161,33 @@ impl PieceCrcs {
         }
     }
 
+    /// The object offset where the bytes taken in so far end.
+    pub fn pos(&self) -> u64 {
+        self.pos
+    }
+
+    /// Take in the next `len` bytes by the CRC32s of their pieces (as another `PieceCrcs` with
+    /// the same block made them from the same offset) instead of by their bytes.
+    pub fn update_from(&mut self, crcs: &[u32], len: u64) {
+        let end = self.pos + len;
+        for crc in crcs {
+            let n = (self.block - self.pos % self.block).min(end - self.pos);
+            if self.open || n < self.block {
+                self.hasher
+                    .combine(&crc32fast::Hasher::new_with_initial_len(*crc, n));
+                self.open = true;
+            } else {
+                self.done.push(*crc); // a whole piece: its CRC32 as it is
+            }
+            self.pos += n;
+            if self.pos % self.block == 0 && self.open {
+                self.done.push(std::mem::take(&mut self.hasher).finalize());
+                self.open = false;
+            }
+        }
+        debug_assert_eq!(self.pos, end, "piece CRC32s for {len} bytes");
+    }
+
     pub fn finish(mut self) -> Vec<u32> {
         if self.open {
             self.done.push(self.hasher.finalize());

@@ -58,8 +58,8 @@ pub struct S3Settings {
     pub stall_timeout: Duration,
     /// When upload bodies are hashed into the signature.
     pub payload_signing: PayloadSigning,
-    /// Bytes of idle GET body buffers kept for reuse (outside the read/write budget: a freed
-    /// buffer would otherwise fault in every page again when the next GET fills it).
+    /// Bytes of idle GET body buffers kept for reuse (a freed buffer would otherwise fault in
+    /// every page again when the next GET fills it); config takes them out of --max-memory.
     pub idle_buffers: usize,
 }
 
@@ -767,13 +767,14 @@ impl S3Store {
         if_match: Option<&str>,
         crc_block: Option<u64>,
     ) -> StoreResult<Got> {
-        let _permit = if size_hint >= super::buffers::MIN_POOLED as u64 {
+        let large = size_hint >= super::buffers::MIN_POOLED as u64;
+        let _permit = if large {
             Some(self.large_gets.acquire().await.expect("never closed"))
         } else {
             None
         };
         let (buf, reused) = self.buffers.take(size_hint as usize);
-        if size_hint >= super::buffers::MIN_POOLED as u64 {
+        if large {
             count(&self.traffic.large_gets, 1);
             count(&self.traffic.reused_buffers, reused as u64);
         }
