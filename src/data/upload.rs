@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::task::JoinSet;
 
 use super::budget::{Budget, Reservation};
@@ -181,7 +181,8 @@ pub struct StreamUpload {
 
 /// The bytes of a streamed upload, on local disk until the object is complete.
 struct Spool {
-    file: std::fs::File,
+    /// Written at `bytes` by a blocking-pool thread, one part at a time.
+    file: Arc<std::fs::File>,
     path: std::path::PathBuf,
     bytes: u64,
 }
@@ -394,7 +395,9 @@ impl StreamUpload {
         let body = std::mem::take(&mut self.buf).freeze();
         let crc = std::mem::take(&mut self.buf_crc).finalize();
         debug_assert_eq!(crc, crc32fast::hash(&body), "running CRC32 of the part");
-        self.spool_append(&body);
+        // Awaited with the part taken out of `buf`: like every write path here, this runs to
+        // completion in its own task and is never dropped half way.
+        self.spool_append(body.clone()).await;
         let reservation =
             std::mem::replace(&mut self.buf_reservation, Reservation::empty(&self.budget));
         let n = self.next_part;
@@ -423,16 +426,18 @@ impl StreamUpload {
         let result = self.finish_inner().await;
         if result.is_err() {
             self.abort_remote().await;
-            self.keep_spool();
+            self.keep_spool().await;
         }
         self.drop_spool();
         result
     }
 
-    /// Copy shipped bytes to the local spool while the file is within the spool limit.
-    fn spool_append(&mut self, body: &[u8]) {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
+    /// Copy shipped bytes to the local spool while the file is within the spool limit. The
+    /// write runs on the blocking pool (a slow or throttled local disk must not stall a runtime
+    /// worker, which also serves FUSE requests and the network) and is awaited, so the spool
+    /// never has a hole.
+    async fn spool_append(&mut self, body: Bytes) {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
         if self.spool_off || self.prefix.is_some() || body.is_empty() {
             return;
         }
@@ -477,7 +482,7 @@ impl StreamUpload {
             match opened {
                 Ok(file) => {
                     self.spool = Some(Spool {
-                        file,
+                        file: Arc::new(file),
                         path,
                         bytes: 0,
                     })
@@ -490,8 +495,12 @@ impl StreamUpload {
             }
         }
         let spool = self.spool.as_mut().expect("spool opened above");
-        match spool.file.write_all(body) {
-            Ok(()) => spool.bytes += body.len() as u64,
+        let (file, at, len) = (spool.file.clone(), spool.bytes, body.len() as u64);
+        let written = tokio::task::spawn_blocking(move || file.write_all_at(&body, at))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match written {
+            Ok(()) => spool.bytes += len,
             Err(e) => {
                 tracing::warn!(key = %self.key, path = %spool.path.display(), "local copy of the upload given up: {e}");
                 self.spool_off = true;
@@ -502,13 +511,13 @@ impl StreamUpload {
 
     /// The upload failed for good: move the spool (plus bytes never shipped) to the recovery
     /// folder and say where it is.
-    fn keep_spool(&mut self) {
+    async fn keep_spool(&mut self) {
         if self.spool.is_none() {
             return;
         }
-        let rest = std::mem::take(&mut self.buf);
+        let rest = std::mem::take(&mut self.buf).freeze();
         self.buf_crc = crc32fast::Hasher::new();
-        self.spool_append(&rest);
+        self.spool_append(rest).await;
         let (Some(spool), Some(dest)) = (self.spool.take(), self.recovery_path("data")) else {
             return;
         };
