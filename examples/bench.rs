@@ -1,13 +1,13 @@
 //! Benchmark: s3mount against a plain S3 client on the same local Garage server, same run.
 //!
 //! `cargo run --release --example bench -- [--size-mib 2048] [--files 1000] [--soak-seconds 30]
-//!  [--random-reads 2000] [--skip-random] [--skip-ttfb] [--skip-listings] [--skip-readers]
-//!  [--skip-disk-cache]`
+//!  [--random-reads 2000] [--cold-repeats 3] [--skip-random] [--skip-ttfb] [--skip-listings]
+//!  [--skip-readers] [--skip-disk-cache]`
 //!
 //! Starts Garage (with an LD_PRELOAD shim forcing TCP_NODELAY on its sockets), then measures:
 //! a plain parallel multipart PUT, `dd bs=1M` into the mount (close included), a plain parallel
-//! ranged GET, a cold `dd` read after a remount, a warm re-read, both cold reads again with the
-//! server pinned to its own CPU, small-file creation, random 4 KiB
+//! ranged GET, a cold `dd` read after a remount, a warm re-read, more cold-read pairs (median),
+//! the same with the server pinned to its own CPU, small-file creation, random 4 KiB
 //! reads (IOPS, latency, and the bytes the daemon fetched for them), time to first byte (small
 //! files and the large object), listings of 10,000 entries, 32 concurrent readers, and a re-read
 //! from the disk cache; each mount figure is printed next to the plain client's, with the ratio
@@ -535,19 +535,18 @@ fn pin(pid: u32, cpus: &[usize]) {
     }
 }
 
-/// The cold read once more with Garage on CPU 0 and everything on the client side (this
-/// program's plain client, the daemon, dd and the kernel work they cause) on CPU 1, as if the
-/// server were another machine: on 2 shared cores the server's CPU (2-3 CPU-s per GiB for
-/// Garage) decides both figures above, and the mount's extra copies (FUSE into the page cache,
-/// dd out of it) show as lost server time.
-fn pinned_cold_read(b: &Bench, size: usize) {
-    if cpus_online() < 2 {
-        println!("  (one CPU: no pinned cold read)");
-        return;
-    }
+/// One cold read of the big object by the plain client and one through a fresh mount, back to
+/// back: MB/s of each and the CPU seconds of the client side and of Garage.
+struct ColdPair {
+    plain: f64,
+    mount: f64,
+    client_cpu: f64,
+    daemon_cpu: f64,
+    garage_cpu: f64,
+}
+
+fn cold_pair(b: &Bench, size: usize) -> ColdPair {
     let me = std::process::id();
-    pin(b.garage_pid, &[0]);
-    pin(me, &[1]);
     let (c0, g0) = (cpu_seconds(me), cpu_seconds(b.garage_pid));
     let plain = b.rt.block_on(plain_get(&b.c, "plain.bin", size));
     let (c1, g1) = (cpu_seconds(me), cpu_seconds(b.garage_pid));
@@ -559,19 +558,71 @@ fn pinned_cold_read(b: &Bench, size: usize) {
     ));
     let (d1, gm1) = (cpu_seconds(m.child.id()), cpu_seconds(b.garage_pid));
     drop(m);
+    ColdPair {
+        plain: mbps(size, plain),
+        mount: mbps(size, cold),
+        client_cpu: c1 - c0,
+        daemon_cpu: d1 - d0,
+        garage_cpu: (g1 - g0 + gm1 - gm0) / 2.0,
+    }
+}
+
+/// The middle value (upper middle for an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `lo-hi` of a few figures, one decimal.
+fn spread(v: impl Iterator<Item = f64>) -> String {
+    let v: Vec<f64> = v.collect();
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{lo:.1}-{hi:.1}")
+}
+
+/// `n` more cold-read pairs, a median being steadier than one pair on a noisy machine: first as
+/// above, then with Garage on CPU 0 and everything on the client side (this program's plain
+/// client, the daemon, dd and the kernel work they cause) on CPU 1, as if the server were
+/// another machine. On 2 shared cores the server's CPU (2-3 CPU-s per GiB for Garage) decides
+/// both figures, and the mount's extra copies (FUSE into the page cache, dd out of it) show as
+/// time taken from the server.
+fn repeated_cold_reads(b: &Bench, size: usize, n: usize) {
+    if n == 0 {
+        return;
+    }
+    let report = |label: &str, pairs: &[ColdPair]| {
+        let ratios: Vec<f64> = pairs.iter().map(|p| p.mount / p.plain).collect();
+        row(
+            label,
+            &fmt_mbps(median(pairs.iter().map(|p| p.plain).collect())),
+            &fmt_mbps(median(pairs.iter().map(|p| p.mount).collect())),
+            Some(median(ratios.clone())),
+        );
+        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}x")).collect();
+        println!(
+            "  (ratios {}; daemon {} CPU-s, plain client {} CPU-s, garage {} CPU-s per read)",
+            each.join(" "),
+            spread(pairs.iter().map(|p| p.daemon_cpu)),
+            spread(pairs.iter().map(|p| p.client_cpu)),
+            spread(pairs.iter().map(|p| p.garage_cpu)),
+        );
+    };
+    let shared: Vec<ColdPair> = (0..n).map(|_| cold_pair(b, size)).collect();
+    report(&format!("cold read, median of {n} more pairs"), &shared);
+    if cpus_online() < 2 {
+        println!("  (one CPU: no pinned cold read)");
+        return;
+    }
+    let me = std::process::id();
+    pin(b.garage_pid, &[0]);
+    pin(me, &[1]);
+    let pinned: Vec<ColdPair> = (0..n).map(|_| cold_pair(b, size)).collect();
     pin(me, &[]);
     pin(b.garage_pid, &[]);
-    row_mbps(
-        "cold read, server alone on CPU 0",
-        mbps(size, plain),
-        mbps(size, cold),
-    );
-    println!(
-        "  (client side on CPU 1: daemon {:.1} CPU-s, plain client {:.1} CPU-s; garage {:.1} and {:.1} CPU-s)",
-        d1 - d0,
-        c1 - c0,
-        gm1 - gm0,
-        g1 - g0,
+    report(
+        &format!("cold read, server alone on CPU 0 ({n} pairs)"),
+        &pinned,
     );
 }
 
@@ -687,6 +738,7 @@ struct Options {
     files: usize,
     soak_secs: u64,
     random_reads: usize,
+    cold_repeats: usize,
     skip_random: bool,
     skip_ttfb: bool,
     skip_listings: bool,
@@ -701,6 +753,7 @@ impl Options {
             files: 1000,
             soak_secs: 30,
             random_reads: 2000,
+            cold_repeats: 3,
             skip_random: false,
             skip_ttfb: false,
             skip_listings: false,
@@ -714,6 +767,7 @@ impl Options {
                 "--files" => o.files = value(&a, args.next()),
                 "--soak-seconds" => o.soak_secs = value(&a, args.next()),
                 "--random-reads" => o.random_reads = value(&a, args.next()),
+                "--cold-repeats" => o.cold_repeats = value(&a, args.next()),
                 "--skip-random" => o.skip_random = true,
                 "--skip-ttfb" => o.skip_ttfb = true,
                 "--skip-listings" => o.skip_listings = true,
@@ -764,7 +818,7 @@ fn main() {
         s3mount_bin().display()
     );
     header();
-    let plain_read = sequential_and_small(&b, &data, &src, o.files);
+    let plain_read = sequential_and_small(&b, &data, &src, o.files, o.cold_repeats);
     let _ = std::fs::remove_file(&src);
     if !o.skip_random {
         random_reads(&b, &data, o.random_reads);
@@ -789,7 +843,13 @@ fn main() {
 
 /// The original figures: sequential write, cold and warm sequential read of the big object,
 /// creating and listing small files. Returns the plain client's sequential read speed (MB/s).
-fn sequential_and_small(b: &Bench, data: &[u8], src: &Path, files: usize) -> f64 {
+fn sequential_and_small(
+    b: &Bench,
+    data: &[u8],
+    src: &Path,
+    files: usize,
+    cold_repeats: usize,
+) -> f64 {
     let (c, mnt, size) = (&b.c, b.mnt.display(), data.len());
     let plain_w = b.rt.block_on(plain_put(c, "plain.bin", data));
     let m = b.mount();
@@ -878,7 +938,7 @@ fn sequential_and_small(b: &Bench, data: &[u8], src: &Path, files: usize) -> f64
         m.peak_rss_mib()
     );
     drop(m);
-    pinned_cold_read(b, size);
+    repeated_cold_reads(b, size, cold_repeats);
     pr
 }
 
