@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::budget::Budget;
+use super::budget::{Budget, Reservation};
 use super::upload::{Capabilities, UploadConfig, MAX_PART, MAX_PARTS, MIN_PART};
 use crate::store::{
     ByteRange, CompletedPart, ObjectStore, PutOptions, PutResult, StoreError, StoreResult,
@@ -210,11 +210,11 @@ impl StagedFile {
         }
         for (a, b, staged) in self.dirty.split(start, end) {
             if staged {
-                let mut buf = vec![0u8; (b - a) as usize];
-                self.file.read_exact_at(&mut buf, a).map_err(|e| {
+                let at = out.len();
+                out.resize(at + (b - a) as usize, 0);
+                self.file.read_exact_at(&mut out[at..], a).map_err(|e| {
                     StoreError::Other(format!("staging file {}: {e}", self.path.display()))
                 })?;
-                out.extend_from_slice(&buf);
             } else {
                 let from_base = b.min(self.base_valid);
                 if a < from_base {
@@ -264,35 +264,39 @@ impl StagedFile {
                 .await;
         }
         let id = store.create_multipart(key, opts, caps.checksums()).await?;
+        // Up to `cfg.concurrency` parts at a time, as a streamed upload does. Memory: the first
+        // part in flight may take the budget beyond its bound (so the commit always progresses);
+        // more go out only while the budget has room. Server-side copies need none.
         let result: StoreResult<Vec<CompletedPart>> = async {
             let mut parts = Vec::new();
-            let mut start = 0;
-            let mut number = 1;
-            while start < n {
-                let end = (start + part).min(n);
-                let p = if copyable && end <= self.base_valid && !self.dirty.overlaps(start, end) {
-                    store
-                        .upload_part_copy(
-                            key,
-                            &id,
-                            number,
-                            &self.base.key,
-                            &self.base.etag,
-                            ByteRange::new(start, end),
-                        )
-                        .await?
-                } else {
-                    let _r = budget.reserve_required(end - start);
-                    let body = self.read(store.as_ref(), start, end).await?;
-                    let crc = crc32fast::hash(&body);
-                    store
-                        .upload_part(key, &id, number, body, caps.checksums().then_some(crc))
-                        .await?
-                };
-                parts.push(p);
-                start = end;
-                number += 1;
+            let mut inflight = futures::stream::FuturesUnordered::new();
+            let (mut start, mut number) = (0, 1);
+            while start < n || !inflight.is_empty() {
+                if start < n && inflight.len() < cfg.concurrency.max(1) {
+                    let end = (start + part).min(n);
+                    let copy =
+                        copyable && end <= self.base_valid && !self.dirty.overlaps(start, end);
+                    let memory = if copy {
+                        Some(None)
+                    } else if inflight.is_empty() {
+                        Some(Some(budget.reserve_required(end - start)))
+                    } else {
+                        budget.try_reserve(end - start).map(Some)
+                    };
+                    if let Some(memory) = memory {
+                        let range = ByteRange::new(start, end);
+                        inflight.push(
+                            self.commit_part(store, key, &id, number, range, copy, memory, caps),
+                        );
+                        (start, number) = (end, number + 1);
+                        continue;
+                    }
+                }
+                if let Some(done) = futures::StreamExt::next(&mut inflight).await {
+                    parts.push(done?);
+                }
             }
+            parts.sort_by_key(|p: &CompletedPart| p.part_number);
             Ok(parts)
         }
         .await;
@@ -308,6 +312,32 @@ impl StagedFile {
             super::upload::abort_upload(store, key, &id).await;
         }
         outcome
+    }
+
+    /// One part of [`StagedFile::upload`]: copied server side from the original object when
+    /// `copy`, else assembled and uploaded. `_memory` is held until the part is done.
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_part(
+        &self,
+        store: &Arc<dyn ObjectStore>,
+        key: &str,
+        id: &str,
+        number: i32,
+        range: ByteRange,
+        copy: bool,
+        _memory: Option<Reservation>,
+        caps: &Capabilities,
+    ) -> StoreResult<CompletedPart> {
+        if copy {
+            return store
+                .upload_part_copy(key, id, number, &self.base.key, &self.base.etag, range)
+                .await;
+        }
+        let body = self.read(store.as_ref(), range.start, range.end).await?;
+        let crc = crc32fast::hash(&body);
+        store
+            .upload_part(key, id, number, body, caps.checksums().then_some(crc))
+            .await
     }
 
     /// Keep the staged bytes (and their sidecar) on disk for recovery instead of deleting them;
@@ -462,6 +492,44 @@ mod tests {
             store.counters.bytes_copied.load(Ordering::Relaxed),
             body.len() as u64
         );
+    }
+
+    #[tokio::test]
+    async fn a_commit_sends_its_parts_in_parallel_within_the_budget() {
+        let body: Vec<u8> = (0..(64u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let mut want = body.clone();
+        let cfg = UploadConfig::default();
+        for (budget, roomy) in [(1u64 << 30, true), (12 << 20, false)] {
+            let store = Arc::new(MockStore::new());
+            let (mut f, _d) = staged_with(&store, &body).await;
+            // A change in each of the first seven 8 MiB parts; the last one is copied.
+            for p in 0..7u64 {
+                f.write((p << 23) + 1000, b"changed").unwrap();
+                want[((p << 23) + 1000) as usize..][..7].copy_from_slice(b"changed");
+            }
+            store.reset_counters();
+            store.set_latency(Some(std::time::Duration::from_millis(30)));
+            let budget = Budget::new(budget);
+            f.upload(
+                &(store.clone() as Arc<dyn ObjectStore>),
+                "k",
+                &PutOptions::default(),
+                &cfg,
+                &budget,
+                &Capabilities::default(),
+            )
+            .await
+            .unwrap();
+            assert!(store.get_bytes("k").unwrap() == want);
+            assert_eq!(budget.used(), 0, "every reservation given back");
+            let most = store.counters.max_in_flight.load(Ordering::Relaxed);
+            if roomy {
+                assert_eq!(most, cfg.concurrency as u64, "parts at once");
+            } else {
+                // Room for one part: the others wait for it (the copy needs no memory).
+                assert!(most <= 2, "{most} requests at once with room for one part");
+            }
+        }
     }
 
     #[tokio::test]

@@ -69,6 +69,9 @@ pub struct Counters {
     pub bytes_uploaded: AtomicU64,
     /// Bytes copied server side by upload_part_copy.
     pub bytes_copied: AtomicU64,
+    /// Requests inside their latency (see `set_latency`) now, and the most at once.
+    pub in_flight: AtomicU64,
+    pub max_in_flight: AtomicU64,
 }
 
 impl Counters {
@@ -241,6 +244,7 @@ impl MockStore {
             &self.counters.bytes_fetched,
             &self.counters.bytes_uploaded,
             &self.counters.bytes_copied,
+            &self.counters.max_in_flight,
         ] {
             c.store(0, Ordering::Relaxed);
         }
@@ -258,7 +262,10 @@ impl MockStore {
         counter.fetch_add(1, Ordering::Relaxed);
         let latency = *self.latency.lock();
         if let Some(d) = latency {
+            let now = self.counters.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+            self.counters.max_in_flight.fetch_max(now, Ordering::AcqRel);
             tokio::time::sleep(d).await;
+            self.counters.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
         let mut faults = self.faults.lock();
         if let Some(pos) = faults
