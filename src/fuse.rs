@@ -1,5 +1,6 @@
-//! The only user of fuser: turns kernel requests into `Fs` calls and answers from async tasks,
-//! so the request loop never waits on the network.
+//! The only user of fuser: turns kernel requests into `Fs` calls. A request is started in the
+//! request loop and answered there when the answer is in memory; one that has to wait (for the
+//! store, a lock, memory) continues as an async task, so the loop never waits on the network.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -57,6 +58,22 @@ pub struct FuseAdapter {
 impl FuseAdapter {
     pub fn new(fs: Arc<Fs>, rt: Handle) -> Self {
         FuseAdapter { fs, rt }
+    }
+
+    /// Start `op` (which answers the kernel itself) here, in the request loop, and hand it to
+    /// the runtime only if it has to wait (for the store, a lock, memory): most metadata
+    /// requests are answered from memory, and handing each one to another thread costs more
+    /// than the work (two thread wake-ups per request, much more on a busy machine). Reads stay
+    /// on the runtime: their replies copy up to 1 MiB each and the kernel sends several at
+    /// once, which the runtime's threads copy in parallel.
+    fn run(&self, op: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut op = Box::pin(op);
+        let _in_runtime = self.rt.enter();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if op.as_mut().poll(&mut cx).is_pending() {
+            // Polled again there with a real waker, it picks up where it stopped.
+            self.rt.spawn(op);
+        }
     }
 }
 
@@ -124,7 +141,7 @@ impl Filesystem for FuseAdapter {
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.lookup(parent, &name).await {
                 Ok(attr) => reply.entry(&fs.ttl(), &to_file_attr(&attr), 0),
                 // A negative entry (inode 0): the kernel keeps "no such name" for the metadata
@@ -145,7 +162,7 @@ impl Filesystem for FuseAdapter {
 
     fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.getattr(ino).await {
                 Ok(attr) => reply.attr(&fs.ttl(), &to_file_attr(&attr)),
                 Err(Errno(e)) => reply.error(e),
@@ -186,7 +203,7 @@ impl Filesystem for FuseAdapter {
             mtime: when(mtime),
             atime: when(atime),
         };
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.setattr(ino, fh, req).await {
                 Ok(attr) => reply.attr(&fs.ttl(), &to_file_attr(&attr)),
                 Err(Errno(e)) => reply.error(e),
@@ -196,7 +213,7 @@ impl Filesystem for FuseAdapter {
 
     fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.readlink(ino).await {
                 Ok(target) => reply.data(&target),
                 Err(Errno(e)) => reply.error(e),
@@ -233,7 +250,7 @@ impl Filesystem for FuseAdapter {
             uid: req.uid(),
             gid: req.gid(),
         };
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.mkdir(parent, &name, mode & !umask, caller).await {
                 Ok(attr) => reply.entry(&fs.ttl(), &to_file_attr(&attr), 0),
                 Err(Errno(e)) => reply.error(e),
@@ -244,7 +261,7 @@ impl Filesystem for FuseAdapter {
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.unlink(parent, &name).await {
                 Ok(()) => reply.ok(),
                 Err(Errno(e)) => reply.error(e),
@@ -255,7 +272,7 @@ impl Filesystem for FuseAdapter {
     fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.rmdir(parent, &name).await {
                 Ok(()) => reply.ok(),
                 Err(Errno(e)) => reply.error(e),
@@ -280,7 +297,7 @@ impl Filesystem for FuseAdapter {
             uid: req.uid(),
             gid: req.gid(),
         };
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.symlink(parent, &name, &target, caller).await {
                 Ok(attr) => reply.entry(&fs.ttl(), &to_file_attr(&attr), 0),
                 Err(Errno(e)) => reply.error(e),
@@ -300,7 +317,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let fs = self.fs.clone();
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.rename(parent, &name, newparent, &newname, flags).await {
                 Ok(()) => reply.ok(),
                 Err(Errno(e)) => reply.error(e),
@@ -314,7 +331,7 @@ impl Filesystem for FuseAdapter {
 
     fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.open(ino, flags).await {
                 Ok((fh, keep_cache)) => reply.opened(
                     fh,
@@ -363,7 +380,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let fs = self.fs.clone();
         let data = data.to_vec();
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.write(fh, offset, &data).await {
                 Ok(n) => reply.written(n),
                 Err(Errno(e)) => reply.error(e),
@@ -380,7 +397,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.flush(fh).await {
                 Ok(()) => reply.ok(),
                 Err(Errno(e)) => reply.error(e),
@@ -399,7 +416,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.release(fh).await {
                 Ok(()) => reply.ok(),
                 Err(Errno(e)) => reply.error(e),
@@ -416,7 +433,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.fsync(fh).await {
                 Ok(()) => reply.ok(),
                 Err(Errno(e)) => reply.error(e),
@@ -426,7 +443,7 @@ impl Filesystem for FuseAdapter {
 
     fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.opendir(ino).await {
                 Ok(fh) => reply.opened(fh, 0),
                 Err(Errno(e)) => reply.error(e),
@@ -444,7 +461,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let fs = self.fs.clone();
         // Waits while a large directory's listing is still arriving.
-        self.rt.spawn(async move {
+        self.run(async move {
             let filled = fill_dir(&fs, fh, offset, |item| {
                 Ok(reply.add(item.ino, item.next_offset, file_type(item.kind), &item.name))
             })
@@ -467,7 +484,7 @@ impl Filesystem for FuseAdapter {
         let ttl = self.fs.ttl();
         let fs = self.fs.clone();
         // Waits while a large directory's listing is still arriving.
-        self.rt.spawn(async move {
+        self.run(async move {
             let fs = &fs;
             let filled = fill_dir(fs, fh, offset, |item| {
                 let (attr, counted) = match &item.entry {
@@ -578,7 +595,7 @@ impl Filesystem for FuseAdapter {
             uid: req.uid(),
             gid: req.gid(),
         };
-        self.rt.spawn(async move {
+        self.run(async move {
             match fs.create(parent, &name, mode & !umask, flags, caller).await {
                 Ok((attr, fh)) => reply.created(&fs.ttl(), &to_file_attr(&attr), 0, fh, 0),
                 Err(Errno(e)) => reply.error(e),
