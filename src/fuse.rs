@@ -63,9 +63,11 @@ impl FuseAdapter {
     /// Start `op` (which answers the kernel itself) here, in the request loop, and hand it to
     /// the runtime only if it has to wait (for the store, a lock, memory): most metadata
     /// requests are answered from memory, and handing each one to another thread costs more
-    /// than the work (two thread wake-ups per request, much more on a busy machine). Reads stay
-    /// on the runtime: their replies copy up to 1 MiB each and the kernel sends several at
-    /// once, which the runtime's threads copy in parallel.
+    /// than the work (two thread wake-ups per request, much more on a busy machine). Requests that
+    /// carry or commit data (read, write, flush, fsync, release) go straight to the runtime: a
+    /// read's reply copies up to 1 MiB and the kernel sends several at once, which the
+    /// runtime's threads copy in parallel; a commit hashes and signs its body before its first
+    /// wait, which must not hold up the loop.
     fn run(&self, op: impl std::future::Future<Output = ()> + Send + 'static) {
         let mut op = Box::pin(op);
         let _in_runtime = self.rt.enter();
@@ -380,7 +382,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let fs = self.fs.clone();
         let data = data.to_vec();
-        self.run(async move {
+        self.rt.spawn(async move {
             match fs.write(fh, offset, &data).await {
                 Ok(n) => reply.written(n),
                 Err(Errno(e)) => reply.error(e),
@@ -397,7 +399,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
-        self.run(async move {
+        self.rt.spawn(async move {
             match fs.flush(fh).await {
                 Ok(()) => reply.ok(),
                 Err(Errno(e)) => reply.error(e),
@@ -416,7 +418,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
-        self.run(async move {
+        self.rt.spawn(async move {
             match fs.release(fh).await {
                 Ok(()) => reply.ok(),
                 Err(Errno(e)) => reply.error(e),
@@ -433,7 +435,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
-        self.run(async move {
+        self.rt.spawn(async move {
             match fs.fsync(fh).await {
                 Ok(()) => reply.ok(),
                 Err(Errno(e)) => reply.error(e),
