@@ -64,10 +64,10 @@ impl FuseAdapter {
     /// the runtime only if it has to wait (for the store, a lock, memory): most metadata
     /// requests are answered from memory, and handing each one to another thread costs more
     /// than the work (two thread wake-ups per request, much more on a busy machine). Requests that
-    /// carry or commit data (read, write, flush, fsync, release) go straight to the runtime: a
-    /// read's reply copies up to 1 MiB and the kernel sends several at once, which the
-    /// runtime's threads copy in parallel; a commit hashes and signs its body before its first
-    /// wait, which must not hold up the loop.
+    /// carry or may commit data (read, write, flush, fsync, release, setattr, rename) go straight to
+    /// the runtime: a read's reply copies up to 1 MiB and the kernel sends several at once, which
+    /// the runtime's threads copy in parallel; a commit hashes and signs its body before its
+    /// first wait, which must not hold up the loop.
     fn run(&self, op: impl std::future::Future<Output = ()> + Send + 'static) {
         let mut op = Box::pin(op);
         let _in_runtime = self.rt.enter();
@@ -205,7 +205,7 @@ impl Filesystem for FuseAdapter {
             mtime: when(mtime),
             atime: when(atime),
         };
-        self.run(async move {
+        self.rt.spawn(async move {
             match fs.setattr(ino, fh, req).await {
                 Ok(attr) => reply.attr(&fs.ttl(), &to_file_attr(&attr)),
                 Err(Errno(e)) => reply.error(e),
@@ -319,7 +319,7 @@ impl Filesystem for FuseAdapter {
     ) {
         let fs = self.fs.clone();
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
-        self.run(async move {
+        self.rt.spawn(async move {
             match fs.rename(parent, &name, newparent, &newname, flags).await {
                 Ok(()) => reply.ok(),
                 Err(Errno(e)) => reply.error(e),
