@@ -141,7 +141,7 @@ pub struct Cli {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4GiB")]
     pub max_part_size: u64,
 
-    /// Parts of one file uploading in parallel
+    /// Parts of one file uploading in parallel (streamed, or committing in-place changes)
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub upload_concurrency: u32,
 
