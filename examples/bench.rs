@@ -536,16 +536,18 @@ fn pin(pid: u32, cpus: &[usize]) {
 }
 
 /// One cold read of the big object by the plain client and one through a fresh mount, back to
-/// back: MB/s of each and the CPU seconds of the client side and of Garage.
+/// back: the time of each and the CPU seconds of the client side and of Garage during each.
 struct ColdPair {
-    plain: f64,
-    mount: f64,
+    plain: Duration,
+    mount: Duration,
     client_cpu: f64,
     daemon_cpu: f64,
-    garage_cpu: f64,
+    garage_plain_cpu: f64,
+    garage_mount_cpu: f64,
 }
 
-fn cold_pair(b: &Bench, size: usize) -> ColdPair {
+/// A [`ColdPair`], and the mount that read (for a warm re-read, or to drop).
+fn cold_pair(b: &Bench, size: usize) -> (ColdPair, Mounted) {
     let me = std::process::id();
     let (c0, g0) = (cpu_seconds(me), cpu_seconds(b.garage_pid));
     let plain = b.rt.block_on(plain_get(&b.c, "plain.bin", size));
@@ -557,14 +559,15 @@ fn cold_pair(b: &Bench, size: usize) -> ColdPair {
         b.mnt.display()
     ));
     let (d1, gm1) = (cpu_seconds(m.child.id()), cpu_seconds(b.garage_pid));
-    drop(m);
-    ColdPair {
-        plain: mbps(size, plain),
-        mount: mbps(size, cold),
+    let pair = ColdPair {
+        plain,
+        mount: cold,
         client_cpu: c1 - c0,
         daemon_cpu: d1 - d0,
-        garage_cpu: (g1 - g0 + gm1 - gm0) / 2.0,
-    }
+        garage_plain_cpu: g1 - g0,
+        garage_mount_cpu: gm1 - gm0,
+    };
+    (pair, m)
 }
 
 /// The middle value (upper middle for an even count).
@@ -592,11 +595,13 @@ fn repeated_cold_reads(b: &Bench, size: usize, n: usize) {
         return;
     }
     let report = |label: &str, pairs: &[ColdPair]| {
-        let ratios: Vec<f64> = pairs.iter().map(|p| p.mount / p.plain).collect();
+        let plain: Vec<f64> = pairs.iter().map(|p| mbps(size, p.plain)).collect();
+        let mount: Vec<f64> = pairs.iter().map(|p| mbps(size, p.mount)).collect();
+        let ratios: Vec<f64> = mount.iter().zip(&plain).map(|(m, p)| m / p).collect();
         row(
             label,
-            &fmt_mbps(median(pairs.iter().map(|p| p.plain).collect())),
-            &fmt_mbps(median(pairs.iter().map(|p| p.mount).collect())),
+            &fmt_mbps(median(plain)),
+            &fmt_mbps(median(mount)),
             Some(median(ratios.clone())),
         );
         let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}x")).collect();
@@ -605,10 +610,14 @@ fn repeated_cold_reads(b: &Bench, size: usize, n: usize) {
             each.join(" "),
             spread(pairs.iter().map(|p| p.daemon_cpu)),
             spread(pairs.iter().map(|p| p.client_cpu)),
-            spread(pairs.iter().map(|p| p.garage_cpu)),
+            spread(
+                pairs
+                    .iter()
+                    .map(|p| (p.garage_plain_cpu + p.garage_mount_cpu) / 2.0)
+            ),
         );
     };
-    let shared: Vec<ColdPair> = (0..n).map(|_| cold_pair(b, size)).collect();
+    let shared: Vec<ColdPair> = (0..n).map(|_| cold_pair(b, size).0).collect();
     report(&format!("cold read, median of {n} more pairs"), &shared);
     if cpus_online() < 2 {
         println!("  (one CPU: no pinned cold read)");
@@ -617,7 +626,7 @@ fn repeated_cold_reads(b: &Bench, size: usize, n: usize) {
     let me = std::process::id();
     pin(b.garage_pid, &[0]);
     pin(me, &[1]);
-    let pinned: Vec<ColdPair> = (0..n).map(|_| cold_pair(b, size)).collect();
+    let pinned: Vec<ColdPair> = (0..n).map(|_| cold_pair(b, size).0).collect();
     pin(me, &[]);
     pin(b.garage_pid, &[]);
     report(
@@ -865,35 +874,25 @@ fn sequential_and_small(
     let rss_write = m.peak_rss_mib();
     drop(m);
 
-    let (c0, pg0) = (cpu_seconds(std::process::id()), cpu_seconds(b.garage_pid));
-    let plain_r = b.rt.block_on(plain_get(c, "plain.bin", size));
-    let (c1, pg1) = (cpu_seconds(std::process::id()), cpu_seconds(b.garage_pid));
-    let m = b.mount();
-    let daemon = m.child.id();
-    let garage = b.garage_pid;
-    let (d0, g0) = (cpu_seconds(daemon), cpu_seconds(garage));
-    let cold = timed_sh(&format!(
-        "dd if={mnt}/plain.bin of=/dev/null bs=1M 2>/dev/null"
-    ));
-    let (d1, g1) = (cpu_seconds(daemon), cpu_seconds(garage));
+    let (first, m) = cold_pair(b, size);
     let warm = timed_sh(&format!(
         "dd if={mnt}/plain.bin of=/dev/null bs=1M 2>/dev/null"
     ));
-    let pr = mbps(size, plain_r);
-    row_mbps("cold sequential read (dd)", pr, mbps(size, cold));
+    let pr = mbps(size, first.plain);
+    row_mbps("cold sequential read (dd)", pr, mbps(size, first.mount));
     row_mbps("warm re-read (page cache)", pr, mbps(size, warm));
     println!(
         "  (cold read: {:.1} s wall, daemon {:.1} CPU-s, garage {:.1} CPU-s, on {} cores;\n   \
          plain GET: {:.1} s wall, client {:.1} CPU-s, garage {:.1} CPU-s)",
-        cold.as_secs_f64(),
-        d1 - d0,
-        g1 - g0,
+        first.mount.as_secs_f64(),
+        first.daemon_cpu,
+        first.garage_mount_cpu,
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
-        plain_r.as_secs_f64(),
-        c1 - c0,
-        pg1 - pg0,
+        first.plain.as_secs_f64(),
+        first.client_cpu,
+        first.garage_plain_cpu,
     );
 
     let small = vec![7u8; 4096];

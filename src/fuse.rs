@@ -63,11 +63,11 @@ impl FuseAdapter {
     /// Start `op` (which answers the kernel itself) here, in the request loop, and hand it to
     /// the runtime only if it has to wait (for the store, a lock, memory): most metadata
     /// requests are answered from memory, and handing each one to another thread costs more
-    /// than the work (two thread wake-ups per request, much more on a busy machine). Requests that
-    /// carry or may commit data (read, write, flush, fsync, release, setattr, rename) go straight to
-    /// the runtime: a read's reply copies up to 1 MiB and the kernel sends several at once, which
-    /// the runtime's threads copy in parallel; a commit hashes and signs its body before its
-    /// first wait, which must not hold up the loop.
+    /// than the work (two thread wake-ups per request, much more on a busy machine).
+    /// Requests that carry or may commit data (read, write, flush, fsync, release, setattr,
+    /// rename) go straight to the runtime: a read's reply copies up to 1 MiB and the kernel
+    /// sends several at once, which the runtime's threads copy in parallel; a commit hashes
+    /// and signs its body before its first wait, which must not hold up the loop.
     fn run(&self, op: impl std::future::Future<Output = ()> + Send + 'static) {
         let mut op = Box::pin(op);
         let _in_runtime = self.rt.enter();

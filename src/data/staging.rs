@@ -277,13 +277,13 @@ impl StagedFile {
                     let copy =
                         copyable && end <= self.base_valid && !self.dirty.overlaps(start, end);
                     let memory = if copy {
-                        Some(None)
+                        None
                     } else if inflight.is_empty() {
-                        Some(Some(budget.reserve_required(end - start)))
+                        Some(budget.reserve_required(end - start))
                     } else {
-                        budget.try_reserve(end - start).map(Some)
+                        budget.try_reserve(end - start)
                     };
-                    if let Some(memory) = memory {
+                    if copy || memory.is_some() {
                         let range = ByteRange::new(start, end);
                         inflight.push(
                             self.commit_part(store, key, &id, number, range, copy, memory, caps),
