@@ -311,9 +311,11 @@ fn mount_helper_argv_form() {
             .raw_os_error(),
         Some(libc::EROFS)
     );
-    let _ = std::process::Command::new("umount")
-        .arg(dir.path())
-        .status();
+    assert!(
+        umount_patiently(dir.path()),
+        "umount {}",
+        dir.path().display()
+    );
 }
 
 #[test]

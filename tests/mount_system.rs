@@ -51,11 +51,11 @@ fn mount_t_s3mount_and_fstab() {
         std::fs::write(dir.path().join("x"), "1").is_err(),
         "ro honoured"
     );
-    assert!(Command::new("umount")
-        .arg(dir.path())
-        .status()
-        .unwrap()
-        .success());
+    assert!(
+        umount_patiently(dir.path()),
+        "umount {}",
+        dir.path().display()
+    );
 
     // The same through an fstab line and `mount DIR`.
     let fstab = tempfile::NamedTempFile::new().unwrap();
@@ -87,11 +87,11 @@ fn mount_t_s3mount_and_fstab() {
             .any(|l| l.contains(dir.path().to_str().unwrap()) && l.contains("allow_other")),
         "{mounts}"
     );
-    assert!(Command::new("umount")
-        .arg(dir.path())
-        .status()
-        .unwrap()
-        .success());
+    assert!(
+        umount_patiently(dir.path()),
+        "umount {}",
+        dir.path().display()
+    );
 }
 
 #[test]

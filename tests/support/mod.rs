@@ -670,17 +670,8 @@ impl Mount {
     /// Unmount and wait until the daemon let go of the directory.
     pub fn unmount(&self) {
         let p = self.dir.path();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while is_mounted(p) {
-            let _ = Command::new("umount").arg(p).stderr(Stdio::null()).status();
-            if !is_mounted(p) {
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = Command::new("umount").arg("-l").arg(p).status();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        if !umount_patiently(p) {
+            let _ = Command::new("umount").arg("-l").arg(p).status();
         }
     }
 }
@@ -705,6 +696,25 @@ pub fn is_mounted(p: &Path) -> bool {
         .unwrap_or_default()
         .lines()
         .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+/// umount(8) `p`, retrying for up to 30 s while it is busy; true once it is no longer mounted.
+/// A plain umount right after a file on the mount was closed has found it busy once in CI
+/// (mount_system, tests running in parallel); one way: a child that another test thread
+/// forked while the file was open holds a copy of it until it execs.
+pub fn umount_patiently(p: &Path) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while is_mounted(p) {
+        let _ = Command::new("umount").arg(p).stderr(Stdio::null()).status();
+        if !is_mounted(p) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
 }
 
 /// Bytes that differ at every offset, so a misplaced range shows.
