@@ -79,6 +79,17 @@ impl FuseAdapter {
     }
 }
 
+/// A size probe (`size` 0) gets the length; a buffer too small for `data`, ERANGE.
+fn reply_xattr(reply: fuser::ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if data.len() > size as usize {
+        reply.error(libc::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
 fn file_type(k: Kind) -> FileType {
     match k {
         Kind::File => FileType::RegularFile,
@@ -551,34 +562,68 @@ impl Filesystem for FuseAdapter {
     fn getxattr(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
-        _name: &OsStr,
-        _size: u32,
+        ino: u64,
+        name: &OsStr,
+        size: u32,
         reply: fuser::ReplyXattr,
     ) {
-        // ENOSYS tells the kernel not to ask again (extended attributes are not stored yet).
-        reply.error(libc::ENOSYS);
+        let fs = self.fs.clone();
+        let name = name.as_bytes().to_vec();
+        self.run(async move {
+            match fs.getxattr(ino, &name).await {
+                Ok(value) => reply_xattr(reply, size, &value),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
     }
 
     fn setxattr(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
-        _n: &OsStr,
-        _v: &[u8],
-        _f: i32,
-        _p: u32,
+        ino: u64,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(libc::ENOTSUP);
+        if position != 0 {
+            // Only macOS resource forks use a position.
+            return reply.error(libc::EINVAL);
+        }
+        let fs = self.fs.clone();
+        let name = name.as_bytes().to_vec();
+        let value = value.to_vec();
+        self.run(async move {
+            match fs
+                .set_or_remove_xattr(ino, &name, Some(&value), flags)
+                .await
+            {
+                Ok(()) => reply.ok(),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
     }
 
-    fn removexattr(&mut self, _req: &Request<'_>, _ino: u64, _n: &OsStr, reply: ReplyEmpty) {
-        reply.error(libc::ENOTSUP);
+    fn removexattr(&mut self, _req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
+        let fs = self.fs.clone();
+        let name = name.as_bytes().to_vec();
+        self.run(async move {
+            match fs.set_or_remove_xattr(ino, &name, None, 0).await {
+                Ok(()) => reply.ok(),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
     }
 
-    fn listxattr(&mut self, _req: &Request<'_>, _ino: u64, _size: u32, reply: fuser::ReplyXattr) {
-        reply.error(libc::ENOSYS);
+    fn listxattr(&mut self, _req: &Request<'_>, ino: u64, size: u32, reply: fuser::ReplyXattr) {
+        let fs = self.fs.clone();
+        self.run(async move {
+            match fs.listxattr(ino).await {
+                Ok(names) => reply_xattr(reply, size, &names),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
     }
 
     fn create(

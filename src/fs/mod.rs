@@ -6,6 +6,7 @@ pub mod dir;
 pub mod inode;
 mod rename;
 mod write;
+mod xattr;
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -52,6 +53,9 @@ impl Errno {
     pub const EXDEV: Errno = Errno(libc::EXDEV);
     pub const EBUSY: Errno = Errno(libc::EBUSY);
     pub const EFBIG: Errno = Errno(libc::EFBIG);
+    pub const EPERM: Errno = Errno(libc::EPERM);
+    pub const ENODATA: Errno = Errno(libc::ENODATA);
+    pub const ENOSPC: Errno = Errno(libc::ENOSPC);
 }
 
 pub type FsResult<T> = Result<T, Errno>;

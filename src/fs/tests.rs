@@ -1317,3 +1317,212 @@ fn parent_prefixes() {
     assert_eq!(parent_prefix("a/"), Some(""));
     assert_eq!(parent_prefix(""), None);
 }
+
+async fn xattr_header(store: &MockStore, key: &str) -> Option<String> {
+    let meta = store.head(key).await.ok()?;
+    meta.metadata.get("xattr").cloned()
+}
+
+#[tokio::test]
+async fn extended_attributes_are_stored_like_s3fs_and_read_back_without_requests() {
+    let (store, fs) = setup("");
+    write_file(&fs, ROOT_INO, "f", b"data").await;
+    let a = fs.lookup(ROOT_INO, b"f").await.unwrap();
+    store.reset_counters();
+    fs.set_or_remove_xattr(a.ino, b"user.a", Some(b"a"), 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        xattr_header(&store, "f").await.as_deref(),
+        Some("%7B%22user.a%22%3A%22YQ%3D%3D%22%7D")
+    );
+    assert_eq!(store.counters.bytes_uploaded.load(Ordering::Relaxed), 0);
+    assert_eq!(store.get_bytes("f").unwrap().as_ref(), b"data");
+    let meta = store.head("f").await.unwrap();
+    assert_eq!(meta.metadata.get("mode").map(String::as_str), Some("33188"));
+    fs.set_or_remove_xattr(a.ino, b"trusted.bin", Some(&[0, 255, b'"', b',']), 0)
+        .await
+        .unwrap();
+    store.reset_counters();
+    assert_eq!(fs.getxattr(a.ino, b"user.a").await.unwrap(), b"a");
+    assert_eq!(
+        fs.getxattr(a.ino, b"trusted.bin").await.unwrap(),
+        [0, 255, b'"', b',']
+    );
+    assert_eq!(
+        fs.listxattr(a.ino).await.unwrap(),
+        b"trusted.bin\0user.a\0".to_vec()
+    );
+    assert_eq!(fs.getxattr(a.ino, b"user.none").await, Err(Errno::ENODATA));
+    // What the kernel asks before every write, and ls -l per entry: no request.
+    assert_eq!(
+        fs.getxattr(a.ino, b"security.capability").await,
+        Err(Errno::ENODATA)
+    );
+    assert_eq!(
+        fs.getxattr(a.ino, b"system.posix_acl_access").await,
+        Err(Errno::ENODATA)
+    );
+    assert_eq!(
+        store.counters.total(),
+        0,
+        "answered from what the copy stored"
+    );
+
+    // Another mount (no cache) sees them; create/replace flags; removal.
+    let fs2 = Fs::new(store.clone(), test_config(""));
+    let b = fs2.lookup(ROOT_INO, b"f").await.unwrap();
+    assert_eq!(fs2.getxattr(b.ino, b"user.a").await.unwrap(), b"a");
+    assert_eq!(
+        fs2.set_or_remove_xattr(b.ino, b"user.a", Some(b"x"), libc::XATTR_CREATE)
+            .await,
+        Err(Errno::EEXIST)
+    );
+    assert_eq!(
+        fs2.set_or_remove_xattr(b.ino, b"user.new", Some(b"x"), libc::XATTR_REPLACE)
+            .await,
+        Err(Errno::ENODATA)
+    );
+    fs2.set_or_remove_xattr(b.ino, b"user.a", Some(b"b"), libc::XATTR_REPLACE)
+        .await
+        .unwrap();
+    assert_eq!(
+        fs2.set_or_remove_xattr(b.ino, b"security.selinux", Some(b"x"), 0)
+            .await,
+        Err(Errno::ENOTSUP)
+    );
+    assert_eq!(
+        fs2.set_or_remove_xattr(b.ino, b"user.a:b", Some(b"x"), 0)
+            .await,
+        Err(Errno::EINVAL)
+    );
+    fs2.set_or_remove_xattr(b.ino, b"user.a", None, 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        fs2.set_or_remove_xattr(b.ino, b"user.a", None, 0).await,
+        Err(Errno::ENODATA)
+    );
+    fs2.set_or_remove_xattr(b.ino, b"trusted.bin", None, 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        xattr_header(&store, "f").await,
+        None,
+        "the last one drops the header"
+    );
+    assert!(fs2.listxattr(b.ino).await.unwrap().is_empty());
+    assert_eq!(store.get_bytes("f").unwrap().as_ref(), b"data");
+}
+
+#[tokio::test]
+async fn extended_attributes_follow_the_file_being_written_and_the_directory() {
+    let (store, fs) = setup("p/");
+    let (attr, fh) = fs
+        .create(ROOT_INO, b"new", 0o644, libc::O_WRONLY, ME)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"hello").await.unwrap();
+    store.reset_counters();
+    fs.set_or_remove_xattr(attr.ino, b"user.k", Some(b"v"), 0)
+        .await
+        .unwrap();
+    assert_eq!(store.counters.total(), 0, "kept for the commit");
+    assert_eq!(fs.getxattr(attr.ino, b"user.k").await.unwrap(), b"v");
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert_eq!(store.counters.put.load(Ordering::Relaxed), 1, "one PUT");
+    let h = xattr_header(&store, "p/new")
+        .await
+        .expect("stored with the object");
+    assert_eq!(super::xattr::decode(&h).unwrap()["user.k"], b"v");
+
+    // An implicit directory gets a marker holding them; a prefix mount's root is p/.
+    store.insert("p/d/inner", "x");
+    let d = fs.lookup(ROOT_INO, b"d").await.unwrap();
+    fs.set_or_remove_xattr(d.ino, b"user.dir", Some(b"1"), 0)
+        .await
+        .unwrap();
+    assert!(xattr_header(&store, "p/d/").await.is_some());
+    let marker = store.head("p/d/").await.unwrap();
+    assert_eq!(
+        marker.content_type.as_deref(),
+        Some("application/x-directory")
+    );
+    assert_eq!(
+        marker.metadata.get("mode").map(String::as_str),
+        Some("16877")
+    );
+    assert_eq!(fs.getxattr(d.ino, b"user.dir").await.unwrap(), b"1");
+    fs.set_or_remove_xattr(ROOT_INO, b"user.root", Some(b"r"), 0)
+        .await
+        .unwrap();
+    assert!(xattr_header(&store, "p/").await.is_some());
+    let fs2 = Fs::new(store.clone(), test_config("p/"));
+    assert_eq!(fs2.getxattr(ROOT_INO, b"user.root").await.unwrap(), b"r");
+    let d2 = fs2.lookup(ROOT_INO, b"d").await.unwrap();
+    assert_eq!(fs2.listxattr(d2.ino).await.unwrap(), b"user.dir\0".to_vec());
+
+    // The root of a whole bucket has no key to hold them.
+    let (_, whole) = setup("");
+    assert_eq!(
+        whole
+            .set_or_remove_xattr(ROOT_INO, b"user.x", Some(b"1"), 0)
+            .await,
+        Err(Errno::ENOTSUP)
+    );
+    assert!(whole.listxattr(ROOT_INO).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn extended_attributes_that_do_not_fit_or_cannot_be_read_lose_nothing() {
+    let (store, fs) = setup("");
+    // Written by s3fs (lower-case escapes) next to a header this code cannot parse.
+    let mut md = UserMetadata::new();
+    md.insert(
+        "xattr".into(),
+        "%7b%22user.s3fs%22%3a%22b2s%3d%22%7d".into(),
+    );
+    store.insert_with("s3fs", "1", md, None);
+    let mut md = UserMetadata::new();
+    md.insert("xattr".into(), "not json".into());
+    store.insert_with("odd", "2", md, None);
+    let s = fs.lookup(ROOT_INO, b"s3fs").await.unwrap();
+    assert_eq!(fs.getxattr(s.ino, b"user.s3fs").await.unwrap(), b"ok");
+    let o = fs.lookup(ROOT_INO, b"odd").await.unwrap();
+    assert!(fs.listxattr(o.ino).await.unwrap().is_empty());
+    assert_eq!(
+        fs.set_or_remove_xattr(o.ino, b"user.x", Some(b"1"), 0)
+            .await,
+        Err(Errno::EIO)
+    );
+    assert_eq!(
+        xattr_header(&store, "odd").await.as_deref(),
+        Some("not json")
+    );
+
+    // S3 keeps 2 KiB of user metadata per object.
+    let before = xattr_header(&store, "s3fs").await;
+    assert_eq!(
+        fs.set_or_remove_xattr(s.ino, b"user.big", Some(&[7u8; 1600]), 0)
+            .await,
+        Err(Errno::ENOSPC)
+    );
+    assert_eq!(xattr_header(&store, "s3fs").await, before);
+    fs.set_or_remove_xattr(s.ino, b"user.fits", Some(&[7u8; 600]), 0)
+        .await
+        .unwrap();
+    assert_eq!(fs.getxattr(s.ino, b"user.fits").await.unwrap(), [7u8; 600]);
+
+    // A read-only mount refuses changes but reads.
+    let mut cfg = test_config("");
+    cfg.read_only = true;
+    let ro = Fs::new(store.clone(), cfg);
+    let r = ro.lookup(ROOT_INO, b"s3fs").await.unwrap();
+    assert_eq!(ro.getxattr(r.ino, b"user.s3fs").await.unwrap(), b"ok");
+    assert_eq!(
+        ro.set_or_remove_xattr(r.ino, b"user.x", Some(b"1"), 0)
+            .await,
+        Err(Errno::EROFS)
+    );
+}

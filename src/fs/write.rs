@@ -712,35 +712,7 @@ impl Fs {
                 }
             }
             apply_metadata(&mut st.metadata, &req);
-            if metadata_change && !st.dirty {
-                // Committed already: rewrite the metadata server side.
-                let etag = st.base.etag.clone();
-                let new_etag = self.replace_metadata(&st.key, &etag, &st.metadata).await?;
-                st.base.etag = new_etag.clone();
-                st.expect = PutCondition::IfMatch(new_etag.clone());
-                return Ok(self.store_committed(
-                    ino,
-                    &st.key,
-                    st.size,
-                    copied(new_etag),
-                    st.metadata.clone(),
-                ));
-            }
-            let md = st.metadata.clone();
-            if let Some(u) = st.upload.as_mut() {
-                u.set_metadata(md);
-            }
-            let meta = ObjectMeta {
-                key: st.key.clone(),
-                size: st.size,
-                metadata: st.metadata.clone(),
-                has_metadata: true,
-                ..Default::default()
-            };
-            let mut table = self.inodes.lock();
-            let i = table.get_mut(ino).ok_or(Errno::ENOENT)?;
-            i.attr = attrs::attr_from_meta(ino, Kind::File, Some(&meta), &self.cfg.defaults);
-            return Ok(i.attr);
+            return self.settle_handle_metadata(&mut st, metadata_change).await;
         }
         if inode.kind == Kind::Dir {
             return self.setattr_dir(&inode, &req).await;
@@ -806,9 +778,143 @@ impl Fs {
             return Ok(inode.attr);
         }
         apply_metadata(&mut metadata, &req);
+        self.rewrite_file_metadata(&inode, &meta, metadata).await
+    }
+
+    /// Metadata of a write handle changed (`changed`) or may have: a committed handle has it
+    /// rewritten server side now, an uncommitted one carries it into its commit.
+    async fn settle_handle_metadata(&self, st: &mut WriteState, changed: bool) -> FsResult<Attr> {
+        let ino = st.ino;
+        if changed && !st.dirty {
+            // Committed already: rewrite the metadata server side.
+            let etag = st.base.etag.clone();
+            let new_etag = self.replace_metadata(&st.key, &etag, &st.metadata).await?;
+            st.base.etag = new_etag.clone();
+            st.expect = PutCondition::IfMatch(new_etag.clone());
+            return Ok(self.store_committed(
+                ino,
+                &st.key,
+                st.size,
+                copied(new_etag),
+                st.metadata.clone(),
+            ));
+        }
+        let md = st.metadata.clone();
+        if let Some(u) = st.upload.as_mut() {
+            u.set_metadata(md);
+        }
+        let meta = ObjectMeta {
+            key: st.key.clone(),
+            size: st.size,
+            metadata: st.metadata.clone(),
+            has_metadata: true,
+            ..Default::default()
+        };
+        let mut table = self.inodes.lock();
+        let i = table.get_mut(ino).ok_or(Errno::ENOENT)?;
+        i.attr = attrs::attr_from_meta(ino, Kind::File, Some(&meta), &self.cfg.defaults);
+        Ok(i.attr)
+    }
+
+    /// Store `metadata` on the closed file `inode` (whose object is `meta`) with a server-side
+    /// copy onto itself.
+    async fn rewrite_file_metadata(
+        &self,
+        inode: &Inode,
+        meta: &ObjectMeta,
+        metadata: UserMetadata,
+    ) -> FsResult<Attr> {
         let etag = meta.etag.clone().unwrap_or_default();
         let new_etag = self.replace_metadata(&inode.key, &etag, &metadata).await?;
-        Ok(self.store_committed(ino, &inode.key, meta.size, copied(new_etag), metadata))
+        Ok(self.store_committed(inode.ino, &inode.key, meta.size, copied(new_etag), metadata))
+    }
+
+    /// Change the stored metadata of `ino` with `edit`, wherever it lives now: in the upload
+    /// of a file being written, on the committed object (a copy onto itself), or on a
+    /// directory's marker (written for an implicit directory). Refused for symlinks and for the
+    /// root of a whole-bucket mount, which have no metadata of their own to change.
+    pub(super) async fn edit_metadata(
+        &self,
+        ino: u64,
+        edit: impl FnOnce(&mut UserMetadata) -> FsResult<()>,
+    ) -> FsResult<Attr> {
+        self.check_writable()?;
+        let inode = self.inode(ino)?;
+        if let Some(h) = self.writer_of(ino) {
+            let FileHandle::Write(lock) = &*h else {
+                return Err(Errno::EBADF);
+            };
+            let mut st = lock.lock().await;
+            if let Some(e) = st.error {
+                return Err(e);
+            }
+            edit(&mut st.metadata)?;
+            return self.settle_handle_metadata(&mut st, true).await;
+        }
+        match inode.kind {
+            Kind::Dir if inode.key.is_empty() => Err(Errno::ENOTSUP),
+            Kind::Dir => self.rewrite_dir_marker(&inode, edit).await,
+            Kind::Symlink => Err(Errno::EPERM),
+            Kind::File => {
+                let meta = self.fresh_meta_of(&inode).await?;
+                let mut metadata = meta.metadata.clone();
+                edit(&mut metadata)?;
+                self.rewrite_file_metadata(&inode, &meta, metadata).await
+            }
+        }
+    }
+
+    /// The stored metadata of `ino` as this mount knows it now: a file being written has the
+    /// metadata its commit will store; otherwise what a HEAD said within --metadata-ttl, or a
+    /// new HEAD (of the marker, for a directory; none there means no metadata).
+    pub(super) async fn current_metadata(&self, ino: u64) -> FsResult<UserMetadata> {
+        let inode = self.inode(ino)?;
+        if let Some(h) = self.writer_of(ino) {
+            if let FileHandle::Write(lock) = &*h {
+                return Ok(lock.lock().await.metadata.clone());
+            }
+        }
+        if inode.kind == Kind::Dir {
+            if inode.key.is_empty() {
+                return Ok(UserMetadata::new());
+            }
+            if let Some(m) = inode.meta.as_ref().filter(|m| m.has_metadata) {
+                if self.fresh(inode.fetched) {
+                    return Ok(m.metadata.clone());
+                }
+            }
+            return match self.store.head(&inode.key).await {
+                Ok(m) => {
+                    let md = m.metadata.clone();
+                    self.remember_marker(ino, m);
+                    Ok(md)
+                }
+                Err(StoreError::NotFound(_)) => Ok(UserMetadata::new()),
+                Err(e) => Err(errno_of(&e, "getxattr")),
+            };
+        }
+        Ok(self.fresh_meta_of(&inode).await?.metadata)
+    }
+
+    /// A file's stored metadata, from a HEAD within --metadata-ttl or a new one.
+    async fn fresh_meta_of(&self, inode: &Inode) -> FsResult<ObjectMeta> {
+        if let Some(m) = inode.meta.as_ref().filter(|m| m.has_metadata) {
+            if self.fresh(inode.fetched) || self.pending.lock().contains_key(&inode.key) {
+                return Ok(m.clone());
+            }
+        }
+        let fresh = self.refresh_file(inode).await?;
+        fresh.meta.ok_or(Errno::ENOENT)
+    }
+
+    /// Keep what a HEAD of a directory's marker said.
+    fn remember_marker(&self, ino: u64, meta: ObjectMeta) {
+        let mut table = self.inodes.lock();
+        if let Some(i) = table.get_mut(ino) {
+            i.attr = attrs::attr_from_meta(ino, Kind::Dir, Some(&meta), &self.cfg.defaults);
+            i.meta = Some(meta);
+            i.fetched = Instant::now();
+        }
     }
 
     /// Directory attributes live on its `dir/` marker: rewritten in place, or a marker is
@@ -843,6 +949,20 @@ impl Fs {
             i.attr = attr;
             return Ok(attr);
         }
+        self.rewrite_dir_marker(inode, |md| {
+            apply(md);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Rewrite the `dir/` marker of `inode` with its metadata changed by `edit` (a marker is
+    /// written for an implicit directory).
+    async fn rewrite_dir_marker(
+        &self,
+        inode: &Inode,
+        edit: impl FnOnce(&mut UserMetadata) -> FsResult<()>,
+    ) -> FsResult<Attr> {
         let marker = match self.store.head(&inode.key).await {
             Ok(m) => Some(m),
             Err(StoreError::NotFound(_)) => None,
@@ -858,7 +978,7 @@ impl Fs {
                 ((inode.attr.perm as u32) | S_IFDIR).to_string(),
             );
         }
-        apply(&mut md);
+        edit(&mut md)?;
         let opts = PutOptions {
             metadata: md.clone(),
             content_type: Some("application/x-directory".into()),
