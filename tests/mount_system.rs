@@ -404,6 +404,77 @@ fn other_users_are_kept_out_and_mode_bits_are_enforced() {
     assert_eq!(server.get(&bucket, "public.txt").unwrap(), b"For everyone");
 }
 
+/// The kernel leaves clearing set-user-ID/set-group-ID to s3mount (FUSE_HANDLE_KILLPRIV_V2, so
+/// that it stops asking for `security.capability` before every write): a write by an
+/// unprivileged user, an unprivileged truncate and any chown clear them, as on ext4; root's
+/// writes keep them.
+#[test]
+fn writes_truncates_and_chown_clear_set_id_bits_like_a_local_filesystem() {
+    use std::os::unix::fs::PermissionsExt;
+    require_fuse();
+    let server = server();
+    let bucket = server.new_bucket();
+    let m = Mount::new(server, &bucket, &["--allow-other", "--metadata-ttl", "0"]);
+    let root = m.path().display().to_string();
+    let mode_of = |name: &str| {
+        std::fs::metadata(m.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    for (name, mode) in [
+        ("by_nobody", 0o6777),
+        ("truncated", 0o6777),
+        ("by_root", 0o6777),
+        ("chowned", 0o4755),
+        ("no_gx", 0o2766),
+    ] {
+        std::fs::write(m.join(name), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(m.join(name), std::fs::Permissions::from_mode(mode)).unwrap();
+        assert_eq!(mode_of(name), mode, "{name}");
+    }
+    let (code, err) = as_nobody(&format!("echo more >> '{root}/by_nobody'"));
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert_eq!(
+        mode_of("by_nobody"),
+        0o0777,
+        "an unprivileged write clears both"
+    );
+    let (code, err) = as_nobody(&format!("truncate -s 3 '{root}/truncated'"));
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert_eq!(
+        mode_of("truncated"),
+        0o0777,
+        "an unprivileged truncate clears both"
+    );
+    let (code, err) = as_nobody(&format!("echo more >> '{root}/no_gx'"));
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert_eq!(
+        mode_of("no_gx"),
+        0o2766,
+        "set-group-ID without group execute stays"
+    );
+    let out = sh(&format!("echo more >> '{root}/by_root'"));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(mode_of("by_root"), 0o6777, "root (CAP_FSETID) keeps them");
+    let out = sh(&format!("chown 1234 '{root}/chowned'"));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        mode_of("chowned"),
+        0o0755,
+        "chown clears set-user-ID, even by root"
+    );
+    // What the bucket holds (s3fs's decimal st_mode), seen by an independent client.
+    let stored = |key: &str| server.metadata(&bucket, key).get("mode").cloned();
+    assert_eq!(stored("by_nobody").as_deref(), Some("33279")); // 0100777
+    assert_eq!(stored("chowned").as_deref(), Some("33261")); // 0100755
+    assert_eq!(
+        server.get(&bucket, "by_nobody").unwrap(),
+        b"#!/bin/sh\nmore\n"
+    );
+}
+
 #[test]
 fn an_https_endpoint_with_a_private_ca() {
     let server = server();

@@ -4,6 +4,7 @@ mod support;
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
+use std::process::Command;
 
 use support::proxy::FaultProxy;
 use support::*;
@@ -670,4 +671,91 @@ fn a_missing_name_is_remembered_for_the_ttl_only_and_never_hides_what_this_mount
     std::thread::sleep(std::time::Duration::from_millis(1500));
     assert_eq!(std::fs::read(m.join("f")).unwrap(), b"elsewhere");
     assert_eq!(std::fs::read(m.join("e/x")).unwrap(), b"elsewhere");
+}
+
+#[test]
+fn extended_attributes_are_stored_like_s3fs_and_survive_rename_and_remount() {
+    let server = server();
+    let bucket = server.new_bucket();
+    // As s3fs stores {"user.origin":"s3fs"}.
+    server.put_with_meta(
+        &bucket,
+        "from_s3fs",
+        "x",
+        &[("xattr", "%7B%22user.origin%22%3A%22czNmcw%3D%3D%22%7D")],
+    );
+    {
+        let m = Mount::new(server, &bucket, &[]);
+        let script = r#"
+import errno, os, sys
+root = sys.argv[1]
+def expect_error(code, f, *args):
+    try:
+        f(*args)
+    except OSError as e:
+        assert e.errno == code, (f.__name__, args, e)
+    else:
+        raise AssertionError(("no error", f.__name__, args))
+assert os.getxattr(f"{root}/from_s3fs", "user.origin") == b"s3fs"
+f = f"{root}/f"
+with open(f, "wb") as fh:
+    fh.write(b"body")
+    os.setxattr(f, "user.during", b"written with the data")
+os.setxattr(f, "user.k", b"v1")
+expect_error(errno.EEXIST, os.setxattr, f, "user.k", b"v2", os.XATTR_CREATE)
+expect_error(errno.ENODATA, os.setxattr, f, "user.none", b"v2", os.XATTR_REPLACE)
+expect_error(errno.EOPNOTSUPP, os.setxattr, f, "security.test", b"v")
+expect_error(errno.ENODATA, os.getxattr, f, "user.none")
+expect_error(errno.ENODATA, os.getxattr, f, "security.capability")
+os.setxattr(f, "user.gone", b"soon")
+os.removexattr(f, "user.gone")
+expect_error(errno.ENODATA, os.removexattr, f, "user.gone")
+assert sorted(os.listxattr(f)) == ["user.during", "user.k"], os.listxattr(f)
+os.mkdir(f"{root}/d")
+os.setxattr(f"{root}/d", "user.dir", b"on the marker")
+with open(f"{root}/d/inner", "wb") as fh:
+    fh.write(b"i")
+os.rename(f"{root}/d/inner", f"{root}/d/moved")
+os.setxattr(f"{root}/d/moved", "user.m", bytes(range(256)))
+os.rename(f, f"{root}/g")
+"#;
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(m.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    // What an independent client sees: s3fs's header, sorted by name, on the renamed object.
+    let meta = server.metadata(&bucket, "g");
+    assert_eq!(
+        meta.get("xattr").map(String::as_str),
+        Some(
+            "%7B%22user.during%22%3A%22d3JpdHRlbiB3aXRoIHRoZSBkYXRh%22%2C\
+             %22user.k%22%3A%22djE%3D%22%7D"
+        ),
+        "{meta:?}"
+    );
+    assert_eq!(server.get(&bucket, "g").unwrap(), b"body");
+    assert!(server.get(&bucket, "f").is_none());
+    assert!(server.metadata(&bucket, "d/").contains_key("xattr"));
+
+    let m = Mount::new(server, &bucket, &["--metadata-ttl", "0"]);
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(
+            r#"
+import os, sys
+root = sys.argv[1]
+assert os.getxattr(f"{root}/g", "user.k") == b"v1"
+assert os.getxattr(f"{root}/d", "user.dir") == b"on the marker"
+assert os.getxattr(f"{root}/d/moved", "user.m") == bytes(range(256))
+assert os.listxattr(f"{root}/from_s3fs") == ["user.origin"]
+"#,
+        )
+        .arg(m.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
 }

@@ -1526,3 +1526,50 @@ async fn extended_attributes_that_do_not_fit_or_cannot_be_read_lose_nothing() {
         Err(Errno::EROFS)
     );
 }
+
+#[tokio::test]
+async fn set_id_bits_are_cleared_by_chown_unprivileged_truncate_and_writes() {
+    assert_eq!(write::without_suid_sgid(0o106777), 0o100777);
+    assert_eq!(write::without_suid_sgid(0o102766), 0o102766, "no group execute");
+    let (store, fs) = setup("");
+    let mut md = UserMetadata::new();
+    md.insert("mode".into(), "36333".into()); // 0106755
+    store.insert_with("f", "1234", md.clone(), None);
+    store.insert_with("g", "1234", md, None);
+    let f = fs.lookup(ROOT_INO, b"f").await.unwrap();
+    assert_eq!(f.perm, 0o6755);
+    // Truncate to the same size by root: nothing to do, no request.
+    store.reset_counters();
+    let same = SetAttr {
+        size: Some(4),
+        ..Default::default()
+    };
+    assert_eq!(fs.setattr(f.ino, None, same).await.unwrap().perm, 0o6755);
+    assert_eq!(store.counters.total(), 0);
+    // The same by an unprivileged caller clears the bits (a copy onto itself, no data).
+    let a = fs
+        .setattr(
+            f.ino,
+            None,
+            SetAttr {
+                kill_suid_sgid: true,
+                ..same
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.perm, 0o755);
+    assert_eq!(store.counters.bytes_uploaded.load(Ordering::Relaxed), 0);
+    let meta = store.head("f").await.unwrap();
+    assert_eq!(meta.metadata.get("mode").map(String::as_str), Some("33261"));
+    // A write by an unprivileged process: cleared in the commit of the handle.
+    let g = fs.lookup(ROOT_INO, b"g").await.unwrap();
+    let (fh, _) = fs.open(g.ino, libc::O_WRONLY).await.unwrap();
+    fs.write(fh, 4, b"5").await.unwrap();
+    fs.kill_suid_sgid(g.ino, fh).await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let meta = store.head("g").await.unwrap();
+    assert_eq!(meta.metadata.get("mode").map(String::as_str), Some("33261"));
+    assert_eq!(store.get_bytes("g").unwrap().as_ref(), b"12345");
+}

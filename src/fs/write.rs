@@ -34,6 +34,20 @@ pub struct SetAttr {
     pub size: Option<u64>,
     pub mtime: Option<SystemTime>,
     pub atime: Option<SystemTime>,
+    /// Clear set-user-ID, and set-group-ID where the group may execute, as a chown or an
+    /// unprivileged truncate must (the kernel leaves it to us: FUSE_HANDLE_KILLPRIV_V2).
+    /// Regular files only; an explicit `mode` in the same request wins.
+    pub kill_suid_sgid: bool,
+}
+
+/// `mode` without set-user-ID, and without set-group-ID when the group may execute (a
+/// set-group-ID bit without group execute means mandatory locking and stays).
+pub fn without_suid_sgid(mode: u32) -> u32 {
+    let mut m = mode & !libc::S_ISUID;
+    if mode & 0o010 != 0 {
+        m &= !libc::S_ISGID;
+    }
+    m
 }
 
 pub(super) struct WriteState {
@@ -69,6 +83,11 @@ fn apply_metadata(md: &mut UserMetadata, req: &SetAttr) {
     }
     if let Some(t) = req.mtime {
         md.insert("mtime".into(), format_time(t));
+    }
+    if req.kill_suid_sgid && req.mode.is_none() {
+        if let Some(mode) = md.get("mode").and_then(|m| m.trim().parse::<u32>().ok()) {
+            md.insert("mode".into(), without_suid_sgid(mode).to_string());
+        }
     }
 }
 
@@ -431,6 +450,31 @@ impl Fs {
         Ok(data.len() as u32)
     }
 
+    /// After a write by a process without CAP_FSETID (FUSE_WRITE_KILL_SUIDGID): the file loses
+    /// set-user-ID and set-group-ID as on a local filesystem. Nothing to do, and no lock taken,
+    /// for a file without them.
+    pub async fn kill_suid_sgid(&self, ino: u64, fh: u64) -> FsResult<()> {
+        let perm = self.attr_of(ino).map_or(0, |a| a.perm as u32);
+        if without_suid_sgid(perm) == perm {
+            return Ok(());
+        }
+        let h = self.write_handle(fh)?;
+        let FileHandle::Write(lock) = &*h else {
+            return Err(Errno::EBADF);
+        };
+        let mut st = lock.lock().await;
+        let Some(mode) = st
+            .metadata
+            .get("mode")
+            .and_then(|m| m.trim().parse::<u32>().ok())
+        else {
+            return Ok(());
+        };
+        st.metadata
+            .insert("mode".into(), without_suid_sgid(mode).to_string());
+        self.settle_handle_metadata(&mut st, true).await.map(|_| ())
+    }
+
     /// Switch the handle to local staging: what was streamed so far is committed first and
     /// becomes the base the staged changes apply to.
     async fn ensure_staged(&self, st: &mut WriteState) -> FsResult<()> {
@@ -669,8 +713,12 @@ impl Fs {
         let handle = fh
             .and_then(|fh| self.write_handle(fh).ok())
             .or_else(|| self.writer_of(ino));
-        let metadata_change =
-            req.mode.is_some() || req.uid.is_some() || req.gid.is_some() || req.mtime.is_some();
+        let perm = inode.attr.perm as u32;
+        let metadata_change = req.mode.is_some()
+            || req.uid.is_some()
+            || req.gid.is_some()
+            || req.mtime.is_some()
+            || (req.kill_suid_sgid && inode.kind == Kind::File && without_suid_sgid(perm) != perm);
         if let Some(h) = &handle {
             let FileHandle::Write(lock) = &**h else {
                 return Err(Errno::EBADF);
@@ -924,6 +972,10 @@ impl Fs {
         if req.size.is_some() {
             return Err(Errno::EISDIR);
         }
+        let req = &SetAttr {
+            kill_suid_sgid: false,
+            ..*req
+        };
         let apply = |md: &mut UserMetadata| {
             apply_metadata(md, req);
             if let Some(m) = req.mode {
