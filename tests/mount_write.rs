@@ -742,19 +742,35 @@ os.rename(f, f"{root}/g")
     assert!(server.metadata(&bucket, "d/").contains_key("xattr"));
 
     let m = Mount::new(server, &bucket, &["--metadata-ttl", "0"]);
+    // cp -a and rsync -X carry them from a local tree (tmpfs keeps user.* attributes).
+    let src = tempfile::tempdir_in("/dev/shm").unwrap();
     let out = Command::new("python3")
         .arg("-c")
         .arg(
             r#"
-import os, sys
-root = sys.argv[1]
+import os, subprocess, sys
+root, src = sys.argv[1], sys.argv[2]
 assert os.getxattr(f"{root}/g", "user.k") == b"v1"
 assert os.getxattr(f"{root}/d", "user.dir") == b"on the marker"
 assert os.getxattr(f"{root}/d/moved", "user.m") == bytes(range(256))
 assert os.listxattr(f"{root}/from_s3fs") == ["user.origin"]
+os.mkdir(f"{src}/sub")
+with open(f"{src}/sub/a", "w") as fh:
+    fh.write("a")
+os.setxattr(f"{src}/sub/a", "user.tag", b"blue")
+os.setxattr(f"{src}/sub", "user.d", b"dir")
+subprocess.run(["cp", "-a", src, f"{root}/cp"], check=True)
+subprocess.run(["rsync", "-aX", f"{src}/", f"{root}/rs/"], check=True)
+for top in ["cp", "rs"]:
+    assert os.getxattr(f"{root}/{top}/sub/a", "user.tag") == b"blue", top
+    assert os.getxattr(f"{root}/{top}/sub", "user.d") == b"dir", top
+again = subprocess.run(["rsync", "-aXc", "-i", f"{src}/", f"{root}/rs/"], check=True,
+                       capture_output=True, text=True).stdout
+assert again.strip() == "", again
 "#,
         )
         .arg(m.path())
+        .arg(src.path())
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");

@@ -1530,7 +1530,11 @@ async fn extended_attributes_that_do_not_fit_or_cannot_be_read_lose_nothing() {
 #[tokio::test]
 async fn set_id_bits_are_cleared_by_chown_unprivileged_truncate_and_writes() {
     assert_eq!(write::without_suid_sgid(0o106777), 0o100777);
-    assert_eq!(write::without_suid_sgid(0o102766), 0o102766, "no group execute");
+    assert_eq!(
+        write::without_suid_sgid(0o102766),
+        0o102766,
+        "no group execute"
+    );
     let (store, fs) = setup("");
     let mut md = UserMetadata::new();
     md.insert("mode".into(), "36333".into()); // 0106755
