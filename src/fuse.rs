@@ -646,6 +646,31 @@ impl Filesystem for FuseAdapter {
         });
     }
 
+    fn copy_file_range(
+        &mut self,
+        _req: &Request<'_>,
+        _ino_in: u64,
+        fh_in: u64,
+        offset_in: i64,
+        _ino_out: u64,
+        fh_out: u64,
+        offset_out: i64,
+        len: u64,
+        _flags: u32,
+        reply: ReplyWrite,
+    ) {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            match fs
+                .copy_file_range(fh_in, offset_in, fh_out, offset_out, len)
+                .await
+            {
+                Ok(n) => reply.written(n),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
+    }
+
     fn create(
         &mut self,
         req: &Request<'_>,

@@ -775,3 +775,32 @@ assert again.strip() == "", again
         .unwrap();
     assert!(out.status.success(), "{out:?}");
 }
+
+#[test]
+fn cp_within_the_mount_copies_server_side() {
+    let server = server();
+    let bucket = server.new_bucket();
+    let body = pattern(24 << 20, 11);
+    server.put(&bucket, "src.bin", body.clone());
+    server.put(&bucket, "small.txt", "small");
+    let m = Mount::new(server, &bucket, &[]);
+    let out = sh(&format!(
+        "cp '{0}/src.bin' '{0}/copy.bin' && cp '{0}/small.txt' '{0}/small copy.txt' && \
+         mkdir '{0}/d' && cp '{0}/src.bin' '{0}/d/' && stat -c %s '{0}/copy.bin'",
+        m.path().display()
+    ));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        (24 << 20).to_string()
+    );
+    let (gets, fetched) = m.unmount_traffic();
+    assert!(
+        fetched < (1 << 20),
+        "cp fetched {fetched} bytes in {gets} GETs: the 24 MiB copies should be server side"
+    );
+    for key in ["copy.bin", "d/src.bin"] {
+        assert!(server.get(&bucket, key).unwrap() == body, "{key}");
+    }
+    assert_eq!(server.get(&bucket, "small copy.txt").unwrap(), b"small");
+}

@@ -162,6 +162,14 @@ impl ObjectReader {
         &self.key
     }
 
+    pub fn etag(&self) -> Option<&str> {
+        self.etag.as_deref()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     /// Read up to `len` bytes at `offset` (fewer only at the end of the object).
     pub async fn read(&self, offset: u64, len: u32) -> StoreResult<Bytes> {
         if offset >= self.size || len == 0 {

@@ -167,6 +167,8 @@ pub struct StreamUpload {
     failed: Option<StoreError>,
     /// A committed object whose bytes come first (writes after fsync continue it).
     prefix: Option<CommittedPrefix>,
+    /// The object the prefix comes from, when not this upload's own key (copy_file_range).
+    prefix_source: Option<String>,
     copied_prefix: bool,
     /// Where a conflicting upload leaves what it holds (bytes, or a note on the open upload).
     recovery_dir: Option<std::path::PathBuf>,
@@ -214,6 +216,7 @@ impl StreamUpload {
             total: 0,
             failed: None,
             prefix: None,
+            prefix_source: None,
             copied_prefix: false,
             over_budget_part: None,
             recovery_dir: None,
@@ -229,10 +232,11 @@ impl StreamUpload {
             return Ok(self);
         }
         if committed.size < MIN_PART {
+            let source = self.prefix_source.as_deref().unwrap_or(&self.key);
             let bytes = self
                 .store
                 .get_range(
-                    &self.key,
+                    source,
                     ByteRange::new(0, committed.size),
                     Some(&committed.etag),
                 )
@@ -247,6 +251,17 @@ impl StreamUpload {
             self.prefix = Some(committed);
         }
         Ok(self)
+    }
+
+    /// Start with the first `committed.size` bytes of another object, `source` at
+    /// `committed.etag`, the way [`Self::continuing`] starts with this key's own.
+    pub async fn starting_with(
+        mut self,
+        source: &str,
+        committed: CommittedPrefix,
+    ) -> StoreResult<Self> {
+        self.prefix_source = Some(source.to_string());
+        self.continuing(committed).await
     }
 
     /// Keep what a conflicting upload holds in `dir` instead of losing it.
@@ -330,6 +345,10 @@ impl StreamUpload {
     async fn copy_prefix(&mut self, id: &str, prefix: &CommittedPrefix) -> StoreResult<()> {
         let pieces = prefix.size.div_ceil(MAX_PART);
         let each = prefix.size.div_ceil(pieces);
+        let source = self
+            .prefix_source
+            .clone()
+            .unwrap_or_else(|| self.key.clone());
         let mut start = 0;
         while start < prefix.size {
             let end = (start + each).min(prefix.size);
@@ -341,7 +360,7 @@ impl StreamUpload {
                     &self.key,
                     id,
                     n,
-                    &self.key,
+                    &source,
                     &prefix.etag,
                     ByteRange::new(start, end),
                 )

@@ -1577,3 +1577,116 @@ async fn set_id_bits_are_cleared_by_chown_unprivileged_truncate_and_writes() {
     assert_eq!(meta.metadata.get("mode").map(String::as_str), Some("33261"));
     assert_eq!(store.get_bytes("g").unwrap().as_ref(), b"12345");
 }
+
+#[tokio::test]
+async fn copy_file_range_copies_a_whole_object_server_side_into_an_empty_file() {
+    let (store, fs) = setup("");
+    let big: Vec<u8> = (0..(20 << 20)).map(|i| (i % 249) as u8).collect();
+    let mut md = UserMetadata::new();
+    md.insert("mode".into(), "33216".into()); // 0100700: the copy keeps its own mode
+    store.insert_with("src", big.clone(), md, None);
+    store.insert("small", "small object");
+    let src = fs.lookup(ROOT_INO, b"src").await.unwrap();
+    let (fh_in, _) = fs.open(src.ino, libc::O_RDONLY).await.unwrap();
+    let (dst, fh_out) = fs
+        .create(ROOT_INO, b"dst", 0o640, libc::O_WRONLY, ME)
+        .await
+        .unwrap();
+    store.reset_counters();
+    // What cp asks: everything from 0, more than there is.
+    let n = fs
+        .copy_file_range(fh_in, 0, fh_out, 0, u64::MAX >> 1)
+        .await
+        .unwrap();
+    assert_eq!(n as usize, big.len());
+    assert_eq!(fs.getattr(dst.ino).await.unwrap().size, big.len() as u64);
+    // cp asks again at the end: nothing more.
+    assert_eq!(
+        fs.copy_file_range(fh_in, n as i64, fh_out, n as i64, 1 << 30)
+            .await
+            .unwrap(),
+        0
+    );
+    fs.flush(fh_out).await.unwrap();
+    fs.release(fh_out).await.unwrap();
+    assert!(store.get_bytes("dst").unwrap() == big);
+    assert_eq!(store.counters.get.load(Ordering::Relaxed), 0);
+    assert_eq!(store.counters.bytes_uploaded.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        store.counters.bytes_copied.load(Ordering::Relaxed),
+        big.len() as u64
+    );
+    let meta = store.head("dst").await.unwrap();
+    assert_eq!(meta.metadata.get("mode").map(String::as_str), Some("33184")); // 0100640
+
+    // Under 5 MiB: one ranged GET of the source, one PUT.
+    let small = fs.lookup(ROOT_INO, b"small").await.unwrap();
+    let (fh_small, _) = fs.open(small.ino, libc::O_RDONLY).await.unwrap();
+    let (_, fh2) = fs
+        .create(ROOT_INO, b"dst2", 0o644, libc::O_WRONLY, ME)
+        .await
+        .unwrap();
+    store.reset_counters();
+    assert_eq!(
+        fs.copy_file_range(fh_small, 0, fh2, 0, 1 << 20).await,
+        Ok(12)
+    );
+    fs.flush(fh2).await.unwrap();
+    fs.release(fh2).await.unwrap();
+    assert_eq!(store.get_bytes("dst2").unwrap().as_ref(), b"small object");
+    assert_eq!(store.counters.get.load(Ordering::Relaxed), 1);
+    assert_eq!(store.counters.put.load(Ordering::Relaxed), 1);
+
+    // Anything but a whole object into an empty file: EOPNOTSUPP, and the file is untouched.
+    let (_, fh3) = fs
+        .create(ROOT_INO, b"dst3", 0o644, libc::O_WRONLY, ME)
+        .await
+        .unwrap();
+    for (off_in, off_out, len) in [(1, 0, 1 << 30), (0, 1, 1 << 30), (0, 0, 1000)] {
+        assert_eq!(
+            fs.copy_file_range(fh_in, off_in, fh3, off_out, len).await,
+            Err(Errno::ENOTSUP),
+            "{off_in} {off_out} {len}"
+        );
+    }
+    fs.write(fh3, 0, b"x").await.unwrap();
+    assert_eq!(
+        fs.copy_file_range(fh_in, 0, fh3, 0, 1 << 30).await,
+        Err(Errno::ENOTSUP),
+        "not empty"
+    );
+    fs.flush(fh3).await.unwrap();
+    fs.release(fh3).await.unwrap();
+    assert_eq!(store.get_bytes("dst3").unwrap().as_ref(), b"x");
+    fs.release(fh_in).await.unwrap();
+    fs.release(fh_small).await.unwrap();
+    assert_eq!(store.open_uploads(), 0);
+}
+
+#[tokio::test]
+async fn copy_file_range_of_a_source_changed_meanwhile_fails_and_loses_nothing() {
+    let (store, fs) = setup("");
+    let big: Vec<u8> = (0..(8 << 20)).map(|i| (i % 247) as u8).collect();
+    store.insert("src", big.clone());
+    let src = fs.lookup(ROOT_INO, b"src").await.unwrap();
+    let (fh_in, _) = fs.open(src.ino, libc::O_RDONLY).await.unwrap();
+    let (_, fh_out) = fs
+        .create(ROOT_INO, b"dst", 0o644, libc::O_WRONLY, ME)
+        .await
+        .unwrap();
+    fs.copy_file_range(fh_in, 0, fh_out, 0, 1 << 30)
+        .await
+        .unwrap();
+    // Replaced behind the mount's back before the copy is committed: the copy is pinned to
+    // the ETag that was read, so the commit fails instead of mixing two versions.
+    store.insert("src", vec![1u8; 8 << 20]);
+    assert!(fs.flush(fh_out).await.is_err());
+    let _ = fs.release(fh_out).await;
+    assert!(store.get_bytes("dst").is_none());
+    assert_eq!(
+        store.get_bytes("src").unwrap().as_ref(),
+        &[1u8; 8 << 20][..]
+    );
+    assert_eq!(store.open_uploads(), 0);
+    fs.release(fh_in).await.unwrap();
+}
