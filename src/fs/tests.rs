@@ -1680,7 +1680,7 @@ async fn copy_file_range_of_a_source_changed_meanwhile_fails_and_loses_nothing()
     // Replaced behind the mount's back before the copy is committed: the copy is pinned to
     // the ETag that was read, so the commit fails instead of mixing two versions.
     store.insert("src", vec![1u8; 8 << 20]);
-    assert!(fs.flush(fh_out).await.is_err());
+    assert_eq!(fs.flush(fh_out).await, Err(Errno::EIO));
     let _ = fs.release(fh_out).await;
     assert!(store.get_bytes("dst").is_none());
     assert_eq!(
