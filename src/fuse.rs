@@ -646,6 +646,25 @@ impl Filesystem for FuseAdapter {
         });
     }
 
+    fn fallocate(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        fh: u64,
+        offset: i64,
+        length: i64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let fs = self.fs.clone();
+        self.rt.spawn(async move {
+            match fs.fallocate(ino, fh, offset, length, mode).await {
+                Ok(()) => reply.ok(),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
+    }
+
     fn copy_file_range(
         &mut self,
         _req: &Request<'_>,

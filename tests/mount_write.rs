@@ -804,3 +804,35 @@ fn cp_within_the_mount_copies_server_side() {
     }
     assert_eq!(server.get(&bucket, "small copy.txt").unwrap(), b"small");
 }
+
+#[test]
+fn posix_fallocate_extends_a_new_file_with_zeros() {
+    let server = server();
+    let bucket = server.new_bucket();
+    let m = Mount::new(server, &bucket, &[]);
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(
+            r#"
+import errno, os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
+os.posix_fallocate(fd, 0, 3 << 20)
+assert os.fstat(fd).st_size == 3 << 20
+os.pwrite(fd, b"head", 0)
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+# FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+assert libc.fallocate(fd, 0x02 | 0x01, 0, 4096) == -1, "punching a hole succeeded"
+assert ctypes.get_errno() == errno.EOPNOTSUPP, ctypes.get_errno()
+os.close(fd)
+"#,
+        )
+        .arg(m.join("pre"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut want = b"head".to_vec();
+    want.resize(3 << 20, 0);
+    assert!(server.get(&bucket, "pre").unwrap() == want);
+}

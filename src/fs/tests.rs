@@ -1690,3 +1690,50 @@ async fn copy_file_range_of_a_source_changed_meanwhile_fails_and_loses_nothing()
     assert_eq!(store.open_uploads(), 0);
     fs.release(fh_in).await.unwrap();
 }
+
+#[tokio::test]
+async fn fallocate_extends_with_zeros_and_reserves_nothing() {
+    let (store, fs) = setup("");
+    let (attr, fh) = fs
+        .create(ROOT_INO, b"f", 0o644, libc::O_WRONLY, ME)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"0123456789").await.unwrap();
+    fs.fallocate(attr.ino, fh, 0, 100, 0).await.unwrap();
+    assert_eq!(fs.getattr(attr.ino).await.unwrap().size, 100);
+    fs.fallocate(attr.ino, fh, 50, 1 << 20, libc::FALLOC_FL_KEEP_SIZE)
+        .await
+        .unwrap();
+    fs.fallocate(attr.ino, fh, 0, 10, 0).await.unwrap();
+    assert_eq!(
+        fs.getattr(attr.ino).await.unwrap().size,
+        100,
+        "inside: nothing to do"
+    );
+    assert_eq!(
+        fs.fallocate(
+            attr.ino,
+            fh,
+            0,
+            10,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        )
+        .await,
+        Err(Errno::ENOTSUP)
+    );
+    assert_eq!(
+        fs.fallocate(attr.ino, fh, -1, 10, 0).await,
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        fs.fallocate(attr.ino, fh, 0, 0, 0).await,
+        Err(Errno::EINVAL)
+    );
+    fs.write(fh, 100, b"end").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let mut want = b"0123456789".to_vec();
+    want.resize(100, 0);
+    want.extend_from_slice(b"end");
+    assert_eq!(store.get_bytes("f").unwrap().as_ref(), &want[..]);
+}

@@ -518,6 +518,39 @@ impl Fs {
         Ok(size as u32)
     }
 
+    /// fallocate(2): S3 has no space to reserve, so a plain allocation only extends the file
+    /// with zeros (as ftruncate would) and FALLOC_FL_KEEP_SIZE does nothing. Punching or
+    /// collapsing holes gives EOPNOTSUPP. (posix_fallocate's fallback would otherwise write a
+    /// byte into every 4 KiB block.)
+    pub async fn fallocate(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: i64,
+        length: i64,
+        mode: i32,
+    ) -> FsResult<()> {
+        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+            return Err(Errno::ENOTSUP);
+        }
+        let (Ok(offset), Ok(length)) = (u64::try_from(offset), u64::try_from(length)) else {
+            return Err(Errno::EINVAL);
+        };
+        if length == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
+        let size = self.inode(ino)?.attr.size;
+        if mode & libc::FALLOC_FL_KEEP_SIZE != 0 || end <= size {
+            return Ok(());
+        }
+        let req = SetAttr {
+            size: Some(end),
+            ..Default::default()
+        };
+        self.setattr(ino, Some(fh), req).await.map(|_| ())
+    }
+
     /// After a write by a process without CAP_FSETID (FUSE_WRITE_KILL_SUIDGID): the file loses
     /// set-user-ID and set-group-ID as on a local filesystem. Nothing to do, and no lock taken,
     /// for a file without them.
