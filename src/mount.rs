@@ -448,6 +448,29 @@ fn raise_readahead(path: &Path, kb: u32) {
     }
 }
 
+/// Tell systemd (a `Type=notify` unit: `$NOTIFY_SOCKET`) how the mount is doing, so that
+/// units ordered after it start only once it answers. Without the variable, nothing.
+fn sd_notify(state: &str) {
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = path.as_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            SocketAddr::from_abstract_name(name)
+        }
+        None => SocketAddr::from_pathname(Path::new(&path)),
+    };
+    let sent = UnixDatagram::unbound()
+        .and_then(|sock| addr.and_then(|a| sock.send_to_addr(state.as_bytes(), &a)));
+    match sent {
+        Ok(_) => tracing::debug!(state, "told systemd"),
+        Err(e) => tracing::warn!(state, socket = ?path, error = %e, "cannot notify systemd"),
+    }
+}
+
 /// Is a FUSE filesystem answering at `path`? (statfs goes through the kernel to our daemon.)
 fn mount_is_live(path: &Path) -> bool {
     let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
@@ -559,6 +582,7 @@ pub fn run(cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Result
     }
     raise_readahead(&mountpoint, cfg.kernel_readahead_kb);
     tracing::info!(source = %cfg.source, mountpoint = %mountpoint.display(), "mounted");
+    sd_notify("READY=1");
     if let Some(ready) = ready {
         ready.send_ok();
         detach_stdio();
@@ -566,6 +590,7 @@ pub fn run(cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Result
     let result = serving
         .join()
         .map_err(|_| Fatal::new("the request loop panicked"))?;
+    sd_notify("STOPPING=1");
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted; store traffic: {traffic}");
     rt.shutdown_timeout(Duration::from_secs(5));
     result.map_err(|e| Fatal::new(format!("request loop failed: {e}")))

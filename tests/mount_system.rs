@@ -94,6 +94,62 @@ fn mount_t_s3mount_and_fstab() {
     );
 }
 
+/// systemd's `Type=notify`: READY=1 only once the mount answers, STOPPING=1 when it ends.
+/// Both socket forms systemd uses: a path, and an abstract name (`@...`).
+#[test]
+fn systemd_is_told_when_the_mount_is_ready_and_when_it_stops() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    require_fuse();
+    let server = server();
+    let bucket = server.new_bucket();
+    server.put(&bucket, "hello.txt", "hi");
+    let sockdir = tempfile::tempdir().unwrap();
+    let path = sockdir.path().join("notify");
+    let abstract_name = format!("s3mount-test-{}", std::process::id());
+    let sockets = [
+        (
+            UnixDatagram::bind(&path).unwrap(),
+            path.display().to_string(),
+        ),
+        (
+            UnixDatagram::bind_addr(
+                &SocketAddr::from_abstract_name(abstract_name.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+            format!("@{abstract_name}"),
+        ),
+    ];
+    for (sock, env) in sockets {
+        sock.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut args: Vec<String> = vec![
+            bucket.clone(),
+            dir.path().display().to_string(),
+            "-f".into(),
+        ];
+        args.extend(server.args());
+        let mut daemon = Command::new(s3mount_bin())
+            .args(&args)
+            .envs(server.env())
+            .env("NOTIFY_SOCKET", &env)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).expect("no READY=1 from the daemon");
+        assert_eq!(&buf[..n], b"READY=1", "{env}");
+        // Ready means answering: no waiting needed.
+        assert!(is_mounted(dir.path()), "{env}");
+        assert_eq!(std::fs::read(dir.path().join("hello.txt")).unwrap(), b"hi");
+        assert!(umount_patiently(dir.path()));
+        let n = sock.recv(&mut buf).expect("no STOPPING=1 from the daemon");
+        assert_eq!(&buf[..n], b"STOPPING=1", "{env}");
+        assert!(daemon.wait().unwrap().success());
+    }
+}
+
 #[test]
 fn sigterm_during_a_large_write_leaves_the_object_complete_or_absent() {
     require_fuse();
