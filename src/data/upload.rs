@@ -264,6 +264,25 @@ impl StreamUpload {
         self.continuing(committed).await
     }
 
+    /// Grow the prefix this upload copies from `source` at `etag` to its first `size` bytes,
+    /// if the upload is still nothing but that prefix (copy_file_range going on where its last
+    /// call stopped). False, and nothing changed, otherwise.
+    pub fn extend_prefix(&mut self, source: &str, etag: &str, size: u64) -> bool {
+        let untouched = self.upload_id.is_none()
+            && self.buf.is_empty()
+            && self.inflight.is_empty()
+            && self.done.is_empty()
+            && self.prefix_source.as_deref() == Some(source);
+        match self.prefix.as_mut() {
+            Some(p) if untouched && p.etag == etag && size >= p.size => {
+                p.size = size;
+                self.total = size;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Keep what a conflicting upload holds in `dir` instead of losing it.
     pub fn with_recovery_dir(mut self, dir: std::path::PathBuf) -> Self {
         self.recovery_dir = Some(dir);

@@ -1593,20 +1593,24 @@ async fn copy_file_range_copies_a_whole_object_server_side_into_an_empty_file() 
         .await
         .unwrap();
     store.reset_counters();
-    // What cp asks: everything from 0, more than there is.
-    let n = fs
-        .copy_file_range(fh_in, 0, fh_out, 0, u64::MAX >> 1)
-        .await
-        .unwrap();
-    assert_eq!(n as usize, big.len());
-    assert_eq!(fs.getattr(dst.ino).await.unwrap().size, big.len() as u64);
-    // cp asks again at the end: nothing more.
-    assert_eq!(
-        fs.copy_file_range(fh_in, n as i64, fh_out, n as i64, 1 << 30)
+    // What cp asks: everything from where it got to, more than there is, until 0. A reply
+    // counts at most COPY_CHUNK bytes (4 GiB; 6 MiB in unit tests), so this takes 4 calls.
+    let mut done = 0u64;
+    let mut calls = 0;
+    loop {
+        let n = fs
+            .copy_file_range(fh_in, done as i64, fh_out, done as i64, u64::MAX >> 1)
             .await
-            .unwrap(),
-        0
-    );
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        done += n as u64;
+        calls += 1;
+        assert_eq!(fs.getattr(dst.ino).await.unwrap().size, done);
+    }
+    assert_eq!((done, calls), (big.len() as u64, 4));
+    assert_eq!(store.counters.total(), 0, "nothing sent before the commit");
     fs.flush(fh_out).await.unwrap();
     fs.release(fh_out).await.unwrap();
     assert!(store.get_bytes("dst").unwrap() == big);
@@ -1736,4 +1740,52 @@ async fn fallocate_extends_with_zeros_and_reserves_nothing() {
     want.resize(100, 0);
     want.extend_from_slice(b"end");
     assert_eq!(store.get_bytes("f").unwrap().as_ref(), &want[..]);
+}
+
+#[tokio::test]
+async fn copy_file_range_in_several_calls_stops_where_the_caller_stops() {
+    let (store, fs) = setup("");
+    let big: Vec<u8> = (0..(20 << 20)).map(|i| (i % 239) as u8).collect();
+    store.insert("src", big.clone());
+    let src = fs.lookup(ROOT_INO, b"src").await.unwrap();
+    let (fh_in, _) = fs.open(src.ino, libc::O_RDONLY).await.unwrap();
+    // Two chunks, then the caller stops: the file is exactly the first 12 MiB.
+    let (_, a) = fs
+        .create(ROOT_INO, b"a", 0o644, libc::O_WRONLY, ME)
+        .await
+        .unwrap();
+    assert_eq!(
+        fs.copy_file_range(fh_in, 0, a, 0, 1 << 40).await,
+        Ok(6 << 20)
+    );
+    assert_eq!(
+        fs.copy_file_range(fh_in, 6 << 20, a, 6 << 20, 1 << 40)
+            .await,
+        Ok(6 << 20)
+    );
+    fs.flush(a).await.unwrap();
+    fs.release(a).await.unwrap();
+    assert!(store.get_bytes("a").unwrap() == big[..12 << 20]);
+    // A write between two calls: the copy cannot go on (the caller falls back or fails).
+    let (_, b) = fs
+        .create(ROOT_INO, b"b", 0o644, libc::O_WRONLY, ME)
+        .await
+        .unwrap();
+    assert_eq!(
+        fs.copy_file_range(fh_in, 0, b, 0, 1 << 40).await,
+        Ok(6 << 20)
+    );
+    fs.write(b, 6 << 20, b"written").await.unwrap();
+    assert_eq!(
+        fs.copy_file_range(fh_in, 6 << 20, b, 6 << 20, 1 << 40)
+            .await,
+        Err(Errno::ENOTSUP)
+    );
+    fs.flush(b).await.unwrap();
+    fs.release(b).await.unwrap();
+    let mut want = big[..6 << 20].to_vec();
+    want.extend_from_slice(b"written");
+    assert!(store.get_bytes("b").unwrap() == want);
+    fs.release(fh_in).await.unwrap();
+    assert_eq!(store.open_uploads(), 0);
 }

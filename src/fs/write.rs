@@ -40,6 +40,13 @@ pub struct SetAttr {
     pub kill_suid_sgid: bool,
 }
 
+/// The most one copy_file_range reply can count (32 bits), in whole pages.
+#[cfg(not(test))]
+const COPY_CHUNK: u64 = u32::MAX as u64 & !4095;
+/// Small enough to test a copy that takes several calls (and at least a part's minimum).
+#[cfg(test)]
+const COPY_CHUNK: u64 = 6 << 20;
+
 /// `mode` without set-user-ID, and without set-group-ID when the group may execute (a
 /// set-group-ID bit without group execute means mandatory locking and stays).
 pub fn without_suid_sgid(mode: u32) -> u32 {
@@ -450,12 +457,14 @@ impl Fs {
         Ok(data.len() as u32)
     }
 
-    /// copy_file_range(2) within the mount, as `cp` uses it: a whole object copied into an
-    /// empty file becomes the start of that file's upload, copied server side at commit
-    /// (UploadPartCopy pinned to the source's ETag; under 5 MiB, one GET), so no byte travels
-    /// through the kernel. The file keeps its own metadata and commit condition. Anything else
-    /// (a part of an object, a file not empty, a source being written, 4 GiB or more: the
-    /// reply counts bytes in 32 bits) gives EOPNOTSUPP, on which `cp` copies as before.
+    /// copy_file_range(2) within the mount, as `cp` uses it: an object copied from its start
+    /// into an empty file becomes the start of that file's upload, copied server side at
+    /// commit (UploadPartCopy pinned to the source's ETag; under 5 MiB, one GET), so no byte
+    /// travels through the kernel. The file keeps its own metadata and commit condition. A reply
+    /// counts at most 4 GiB, so a larger object takes several calls, each going on where the last
+    /// stopped; a call that would leave less than a whole object under 4 GiB is refused. Anything
+    /// else (other offsets, a file already written to, a source being written) gives
+    /// EOPNOTSUPP, on which `cp` copies through read and write as before.
     pub async fn copy_file_range(
         &self,
         fh_in: u64,
@@ -476,8 +485,9 @@ impl Fs {
         if off_in >= size || len == 0 {
             return Ok(0);
         }
-        let whole = off_in == 0 && off_out == 0 && len >= size && size <= u32::MAX as u64;
-        let Some(etag) = reader.etag().filter(|_| whole) else {
+        let remaining = size - off_in;
+        let n = remaining.min(len).min(COPY_CHUNK);
+        let Some(etag) = reader.etag().filter(|_| off_in == off_out) else {
             return Err(Errno::ENOTSUP);
         };
         let h_out = self.write_handle(fh_out)?;
@@ -488,34 +498,49 @@ impl Fs {
         if let Some(e) = st.error {
             return Err(e);
         }
-        if st.size != 0 || st.base.size != 0 || st.staged.is_some() || st.key == reader.key() {
+        if st.size != off_out || st.base.size != 0 || st.staged.is_some() || st.key == reader.key()
+        {
             return Err(Errno::ENOTSUP);
         }
-        if let Some(u) = st.upload.take() {
-            u.abort().await;
-        }
-        let committed = CommittedPrefix {
-            etag: etag.to_string(),
-            size,
-        };
-        let upload = self
-            .start_upload(&st.key, &st.metadata, &st.expect)
-            .starting_with(reader.key(), committed)
-            .await;
-        let upload = match upload {
-            Ok(u) => u,
-            Err(e) => {
-                // The handle is as it was: empty, with a fresh upload.
-                st.upload = Some(self.start_upload(&st.key, &st.metadata, &st.expect));
-                return Err(errno_of(&e, "copy_file_range"));
+        if off_in > 0 {
+            // Going on: only while the file is still nothing but the copy so far.
+            let extended = st
+                .upload
+                .as_mut()
+                .is_some_and(|u| u.extend_prefix(reader.key(), etag, off_in + n));
+            if !extended {
+                return Err(Errno::ENOTSUP);
             }
-        };
-        tracing::debug!(from = %reader.key(), to = %st.key, size, "copy_file_range: server-side copy");
-        st.upload = Some(upload);
-        st.size = size;
+        } else {
+            if n < remaining && n < COPY_CHUNK {
+                // Only the start of an object that would fit: a plain copy does it as well.
+                return Err(Errno::ENOTSUP);
+            }
+            if let Some(u) = st.upload.take() {
+                u.abort().await;
+            }
+            let committed = CommittedPrefix {
+                etag: etag.to_string(),
+                size: n,
+            };
+            let upload = self
+                .start_upload(&st.key, &st.metadata, &st.expect)
+                .starting_with(reader.key(), committed)
+                .await;
+            match upload {
+                Ok(u) => st.upload = Some(u),
+                Err(e) => {
+                    // The handle is as it was: empty, with a fresh upload.
+                    st.upload = Some(self.start_upload(&st.key, &st.metadata, &st.expect));
+                    return Err(errno_of(&e, "copy_file_range"));
+                }
+            }
+        }
+        tracing::debug!(from = %reader.key(), to = %st.key, off_in, n, "copy_file_range: server-side copy");
+        st.size = off_in + n;
         st.dirty = true;
-        self.set_local_size(st.ino, size);
-        Ok(size as u32)
+        self.set_local_size(st.ino, st.size);
+        Ok(n as u32)
     }
 
     /// fallocate(2): S3 has no space to reserve, so a plain allocation only extends the file
