@@ -490,27 +490,30 @@ fn writes_truncates_and_chown_clear_set_id_bits_like_a_local_filesystem() {
         std::fs::set_permissions(m.join(name), std::fs::Permissions::from_mode(mode)).unwrap();
         assert_eq!(mode_of(name), mode, "{name}");
     }
-    let (code, err) = as_nobody(&format!("echo more >> '{root}/by_nobody'"));
-    assert_eq!((code, err.as_str()), (0, ""));
-    assert_eq!(
-        mode_of("by_nobody"),
-        0o0777,
-        "an unprivileged write clears both"
-    );
-    let (code, err) = as_nobody(&format!("truncate -s 3 '{root}/truncated'"));
-    assert_eq!((code, err.as_str()), (0, ""));
-    assert_eq!(
-        mode_of("truncated"),
-        0o0777,
-        "an unprivileged truncate clears both"
-    );
-    let (code, err) = as_nobody(&format!("echo more >> '{root}/no_gx'"));
-    assert_eq!((code, err.as_str()), (0, ""));
-    assert_eq!(
-        mode_of("no_gx"),
-        0o2766,
-        "set-group-ID without group execute stays"
-    );
+    for (command, name, want, why) in [
+        (
+            "echo more >>",
+            "by_nobody",
+            0o0777,
+            "an unprivileged write clears both",
+        ),
+        (
+            "truncate -s 3",
+            "truncated",
+            0o0777,
+            "an unprivileged truncate clears both",
+        ),
+        (
+            "echo more >>",
+            "no_gx",
+            0o2766,
+            "set-group-ID without group execute stays",
+        ),
+    ] {
+        let (code, err) = as_nobody(&format!("{command} '{root}/{name}'"));
+        assert_eq!((code, err.as_str()), (0, ""), "{command} {name}");
+        assert_eq!(mode_of(name), want, "{why}");
+    }
     let out = sh(&format!("echo more >> '{root}/by_root'"));
     assert!(out.status.success(), "{out:?}");
     assert_eq!(mode_of("by_root"), 0o6777, "root (CAP_FSETID) keeps them");
