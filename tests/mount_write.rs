@@ -836,3 +836,47 @@ os.close(fd)
     want.resize(3 << 20, 0);
     assert!(server.get(&bucket, "pre").unwrap() == want);
 }
+
+/// cp -p sets mode, times and attributes on the open file after writing it: for a file large
+/// enough to stream as a multipart upload, they still reach the bucket.
+#[test]
+fn cp_p_of_a_large_file_keeps_its_mode_times_and_attributes() {
+    let server = server();
+    let bucket = server.new_bucket();
+    let src = tempfile::tempdir_in("/dev/shm").unwrap();
+    let f = src.path().join("big.bin");
+    let body = pattern(20 << 20, 5);
+    std::fs::write(&f, &body).unwrap();
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg("import os, sys; os.setxattr(sys.argv[1], 'user.kept', b'yes')")
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = sh(&format!(
+        "chmod 640 '{0}' && touch -d @1400000000 '{0}'",
+        f.display()
+    ));
+    assert!(out.status.success(), "{out:?}");
+    let m = Mount::new(server, &bucket, &[]);
+    let out = sh(&format!(
+        "cp -p --preserve=xattr '{}' '{}/'",
+        f.display(),
+        m.path().display()
+    ));
+    assert!(out.status.success(), "{out:?}");
+    drop(m);
+    let meta = server.metadata(&bucket, "big.bin");
+    assert_eq!(
+        meta.get("mode").map(String::as_str),
+        Some("33184"),
+        "{meta:?}"
+    ); // 0100640
+    assert_eq!(meta.get("mtime").map(String::as_str), Some("1400000000"));
+    assert_eq!(
+        meta.get("xattr").map(String::as_str),
+        Some("%7B%22user.kept%22%3A%22eWVz%22%7D")
+    );
+    assert!(server.get(&bucket, "big.bin").unwrap() == body);
+}

@@ -16,8 +16,8 @@ use tokio::task::JoinSet;
 
 use super::budget::{Budget, Reservation};
 use crate::store::{
-    composite_crc32, crc32_header, ByteRange, CompletedPart, ObjectStore, PutOptions, PutResult,
-    StoreError, StoreResult,
+    composite_crc32, crc32_header, ByteRange, CompletedPart, ObjectStore, PutCondition, PutOptions,
+    PutResult, StoreError, StoreResult,
 };
 
 pub const MAX_PARTS: i32 = 10_000;
@@ -170,6 +170,9 @@ pub struct StreamUpload {
     /// The object the prefix comes from, when not this upload's own key (copy_file_range).
     prefix_source: Option<String>,
     copied_prefix: bool,
+    /// The metadata the multipart upload was created with: changed later (chmod, touch,
+    /// setxattr on the open file), it is applied by a copy onto itself after completion.
+    created_with: Option<crate::store::UserMetadata>,
     /// Where a conflicting upload leaves what it holds (bytes, or a note on the open upload).
     recovery_dir: Option<std::path::PathBuf>,
     /// Local copy of the bytes shipped as parts (see [`UploadConfig::spool_limit`]).
@@ -218,6 +221,7 @@ impl StreamUpload {
             prefix: None,
             prefix_source: None,
             copied_prefix: false,
+            created_with: None,
             over_budget_part: None,
             recovery_dir: None,
             spool: None,
@@ -354,6 +358,7 @@ impl StreamUpload {
             .await?;
         tracing::debug!(key = %self.key, upload_id = %id, "multipart upload started");
         self.upload_id = Some(id.clone());
+        self.created_with = Some(self.opts.metadata.clone());
         if let Some(prefix) = self.prefix.take() {
             self.copy_prefix(&id, &prefix).await?;
         }
@@ -691,7 +696,38 @@ impl StreamUpload {
                 )));
             }
         }
+        if self
+            .created_with
+            .as_ref()
+            .is_some_and(|m| *m != self.opts.metadata)
+        {
+            return Ok(self.restamp_metadata(res).await);
+        }
         Ok(res)
+    }
+
+    /// The metadata changed after the multipart upload was created with it: store the current
+    /// one with a copy of the new object onto itself (pinned to its ETag; no data through this
+    /// machine). The bytes are in the bucket either way: if the copy fails, that is logged and
+    /// the object keeps the metadata of when the upload started.
+    async fn restamp_metadata(&self, res: PutResult) -> PutResult {
+        let etag = res.etag.clone().unwrap_or_default();
+        let opts = PutOptions {
+            metadata: self.opts.metadata.clone(),
+            content_type: self.opts.content_type.clone(),
+            condition: PutCondition::Overwrite,
+        };
+        match copy_any_size(&self.store, &self.key, &etag, self.total, &self.key, &opts).await {
+            Ok(copied) => PutResult {
+                etag: copied.etag.or(res.etag),
+                // The same bytes: the CRC32 of the data written still vouches for them.
+                checksum_crc32: res.checksum_crc32.or(copied.checksum_crc32),
+            },
+            Err(e) => {
+                tracing::error!(key = %self.key, error = %e, "the object is stored, but the metadata changed while it was uploading (mode, owner, times, extended attributes) could not be applied");
+                res
+            }
+        }
     }
 
     fn recovery_path(&self, suffix: &str) -> Option<std::path::PathBuf> {
@@ -776,6 +812,58 @@ const ABORT_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(15 *
 /// Abort a multipart upload. When the store cannot be reached (the reason uploads fail), keep
 /// trying in the background, backing off up to 5 s, so the upload is not left open (and
 /// billed) once the store is back; a mount started later reports any that remain.
+/// Server-side copy of the first `size` bytes of `src_key` at `src_etag` (the whole object) to
+/// `dst` under `opts`: one CopyObject up to 5 GiB, UploadPartCopy pieces above.
+pub async fn copy_any_size(
+    store: &Arc<dyn ObjectStore>,
+    src_key: &str,
+    src_etag: &str,
+    size: u64,
+    dst: &str,
+    opts: &PutOptions,
+) -> StoreResult<PutResult> {
+    use futures::StreamExt;
+    if size <= MAX_PART {
+        return store.copy_object(src_key, src_etag, dst, opts).await;
+    }
+    let id = store.create_multipart(dst, opts, false).await?;
+    let pieces = size.div_ceil(MAX_PART);
+    let each = size.div_ceil(pieces);
+    let ranges: Vec<(i32, ByteRange)> = (0..pieces)
+        .map(|i| {
+            (
+                i as i32 + 1,
+                ByteRange::new(i * each, ((i + 1) * each).min(size)),
+            )
+        })
+        .collect();
+    let results: Vec<StoreResult<CompletedPart>> = futures::stream::iter(ranges)
+        .map(|(n, r)| {
+            let id = id.clone();
+            async move {
+                store
+                    .upload_part_copy(dst, &id, n, src_key, src_etag, r)
+                    .await
+            }
+        })
+        .buffered(4)
+        .collect()
+        .await;
+    let parts: StoreResult<Vec<CompletedPart>> = results.into_iter().collect();
+    let res = match parts {
+        Ok(parts) => {
+            store
+                .complete_multipart(dst, &id, parts, &PutCondition::Overwrite)
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    if res.is_err() {
+        abort_upload(store, dst, &id).await;
+    }
+    res
+}
+
 pub async fn abort_upload(store: &Arc<dyn ObjectStore>, key: &str, id: &str) {
     match store.abort_multipart(key, id).await {
         Ok(()) | Err(StoreError::NotFound(_)) => {

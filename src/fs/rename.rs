@@ -8,8 +8,8 @@ use futures::StreamExt;
 
 use super::attrs::Kind;
 use super::{errno_of, Errno, Fs, FsResult};
-use crate::data::upload::MAX_PART;
-use crate::store::{ByteRange, CompletedPart, ObjectMeta, PutCondition, PutOptions, StoreError};
+use crate::data::upload::copy_any_size;
+use crate::store::{ObjectMeta, PutCondition, PutOptions, StoreError};
 
 /// RENAME_NOREPLACE and RENAME_EXCHANGE from <linux/fs.h>.
 const RENAME_NOREPLACE: u32 = 1;
@@ -26,54 +26,9 @@ impl Fs {
             content_type: src.content_type.clone(),
             condition: PutCondition::Overwrite,
         };
-        if src.size <= MAX_PART {
-            return Ok(self
-                .store
-                .copy_object(&src.key, &etag, dst, &opts)
-                .await?
-                .etag);
-        }
-        let id = self.store.create_multipart(dst, &opts, false).await?;
-        let pieces = src.size.div_ceil(MAX_PART);
-        let each = src.size.div_ceil(pieces);
-        let ranges: Vec<(i32, ByteRange)> = (0..pieces)
-            .map(|i| {
-                (
-                    i as i32 + 1,
-                    ByteRange::new(i * each, ((i + 1) * each).min(src.size)),
-                )
-            })
-            .collect();
-        let results: Vec<Result<CompletedPart, StoreError>> = futures::stream::iter(ranges)
-            .map(|(n, r)| {
-                let (id, etag) = (id.clone(), etag.clone());
-                async move {
-                    self.store
-                        .upload_part_copy(dst, &id, n, &src.key, &etag, r)
-                        .await
-                }
-            })
-            .buffered(4)
-            .collect()
-            .await;
-        let parts: Result<Vec<CompletedPart>, StoreError> = results.into_iter().collect();
-        match parts {
-            Ok(parts) => match self
-                .store
-                .complete_multipart(dst, &id, parts, &PutCondition::Overwrite)
-                .await
-            {
-                Ok(res) => Ok(res.etag),
-                Err(e) => {
-                    crate::data::upload::abort_upload(&self.store, dst, &id).await;
-                    Err(e)
-                }
-            },
-            Err(e) => {
-                crate::data::upload::abort_upload(&self.store, dst, &id).await;
-                Err(e)
-            }
-        }
+        copy_any_size(&self.store, &src.key, &etag, src.size, dst, &opts)
+            .await
+            .map(|r| r.etag)
     }
 
     /// Move one object: copy, then delete the source only once the copy exists. `known` is the

@@ -1789,3 +1789,54 @@ async fn copy_file_range_in_several_calls_stops_where_the_caller_stops() {
     fs.release(fh_in).await.unwrap();
     assert_eq!(store.open_uploads(), 0);
 }
+
+#[tokio::test]
+async fn metadata_changed_after_a_multipart_upload_started_is_applied_at_close() {
+    let (store, fs) = setup("");
+    let (attr, fh) = fs
+        .create(ROOT_INO, b"big", 0o644, libc::O_WRONLY, ME)
+        .await
+        .unwrap();
+    let body: Vec<u8> = (0..(20 << 20)).map(|i| (i % 233) as u8).collect();
+    for (i, chunk) in body.chunks(1 << 20).enumerate() {
+        fs.write(fh, (i << 20) as i64, chunk).await.unwrap();
+    }
+    assert!(
+        store.counters.multipart.load(Ordering::Relaxed) > 0,
+        "started"
+    );
+    // What cp -p does on the open file before closing it.
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_400_000_000);
+    fs.setattr(
+        attr.ino,
+        Some(fh),
+        SetAttr {
+            mode: Some(0o600),
+            mtime: Some(t),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    fs.set_or_remove_xattr(attr.ino, b"user.late", Some(b"1"), 0)
+        .await
+        .unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let meta = store.head("big").await.unwrap();
+    assert_eq!(meta.metadata.get("mode").map(String::as_str), Some("33152"));
+    assert_eq!(
+        meta.metadata.get("mtime").map(String::as_str),
+        Some("1400000000")
+    );
+    assert!(meta.metadata.contains_key("xattr"));
+    assert!(store.get_bytes("big").unwrap() == body);
+    assert_eq!(
+        store.counters.bytes_uploaded.load(Ordering::Relaxed),
+        20 << 20
+    );
+    // What this mount now knows agrees with the bucket, and reads are still verified.
+    let a = fs.getattr(attr.ino).await.unwrap();
+    assert_eq!((a.perm, a.mtime), (0o600, t));
+    assert!(read_all(&fs, attr.ino).await == body);
+}
