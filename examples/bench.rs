@@ -828,6 +828,7 @@ fn main() {
     );
     header();
     let plain_read = sequential_and_small(&b, &data, &src, o.files, o.cold_repeats);
+    copy_within(&b, size);
     let _ = std::fs::remove_file(&src);
     if !o.skip_random {
         random_reads(&b, &data, o.random_reads);
@@ -939,6 +940,32 @@ fn sequential_and_small(
     drop(m);
     repeated_cold_reads(b, size, cold_repeats);
     pr
+}
+
+/// `cp` of the big object to a new name inside the mount (copy_file_range, copied server side)
+/// next to a plain client's CopyObject of the same object.
+fn copy_within(b: &Bench, size: usize) {
+    let t = Instant::now();
+    b.rt.block_on(async {
+        b.c.copy_object()
+            .bucket("bench")
+            .key("plain-copy.bin")
+            .copy_source("bench/plain.bin")
+            .send()
+            .await
+            .expect("plain CopyObject")
+    });
+    let plain = t.elapsed();
+    let m = b.mount();
+    let mnt = b.mnt.display();
+    let mount = timed_sh(&format!("cp {mnt}/plain.bin {mnt}/mount-copy.bin"));
+    let log = m.finish();
+    row_mbps(
+        "cp inside the mount (vs CopyObject)",
+        mbps(size, plain),
+        mbps(size, mount),
+    );
+    println!("    s3mount requests: {}", Traffic::summary(&log));
 }
 
 /// `n` 4 KiB-aligned offsets in an object of `size` bytes, always the same ones.
