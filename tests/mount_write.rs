@@ -803,6 +803,18 @@ fn cp_within_the_mount_copies_server_side() {
         assert!(server.get(&bucket, key).unwrap() == body, "{key}");
     }
     assert_eq!(server.get(&bucket, "small copy.txt").unwrap(), b"small");
+
+    // With no condition to check, a whole object is one CopyObject (small ones too).
+    let m = Mount::new(server, &bucket, &["--no-conditional-writes"]);
+    let out = sh(&format!(
+        "cp '{0}/src.bin' '{0}/copy2.bin' && cp '{0}/small.txt' '{0}/small2.txt'",
+        m.path().display()
+    ));
+    assert!(out.status.success(), "{out:?}");
+    let (gets, fetched) = m.unmount_traffic();
+    assert_eq!((gets, fetched), (0, 0), "nothing read through the mount");
+    assert!(server.get(&bucket, "copy2.bin").unwrap() == body);
+    assert_eq!(server.get(&bucket, "small2.txt").unwrap(), b"small");
 }
 
 #[test]

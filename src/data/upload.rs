@@ -99,15 +99,7 @@ impl Capabilities {
 
     /// Did this error say the store does not implement conditional writes? Then stop sending them.
     pub fn learn_conditional(&self, e: &StoreError) -> bool {
-        let unsupported = match e {
-            StoreError::Unsupported(_) => true,
-            StoreError::Other(m) => {
-                let m = m.to_ascii_lowercase();
-                (m.contains("if-match") || m.contains("if-none-match") || m.contains("conditional"))
-                    && (m.contains("not implemented") || m.contains("not supported"))
-            }
-            _ => false,
-        };
+        let unsupported = is_unsupported(e);
         if unsupported && self.conditional.swap(false, Ordering::Relaxed) {
             tracing::warn!(error = %e, "store does not implement conditional writes; writing without If-Match/If-None-Match");
         }
@@ -169,6 +161,8 @@ pub struct StreamUpload {
     prefix: Option<CommittedPrefix>,
     /// The object the prefix comes from, when not this upload's own key (copy_file_range).
     prefix_source: Option<String>,
+    /// The size of that object (the prefix is the whole of it when it is this long).
+    prefix_source_size: u64,
     copied_prefix: bool,
     /// The metadata the multipart upload was created with: changed later (chmod, touch,
     /// setxattr on the open file), it is applied by a copy onto itself after completion.
@@ -220,6 +214,7 @@ impl StreamUpload {
             failed: None,
             prefix: None,
             prefix_source: None,
+            prefix_source_size: 0,
             copied_prefix: false,
             created_with: None,
             over_budget_part: None,
@@ -235,37 +230,98 @@ impl StreamUpload {
         if committed.size == 0 {
             return Ok(self);
         }
-        if committed.size < MIN_PART {
-            let source = self.prefix_source.as_deref().unwrap_or(&self.key);
-            let bytes = self
-                .store
-                .get_range(
-                    source,
-                    ByteRange::new(0, committed.size),
-                    Some(&committed.etag),
-                )
-                .await?;
-            self.buf_reservation
-                .absorb(self.budget.reserve_required(bytes.len() as u64));
-            self.total = bytes.len() as u64;
-            self.buf.extend_from_slice(&bytes);
-            self.buf_crc.update(&bytes);
-        } else {
-            self.total = committed.size;
-            self.prefix = Some(committed);
+        self.total = committed.size;
+        self.prefix = Some(committed);
+        if !self.may_copy_whole_source() {
+            self.reread_small_prefix().await?;
         }
         Ok(self)
     }
 
-    /// Start with the first `committed.size` bytes of another object, `source` at
-    /// `committed.etag`, the way [`Self::continuing`] starts with this key's own.
+    /// Can this upload, as long as nothing more is written, be one CopyObject of a whole other
+    /// object? (See [`Self::copy_whole_source`].) Then a small prefix is not re-read.
+    fn may_copy_whole_source(&self) -> bool {
+        let unconditional =
+            self.opts.condition == PutCondition::Overwrite || !self.caps.conditional();
+        unconditional
+            && self.prefix_source.is_some()
+            && self
+                .prefix
+                .as_ref()
+                .is_some_and(|p| p.size == self.prefix_source_size && p.size <= MAX_PART)
+    }
+
+    /// A prefix under 5 MiB cannot be a part followed by others: read its bytes into the
+    /// buffer instead (one GET), before anything is appended.
+    async fn reread_small_prefix(&mut self) -> StoreResult<()> {
+        let Some(prefix) = self.prefix.take_if(|p| p.size < MIN_PART) else {
+            return Ok(());
+        };
+        let source = self.prefix_source.as_deref().unwrap_or(&self.key);
+        let bytes = self
+            .store
+            .get_range(source, ByteRange::new(0, prefix.size), Some(&prefix.etag))
+            .await
+            .inspect_err(|_| self.prefix = Some(prefix.clone()))?;
+        self.buf_reservation
+            .absorb(self.budget.reserve_required(bytes.len() as u64));
+        self.total = bytes.len() as u64;
+        self.buf.extend_from_slice(&bytes);
+        self.buf_crc.update(&bytes);
+        Ok(())
+    }
+
+    /// Start with the first `committed.size` bytes of another object, `source` (of
+    /// `source_size` bytes) at `committed.etag`, the way [`Self::continuing`] starts with this
+    /// key's own.
     pub async fn starting_with(
         mut self,
         source: &str,
+        source_size: u64,
         committed: CommittedPrefix,
     ) -> StoreResult<Self> {
         self.prefix_source = Some(source.to_string());
+        self.prefix_source_size = source_size;
         self.continuing(committed).await
+    }
+
+    /// An upload that is nothing but a whole other object of at most 5 GiB (copy_file_range
+    /// of a whole file) and needs no condition (--no-conditional-writes, or a store without
+    /// them) is one CopyObject: on some stores (Garage) that copies no data at all, where
+    /// UploadPartCopy rewrites every byte. With a condition it goes part by part, because the
+    /// condition is then checked by CompleteMultipartUpload: stores that enforce conditions on
+    /// PUT may ignore them on CopyObject (moto 5 does, measured: the target was overwritten).
+    async fn copy_whole_source(&mut self) -> StoreResult<Option<PutResult>> {
+        let (Some(source), Some(prefix)) = (self.prefix_source.as_deref(), self.prefix.as_ref())
+        else {
+            return Ok(None);
+        };
+        let only_the_copy = self.upload_id.is_none()
+            && self.buf.is_empty()
+            && self.inflight.is_empty()
+            && self.done.is_empty();
+        if !only_the_copy || !self.may_copy_whole_source() {
+            return Ok(None);
+        }
+        let opts = PutOptions {
+            condition: PutCondition::Overwrite,
+            ..self.opts.clone()
+        };
+        match self
+            .store
+            .copy_object(source, &prefix.etag, &self.key, &opts)
+            .await
+        {
+            Ok(res) => {
+                self.prefix = None;
+                Ok(Some(res))
+            }
+            Err(StoreError::PreconditionFailed(m)) => Err(StoreError::PreconditionFailed(format!(
+                "{}: the copy of {source} was not applied ({m}): the source changed since it was opened",
+                self.key
+            ))),
+            Err(e) => Err(e),
+        }
     }
 
     /// Grow the prefix this upload copies from `source` at `etag` to its first `size` bytes,
@@ -309,6 +365,9 @@ impl StreamUpload {
     /// call waits only when the part concurrency or the memory budget is exhausted.
     pub async fn write(&mut self, mut data: &[u8]) -> StoreResult<()> {
         self.check_failed()?;
+        if !data.is_empty() {
+            self.reread_small_prefix().await?;
+        }
         while !data.is_empty() {
             let cap = self.cfg.part_size(self.next_part);
             let n = ((cap - self.buf.len() as u64) as usize).min(data.len());
@@ -584,6 +643,9 @@ impl StreamUpload {
 
     async fn finish_inner(&mut self) -> StoreResult<PutResult> {
         self.check_failed()?;
+        if let Some(res) = self.copy_whole_source().await? {
+            return Ok(res);
+        }
         if self.upload_id.is_none() && self.prefix.is_none() {
             let body = std::mem::take(&mut self.buf).freeze();
             let crc = std::mem::take(&mut self.buf_crc).finalize();
@@ -812,6 +874,19 @@ const ABORT_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(15 *
 /// Abort a multipart upload. When the store cannot be reached (the reason uploads fail), keep
 /// trying in the background, backing off up to 5 s, so the upload is not left open (and
 /// billed) once the store is back; a mount started later reports any that remain.
+/// Does this error say the store does not implement conditional writes?
+fn is_unsupported(e: &StoreError) -> bool {
+    match e {
+        StoreError::Unsupported(_) => true,
+        StoreError::Other(m) => {
+            let m = m.to_ascii_lowercase();
+            (m.contains("if-match") || m.contains("if-none-match") || m.contains("conditional"))
+                && (m.contains("not implemented") || m.contains("not supported"))
+        }
+        _ => false,
+    }
+}
+
 /// Server-side copy of the first `size` bytes of `src_key` at `src_etag` (the whole object) to
 /// `dst` under `opts`: one CopyObject up to 5 GiB, UploadPartCopy pieces above.
 pub async fn copy_any_size(

@@ -1578,6 +1578,23 @@ async fn set_id_bits_are_cleared_by_chown_unprivileged_truncate_and_writes() {
     assert_eq!(store.get_bytes("g").unwrap().as_ref(), b"12345");
 }
 
+/// copy_file_range from where the last call stopped, asking for more than there is, until
+/// it returns 0: what coreutils' cp does. Returns the bytes copied.
+async fn copy_like_cp(fs: &Fs, fh_in: u64, fh_out: u64) -> u64 {
+    let mut done = 0u64;
+    loop {
+        let n = fs
+            .copy_file_range(fh_in, done as i64, fh_out, done as i64, u64::MAX >> 1)
+            .await
+            .unwrap();
+        if n == 0 {
+            return done;
+        }
+        assert!(n as u64 <= write::COPY_CHUNK);
+        done += n as u64;
+    }
+}
+
 #[tokio::test]
 async fn copy_file_range_copies_a_whole_object_server_side_into_an_empty_file() {
     let (store, fs) = setup("");
@@ -1595,21 +1612,8 @@ async fn copy_file_range_copies_a_whole_object_server_side_into_an_empty_file() 
     store.reset_counters();
     // What cp asks: everything from where it got to, more than there is, until 0. A reply
     // counts at most COPY_CHUNK bytes (4 GiB; 6 MiB in unit tests), so this takes 4 calls.
-    let mut done = 0u64;
-    let mut calls = 0;
-    loop {
-        let n = fs
-            .copy_file_range(fh_in, done as i64, fh_out, done as i64, u64::MAX >> 1)
-            .await
-            .unwrap();
-        if n == 0 {
-            break;
-        }
-        done += n as u64;
-        calls += 1;
-        assert_eq!(fs.getattr(dst.ino).await.unwrap().size, done);
-    }
-    assert_eq!((done, calls), (big.len() as u64, 4));
+    assert_eq!(copy_like_cp(&fs, fh_in, fh_out).await, big.len() as u64);
+    assert_eq!(fs.getattr(dst.ino).await.unwrap().size, big.len() as u64);
     assert_eq!(store.counters.total(), 0, "nothing sent before the commit");
     fs.flush(fh_out).await.unwrap();
     fs.release(fh_out).await.unwrap();
@@ -1620,10 +1624,15 @@ async fn copy_file_range_copies_a_whole_object_server_side_into_an_empty_file() 
         store.counters.bytes_copied.load(Ordering::Relaxed),
         big.len() as u64
     );
+    assert_eq!(
+        store.counters.multipart.load(Ordering::Relaxed),
+        3,
+        "create, UploadPartCopy, complete (If-None-Match checked at completion)"
+    );
     let meta = store.head("dst").await.unwrap();
     assert_eq!(meta.metadata.get("mode").map(String::as_str), Some("33184")); // 0100640
 
-    // Under 5 MiB: one ranged GET of the source, one PUT.
+    // Under 5 MiB: one ranged GET of the source and one PUT.
     let small = fs.lookup(ROOT_INO, b"small").await.unwrap();
     let (fh_small, _) = fs.open(small.ino, libc::O_RDONLY).await.unwrap();
     let (_, fh2) = fs
@@ -1640,6 +1649,60 @@ async fn copy_file_range_copies_a_whole_object_server_side_into_an_empty_file() 
     assert_eq!(store.get_bytes("dst2").unwrap().as_ref(), b"small object");
     assert_eq!(store.counters.get.load(Ordering::Relaxed), 1);
     assert_eq!(store.counters.put.load(Ordering::Relaxed), 1);
+    fs.release(fh_in).await.unwrap();
+    fs.release(fh_small).await.unwrap();
+
+    // Without conditional writes a whole object is one CopyObject, small or not (on Garage
+    // that copies no data); written to after the copy, a small one is re-read and PUT.
+    let mut cfg = test_config("");
+    cfg.conditional_writes = false;
+    let fs = Fs::new(store.clone(), cfg);
+    for (src, want) in [("src", &big[..]), ("small", &b"small object"[..])] {
+        let a = fs.lookup(ROOT_INO, src.as_bytes()).await.unwrap();
+        let (fh_in, _) = fs.open(a.ino, libc::O_RDONLY).await.unwrap();
+        let dst = format!("{src}-copy");
+        let (_, fh) = fs
+            .create(ROOT_INO, dst.as_bytes(), 0o644, libc::O_WRONLY, ME)
+            .await
+            .unwrap();
+        store.reset_counters();
+        assert_eq!(copy_like_cp(&fs, fh_in, fh).await, want.len() as u64);
+        fs.flush(fh).await.unwrap();
+        fs.release(fh).await.unwrap();
+        fs.release(fh_in).await.unwrap();
+        assert!(store.get_bytes(&dst).unwrap() == want);
+        assert_eq!(
+            (
+                store.counters.put.load(Ordering::Relaxed),
+                store.counters.multipart.load(Ordering::Relaxed),
+                store.counters.get.load(Ordering::Relaxed),
+            ),
+            (1, 0, 0),
+            "{src}: one CopyObject"
+        );
+    }
+    let small = fs.lookup(ROOT_INO, b"small").await.unwrap();
+    let (fh_small, _) = fs.open(small.ino, libc::O_RDONLY).await.unwrap();
+    let (_, fh2) = fs
+        .create(ROOT_INO, b"dst2b", 0o644, libc::O_WRONLY, ME)
+        .await
+        .unwrap();
+    store.reset_counters();
+    assert_eq!(
+        fs.copy_file_range(fh_small, 0, fh2, 0, 1 << 20).await,
+        Ok(12)
+    );
+    fs.write(fh2, 12, b", appended").await.unwrap();
+    fs.flush(fh2).await.unwrap();
+    fs.release(fh2).await.unwrap();
+    assert_eq!(
+        store.get_bytes("dst2b").unwrap().as_ref(),
+        b"small object, appended"
+    );
+    assert_eq!(store.counters.get.load(Ordering::Relaxed), 1);
+    assert_eq!(store.counters.put.load(Ordering::Relaxed), 1);
+    let src = fs.lookup(ROOT_INO, b"src").await.unwrap();
+    let (fh_in, _) = fs.open(src.ino, libc::O_RDONLY).await.unwrap();
 
     // Anything but a whole object into an empty file: EOPNOTSUPP, and the file is untouched.
     let (_, fh3) = fs
@@ -1692,6 +1755,23 @@ async fn copy_file_range_of_a_source_changed_meanwhile_fails_and_loses_nothing()
         &[1u8; 8 << 20][..]
     );
     assert_eq!(store.open_uploads(), 0);
+    fs.release(fh_in).await.unwrap();
+
+    // The target created by another client meanwhile: the copy is conditional like any
+    // commit (If-None-Match), so theirs stays.
+    let src = fs.lookup(ROOT_INO, b"src").await.unwrap();
+    let (fh_in, _) = fs.open(src.ino, libc::O_RDONLY).await.unwrap();
+    let (_, fh_out) = fs
+        .create(ROOT_INO, b"dst2", 0o644, libc::O_WRONLY, ME)
+        .await
+        .unwrap();
+    fs.copy_file_range(fh_in, 0, fh_out, 0, 1 << 30)
+        .await
+        .unwrap();
+    store.insert("dst2", "theirs");
+    assert_eq!(fs.flush(fh_out).await, Err(Errno::EIO));
+    let _ = fs.release(fh_out).await;
+    assert_eq!(store.get_bytes("dst2").unwrap().as_ref(), b"theirs");
     fs.release(fh_in).await.unwrap();
 }
 

@@ -42,10 +42,10 @@ pub struct SetAttr {
 
 /// The most one copy_file_range reply can count (32 bits), in whole pages.
 #[cfg(not(test))]
-const COPY_CHUNK: u64 = u32::MAX as u64 & !4095;
+pub(super) const COPY_CHUNK: u64 = u32::MAX as u64 & !4095;
 /// Small enough to test a copy that takes several calls (and at least a part's minimum).
 #[cfg(test)]
-const COPY_CHUNK: u64 = 6 << 20;
+pub(super) const COPY_CHUNK: u64 = 6 << 20;
 
 /// `mode` without set-user-ID, and without set-group-ID when the group may execute (a
 /// set-group-ID bit without group execute means mandatory locking and stays).
@@ -525,7 +525,7 @@ impl Fs {
             };
             let upload = self
                 .start_upload(&st.key, &st.metadata, &st.expect)
-                .starting_with(reader.key(), committed)
+                .starting_with(reader.key(), size, committed)
                 .await;
             match upload {
                 Ok(u) => st.upload = Some(u),
