@@ -112,6 +112,13 @@ pub struct Cli {
     #[arg(long)]
     pub list_metadata: bool,
 
+    /// Store extended attributes (user.*, trusted.*) in s3fs's x-amz-meta-xattr header, like
+    /// s3fs's use_xattr. Off by default: with it the kernel asks for security.selinux and POSIX
+    /// ACLs of every entry `ls -l` shows (answered from memory, but one request each).
+    /// `-o use_xattr`, s3fs's name, works too
+    #[arg(long, alias = "use-xattr")]
+    pub xattr: bool,
+
     /// Memory budget for all read and write buffers, e.g. 512MiB, 2GiB
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "512MiB")]
     pub max_memory: u64,
@@ -264,7 +271,12 @@ fn translate_option(item: &str, known: &[String]) -> Result<Vec<String>, String>
 pub fn expand_mount_options(args: &[String]) -> Result<Vec<String>, String> {
     let known: Vec<String> = Cli::command()
         .get_arguments()
-        .filter_map(|a| a.get_long().map(str::to_string))
+        .flat_map(|a| {
+            a.get_long()
+                .into_iter()
+                .chain(a.get_all_aliases().unwrap_or_default())
+                .map(str::to_string)
+        })
         .collect();
     let mut out = Vec::with_capacity(args.len());
     let mut iter = args.iter();
@@ -427,6 +439,16 @@ mod tests {
             (true, true, Some("r".into()))
         );
         assert_eq!((b.force_path_style, b.read_only), (true, true));
+    }
+
+    #[test]
+    fn xattr_has_its_s3fs_name_too() {
+        for o in ["xattr", "use_xattr"] {
+            let a = parse_args(&args(&["s3mount", "b", "/mnt", "-o", o])).unwrap();
+            assert!(a.xattr, "{o}");
+        }
+        let a = parse_args(&args(&["s3mount", "b", "/mnt"])).unwrap();
+        assert!(!a.xattr, "off by default");
     }
 
     #[test]

@@ -587,6 +587,10 @@ impl Filesystem for FuseAdapter {
         size: u32,
         reply: fuser::ReplyXattr,
     ) {
+        if !self.fs.config().xattrs {
+            // ENOSYS: the kernel stops asking (no request per entry for `ls -l`).
+            return reply.error(libc::ENOSYS);
+        }
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
         self.run(async move {
@@ -607,6 +611,9 @@ impl Filesystem for FuseAdapter {
         position: u32,
         reply: ReplyEmpty,
     ) {
+        if !self.fs.config().xattrs {
+            return reply.error(libc::ENOTSUP);
+        }
         if position != 0 {
             // Only macOS resource forks use a position.
             return reply.error(libc::EINVAL);
@@ -626,6 +633,9 @@ impl Filesystem for FuseAdapter {
     }
 
     fn removexattr(&mut self, _req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
+        if !self.fs.config().xattrs {
+            return reply.error(libc::ENOTSUP);
+        }
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
         self.run(async move {
@@ -637,6 +647,9 @@ impl Filesystem for FuseAdapter {
     }
 
     fn listxattr(&mut self, _req: &Request<'_>, ino: u64, size: u32, reply: fuser::ReplyXattr) {
+        if !self.fs.config().xattrs {
+            return reply.error(libc::ENOSYS);
+        }
         let fs = self.fs.clone();
         self.run(async move {
             match fs.listxattr(ino).await {

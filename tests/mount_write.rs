@@ -685,7 +685,29 @@ fn extended_attributes_are_stored_like_s3fs_and_survive_rename_and_remount() {
         &[("xattr", "%7B%22user.origin%22%3A%22czNmcw%3D%3D%22%7D")],
     );
     {
-        let m = Mount::new(server, &bucket, &[]);
+        // Off by default: the kernel is told they are not implemented (no request per entry
+        // for `ls -l`), and applications get EOPNOTSUPP.
+        let off = Mount::new(server, &bucket, &[]);
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(
+                r#"
+import errno, os, sys
+for f, args in [(os.getxattr, ("user.origin",)), (os.setxattr, ("user.x", b"1")), (os.listxattr, ())]:
+    try:
+        f(sys.argv[1], *args)
+    except OSError as e:
+        assert e.errno == errno.EOPNOTSUPP, (f.__name__, e)
+    else:
+        raise AssertionError(f.__name__)
+"#,
+            )
+            .arg(off.join("from_s3fs"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        drop(off);
+        let m = Mount::new(server, &bucket, &["--xattr"]);
         let script = r#"
 import errno, os, sys
 root = sys.argv[1]
@@ -741,7 +763,7 @@ os.rename(f, f"{root}/g")
     assert!(server.get(&bucket, "f").is_none());
     assert!(server.metadata(&bucket, "d/").contains_key("xattr"));
 
-    let m = Mount::new(server, &bucket, &["--metadata-ttl", "0"]);
+    let m = Mount::new(server, &bucket, &["--metadata-ttl", "0", "-o", "use_xattr"]);
     // cp -a and rsync -X carry them from a local tree (tmpfs keeps user.* attributes).
     let src = tempfile::tempdir_in("/dev/shm").unwrap();
     let out = Command::new("python3")
@@ -871,7 +893,7 @@ fn cp_p_of_a_large_file_keeps_its_mode_times_and_attributes() {
         f.display()
     ));
     assert!(out.status.success(), "{out:?}");
-    let m = Mount::new(server, &bucket, &[]);
+    let m = Mount::new(server, &bucket, &["--xattr"]);
     let out = sh(&format!(
         "cp -p --preserve=xattr '{}' '{}/'",
         f.display(),

@@ -93,6 +93,9 @@ pub struct FsConfig {
     pub staging_dir: std::path::PathBuf,
     /// HEAD every listed file so listings show stored metadata (one request per entry).
     pub list_metadata: bool,
+    /// Extended attributes are served (`--xattr`); otherwise the kernel is told they are not
+    /// implemented and stops asking.
+    pub xattrs: bool,
     /// Send If-Match / If-None-Match so a concurrent change is detected, not overwritten.
     pub conditional_writes: bool,
     /// Longest a lookup, getattr, listing, open for reading or read may take before it fails
@@ -122,6 +125,7 @@ impl FsConfig {
             upload: UploadConfig::default(),
             max_memory: 512 << 20,
             list_metadata: false,
+            xattrs: false,
             conditional_writes: true,
             op_timeout: Duration::from_secs(60),
             staging_dir: std::env::temp_dir()
