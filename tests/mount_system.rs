@@ -94,6 +94,24 @@ fn mount_t_s3mount_and_fstab() {
     );
 }
 
+/// `s3mount BUCKET DIR -f` against `server`, with `env` added, its log discarded.
+fn foreground(
+    server: &S3Server,
+    bucket: &str,
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> std::process::Child {
+    let mut args: Vec<String> = vec![bucket.to_string(), dir.display().to_string(), "-f".into()];
+    args.extend(server.args());
+    Command::new(s3mount_bin())
+        .args(&args)
+        .envs(server.env())
+        .envs(env.iter().copied())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// systemd's `Type=notify`: READY=1 only once the mount answers, STOPPING=1 when it ends.
 /// Both socket forms systemd uses: a path, and an abstract name (`@...`).
 #[test]
@@ -124,19 +142,7 @@ fn systemd_is_told_when_the_mount_is_ready_and_when_it_stops() {
         sock.set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let mut args: Vec<String> = vec![
-            bucket.clone(),
-            dir.path().display().to_string(),
-            "-f".into(),
-        ];
-        args.extend(server.args());
-        let mut daemon = Command::new(s3mount_bin())
-            .args(&args)
-            .envs(server.env())
-            .env("NOTIFY_SOCKET", &env)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut daemon = foreground(server, &bucket, dir.path(), &[("NOTIFY_SOCKET", &env)]);
         let mut buf = [0u8; 256];
         let n = sock.recv(&mut buf).expect("no READY=1 from the daemon");
         assert_eq!(&buf[..n], b"READY=1", "{env}");
@@ -156,18 +162,7 @@ fn sigterm_during_a_large_write_leaves_the_object_complete_or_absent() {
     let server = server();
     let bucket = server.new_bucket();
     let dir = tempfile::tempdir().unwrap();
-    let mut args: Vec<String> = vec![
-        bucket.clone(),
-        dir.path().display().to_string(),
-        "-f".into(),
-    ];
-    args.extend(server.args());
-    let mut daemon = Command::new(s3mount_bin())
-        .args(&args)
-        .envs(server.env())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = foreground(server, &bucket, dir.path(), &[]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !is_mounted(dir.path()) {
         assert!(Instant::now() < deadline, "mount did not come up");

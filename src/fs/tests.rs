@@ -1578,6 +1578,20 @@ async fn set_id_bits_are_cleared_by_chown_unprivileged_truncate_and_writes() {
     assert_eq!(store.get_bytes("g").unwrap().as_ref(), b"12345");
 }
 
+/// A new empty file, open for writing (what `cp` creates before copying into it).
+async fn new_file(fs: &Fs, name: &str) -> u64 {
+    fs.create(ROOT_INO, name.as_bytes(), 0o644, libc::O_WRONLY, ME)
+        .await
+        .unwrap()
+        .1
+}
+
+/// An existing object, open for reading.
+async fn open_object(fs: &Fs, name: &str) -> u64 {
+    let a = fs.lookup(ROOT_INO, name.as_bytes()).await.unwrap();
+    fs.open(a.ino, libc::O_RDONLY).await.unwrap().0
+}
+
 /// copy_file_range from where the last call stopped, asking for more than there is, until
 /// it returns 0: what coreutils' cp does. Returns the bytes copied.
 async fn copy_like_cp(fs: &Fs, fh_in: u64, fh_out: u64) -> u64 {
@@ -1603,8 +1617,7 @@ async fn copy_file_range_copies_a_whole_object_server_side_into_an_empty_file() 
     md.insert("mode".into(), "33216".into()); // 0100700: the copy keeps its own mode
     store.insert_with("src", big.clone(), md, None);
     store.insert("small", "small object");
-    let src = fs.lookup(ROOT_INO, b"src").await.unwrap();
-    let (fh_in, _) = fs.open(src.ino, libc::O_RDONLY).await.unwrap();
+    let fh_in = open_object(&fs, "src").await;
     let (dst, fh_out) = fs
         .create(ROOT_INO, b"dst", 0o640, libc::O_WRONLY, ME)
         .await
@@ -1633,12 +1646,8 @@ async fn copy_file_range_copies_a_whole_object_server_side_into_an_empty_file() 
     assert_eq!(meta.metadata.get("mode").map(String::as_str), Some("33184")); // 0100640
 
     // Under 5 MiB: one ranged GET of the source and one PUT.
-    let small = fs.lookup(ROOT_INO, b"small").await.unwrap();
-    let (fh_small, _) = fs.open(small.ino, libc::O_RDONLY).await.unwrap();
-    let (_, fh2) = fs
-        .create(ROOT_INO, b"dst2", 0o644, libc::O_WRONLY, ME)
-        .await
-        .unwrap();
+    let fh_small = open_object(&fs, "small").await;
+    let fh2 = new_file(&fs, "dst2").await;
     store.reset_counters();
     assert_eq!(
         fs.copy_file_range(fh_small, 0, fh2, 0, 1 << 20).await,
@@ -1681,12 +1690,8 @@ async fn copy_file_range_copies_a_whole_object_server_side_into_an_empty_file() 
             "{src}: one CopyObject"
         );
     }
-    let small = fs.lookup(ROOT_INO, b"small").await.unwrap();
-    let (fh_small, _) = fs.open(small.ino, libc::O_RDONLY).await.unwrap();
-    let (_, fh2) = fs
-        .create(ROOT_INO, b"dst2b", 0o644, libc::O_WRONLY, ME)
-        .await
-        .unwrap();
+    let fh_small = open_object(&fs, "small").await;
+    let fh2 = new_file(&fs, "dst2b").await;
     store.reset_counters();
     assert_eq!(
         fs.copy_file_range(fh_small, 0, fh2, 0, 1 << 20).await,
@@ -1701,14 +1706,10 @@ async fn copy_file_range_copies_a_whole_object_server_side_into_an_empty_file() 
     );
     assert_eq!(store.counters.get.load(Ordering::Relaxed), 1);
     assert_eq!(store.counters.put.load(Ordering::Relaxed), 1);
-    let src = fs.lookup(ROOT_INO, b"src").await.unwrap();
-    let (fh_in, _) = fs.open(src.ino, libc::O_RDONLY).await.unwrap();
+    let fh_in = open_object(&fs, "src").await;
 
     // Anything but a whole object into an empty file: EOPNOTSUPP, and the file is untouched.
-    let (_, fh3) = fs
-        .create(ROOT_INO, b"dst3", 0o644, libc::O_WRONLY, ME)
-        .await
-        .unwrap();
+    let fh3 = new_file(&fs, "dst3").await;
     for (off_in, off_out, len) in [(1, 0, 1 << 30), (0, 1, 1 << 30), (0, 0, 1000)] {
         assert_eq!(
             fs.copy_file_range(fh_in, off_in, fh3, off_out, len).await,
@@ -1735,12 +1736,8 @@ async fn copy_file_range_of_a_source_changed_meanwhile_fails_and_loses_nothing()
     let (store, fs) = setup("");
     let big: Vec<u8> = (0..(8 << 20)).map(|i| (i % 247) as u8).collect();
     store.insert("src", big.clone());
-    let src = fs.lookup(ROOT_INO, b"src").await.unwrap();
-    let (fh_in, _) = fs.open(src.ino, libc::O_RDONLY).await.unwrap();
-    let (_, fh_out) = fs
-        .create(ROOT_INO, b"dst", 0o644, libc::O_WRONLY, ME)
-        .await
-        .unwrap();
+    let fh_in = open_object(&fs, "src").await;
+    let fh_out = new_file(&fs, "dst").await;
     fs.copy_file_range(fh_in, 0, fh_out, 0, 1 << 30)
         .await
         .unwrap();
@@ -1759,12 +1756,8 @@ async fn copy_file_range_of_a_source_changed_meanwhile_fails_and_loses_nothing()
 
     // The target created by another client meanwhile: the copy is conditional like any
     // commit (If-None-Match), so theirs stays.
-    let src = fs.lookup(ROOT_INO, b"src").await.unwrap();
-    let (fh_in, _) = fs.open(src.ino, libc::O_RDONLY).await.unwrap();
-    let (_, fh_out) = fs
-        .create(ROOT_INO, b"dst2", 0o644, libc::O_WRONLY, ME)
-        .await
-        .unwrap();
+    let fh_in = open_object(&fs, "src").await;
+    let fh_out = new_file(&fs, "dst2").await;
     fs.copy_file_range(fh_in, 0, fh_out, 0, 1 << 30)
         .await
         .unwrap();
@@ -1827,13 +1820,9 @@ async fn copy_file_range_in_several_calls_stops_where_the_caller_stops() {
     let (store, fs) = setup("");
     let big: Vec<u8> = (0..(20 << 20)).map(|i| (i % 239) as u8).collect();
     store.insert("src", big.clone());
-    let src = fs.lookup(ROOT_INO, b"src").await.unwrap();
-    let (fh_in, _) = fs.open(src.ino, libc::O_RDONLY).await.unwrap();
+    let fh_in = open_object(&fs, "src").await;
     // Two chunks, then the caller stops: the file is exactly the first 12 MiB.
-    let (_, a) = fs
-        .create(ROOT_INO, b"a", 0o644, libc::O_WRONLY, ME)
-        .await
-        .unwrap();
+    let a = new_file(&fs, "a").await;
     assert_eq!(
         fs.copy_file_range(fh_in, 0, a, 0, 1 << 40).await,
         Ok(6 << 20)
@@ -1847,10 +1836,7 @@ async fn copy_file_range_in_several_calls_stops_where_the_caller_stops() {
     fs.release(a).await.unwrap();
     assert!(store.get_bytes("a").unwrap() == big[..12 << 20]);
     // A write between two calls: the copy cannot go on (the caller falls back or fails).
-    let (_, b) = fs
-        .create(ROOT_INO, b"b", 0o644, libc::O_WRONLY, ME)
-        .await
-        .unwrap();
+    let b = new_file(&fs, "b").await;
     assert_eq!(
         fs.copy_file_range(fh_in, 0, b, 0, 1 << 40).await,
         Ok(6 << 20)
