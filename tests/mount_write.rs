@@ -806,9 +806,11 @@ fn cp_within_the_mount_copies_server_side() {
     server.put(&bucket, "src.bin", body.clone());
     server.put(&bucket, "small.txt", "small");
     let m = Mount::new(server, &bucket, &[]);
+    // Also over an existing object (opened with O_TRUNC: the commit is If-Match on it).
+    server.put(&bucket, "d/src.bin", "an older version");
     let out = sh(&format!(
         "cp '{0}/src.bin' '{0}/copy.bin' && cp '{0}/small.txt' '{0}/small copy.txt' && \
-         mkdir '{0}/d' && cp '{0}/src.bin' '{0}/d/' && stat -c %s '{0}/copy.bin'",
+         cp '{0}/src.bin' '{0}/d/' && stat -c %s '{0}/copy.bin'",
         m.path().display()
     ));
     assert!(out.status.success(), "{out:?}");
