@@ -426,31 +426,19 @@ impl StreamUpload {
 
     /// Server-side copy of a committed object into the first parts (5 GiB at most each).
     async fn copy_prefix(&mut self, id: &str, prefix: &CommittedPrefix) -> StoreResult<()> {
-        let pieces = prefix.size.div_ceil(MAX_PART);
-        let each = prefix.size.div_ceil(pieces);
         let source = self
             .prefix_source
             .clone()
             .unwrap_or_else(|| self.key.clone());
-        let mut start = 0;
-        while start < prefix.size {
-            let end = (start + each).min(prefix.size);
+        for range in copy_pieces(prefix.size) {
             let n = self.next_part;
             self.next_part += 1;
             let part = self
                 .store
-                .upload_part_copy(
-                    &self.key,
-                    id,
-                    n,
-                    &source,
-                    &prefix.etag,
-                    ByteRange::new(start, end),
-                )
+                .upload_part_copy(&self.key, id, n, &source, &prefix.etag, range)
                 .await?;
-            self.done.push((part, 0, end - start));
+            self.done.push((part, 0, range.len()));
             self.copied_prefix = true;
-            start = end;
         }
         Ok(())
     }
@@ -887,6 +875,15 @@ fn is_unsupported(e: &StoreError) -> bool {
     }
 }
 
+/// The first `size` bytes of an object in equal pieces of at most 5 GiB (what one
+/// UploadPartCopy may copy).
+fn copy_pieces(size: u64) -> impl Iterator<Item = ByteRange> {
+    let each = size.div_ceil(size.div_ceil(MAX_PART).max(1));
+    (0..size)
+        .step_by(each.max(1) as usize)
+        .map(move |start| ByteRange::new(start, (start + each).min(size)))
+}
+
 /// Server-side copy of the first `size` bytes of `src_key` at `src_etag` (the whole object) to
 /// `dst` under `opts`: one CopyObject up to 5 GiB, UploadPartCopy pieces above.
 pub async fn copy_any_size(
@@ -902,28 +899,19 @@ pub async fn copy_any_size(
         return store.copy_object(src_key, src_etag, dst, opts).await;
     }
     let id = store.create_multipart(dst, opts, false).await?;
-    let pieces = size.div_ceil(MAX_PART);
-    let each = size.div_ceil(pieces);
-    let ranges: Vec<(i32, ByteRange)> = (0..pieces)
-        .map(|i| {
-            (
-                i as i32 + 1,
-                ByteRange::new(i * each, ((i + 1) * each).min(size)),
-            )
-        })
-        .collect();
-    let results: Vec<StoreResult<CompletedPart>> = futures::stream::iter(ranges)
-        .map(|(n, r)| {
-            let id = id.clone();
-            async move {
-                store
-                    .upload_part_copy(dst, &id, n, src_key, src_etag, r)
-                    .await
-            }
-        })
-        .buffered(4)
-        .collect()
-        .await;
+    let results: Vec<StoreResult<CompletedPart>> =
+        futures::stream::iter((1..).zip(copy_pieces(size)))
+            .map(|(n, r)| {
+                let id = id.clone();
+                async move {
+                    store
+                        .upload_part_copy(dst, &id, n, src_key, src_etag, r)
+                        .await
+                }
+            })
+            .buffered(4)
+            .collect()
+            .await;
     let parts: StoreResult<Vec<CompletedPart>> = results.into_iter().collect();
     let res = match parts {
         Ok(parts) => {
@@ -1018,6 +1006,22 @@ fn verify_checksum(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_pieces_cover_the_object_in_parts_of_at_most_5_gib() {
+        for size in [1, 5 << 20, MAX_PART, MAX_PART + 1, 3 * MAX_PART - 7, 100 << 30] {
+            let pieces: Vec<ByteRange> = copy_pieces(size).collect();
+            assert_eq!(pieces.len() as u64, size.div_ceil(MAX_PART), "{size}");
+            let mut at = 0;
+            for p in &pieces {
+                assert_eq!(p.start, at, "{size}");
+                assert!(p.len() > 0 && p.len() <= MAX_PART, "{size}");
+                at = p.end;
+            }
+            assert_eq!(at, size);
+        }
+        assert_eq!(copy_pieces(0).count(), 0);
+    }
     use crate::store::mock::{MockStore, Op};
     use std::sync::atomic::Ordering;
 

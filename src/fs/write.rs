@@ -92,10 +92,18 @@ fn apply_metadata(md: &mut UserMetadata, req: &SetAttr) {
         md.insert("mtime".into(), format_time(t));
     }
     if req.kill_suid_sgid && req.mode.is_none() {
-        if let Some(mode) = md.get("mode").and_then(|m| m.trim().parse::<u32>().ok()) {
-            md.insert("mode".into(), without_suid_sgid(mode).to_string());
-        }
+        drop_set_id_bits(md);
     }
+}
+
+/// Clear set-user-ID/set-group-ID in a stored `mode` (see [`without_suid_sgid`]); false when
+/// there is no stored mode to change.
+fn drop_set_id_bits(md: &mut UserMetadata) -> bool {
+    let Some(mode) = md.get("mode").and_then(|m| m.trim().parse::<u32>().ok()) else {
+        return false;
+    };
+    md.insert("mode".into(), without_suid_sgid(mode).to_string());
+    true
 }
 
 fn new_file_metadata(mode: u32, caller: Caller, now: SystemTime) -> UserMetadata {
@@ -589,15 +597,9 @@ impl Fs {
             return Err(Errno::EBADF);
         };
         let mut st = lock.lock().await;
-        let Some(mode) = st
-            .metadata
-            .get("mode")
-            .and_then(|m| m.trim().parse::<u32>().ok())
-        else {
+        if !drop_set_id_bits(&mut st.metadata) {
             return Ok(());
-        };
-        st.metadata
-            .insert("mode".into(), without_suid_sgid(mode).to_string());
+        }
         self.settle_handle_metadata(&mut st, true).await.map(|_| ())
     }
 

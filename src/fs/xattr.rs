@@ -26,6 +26,13 @@ pub const METADATA_LIMIT: usize = 2048;
 const XATTR_CREATE: i32 = libc::XATTR_CREATE;
 const XATTR_REPLACE: i32 = libc::XATTR_REPLACE;
 
+/// Standard base64 that also takes values without their `=` padding (as s3fs's decoder does).
+const LENIENT_BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
 /// Attribute names mapped to their values, in name order (the order s3fs writes them in).
 pub type Xattrs = BTreeMap<String, Vec<u8>>;
 
@@ -55,13 +62,9 @@ pub fn decode(header: &str) -> Result<Xattrs, String> {
         if name.is_empty() {
             continue;
         }
-        let bytes = base64::engine::GeneralPurpose::new(
-            &base64::alphabet::STANDARD,
-            base64::engine::GeneralPurposeConfig::new()
-                .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
-        )
-        .decode(value.trim())
-        .map_err(|e| format!("value of {name:?}: {e}"))?;
+        let bytes = LENIENT_BASE64
+            .decode(value.trim())
+            .map_err(|e| format!("value of {name:?}: {e}"))?;
         out.insert(name.to_string(), bytes);
     }
     Ok(out)
