@@ -1009,13 +1009,20 @@ mod tests {
 
     #[test]
     fn copy_pieces_cover_the_object_in_parts_of_at_most_5_gib() {
-        for size in [1, 5 << 20, MAX_PART, MAX_PART + 1, 3 * MAX_PART - 7, 100 << 30] {
+        for size in [
+            1,
+            5 << 20,
+            MAX_PART,
+            MAX_PART + 1,
+            3 * MAX_PART - 7,
+            100 << 30,
+        ] {
             let pieces: Vec<ByteRange> = copy_pieces(size).collect();
             assert_eq!(pieces.len() as u64, size.div_ceil(MAX_PART), "{size}");
             let mut at = 0;
             for p in &pieces {
                 assert_eq!(p.start, at, "{size}");
-                assert!(p.len() > 0 && p.len() <= MAX_PART, "{size}");
+                assert!(!p.is_empty() && p.len() <= MAX_PART, "{size}");
                 at = p.end;
             }
             assert_eq!(at, size);
