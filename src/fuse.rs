@@ -103,6 +103,12 @@ fn file_type(k: Kind) -> FileType {
         Kind::File => FileType::RegularFile,
         Kind::Dir => FileType::Directory,
         Kind::Symlink => FileType::Symlink,
+        Kind::Special(bits) => match bits {
+            crate::fs::attrs::S_IFIFO => FileType::NamedPipe,
+            crate::fs::attrs::S_IFCHR => FileType::CharDevice,
+            crate::fs::attrs::S_IFBLK => FileType::BlockDevice,
+            _ => FileType::Socket,
+        },
     }
 }
 
@@ -120,7 +126,7 @@ fn to_file_attr(a: &Attr) -> FileAttr {
         nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        rdev: a.rdev,
         blksize: 1 << 20,
         flags: 0,
     }
@@ -249,16 +255,27 @@ impl Filesystem for FuseAdapter {
 
     fn mknod(
         &mut self,
-        _req: &Request<'_>,
-        _p: u64,
-        _n: &OsStr,
-        _m: u32,
-        _u: u32,
-        _r: u32,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
-        // Device nodes, FIFOs and sockets cannot be objects.
-        reply.error(libc::EPERM);
+        let fs = self.fs.clone();
+        let name = name.as_bytes().to_vec();
+        let caller = Caller {
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        let mode = (mode & crate::fs::attrs::S_IFMT) | (mode & 0o7777 & !umask);
+        self.run(async move {
+            match fs.mknod(parent, &name, mode, rdev, caller).await {
+                Ok(attr) => reply.entry(&fs.ttl(), &to_file_attr(&attr), 0),
+                Err(Errno(e)) => reply.error(e),
+            }
+        });
     }
 
     fn mkdir(

@@ -201,6 +201,45 @@ impl StagedFile {
         Ok(())
     }
 
+    /// Copy every byte still taken from the original object into the local file, so the file
+    /// no longer needs the object (which is about to be deleted: a file unlinked while open).
+    /// Reads at most 8 MiB at a time.
+    pub async fn materialize(&mut self, store: &dyn ObjectStore) -> StoreResult<()> {
+        const CHUNK: u64 = 8 << 20;
+        let gaps: Vec<(u64, u64)> = self
+            .dirty
+            .split(0, self.base_valid)
+            .into_iter()
+            .filter(|(_, _, staged)| !staged)
+            .map(|(a, b, _)| (a, b))
+            .collect();
+        for (a, b) in gaps {
+            let mut at = a;
+            while at < b {
+                let end = b.min(at + CHUNK);
+                let bytes = store
+                    .get_range(
+                        &self.base.key,
+                        ByteRange::new(at, end),
+                        Some(&self.base.etag),
+                    )
+                    .await?;
+                if bytes.len() as u64 != end - at {
+                    return Err(StoreError::Other(format!(
+                        "{}: short read of the original object",
+                        self.base.key
+                    )));
+                }
+                self.write(at, &bytes).map_err(|e| {
+                    StoreError::Other(format!("staging file {}: {e}", self.path.display()))
+                })?;
+                at = end;
+            }
+        }
+        self.base_valid = 0;
+        Ok(())
+    }
+
     /// The bytes `[start, end)` of the file as it now is.
     pub async fn read(&self, store: &dyn ObjectStore, start: u64, end: u64) -> StoreResult<Bytes> {
         let end = end.min(self.size);

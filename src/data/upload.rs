@@ -349,6 +349,11 @@ impl StreamUpload {
         self
     }
 
+    /// Has the multipart upload been created on the server (its metadata is fixed then)?
+    pub fn multipart_started(&self) -> bool {
+        self.upload_id.is_some()
+    }
+
     /// Metadata for the object, as long as the upload has not started on the server.
     pub fn set_metadata(&mut self, metadata: crate::store::UserMetadata) {
         self.opts.metadata = metadata;

@@ -11,6 +11,26 @@ pub enum Kind {
     File,
     Dir,
     Symlink,
+    /// A FIFO, socket or device node, stored as s3fs stores them: an empty object whose
+    /// `mode` carries the type (these bits of st_mode) and whose `rdev` the device number.
+    Special(u32),
+}
+
+impl Kind {
+    /// The S_IFMT bits of this kind.
+    pub fn type_bits(self) -> u32 {
+        match self {
+            Kind::File => S_IFREG,
+            Kind::Dir => S_IFDIR,
+            Kind::Symlink => S_IFLNK,
+            Kind::Special(bits) => bits,
+        }
+    }
+
+    /// Anything but a directory is a non-directory (rename, unlink and rmdir rules).
+    pub fn is_dir(self) -> bool {
+        self == Kind::Dir
+    }
 }
 
 /// The attributes the filesystem reports for one inode (fuse.rs turns them into FileAttr).
@@ -27,6 +47,8 @@ pub struct Attr {
     pub atime: SystemTime,
     pub ctime: SystemTime,
     pub nlink: u32,
+    /// Device number of a device node (`x-amz-meta-rdev`), 0 otherwise.
+    pub rdev: u32,
 }
 
 /// Owner and modes for objects that carry no metadata of their own.
@@ -44,6 +66,10 @@ pub const S_IFMT: u32 = 0o170000;
 pub const S_IFREG: u32 = 0o100000;
 pub const S_IFDIR: u32 = 0o040000;
 pub const S_IFLNK: u32 = 0o120000;
+pub const S_IFIFO: u32 = 0o010000;
+pub const S_IFCHR: u32 = 0o020000;
+pub const S_IFBLK: u32 = 0o060000;
+pub const S_IFSOCK: u32 = 0o140000;
 
 /// Parse `sec` or `sec.frac` (s3fs writes nanoseconds; any fraction length is accepted).
 pub fn parse_time(s: &str) -> Option<SystemTime> {
@@ -94,6 +120,7 @@ pub fn kind_from_meta(meta: &ObjectMeta) -> Option<Kind> {
         S_IFLNK => Some(Kind::Symlink),
         S_IFDIR => Some(Kind::Dir),
         S_IFREG | 0 => Some(Kind::File),
+        bits @ (S_IFIFO | S_IFCHR | S_IFBLK | S_IFSOCK) => Some(Kind::Special(bits)),
         _ => None,
     }
 }
@@ -117,6 +144,7 @@ pub fn attr_from_meta(ino: u64, kind: Kind, meta: Option<&ObjectMeta>, d: &AttrD
     let mut ctime = None;
     let mut atime = None;
     let mut size = 0;
+    let mut rdev = 0;
     if let Some(m) = meta {
         if let Some(mode) = stored_mode(m) {
             perm = (mode & 0o7777) as u16;
@@ -137,8 +165,15 @@ pub fn attr_from_meta(ino: u64, kind: Kind, meta: Option<&ObjectMeta>, d: &AttrD
         }
         ctime = m.metadata.get("ctime").and_then(|v| parse_time(v));
         atime = m.metadata.get("atime").and_then(|v| parse_time(v));
-        if kind != Kind::Dir {
+        if matches!(kind, Kind::File | Kind::Symlink) {
             size = m.size;
+        }
+        if let Kind::Special(S_IFCHR | S_IFBLK) = kind {
+            rdev = m
+                .metadata
+                .get("rdev")
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
         }
     }
     Attr {
@@ -152,6 +187,7 @@ pub fn attr_from_meta(ino: u64, kind: Kind, meta: Option<&ObjectMeta>, d: &AttrD
         atime: atime.unwrap_or(mtime),
         ctime: ctime.unwrap_or(mtime),
         nlink: if kind == Kind::Dir { 2 } else { 1 },
+        rdev,
     }
 }
 

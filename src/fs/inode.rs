@@ -24,6 +24,10 @@ pub struct Inode {
     pub lookups: u64,
     /// The ETag whose bytes the kernel page cache may hold for this inode.
     pub page_cache_etag: Option<String>,
+    /// The ETag of the last version this mount committed (read descriptors move to it).
+    pub written_etag: Option<String>,
+    /// Unlinked while open: it lives on, with nlink 0, until the kernel forgets it.
+    pub unlinked: bool,
 }
 
 #[derive(Debug)]
@@ -67,6 +71,33 @@ impl InodeTable {
         meta: Option<ObjectMeta>,
         make_attr: impl Fn(u64) -> Attr,
     ) -> Attr {
+        // What a HEAD, a mkdir or a write of this mount told about the entry outlives a
+        // listing, which knows less: a listing shows no stored mode, owner or times, and no
+        // symlink or special file (all look like plain files), nor a directory's marker
+        // metadata. Kept while the object is the same version (same ETag; any ETag for a
+        // directory, whose listing entry names no version).
+        if let Some(inode) = self
+            .find(parent, name)
+            .and_then(|ino| self.inodes.get_mut(&ino))
+        {
+            let listed = meta.as_ref().is_none_or(|m| !m.has_metadata);
+            let known = inode.meta.as_ref().is_some_and(|m| m.has_metadata);
+            let same_version = match (&inode.meta, &meta) {
+                (Some(old), Some(new)) => old.etag.is_some() && old.etag == new.etag,
+                _ => false,
+            };
+            let keep = listed
+                && known
+                && match (inode.kind, kind) {
+                    (Kind::Dir, Kind::Dir) => true,
+                    (Kind::Dir, _) | (_, Kind::Dir) => false,
+                    (old, new) => (old == new || new == Kind::File) && same_version,
+                };
+            if keep {
+                inode.lookups += 1;
+                return inode.attr;
+            }
+        }
         let existing = self
             .find(parent, name)
             .filter(|ino| self.inodes.get(ino).is_some_and(|i| i.kind == kind));
@@ -79,21 +110,6 @@ impl InodeTable {
                 ino
             }
         };
-        // A listing knows less than a HEAD: keep the HEAD's metadata while the ETag is the same.
-        let keep_richer = match (
-            self.inodes.get(&ino).and_then(|i| i.meta.as_ref()),
-            meta.as_ref(),
-        ) {
-            (Some(old), Some(new)) => {
-                old.has_metadata && !new.has_metadata && old.etag.is_some() && old.etag == new.etag
-            }
-            _ => false,
-        };
-        if keep_richer {
-            let inode = self.inodes.get_mut(&ino).expect("checked above");
-            inode.lookups += 1;
-            return inode.attr;
-        }
         let attr = make_attr(ino);
         let entry = self.inodes.entry(ino).or_insert_with(|| Inode {
             ino,
@@ -106,6 +122,8 @@ impl InodeTable {
             fetched: Instant::now(),
             lookups: 0,
             page_cache_etag: None,
+            written_etag: None,
+            unlinked: false,
         });
         entry.key = key;
         entry.attr = attr;

@@ -4,6 +4,7 @@
 pub mod attrs;
 pub mod dir;
 pub mod inode;
+mod open_file;
 mod rename;
 mod write;
 mod xattr;
@@ -56,6 +57,14 @@ impl Errno {
     pub const EPERM: Errno = Errno(libc::EPERM);
     pub const ENODATA: Errno = Errno(libc::ENODATA);
     pub const ENOSPC: Errno = Errno(libc::ENOSPC);
+    pub const ENXIO: Errno = Errno(libc::ENXIO);
+}
+
+impl Errno {
+    /// A local I/O error keeps its errno (a full staging disk is ENOSPC, not EIO).
+    pub fn from_io(e: &std::io::Error) -> Errno {
+        Errno(e.raw_os_error().unwrap_or(libc::EIO))
+    }
 }
 
 pub type FsResult<T> = Result<T, Errno>;
@@ -202,9 +211,18 @@ impl DirHandle {
 }
 
 enum FileHandle {
-    /// A reader and the inode it reads.
-    Read(Box<ObjectReader>, u64),
-    Write(Box<tokio::sync::Mutex<write::WriteState>>),
+    Read(ReadHandle),
+    /// A write descriptor: the inode's open-file state, shared with its other descriptors.
+    Write(Arc<open_file::OpenFile>),
+}
+
+/// A read-only descriptor. While the inode has an open-file state (a writer, or an orphan),
+/// reads go through that; otherwise through `reader`, pinned to one version of the object. A
+/// newer version committed by this mount replaces the reader at the next read, so `tail -f`
+/// beside an appending writer reads the new bytes instead of a short read at the old end.
+struct ReadHandle {
+    ino: u64,
+    reader: Mutex<Arc<ObjectReader>>,
 }
 
 /// A file created or being rewritten by this mount and not yet committed to the bucket.
@@ -234,8 +252,8 @@ pub struct Fs {
     caps: Arc<Capabilities>,
     /// Files written through this mount and not committed yet, by key.
     pending: Mutex<HashMap<String, Pending>>,
-    /// The most recent write handle of each inode (setattr without a handle uses it).
-    writers: Mutex<HashMap<u64, u64>>,
+    /// The open-file state of each inode open for writing (see [`open_file`]).
+    open_files: open_file::OpenFiles,
     warn: Arc<WarnOnce>,
 }
 
@@ -624,6 +642,8 @@ impl Fs {
             fetched: Instant::now(),
             lookups: 1,
             page_cache_etag: None,
+            written_etag: None,
+            unlinked: false,
         };
         let budget = Budget::new(cfg.max_memory);
         let cache = BlockCache::new(&cfg.cache, budget.clone())?;
@@ -646,7 +666,7 @@ impl Fs {
             cache,
             caps,
             pending: Mutex::new(HashMap::new()),
-            writers: Mutex::new(HashMap::new()),
+            open_files: Default::default(),
             warn: Arc::default(),
             cfg,
         })
@@ -769,10 +789,9 @@ impl Fs {
         for (name, head) in heads {
             match head {
                 Ok(meta) => {
-                    let kind = match attrs::kind_from_meta(&meta) {
-                        Some(Kind::Symlink) => Kind::Symlink,
-                        _ => Kind::File,
-                    };
+                    let kind = attrs::kind_from_meta(&meta)
+                        .filter(|k| !k.is_dir())
+                        .unwrap_or(Kind::File);
                     listing.entries.insert(
                         name,
                         DirEntry {
@@ -967,10 +986,9 @@ impl Fs {
             .head(&inode.key)
             .await
             .map_err(|e| errno_of(&e, "getattr"))?;
-        let kind = match attrs::kind_from_meta(&meta) {
-            Some(Kind::Symlink) => Kind::Symlink,
-            _ => Kind::File,
-        };
+        let kind = attrs::kind_from_meta(&meta)
+            .filter(|k| !k.is_dir())
+            .unwrap_or(Kind::File);
         let attr = attrs::attr_from_meta(inode.ino, kind, Some(&meta), &self.cfg.defaults);
         let mut table = self.inodes.lock();
         let i = table.get_mut(inode.ino).ok_or(Errno::ENOENT)?;
@@ -988,33 +1006,20 @@ impl Fs {
     async fn getattr_inner(&self, ino: u64) -> FsResult<Attr> {
         let inode = self.inode(ino)?;
         if inode.kind == Kind::Dir
+            || inode.unlinked
             || self.fresh(inode.fetched)
             || self.pending.lock().contains_key(&inode.key)
+            || self.open_files.get(ino).is_some()
         {
             return Ok(inode.attr);
         }
         Ok(self.refresh_file(&inode).await?.attr)
     }
 
-    /// Open a file for reading. Returns the handle and whether the kernel may keep cached pages.
-    pub async fn open(&self, ino: u64, flags: i32) -> FsResult<(u64, bool)> {
-        let inode = self.inode(ino)?;
-        if inode.kind == Kind::Dir {
-            return Err(Errno::EISDIR);
-        }
-        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
-            return self.open_for_write(&inode, flags).await;
-        }
-        if self.pending.lock().contains_key(&inode.key) {
-            // Bytes being streamed to the bucket cannot be read back until the file is closed.
-            return Err(Errno::EBUSY);
-        }
-        let inode = match &inode.meta {
-            Some(m) if m.etag.is_some() && self.fresh(inode.fetched) => inode,
-            _ => self.bounded("open", ino, self.refresh_file(&inode)).await?,
-        };
+    /// A reader of the version of `inode` its metadata names.
+    fn reader_of(&self, inode: &Inode) -> ObjectReader {
         let meta = inode.meta.clone().unwrap_or_default();
-        let reader = ObjectReader::new(
+        ObjectReader::new(
             self.store.clone(),
             inode.key.clone(),
             meta.etag.clone(),
@@ -1023,31 +1028,83 @@ impl Fs {
             self.cfg.prefetch,
             self.budget.clone(),
             self.cache.clone(),
-        );
+        )
+    }
+
+    /// Open a file for reading. Returns the handle and whether the kernel may keep cached pages.
+    pub async fn open(&self, ino: u64, flags: i32) -> FsResult<(u64, bool)> {
+        let inode = self.inode(ino)?;
+        match inode.kind {
+            Kind::Dir => return Err(Errno::EISDIR),
+            Kind::Special(_) => return Err(Errno::ENXIO),
+            _ => {}
+        }
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            return self.open_for_write(&inode, flags).await;
+        }
+        // A file being written (or unlinked while open) is read through its open state; the
+        // reader made here is used once that state is gone and the file committed.
+        let through_writer = self.open_files.get(ino).is_some() || inode.unlinked;
+        let inode = match &inode.meta {
+            _ if through_writer => inode,
+            Some(m) if m.etag.is_some() && self.fresh(inode.fetched) => inode,
+            _ => self.bounded("open", ino, self.refresh_file(&inode)).await?,
+        };
+        let reader = self.reader_of(&inode);
+        let etag = reader.etag().map(str::to_string);
         let keep_cache = {
             let mut table = self.inodes.lock();
             let i = table.get_mut(ino).ok_or(Errno::ENOENT)?;
-            let keep = meta.etag.is_some() && i.page_cache_etag == meta.etag;
-            i.page_cache_etag = meta.etag.clone();
+            let keep = !through_writer && etag.is_some() && i.page_cache_etag == etag;
+            if !through_writer {
+                i.page_cache_etag = etag;
+            }
             keep
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let handle = ReadHandle {
+            ino,
+            reader: Mutex::new(Arc::new(reader)),
+        };
         self.files
             .lock()
-            .insert(fh, Arc::new(FileHandle::Read(Box::new(reader), ino)));
+            .insert(fh, Arc::new(FileHandle::Read(handle)));
         Ok((fh, keep_cache))
+    }
+
+    /// The reader of a read descriptor, moved to the version this mount committed last if the
+    /// descriptor still reads an older one.
+    fn current_reader(&self, h: &ReadHandle) -> Arc<ObjectReader> {
+        let mut reader = h.reader.lock();
+        let newer = {
+            let table = self.inodes.lock();
+            table.get(h.ino).and_then(|i| {
+                let written = i.written_etag.as_deref()?;
+                let current = i.meta.as_ref()?.etag.as_deref()?;
+                (written == current && reader.etag() != Some(current)).then(|| i.clone())
+            })
+        };
+        if let Some(inode) = newer {
+            *reader = Arc::new(self.reader_of(&inode));
+        }
+        reader.clone()
     }
 
     pub async fn read(&self, fh: u64, offset: i64, size: u32) -> FsResult<Bytes> {
         let handle = self.files.lock().get(&fh).cloned().ok_or(Errno::EBADF)?;
         let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
         match &*handle {
-            FileHandle::Read(reader, ino) => {
+            FileHandle::Read(h) => {
+                if let Some(file) = self.open_files.get(h.ino) {
+                    return self.read_writer(&file, offset, size).await;
+                }
+                let reader = self.current_reader(h);
+                let ino = h.ino;
                 let read = async {
                     reader.read(offset, size).await.map_err(|e| {
                         if matches!(e, StoreError::Checksum(_)) {
                             // Pages already handed out may be bad: the next open starts afresh.
-                            if let Some(i) = self.inodes.lock().get_mut(*ino) {
+                            if let Some(i) = self.inodes.lock().get_mut(ino) {
                                 i.page_cache_etag = None;
                             }
                         }
@@ -1062,7 +1119,7 @@ impl Fs {
                     }
                 }
             }
-            FileHandle::Write(lock) => self.read_writer(lock, offset, size).await,
+            FileHandle::Write(file) => self.read_writer(file, offset, size).await,
         }
     }
 

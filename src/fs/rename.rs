@@ -79,9 +79,9 @@ impl Fs {
         if target.is_some() && flags & RENAME_NOREPLACE != 0 {
             return Err(Errno::EEXIST);
         }
-        match (src.kind, target.as_ref().map(|t| t.kind)) {
-            (Kind::Dir, Some(Kind::File | Kind::Symlink)) => return Err(Errno::ENOTDIR),
-            (Kind::File | Kind::Symlink, Some(Kind::Dir)) => return Err(Errno::EISDIR),
+        match (src.kind.is_dir(), target.as_ref().map(|t| t.kind.is_dir())) {
+            (true, Some(false)) => return Err(Errno::ENOTDIR),
+            (false, Some(true)) => return Err(Errno::EISDIR),
             _ => {}
         }
         let src_ino = self.inodes.lock().find(from_dir.ino, name);
@@ -150,9 +150,12 @@ impl Fs {
                         m.etag = etag;
                     }
                     i.fetched = Instant::now();
+                    i.attr.ctime = std::time::SystemTime::now();
                 }
             }
         }
+        self.touch_dir(from_dir.ino);
+        self.touch_dir(to_dir.ino);
         {
             let mut table = self.inodes.lock();
             table.remove_name(to_dir.ino, newname);

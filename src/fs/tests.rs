@@ -368,7 +368,7 @@ async fn create_write_close_lands_with_s3fs_metadata() {
 }
 
 #[tokio::test]
-async fn file_being_written_is_listed_with_its_size_and_not_readable() {
+async fn file_being_written_is_listed_with_its_size_and_readable_by_another_fd() {
     let (store, fs) = setup("");
     let (attr, fh) = fs
         .create(ROOT_INO, b"growing", 0o644, libc::O_WRONLY, ME)
@@ -378,11 +378,14 @@ async fn file_being_written_is_listed_with_its_size_and_not_readable() {
     let names = list_names(&fs, ROOT_INO).await;
     assert!(names.contains(&("growing".into(), Kind::File)));
     assert_eq!(fs.getattr(attr.ino).await.unwrap().size, 1000);
-    assert_eq!(fs.open(attr.ino, libc::O_RDONLY).await, Err(Errno::EBUSY));
     assert!(
         store.get_bytes("growing").is_none(),
         "nothing visible before close"
     );
+    // A second descriptor, for reading, reads what the first one wrote.
+    let (rd, _) = fs.open(attr.ino, libc::O_RDONLY).await.unwrap();
+    assert_eq!(&fs.read(rd, 0, 4096).await.unwrap()[..], &[7u8; 1000][..]);
+    fs.release(rd).await.unwrap();
     fs.fsync(fh).await.unwrap();
     assert_eq!(
         store.get_bytes("growing").unwrap().len(),

@@ -10,9 +10,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use super::attrs::{self, format_time, Attr, Kind, S_IFDIR, S_IFREG};
+use super::attrs::{self, format_time, Attr, Kind, S_IFDIR, S_IFMT, S_IFREG};
 use super::dir::{invalid_name_reason, DirEntry};
 use super::inode::Inode;
+use super::open_file::OpenFile;
 use super::{errno_of, Errno, FileHandle, Fs, FsResult, Pending};
 use crate::data::staging::{Base, StagedFile};
 use crate::data::upload::{CommittedPrefix, StreamUpload};
@@ -76,11 +77,39 @@ pub(super) struct WriteState {
     staged: Option<StagedFile>,
     /// What the bucket must still hold for the next commit to apply (If-Match / If-None-Match).
     expect: PutCondition,
+    /// When the bytes were last changed and the stored mtime not yet set to it.
+    last_write: Option<SystemTime>,
+    /// Unlinked while open: every byte is in `staged` (none taken from an object), nothing is
+    /// uploaded again, and the staging file goes with the last descriptor.
+    orphan: bool,
 }
 
-fn apply_metadata(md: &mut UserMetadata, req: &SetAttr) {
+impl WriteState {
+    pub(super) fn ino(&self) -> u64 {
+        self.ino
+    }
+
+    /// A write changed the bytes now.
+    fn touched(&mut self) {
+        self.last_write = Some(SystemTime::now());
+    }
+
+    /// Store the time of the last write as mtime and ctime (unless an explicit time was set
+    /// since: that one stays).
+    fn stamp_write_time(&mut self) {
+        if let Some(t) = self.last_write.take() {
+            self.metadata.insert("mtime".into(), format_time(t));
+            self.metadata.insert("ctime".into(), format_time(t));
+        }
+    }
+}
+
+/// Apply a setattr to stored metadata of an object of `kind`: mode (with the kind's type
+/// bits), owner, times; ctime becomes now when anything changes.
+fn apply_metadata(md: &mut UserMetadata, req: &SetAttr, kind: Kind) {
+    let now = SystemTime::now();
     if let Some(m) = req.mode {
-        md.insert("mode".into(), ((m & 0o7777) | S_IFREG).to_string());
+        md.insert("mode".into(), ((m & 0o7777) | kind.type_bits()).to_string());
     }
     if let Some(u) = req.uid {
         md.insert("uid".into(), u.to_string());
@@ -91,8 +120,25 @@ fn apply_metadata(md: &mut UserMetadata, req: &SetAttr) {
     if let Some(t) = req.mtime {
         md.insert("mtime".into(), format_time(t));
     }
-    if req.kill_suid_sgid && req.mode.is_none() {
+    if let Some(t) = req.atime {
+        md.insert("atime".into(), format_time(t));
+    }
+    if req.kill_suid_sgid && req.mode.is_none() && kind == Kind::File {
         drop_set_id_bits(md);
+    }
+    if req.changes_metadata() || req.size.is_some() {
+        md.insert("ctime".into(), format_time(now));
+    }
+}
+
+impl SetAttr {
+    /// Does this request change anything stored in metadata (besides the size)?
+    fn changes_metadata(&self) -> bool {
+        self.mode.is_some()
+            || self.uid.is_some()
+            || self.gid.is_some()
+            || self.mtime.is_some()
+            || self.atime.is_some()
     }
 }
 
@@ -112,6 +158,7 @@ fn new_file_metadata(mode: u32, caller: Caller, now: SystemTime) -> UserMetadata
     md.insert("uid".into(), caller.uid.to_string());
     md.insert("gid".into(), caller.gid.to_string());
     md.insert("mtime".into(), format_time(now));
+    md.insert("ctime".into(), format_time(now));
     md
 }
 
@@ -241,14 +288,31 @@ impl Fs {
         }
     }
 
-    fn new_handle(&self, state: WriteState) -> u64 {
+    /// A new write descriptor on `file` (already counted in `open_files`).
+    fn new_handle(&self, file: Arc<OpenFile>) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.writers.lock().insert(state.ino, fh);
-        self.files.lock().insert(
-            fh,
-            Arc::new(FileHandle::Write(Box::new(tokio::sync::Mutex::new(state)))),
-        );
+        self.files
+            .lock()
+            .insert(fh, Arc::new(FileHandle::Write(file)));
         fh
+    }
+
+    /// The parent directory changed (an entry created, removed or renamed): its mtime and
+    /// ctime are now, as this mount shows them.
+    pub(super) fn touch_dir(&self, dir_ino: u64) {
+        if let Some(i) = self.inodes.lock().get_mut(dir_ino) {
+            let now = SystemTime::now();
+            i.attr.mtime = now;
+            i.attr.ctime = now;
+        }
+    }
+
+    /// Read descriptors open on `ino`.
+    pub(super) fn has_readers(&self, ino: u64) -> bool {
+        self.files
+            .lock()
+            .values()
+            .any(|h| matches!(&**h, FileHandle::Read(r) if r.ino == ino))
     }
 
     fn start_upload(
@@ -318,6 +382,7 @@ impl Fs {
         let attr = self.remember_entry(&parent, name, &entry);
         let unlinked = self.mark_pending(&key, attr.ino);
         self.note_entry(&parent.key, name, Some(entry));
+        self.touch_dir(parent.ino);
         let _ = flags;
         let state = WriteState {
             ino: attr.ino,
@@ -334,8 +399,99 @@ impl Fs {
             unlinked,
             staged: None,
             expect: PutCondition::IfNoneMatch,
+            last_write: None,
+            orphan: false,
         };
-        Ok((attr, self.new_handle(state)))
+        let (file, fresh) = self.open_files.insert_or_join(state);
+        if !fresh {
+            // A state this mount still holds for the name (its object gone meanwhile): the new
+            // file starts empty within it.
+            let mut st = file.state.lock().await;
+            self.truncate_state(&mut st, 0).await?;
+        }
+        Ok((attr, self.new_handle(file)))
+    }
+
+    /// mknod(2): a regular file is created empty; a FIFO, socket or device node is stored as
+    /// s3fs stores it, an empty object whose mode says what it is (and `rdev` its device).
+    pub async fn mknod(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        caller: Caller,
+    ) -> FsResult<Attr> {
+        let bits = mode & S_IFMT;
+        if bits == S_IFREG || bits == 0 {
+            let (attr, fh) = self
+                .create(parent, name, mode & 0o7777, libc::O_WRONLY, caller)
+                .await?;
+            let flushed = self.flush(fh).await;
+            self.release(fh).await?;
+            flushed?;
+            return Ok(self.attr_of(attr.ino).unwrap_or(attr));
+        }
+        let kind = match attrs::kind_from_meta(&ObjectMeta {
+            metadata: [("mode".to_string(), mode.to_string())].into(),
+            ..Default::default()
+        }) {
+            Some(k @ Kind::Special(_)) => k,
+            _ => return Err(Errno::EINVAL),
+        };
+        self.check_writable()?;
+        let parent = self.dir_inode(parent)?;
+        let name = Self::check_new_name(name)?;
+        let key = format!("{}{name}", parent.key);
+        let now = SystemTime::now();
+        let mut metadata = new_file_metadata(mode, caller, now);
+        metadata.insert("mode".into(), ((mode & 0o7777) | bits).to_string());
+        if matches!(bits, attrs::S_IFCHR | attrs::S_IFBLK) {
+            metadata.insert("rdev".into(), rdev.to_string());
+        }
+        let entry = self
+            .put_empty_object(&key, metadata, now, kind, "mknod")
+            .await?;
+        self.note_entry(&parent.key, name, Some(entry.clone()));
+        self.touch_dir(parent.ino);
+        Ok(self.remember_entry(&parent, name, &entry))
+    }
+
+    /// Store an empty object with `metadata` (a special file) and return its listing entry.
+    async fn put_empty_object(
+        &self,
+        key: &str,
+        metadata: UserMetadata,
+        now: SystemTime,
+        kind: Kind,
+        op: &str,
+    ) -> FsResult<DirEntry> {
+        let opts = PutOptions {
+            metadata: metadata.clone(),
+            ..Default::default()
+        };
+        let res = self
+            .store
+            .put(
+                key,
+                bytes::Bytes::new(),
+                &opts,
+                self.caps.checksums().then_some(0),
+            )
+            .await
+            .map_err(|e| errno_of(&e, op))?;
+        let meta = ObjectMeta {
+            key: key.to_string(),
+            etag: res.etag,
+            metadata,
+            has_metadata: true,
+            last_modified: Some(now),
+            ..Default::default()
+        };
+        Ok(DirEntry {
+            kind,
+            meta: Some(meta),
+        })
     }
 
     pub(super) async fn open_for_write(&self, inode: &Inode, flags: i32) -> FsResult<(u64, bool)> {
@@ -343,8 +499,35 @@ impl Fs {
         if inode.kind != Kind::File {
             return Err(Errno::EINVAL);
         }
-        let (mut metadata, meta) = self.metadata_of(inode).await?;
         let truncate = flags & libc::O_TRUNC != 0;
+        // Another descriptor has the file open for writing: share its state.
+        if let Some(file) = self.open_files.join(inode.ino) {
+            if truncate {
+                let mut st = file.state.lock().await;
+                if let Err(e) = self.truncate_state(&mut st, 0).await {
+                    drop(st);
+                    self.release_writer(&file).await.ok();
+                    return Err(e);
+                }
+            }
+            return Ok((self.new_handle(file), false));
+        }
+        let state = self.clean_state(inode, truncate).await?;
+        let (file, fresh) = self.open_files.insert_or_join(state);
+        if !fresh && truncate {
+            let mut st = file.state.lock().await;
+            self.truncate_state(&mut st, 0).await?;
+        }
+        if let Some(i) = self.inodes.lock().get_mut(inode.ino) {
+            i.page_cache_etag = None;
+        }
+        Ok((self.new_handle(file), false))
+    }
+
+    /// The state of a file opened for writing with nothing written yet: the committed object
+    /// (if any) is its base; with `truncate` it starts empty, uploading a new object.
+    async fn clean_state(&self, inode: &Inode, truncate: bool) -> FsResult<WriteState> {
+        let (mut metadata, meta) = self.metadata_of(inode).await?;
         let base = match (&meta, truncate) {
             (Some(m), false) => CommittedPrefix {
                 etag: m.etag.clone().unwrap_or_default(),
@@ -356,7 +539,9 @@ impl Fs {
             },
         };
         if truncate || meta.is_none() {
-            metadata.insert("mtime".into(), format_time(SystemTime::now()));
+            let now = format_time(SystemTime::now());
+            metadata.insert("mtime".into(), now.clone());
+            metadata.insert("ctime".into(), now);
         }
         let unlinked = Default::default();
         let mut state = WriteState {
@@ -374,6 +559,8 @@ impl Fs {
                 Some(etag) => PutCondition::IfMatch(etag),
                 None => PutCondition::IfNoneMatch,
             },
+            last_write: None,
+            orphan: false,
         };
         if truncate || meta.is_none() {
             state.upload = Some(self.start_upload(&inode.key, &state.metadata, &state.expect));
@@ -381,16 +568,52 @@ impl Fs {
             state.unlinked = self.mark_pending(&inode.key, inode.ino);
             self.set_local_size(inode.ino, 0);
         }
-        if let Some(i) = self.inodes.lock().get_mut(inode.ino) {
-            i.page_cache_etag = None;
-        }
-        Ok((self.new_handle(state), false))
+        Ok(state)
     }
 
-    fn write_handle(&self, fh: u64) -> FsResult<Arc<FileHandle>> {
+    /// Truncate an open file's state to `size` (ftruncate, O_TRUNC of a second descriptor).
+    async fn truncate_state(&self, st: &mut WriteState, size: u64) -> FsResult<()> {
+        if size > self.cfg.upload.max_object_size() {
+            return Err(Errno::EFBIG);
+        }
+        if size == 0 && !st.orphan && (st.size > 0 || !st.dirty) {
+            if let Some(u) = st.upload.take() {
+                u.abort().await;
+            }
+            st.staged = None;
+            st.base = CommittedPrefix {
+                etag: String::new(),
+                size: 0,
+            };
+            st.size = 0;
+            st.upload = Some(self.start_upload(&st.key, &st.metadata, &st.expect));
+            st.dirty = true;
+            st.unlinked = self.mark_pending(&st.key, st.ino);
+            self.set_local_size(st.ino, 0);
+        } else if size != st.size {
+            if size > st.size && st.staged.is_none() {
+                self.fill_zeros(st, size).await?;
+            } else {
+                self.ensure_staged(st).await?;
+                let Some(staged) = st.staged.as_mut() else {
+                    return Err(Errno::EIO);
+                };
+                staged.truncate(size).map_err(|e| {
+                    tracing::error!(error = %e, "cannot truncate the staging file");
+                    Errno::from_io(&e)
+                })?;
+                st.size = size;
+                self.set_local_size(st.ino, size);
+            }
+        }
+        st.touched();
+        Ok(())
+    }
+
+    fn write_handle(&self, fh: u64) -> FsResult<Arc<OpenFile>> {
         let h = self.files.lock().get(&fh).cloned().ok_or(Errno::EBADF)?;
         match &*h {
-            FileHandle::Write(_) => Ok(h),
+            FileHandle::Write(file) => Ok(file.clone()),
             FileHandle::Read(..) => Err(Errno::EBADF),
         }
     }
@@ -400,6 +623,10 @@ impl Fs {
         if st.upload.is_some() {
             return Ok(());
         }
+        // Appending to a committed object: the upload carries the time of this first write
+        // (a multipart upload's metadata is fixed when it is created).
+        st.touched();
+        st.stamp_write_time();
         let upload = self.start_upload(&st.key, &st.metadata, &st.expect);
         let upload = upload.continuing(st.base.clone()).await.map_err(|e| {
             tracing::error!(key = %st.key, error = %e, "cannot continue the committed object");
@@ -437,15 +664,16 @@ impl Fs {
     }
 
     pub async fn write(&self, fh: u64, offset: i64, data: &[u8]) -> FsResult<u32> {
-        let h = self.write_handle(fh)?;
-        let FileHandle::Write(lock) = &*h else {
-            return Err(Errno::EBADF);
-        };
-        let mut st = lock.lock().await;
+        let file = self.write_handle(fh)?;
+        let mut st = file.state.lock().await;
         if let Some(e) = st.error {
             return Err(e);
         }
         let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
+        if offset.saturating_add(data.len() as u64) > self.cfg.upload.max_object_size() {
+            return Err(Errno::EFBIG);
+        }
+        st.touched();
         if offset < st.size || st.staged.is_some() {
             self.ensure_staged(&mut st).await?;
             let key = st.key.clone();
@@ -454,7 +682,7 @@ impl Fs {
             };
             staged.write(offset, data).map_err(|e| {
                 tracing::error!(key = %key, error = %e, "cannot write the staging file");
-                Errno::EIO
+                Errno::from_io(&e)
             })?;
             st.size = staged.size();
             self.set_local_size(st.ino, st.size);
@@ -482,9 +710,14 @@ impl Fs {
         len: u64,
     ) -> FsResult<u32> {
         let h_in = self.files.lock().get(&fh_in).cloned().ok_or(Errno::EBADF)?;
-        let FileHandle::Read(reader, _) = &*h_in else {
+        let FileHandle::Read(h) = &*h_in else {
             return Err(Errno::ENOTSUP);
         };
+        if self.open_files.get(h.ino).is_some() {
+            // The source is being written (or unlinked): its bytes are not all in its object.
+            return Err(Errno::ENOTSUP);
+        }
+        let reader = self.current_reader(h);
         let (off_in, off_out) = match (u64::try_from(off_in), u64::try_from(off_out)) {
             (Ok(a), Ok(b)) => (a, b),
             _ => return Err(Errno::EINVAL),
@@ -498,15 +731,16 @@ impl Fs {
         let Some(etag) = reader.etag().filter(|_| off_in == off_out) else {
             return Err(Errno::ENOTSUP);
         };
-        let h_out = self.write_handle(fh_out)?;
-        let FileHandle::Write(lock) = &*h_out else {
-            return Err(Errno::EBADF);
-        };
-        let mut st = lock.lock().await;
+        let file = self.write_handle(fh_out)?;
+        let mut st = file.state.lock().await;
         if let Some(e) = st.error {
             return Err(e);
         }
-        if st.size != off_out || st.base.size != 0 || st.staged.is_some() || st.key == reader.key()
+        if st.orphan
+            || st.size != off_out
+            || st.base.size != 0
+            || st.staged.is_some()
+            || st.key == reader.key()
         {
             return Err(Errno::ENOTSUP);
         }
@@ -547,6 +781,7 @@ impl Fs {
         tracing::debug!(from = %reader.key(), to = %st.key, off_in, n, "copy_file_range: server-side copy");
         st.size = off_in + n;
         st.dirty = true;
+        st.touched();
         self.set_local_size(st.ino, st.size);
         Ok(n as u32)
     }
@@ -572,7 +807,10 @@ impl Fs {
         if length == 0 {
             return Err(Errno::EINVAL);
         }
-        let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
+        let end = offset
+            .checked_add(length)
+            .filter(|end| *end <= self.cfg.upload.max_object_size())
+            .ok_or(Errno::EFBIG)?;
         let size = self.inode(ino)?.attr.size;
         if mode & libc::FALLOC_FL_KEEP_SIZE != 0 || end <= size {
             return Ok(());
@@ -592,11 +830,8 @@ impl Fs {
         if without_suid_sgid(perm) == perm {
             return Ok(());
         }
-        let h = self.write_handle(fh)?;
-        let FileHandle::Write(lock) = &*h else {
-            return Err(Errno::EBADF);
-        };
-        let mut st = lock.lock().await;
+        let file = self.write_handle(fh)?;
+        let mut st = file.state.lock().await;
         if !drop_set_id_bits(&mut st.metadata) {
             return Ok(());
         }
@@ -619,7 +854,7 @@ impl Fs {
         };
         let staged = StagedFile::create(&self.cfg.staging_dir, base).map_err(|e| {
             tracing::error!(dir = %self.cfg.staging_dir.display(), error = %e, "cannot create a staging file");
-            Errno::EIO
+            Errno::from_io(&e)
         })?;
         st.staged = Some(staged);
         st.dirty = true;
@@ -630,11 +865,11 @@ impl Fs {
     /// Read through a write handle (O_RDWR): staged changes merged with the object.
     pub(super) async fn read_writer(
         &self,
-        lock: &tokio::sync::Mutex<WriteState>,
+        file: &OpenFile,
         offset: u64,
         size: u32,
     ) -> FsResult<bytes::Bytes> {
-        let mut st = lock.lock().await;
+        let mut st = file.state.lock().await;
         if let Some(e) = st.error {
             return Err(e);
         }
@@ -670,11 +905,19 @@ impl Fs {
         if !st.dirty {
             return Ok(());
         }
-        if let Some(staged) = st.staged.take() {
-            if st.unlinked.load(Ordering::Relaxed) {
-                st.dirty = false;
-                return Ok(());
+        if st.orphan || st.unlinked.load(Ordering::Relaxed) {
+            // Unlinked: nothing goes to the bucket; an orphan keeps its bytes for its readers.
+            if !st.orphan {
+                st.staged = None;
+                if let Some(upload) = st.upload.take() {
+                    upload.abort().await;
+                }
             }
+            st.dirty = false;
+            return Ok(());
+        }
+        if let Some(staged) = st.staged.take() {
+            st.stamp_write_time();
             let condition = if self.caps.conditional() {
                 st.expect.clone()
             } else {
@@ -720,13 +963,16 @@ impl Fs {
                 }
             };
         }
-        let Some(upload) = st.upload.take() else {
+        let Some(mut upload) = st.upload.take() else {
             return Ok(());
         };
-        if st.unlinked.load(Ordering::Relaxed) {
-            upload.abort().await;
-            st.dirty = false;
-            return Ok(());
+        if upload.multipart_started() {
+            // Its metadata was fixed when it was created (with the time of the first write);
+            // restamping it would copy the whole object once more.
+            st.last_write = None;
+        } else {
+            st.stamp_write_time();
+            upload.set_metadata(st.metadata.clone());
         }
         match upload.finish().await {
             Ok(res) => {
@@ -773,6 +1019,7 @@ impl Fs {
             let mut table = self.inodes.lock();
             if let Some(i) = table.get_mut(st.ino) {
                 i.attr = attrs::attr_from_meta(i.ino, Kind::File, Some(&meta), &self.cfg.defaults);
+                i.written_etag = meta.etag.clone();
                 i.meta = Some(meta);
                 i.fetched = Instant::now();
                 i.page_cache_etag = None;
@@ -790,15 +1037,16 @@ impl Fs {
         tracing::debug!(key = %st.key, size = st.size, "committed");
     }
 
-    /// close(2) of one descriptor: the data is in the bucket when this returns Ok.
+    /// close(2) of one descriptor: the data is in the bucket when this returns Ok. Every
+    /// descriptor of the file shares its state, so this commits what any of them wrote.
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
         let Some(h) = self.files.lock().get(&fh).cloned() else {
             return Err(Errno::EBADF);
         };
         match &*h {
             FileHandle::Read(..) => Ok(()),
-            FileHandle::Write(lock) => {
-                let mut st = lock.lock().await;
+            FileHandle::Write(file) => {
+                let mut st = file.state.lock().await;
                 self.commit(&mut st).await
             }
         }
@@ -808,86 +1056,84 @@ impl Fs {
         self.flush(fh).await
     }
 
-    /// The last reference to a handle is gone; anything still uncommitted is committed now.
+    /// The last reference to a descriptor is gone. The last descriptor of a file commits what
+    /// is still uncommitted and drops the shared state (an orphan's staging file with it, once
+    /// no reader is left).
     pub async fn release(&self, fh: u64) -> FsResult<()> {
         let Some(h) = self.files.lock().remove(&fh) else {
             return Ok(());
         };
-        if let FileHandle::Write(lock) = &*h {
-            let mut st = lock.lock().await;
-            {
-                let mut writers = self.writers.lock();
-                if writers.get(&st.ino) == Some(&fh) {
-                    writers.remove(&st.ino);
+        match &*h {
+            FileHandle::Write(file) => self.release_writer(file).await,
+            FileHandle::Read(r) => {
+                if let Some(file) = self.open_files.get(r.ino) {
+                    let orphan_unread = || {
+                        !self.inodes.lock().get(r.ino).is_some_and(|i| i.unlinked)
+                            || self.has_readers(r.ino)
+                    };
+                    self.open_files.drop_if_unused(&file, orphan_unread);
                 }
-            }
-            if st.dirty && st.error.is_none() {
-                return self.commit(&mut st).await;
+                Ok(())
             }
         }
-        Ok(())
     }
 
-    /// The open write handle of an inode, if any (setattr from utimensat/chmod carries none).
-    fn writer_of(&self, ino: u64) -> Option<Arc<FileHandle>> {
-        let fh = *self.writers.lock().get(&ino)?;
-        self.write_handle(fh).ok()
+    /// One write descriptor of `file` is gone.
+    pub(super) async fn release_writer(&self, file: &Arc<OpenFile>) -> FsResult<()> {
+        if !self.open_files.release(file) {
+            return Ok(());
+        }
+        let mut st = file.state.lock().await;
+        let result = if st.dirty && st.error.is_none() {
+            self.commit(&mut st).await
+        } else {
+            Ok(())
+        };
+        let ino = st.ino;
+        let orphan = st.orphan;
+        drop(st);
+        // An orphan stays while read descriptors remain (they read its local bytes).
+        self.open_files
+            .drop_if_unused(file, || orphan && self.has_readers(ino));
+        result
+    }
+
+    /// The open-file state of an inode, if any (setattr from utimensat/chmod carries no handle).
+    pub(super) fn writer_of(&self, ino: u64) -> Option<Arc<OpenFile>> {
+        self.open_files.get(ino)
     }
 
     /// chmod/chown/utimens/truncate.
     pub async fn setattr(&self, ino: u64, fh: Option<u64>, req: SetAttr) -> FsResult<Attr> {
         self.check_writable()?;
         let inode = self.inode(ino)?;
+        if req
+            .size
+            .is_some_and(|n| n > self.cfg.upload.max_object_size())
+        {
+            return Err(Errno::EFBIG);
+        }
         let handle = fh
             .and_then(|fh| self.write_handle(fh).ok())
             .or_else(|| self.writer_of(ino));
         let perm = inode.attr.perm as u32;
-        let metadata_change = req.mode.is_some()
-            || req.uid.is_some()
-            || req.gid.is_some()
-            || req.mtime.is_some()
+        let metadata_change = req.changes_metadata()
             || (req.kill_suid_sgid && inode.kind == Kind::File && without_suid_sgid(perm) != perm);
-        if let Some(h) = &handle {
-            let FileHandle::Write(lock) = &**h else {
-                return Err(Errno::EBADF);
-            };
-            let mut st = lock.lock().await;
+        if let Some(file) = &handle {
+            let mut st = file.state.lock().await;
             if let Some(e) = st.error {
                 return Err(e);
             }
             if let Some(size) = req.size {
-                if size == 0 && (st.size > 0 || !st.dirty) {
-                    if let Some(u) = st.upload.take() {
-                        u.abort().await;
-                    }
-                    st.staged = None;
-                    st.base = CommittedPrefix {
-                        etag: String::new(),
-                        size: 0,
-                    };
-                    st.size = 0;
-                    st.upload = Some(self.start_upload(&st.key, &st.metadata, &st.expect));
-                    st.dirty = true;
-                    st.unlinked = self.mark_pending(&st.key, st.ino);
-                    self.set_local_size(ino, 0);
-                } else if size != st.size {
-                    if size > st.size && st.staged.is_none() {
-                        self.fill_zeros(&mut st, size).await?;
-                    } else {
-                        self.ensure_staged(&mut st).await?;
-                        let Some(staged) = st.staged.as_mut() else {
-                            return Err(Errno::EIO);
-                        };
-                        staged.truncate(size).map_err(|e| {
-                            tracing::error!(error = %e, "cannot truncate the staging file");
-                            Errno::EIO
-                        })?;
-                        st.size = size;
-                        self.set_local_size(ino, size);
-                    }
-                }
+                self.truncate_state(&mut st, size).await?;
             }
-            apply_metadata(&mut st.metadata, &req);
+            if req.mtime.is_some() {
+                st.last_write = None;
+            }
+            apply_metadata(&mut st.metadata, &req, Kind::File);
+            if st.orphan {
+                return self.settle_orphan_metadata(&mut st);
+            }
             return self.settle_handle_metadata(&mut st, metadata_change).await;
         }
         if inode.kind == Kind::Dir {
@@ -897,7 +1143,7 @@ impl Fs {
         let meta = meta.ok_or(Errno::ENOENT)?;
         match req.size {
             Some(0) => {
-                apply_metadata(&mut metadata, &req);
+                apply_metadata(&mut metadata, &req, inode.kind);
                 metadata.insert(
                     "mtime".into(),
                     format_time(req.mtime.unwrap_or_else(SystemTime::now)),
@@ -926,7 +1172,7 @@ impl Fs {
                     Errno::EIO
                 })?;
                 staged.truncate(n).map_err(|_| Errno::EIO)?;
-                apply_metadata(&mut metadata, &req);
+                apply_metadata(&mut metadata, &req, inode.kind);
                 metadata.insert(
                     "mtime".into(),
                     format_time(req.mtime.unwrap_or_else(SystemTime::now)),
@@ -953,8 +1199,24 @@ impl Fs {
         if !metadata_change {
             return Ok(inode.attr);
         }
-        apply_metadata(&mut metadata, &req);
+        apply_metadata(&mut metadata, &req, inode.kind);
         self.rewrite_file_metadata(&inode, &meta, metadata).await
+    }
+
+    /// An orphan's attributes change in memory only (it has no object any more).
+    fn settle_orphan_metadata(&self, st: &mut WriteState) -> FsResult<Attr> {
+        let meta = ObjectMeta {
+            key: st.key.clone(),
+            size: st.size,
+            metadata: st.metadata.clone(),
+            has_metadata: true,
+            ..Default::default()
+        };
+        let mut table = self.inodes.lock();
+        let i = table.get_mut(st.ino).ok_or(Errno::ENOENT)?;
+        i.attr = attrs::attr_from_meta(st.ino, Kind::File, Some(&meta), &self.cfg.defaults);
+        i.attr.nlink = 0;
+        Ok(i.attr)
     }
 
     /// Metadata of a write handle changed (`changed`) or may have: a committed handle has it
@@ -1016,21 +1278,21 @@ impl Fs {
     ) -> FsResult<Attr> {
         self.check_writable()?;
         let inode = self.inode(ino)?;
-        if let Some(h) = self.writer_of(ino) {
-            let FileHandle::Write(lock) = &*h else {
-                return Err(Errno::EBADF);
-            };
-            let mut st = lock.lock().await;
+        if let Some(file) = self.writer_of(ino) {
+            let mut st = file.state.lock().await;
             if let Some(e) = st.error {
                 return Err(e);
             }
             edit(&mut st.metadata)?;
+            if st.orphan {
+                return self.settle_orphan_metadata(&mut st);
+            }
             return self.settle_handle_metadata(&mut st, true).await;
         }
         match inode.kind {
             Kind::Dir if inode.key.is_empty() => Err(Errno::ENOTSUP),
             Kind::Dir => self.rewrite_dir_marker(&inode, edit).await,
-            Kind::Symlink => Err(Errno::EPERM),
+            Kind::Symlink | Kind::Special(_) => Err(Errno::EPERM),
             Kind::File => {
                 let meta = self.fresh_meta_of(&inode).await?;
                 let mut metadata = meta.metadata.clone();
@@ -1045,10 +1307,8 @@ impl Fs {
     /// new HEAD (of the marker, for a directory; none there means no metadata).
     pub(super) async fn current_metadata(&self, ino: u64) -> FsResult<UserMetadata> {
         let inode = self.inode(ino)?;
-        if let Some(h) = self.writer_of(ino) {
-            if let FileHandle::Write(lock) = &*h {
-                return Ok(lock.lock().await.metadata.clone());
-            }
+        if let Some(file) = self.writer_of(ino) {
+            return Ok(file.state.lock().await.metadata.clone());
         }
         if inode.kind == Kind::Dir {
             if inode.key.is_empty() {
@@ -1105,7 +1365,7 @@ impl Fs {
             ..*req
         };
         let apply = |md: &mut UserMetadata| {
-            apply_metadata(md, req);
+            apply_metadata(md, req, Kind::Dir);
             if let Some(m) = req.mode {
                 md.insert("mode".into(), ((m & 0o7777) | S_IFDIR).to_string());
             }
@@ -1239,18 +1499,22 @@ impl Fs {
             has_metadata: true,
             checksum_crc32: res.checksum_crc32,
         };
+        // A symlink or special file keeps its kind (its stored mode says it).
+        let kind = attrs::kind_from_meta(&meta)
+            .filter(|k| !k.is_dir())
+            .unwrap_or(Kind::File);
         let attr = {
             let mut table = self.inodes.lock();
             match table.get_mut(ino) {
                 Some(i) => {
-                    i.attr =
-                        attrs::attr_from_meta(ino, Kind::File, Some(&meta), &self.cfg.defaults);
+                    i.attr = attrs::attr_from_meta(ino, kind, Some(&meta), &self.cfg.defaults);
+                    i.written_etag = meta.etag.clone();
                     i.meta = Some(meta);
                     i.fetched = Instant::now();
                     i.page_cache_etag = None;
                     i.attr
                 }
-                None => attrs::attr_from_meta(ino, Kind::File, Some(&meta), &self.cfg.defaults),
+                None => attrs::attr_from_meta(ino, kind, Some(&meta), &self.cfg.defaults),
             }
         };
         self.note_inode(ino);
@@ -1312,6 +1576,14 @@ impl Fs {
         if entry.kind == Kind::Dir {
             return Err(Errno::EISDIR);
         }
+        let open_ino = self
+            .inodes
+            .lock()
+            .find(parent.ino, name)
+            .filter(|ino| self.open_files.get(*ino).is_some() || self.has_readers(*ino));
+        if let Some(ino) = open_ino {
+            self.orphan(ino).await?;
+        }
         let was_pending = match self.pending.lock().remove(&key) {
             Some(p) => {
                 p.unlinked.store(true, Ordering::Relaxed);
@@ -1326,7 +1598,52 @@ impl Fs {
         }
         self.inodes.lock().remove_name(parent.ino, name);
         self.note_entry(&parent.key, name, None);
+        self.touch_dir(parent.ino);
         self.keep_visible(&parent).await;
+        Ok(())
+    }
+
+    /// `ino` is unlinked while descriptors have it open: make every byte of it local, so they
+    /// go on reading and writing it after its object is deleted, and never upload it again.
+    /// A file larger than --spool-limit is not copied (its descriptors then fail once the
+    /// object is gone).
+    async fn orphan(&self, ino: u64) -> FsResult<()> {
+        let file = match self.open_files.get(ino) {
+            Some(f) => f,
+            None => {
+                let inode = self.inode(ino)?;
+                let state = self.clean_state(&inode, false).await?;
+                self.open_files.insert_unowned(state)
+            }
+        };
+        let mut st = file.state.lock().await;
+        if st.orphan {
+            return Ok(());
+        }
+        if st.size > self.cfg.upload.spool_limit {
+            tracing::warn!(key = %st.key, size = st.size, "a file larger than --spool-limit was unlinked while open: its open descriptors will fail");
+            st.unlinked.store(true, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.ensure_staged(&mut st).await?;
+        let key = st.key.clone();
+        let Some(staged) = st.staged.as_mut() else {
+            return Err(Errno::EIO);
+        };
+        staged
+            .materialize(self.store.as_ref())
+            .await
+            .map_err(|e| errno_of(&e, "unlink of an open file"))?;
+        tracing::debug!(key = %key, "unlinked while open: kept locally until the last close");
+        st.orphan = true;
+        st.dirty = false;
+        st.unlinked.store(true, Ordering::Relaxed);
+        let mut table = self.inodes.lock();
+        if let Some(i) = table.get_mut(ino) {
+            i.unlinked = true;
+            i.attr.nlink = 0;
+            i.attr.ctime = SystemTime::now();
+        }
         Ok(())
     }
 
@@ -1468,34 +1785,26 @@ impl Fs {
 impl Fs {
     /// Before a file that is open for writing is renamed: commit what it has so far, so the
     /// object exists to be copied. Returns the handle to retarget afterwards.
-    pub(super) async fn settle_writer(&self, ino: u64) -> FsResult<Option<Arc<FileHandle>>> {
-        let Some(h) = self.writer_of(ino) else {
+    pub(super) async fn settle_writer(&self, ino: u64) -> FsResult<Option<Arc<OpenFile>>> {
+        let Some(file) = self.writer_of(ino) else {
             return Ok(None);
         };
-        {
-            let FileHandle::Write(lock) = &*h else {
-                return Ok(None);
-            };
-            let mut st = lock.lock().await;
-            self.commit(&mut st).await?;
-        }
-        Ok(Some(h))
+        self.commit(&mut *file.state.lock().await).await?;
+        Ok(Some(file))
     }
 
     /// After the rename: later writes through the handle continue the object at its new key.
     pub(super) async fn retarget_writer(
         &self,
-        h: &FileHandle,
+        file: &OpenFile,
         new_key: &str,
         new_etag: Option<String>,
     ) {
-        if let FileHandle::Write(lock) = h {
-            let mut st = lock.lock().await;
-            st.key = new_key.to_string();
-            if let Some(tag) = new_etag {
-                st.expect = PutCondition::IfMatch(tag.clone());
-                st.base.etag = tag;
-            }
+        let mut st = file.state.lock().await;
+        st.key = new_key.to_string();
+        if let Some(tag) = new_etag {
+            st.expect = PutCondition::IfMatch(tag.clone());
+            st.base.etag = tag;
         }
     }
 }
