@@ -1909,3 +1909,344 @@ async fn metadata_changed_after_a_multipart_upload_started_is_applied_at_close()
     assert_eq!((a.perm, a.mtime), (0o600, t));
     assert!(read_all(&fs, attr.ino).await == body);
 }
+
+// ---- One open-file state per inode, times, special files (issue 14) ----
+
+async fn read_fh(fs: &Fs, fh: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let b = fs.read(fh, out.len() as i64, 128 << 10).await.unwrap();
+        if b.is_empty() {
+            break;
+        }
+        out.extend_from_slice(&b);
+    }
+    out
+}
+
+#[tokio::test]
+async fn descriptors_of_one_file_write_into_one_state() {
+    let (store, fs) = setup("");
+    let body = vec![b'.'; 1 << 20];
+    let attr = write_file(&fs, ROOT_INO, "cw", &body).await;
+    // Four `dd conv=notrunc` at once: each opens, writes its slot, closes.
+    let mut fhs = Vec::new();
+    for _ in 0..4 {
+        fhs.push(fs.open(attr.ino, libc::O_WRONLY).await.unwrap().0);
+    }
+    for (i, fh) in fhs.iter().enumerate() {
+        let at = (i + 1) * 100 << 10;
+        fs.write(*fh, at as i64, &[b'0' + i as u8; 16 << 10])
+            .await
+            .unwrap();
+    }
+    for fh in fhs {
+        fs.flush(fh).await.unwrap();
+        fs.release(fh).await.unwrap();
+    }
+    let got = store.get_bytes("cw").unwrap();
+    assert_eq!(got.len(), 1 << 20);
+    for i in 0..4 {
+        let at = (i + 1) * 100 << 10;
+        assert!(
+            got[at..at + (16 << 10)]
+                .iter()
+                .all(|b| *b == b'0' + i as u8),
+            "slot {i}"
+        );
+    }
+    assert_eq!(got[0], b'.');
+    assert_eq!(store.open_uploads(), 0);
+}
+
+#[tokio::test]
+async fn two_appenders_and_a_tail_see_every_line() {
+    let (store, fs) = setup("");
+    let attr = write_file(&fs, ROOT_INO, "log", b"start\n").await;
+    // `tail -f` holds the file open for reading before the appends.
+    let (tail, _) = fs.open(attr.ino, libc::O_RDONLY).await.unwrap();
+    assert_eq!(read_fh(&fs, tail).await, b"start\n");
+    let mut expect = b"start\n".to_vec();
+    for i in 0..6 {
+        // `echo line >> log` from two shells: open O_APPEND (the kernel writes at the size it
+        // knows), write, close.
+        let (fh, _) = fs
+            .open(attr.ino, libc::O_WRONLY | libc::O_APPEND)
+            .await
+            .unwrap();
+        let line = format!("line {i}\n");
+        let size = fs.getattr(attr.ino).await.unwrap().size;
+        fs.write(fh, size as i64, line.as_bytes()).await.unwrap();
+        fs.flush(fh).await.unwrap();
+        fs.release(fh).await.unwrap();
+        expect.extend_from_slice(line.as_bytes());
+        // The reader's next read at its old end finds the new line.
+        let at = expect.len() - line.len();
+        let got = fs.read(tail, at as i64, 4096).await.unwrap();
+        assert_eq!(&got[..], line.as_bytes(), "tail after append {i}");
+    }
+    fs.release(tail).await.unwrap();
+    assert_eq!(store.get_bytes("log").unwrap(), expect);
+}
+
+#[tokio::test]
+async fn interleaved_appends_through_two_open_descriptors_keep_both() {
+    let (store, fs) = setup("");
+    let attr = write_file(&fs, ROOT_INO, "log", b"").await;
+    let (a, _) = fs
+        .open(attr.ino, libc::O_WRONLY | libc::O_APPEND)
+        .await
+        .unwrap();
+    let (b, _) = fs
+        .open(attr.ino, libc::O_WRONLY | libc::O_APPEND)
+        .await
+        .unwrap();
+    let mut expect = Vec::new();
+    for i in 0..10 {
+        let fh = if i % 2 == 0 { a } else { b };
+        let line = format!("writer {} line {i}\n", i % 2);
+        fs.write(fh, expect.len() as i64, line.as_bytes())
+            .await
+            .unwrap();
+        expect.extend_from_slice(line.as_bytes());
+    }
+    fs.flush(a).await.unwrap();
+    fs.release(a).await.unwrap();
+    fs.flush(b).await.unwrap();
+    fs.release(b).await.unwrap();
+    assert_eq!(store.get_bytes("log").unwrap(), expect);
+}
+
+#[tokio::test]
+async fn a_reader_sees_a_truncation_by_a_writer_as_zeros() {
+    let (_store, fs) = setup("");
+    let attr = write_file(&fs, ROOT_INO, "t", &[9u8; 8000]).await;
+    let (w, _) = fs.open(attr.ino, libc::O_RDWR).await.unwrap();
+    let (r, _) = fs.open(attr.ino, libc::O_RDONLY).await.unwrap();
+    let truncate = |n| SetAttr {
+        size: Some(n),
+        ..Default::default()
+    };
+    fs.setattr(attr.ino, Some(w), truncate(1000)).await.unwrap();
+    fs.setattr(attr.ino, Some(w), truncate(5000)).await.unwrap();
+    let got = read_fh(&fs, r).await;
+    assert_eq!(got.len(), 5000);
+    assert!(got[..1000].iter().all(|b| *b == 9));
+    assert!(
+        got[1000..].iter().all(|b| *b == 0),
+        "zeros after the truncation"
+    );
+    fs.release(r).await.unwrap();
+    fs.flush(w).await.unwrap();
+    fs.release(w).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unlinked_open_file_lives_on_locally_until_its_last_close() {
+    let (store, fs) = setup("");
+    let (attr, fh) = fs
+        .create(ROOT_INO, b"g", 0o644, libc::O_RDWR, ME)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"Hello").await.unwrap();
+    // A reader opened before the unlink, of another file that is committed.
+    let other = write_file(&fs, ROOT_INO, "h", b"committed bytes").await;
+    let (r, _) = fs.open(other.ino, libc::O_RDONLY).await.unwrap();
+    fs.unlink(ROOT_INO, b"g").await.unwrap();
+    fs.unlink(ROOT_INO, b"h").await.unwrap();
+    assert_eq!(&fs.read(fh, 0, 5).await.unwrap()[..], b"Hello");
+    assert_eq!(fs.getattr(attr.ino).await.unwrap().nlink, 0);
+    fs.write(fh, 5, b", world").await.unwrap();
+    assert_eq!(&fs.read(fh, 0, 100).await.unwrap()[..], b"Hello, world");
+    assert_eq!(read_fh(&fs, r).await, b"committed bytes");
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    fs.release(r).await.unwrap();
+    assert_eq!(fs.lookup(ROOT_INO, b"g").await, Err(Errno::ENOENT));
+    assert!(
+        store.keys().is_empty(),
+        "nothing re-created: {:?}",
+        store.keys()
+    );
+    assert_eq!(store.open_uploads(), 0);
+    let staged: Vec<_> = std::fs::read_dir(&fs.config().staging_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".staged"))
+        .collect();
+    let _ = staged; // shared by the tests of this process: not checked here
+}
+
+fn stored(store: &MockStore, key: &str, name: &str) -> Option<String> {
+    store.metadata_of(key).and_then(|m| m.get(name).cloned())
+}
+
+#[tokio::test]
+async fn writes_set_mtime_and_ctime() {
+    let (store, fs) = setup("");
+    let attr = write_file(&fs, ROOT_INO, "f", b"a\n").await;
+    let old = attrs::parse_time(&stored(&store, "f", "mtime").unwrap()).unwrap();
+    let past = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+    fs.setattr(
+        attr.ino,
+        None,
+        SetAttr {
+            mtime: Some(past),
+            atime: Some(past),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(stored(&store, "f", "mtime").as_deref(), Some("1000000"));
+    assert_eq!(stored(&store, "f", "atime").as_deref(), Some("1000000"));
+    let ctime = attrs::parse_time(&stored(&store, "f", "ctime").unwrap()).unwrap();
+    assert!(ctime >= old, "chmod/utimens set ctime");
+    // `echo b >> f`
+    let (fh, _) = fs
+        .open(attr.ino, libc::O_WRONLY | libc::O_APPEND)
+        .await
+        .unwrap();
+    fs.write(fh, 2, b"b\n").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let mtime = attrs::parse_time(&stored(&store, "f", "mtime").unwrap()).unwrap();
+    assert!(mtime >= old, "append moved mtime: {mtime:?} < {old:?}");
+    assert_eq!(fs.getattr(attr.ino).await.unwrap().mtime, mtime);
+    // pwrite inside the file (staged)
+    let (fh, _) = fs.open(attr.ino, libc::O_WRONLY).await.unwrap();
+    fs.setattr(
+        attr.ino,
+        None,
+        SetAttr {
+            mtime: Some(past),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    fs.write(fh, 0, b"X").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let mtime = attrs::parse_time(&stored(&store, "f", "mtime").unwrap()).unwrap();
+    assert!(mtime > past, "a write after utimens moves mtime again");
+    assert_eq!(store.get_bytes("f").unwrap(), &b"X\nb\n"[..]);
+}
+
+#[tokio::test]
+async fn symlinks_keep_their_kind_through_chown_and_utimens() {
+    let (store, fs) = setup("");
+    let link = fs
+        .symlink(ROOT_INO, b"lnk", b"target.txt", ME)
+        .await
+        .unwrap();
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_500_000_000);
+    let attr = fs
+        .setattr(
+            link.ino,
+            None,
+            SetAttr {
+                uid: Some(7),
+                gid: Some(8),
+                mtime: Some(t),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(attr.kind, Kind::Symlink);
+    assert_eq!((attr.uid, attr.gid, attr.mtime), (7, 8, t));
+    assert_eq!(stored(&store, "lnk", "mode").as_deref(), Some("41471"));
+    assert_eq!(store.get_bytes("lnk").unwrap(), &b"target.txt"[..]);
+    // A listing after the TTL does not turn it into a regular file.
+    let fs2 = Fs::new(store.clone(), {
+        let mut c = test_config("");
+        c.metadata_ttl = std::time::Duration::ZERO;
+        c
+    });
+    let a = fs2.lookup(ROOT_INO, b"lnk").await.unwrap();
+    assert_eq!(a.kind, Kind::Symlink);
+    assert_eq!(&fs2.readlink(a.ino).await.unwrap()[..], b"target.txt");
+}
+
+#[tokio::test]
+async fn special_files_are_stored_as_s3fs_stores_them() {
+    let (store, fs) = setup("");
+    let fifo = fs
+        .mknod(ROOT_INO, b"fifo", attrs::S_IFIFO | 0o640, 0, ME)
+        .await
+        .unwrap();
+    assert_eq!(fifo.kind, Kind::Special(attrs::S_IFIFO));
+    assert_eq!(fifo.perm, 0o640);
+    let dev = fs
+        .mknod(ROOT_INO, b"dev", attrs::S_IFCHR | 0o600, 0x0103, ME)
+        .await
+        .unwrap();
+    assert_eq!(dev.rdev, 0x0103);
+    let reg = fs
+        .mknod(ROOT_INO, b"reg", attrs::S_IFREG | 0o600, 0, ME)
+        .await
+        .unwrap();
+    assert_eq!(reg.kind, Kind::File);
+    assert_eq!(stored(&store, "fifo", "mode").as_deref(), Some("4512")); // 010640
+    assert_eq!(stored(&store, "dev", "rdev").as_deref(), Some("259"));
+    assert_eq!(store.get_bytes("reg").unwrap().len(), 0);
+    // Another mount finds them by HEAD.
+    let fs2 = Fs::new(store.clone(), test_config(""));
+    let a = fs2.lookup(ROOT_INO, b"fifo").await.unwrap();
+    assert_eq!((a.kind, a.perm), (Kind::Special(attrs::S_IFIFO), 0o640));
+    assert_eq!(fs2.open(a.ino, libc::O_RDONLY).await, Err(Errno::ENXIO));
+    let a = fs2.lookup(ROOT_INO, b"dev").await.unwrap();
+    assert_eq!((a.kind, a.rdev), (Kind::Special(attrs::S_IFCHR), 0x0103));
+    // chmod keeps the type.
+    let a = fs
+        .setattr(
+            fifo.ino,
+            None,
+            SetAttr {
+                mode: Some(0o600),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.kind, Kind::Special(attrs::S_IFIFO));
+    assert_eq!(stored(&store, "fifo", "mode").as_deref(), Some("4480")); // 010600
+}
+
+#[tokio::test]
+async fn directory_modes_survive_later_listings() {
+    let (_store, fs) = setup("");
+    let d = fs.mkdir(ROOT_INO, b"d", 0o700, ME).await.unwrap();
+    let before = fs.getattr(ROOT_INO).await.unwrap().mtime;
+    // The parent's listing (as readdirplus would give it) keeps the mode mkdir stored.
+    let fh = fs.opendir(ROOT_INO).await.unwrap();
+    let items = fs.readdir(fh, 0, usize::MAX, true).await.unwrap();
+    fs.releasedir(fh);
+    let item = items.iter().find(|i| i.name == "d").unwrap();
+    let a = fs.lookup_listed(ROOT_INO, item).unwrap();
+    assert_eq!((a.ino, a.perm), (d.ino, 0o700));
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    write_file(&fs, d.ino, "x", b"1").await;
+    assert!(
+        fs.getattr(d.ino).await.unwrap().mtime > before,
+        "entries change a directory's mtime"
+    );
+}
+
+#[tokio::test]
+async fn sizes_past_the_s3_object_limit_are_efbig() {
+    let (_store, fs) = setup("");
+    let attr = write_file(&fs, ROOT_INO, "f", b"x").await;
+    let r = fs
+        .setattr(
+            attr.ino,
+            None,
+            SetAttr {
+                size: Some(999_999_999_999_999),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(r, Err(Errno::EFBIG));
+}

@@ -155,6 +155,11 @@ impl MockStore {
         self.objects.lock().get(key).map(|o| o.data.clone())
     }
 
+    /// The stored user metadata of `key` (not counted as a request).
+    pub fn metadata_of(&self, key: &str) -> Option<UserMetadata> {
+        self.objects.lock().get(key).map(|o| o.metadata.clone())
+    }
+
     pub fn keys(&self) -> Vec<String> {
         self.objects.lock().keys().cloned().collect()
     }
