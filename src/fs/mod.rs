@@ -848,7 +848,17 @@ impl Fs {
         );
         let list = list.map_err(|e| errno_of(&e, "lookup list"))?;
         if !list.objects.is_empty() || !list.common_prefixes.is_empty() {
-            let marker = list.objects.into_iter().find(|o| o.key == dir_prefix);
+            let mut marker = list.objects.into_iter().find(|o| o.key == dir_prefix);
+            if marker.is_some() {
+                // The listing names the marker but not its metadata (mode, owner, times that
+                // mkdir, chmod or s3fs stored): one HEAD, for directories with a marker only.
+                match self.store.head(&dir_prefix).await {
+                    Ok(m) => marker = Some(m),
+                    Err(e) => {
+                        tracing::debug!(key = %dir_prefix, error = %e, "HEAD of a directory marker failed; showing defaults")
+                    }
+                }
+            }
             if head.is_ok() {
                 self.warn.warn(&key, "key is both a file and a directory prefix; showing the directory, hiding the file");
             }

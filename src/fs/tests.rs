@@ -2250,3 +2250,53 @@ async fn sizes_past_the_s3_object_limit_are_efbig() {
         .await;
     assert_eq!(r, Err(Errno::EFBIG));
 }
+
+#[tokio::test]
+async fn rmdir_removes_an_s3fs_old_style_directory_object() {
+    let (store, fs) = setup("");
+    store.insert_with(
+        "olddir",
+        "",
+        UserMetadata::new(),
+        Some("application/x-directory".into()),
+    );
+    let a = fs.lookup(ROOT_INO, b"olddir").await.unwrap();
+    assert_eq!(a.kind, Kind::Dir);
+    fs.rmdir(ROOT_INO, b"olddir").await.unwrap();
+    assert!(store.keys().is_empty(), "left: {:?}", store.keys());
+}
+
+#[tokio::test]
+async fn directory_attributes_come_from_the_marker_after_a_remount() {
+    let (store, fs) = setup("");
+    let d = fs.mkdir(ROOT_INO, b"d", 0o700, ME).await.unwrap();
+    fs.setattr(
+        d.ino,
+        None,
+        SetAttr {
+            uid: Some(1234),
+            gid: Some(1234),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // A marker written by s3fs, with its metadata.
+    let mut md = UserMetadata::new();
+    md.insert("mode".into(), "16832".into()); // 040700
+    md.insert("uid".into(), "42".into());
+    md.insert("mtime".into(), "1600000000".into());
+    store.insert_with("s3fsdir/", "", md, Some("application/x-directory".into()));
+    let fs2 = Fs::new(store.clone(), test_config(""));
+    let a = fs2.lookup(ROOT_INO, b"d").await.unwrap();
+    assert_eq!(
+        (a.kind, a.perm, a.uid, a.gid),
+        (Kind::Dir, 0o700, 1234, 1234)
+    );
+    let a = fs2.lookup(ROOT_INO, b"s3fsdir").await.unwrap();
+    assert_eq!((a.perm, a.uid), (0o700, 42));
+    assert_eq!(
+        a.mtime,
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000)
+    );
+}

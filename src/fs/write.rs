@@ -1690,6 +1690,7 @@ impl Fs {
             meta: Some(meta),
         };
         self.note_entry(&parent.key, name, Some(entry.clone()));
+        self.touch_dir(parent.ino);
         Ok(self.remember_entry(&parent, name, &entry))
     }
 
@@ -1735,6 +1736,7 @@ impl Fs {
             meta: Some(meta),
         };
         self.note_entry(&parent.key, name, Some(entry.clone()));
+        self.touch_dir(parent.ino);
         // The kernel looked it up before: nothing was below this prefix, so it starts empty.
         if !self.cfg.metadata_ttl.is_zero() {
             self.listings.lock().put(
@@ -1765,10 +1767,15 @@ impl Fs {
         if page.objects.iter().any(|o| o.key != prefix) || !page.common_prefixes.is_empty() {
             return Err(Errno::ENOTEMPTY);
         }
-        for k in [
+        let mut markers = vec![
             prefix.clone(),
             format!("{key}{}", crate::store::LEGACY_FOLDER_SUFFIX),
-        ] {
+        ];
+        // s3fs's old style: an object `dir` (no slash) whose Content-Type says directory.
+        if entry.meta.as_ref().is_some_and(|m| m.key == key) {
+            markers.push(key.clone());
+        }
+        for k in markers {
             match self.store.delete(&k).await {
                 Ok(()) | Err(StoreError::NotFound(_)) => {}
                 Err(e) => return Err(errno_of(&e, "rmdir")),
@@ -1777,6 +1784,7 @@ impl Fs {
         self.inodes.lock().remove_name(parent.ino, name);
         self.listings.lock().pop(&prefix);
         self.invalidate(&parent.key, &key);
+        self.touch_dir(parent.ino);
         self.keep_visible(&parent).await;
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! Extended attributes, stored like s3fs: every attribute of an object in one
 //! `x-amz-meta-xattr` header holding `{"name":"base64 value",...}`, URL-encoded.
 //!
-//! Only the `user.` and `trusted.` namespaces are stored (the kernel checks who may use which,
+//! The `user.` and `trusted.` namespaces (and names without one, as s3fs stores them) are stored (the kernel checks who may use which,
 //! with default_permissions). `system.` (POSIX ACLs, which this filesystem does not enforce)
 //! and `security.` (capabilities, LSM labels) are refused when set and absent when read, so the
 //! questions the kernel and `ls -l` ask about them (`security.capability` before every write,
@@ -36,8 +36,10 @@ const LENIENT_BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPu
 /// Attribute names mapped to their values, in name order (the order s3fs writes them in).
 pub type Xattrs = BTreeMap<String, Vec<u8>>;
 
+/// Every name but the kernel's own namespaces is stored: `user.`, `trusted.`, and (as s3fs on
+/// Linux does, FUSE passing any name through) names without a namespace at all.
 fn stored_namespace(name: &str) -> bool {
-    name.starts_with("user.") || name.starts_with("trusted.")
+    !name.is_empty() && !name.starts_with("security.") && !name.starts_with("system.")
 }
 
 /// Parse the header value. Lenient where s3fs is (whitespace around quoted tokens, either hex
@@ -294,6 +296,11 @@ mod tests {
     fn only_names_the_format_can_hold_are_accepted() {
         assert_eq!(checked_name(b"user.ok-name_1"), Ok("user.ok-name_1"));
         assert_eq!(checked_name(b"trusted.x"), Ok("trusted.x"));
+        assert_eq!(
+            checked_name(b"key1"),
+            Ok("key1"),
+            "s3fs accepts names without a namespace"
+        );
         assert_eq!(checked_name(b"security.capability"), Err(Errno::ENOTSUP));
         assert_eq!(
             checked_name(b"system.posix_acl_access"),
