@@ -1394,4 +1394,6 @@ fn stand_in_ino(parent: u64, name: &str) -> u64 {
 }
 
 #[cfg(test)]
+mod model_tests;
+#[cfg(test)]
 mod tests;

@@ -9,7 +9,7 @@ use crate::store::UserMetadata;
 
 /// The configuration of a test filesystem: what failed uploads keep goes to a staging
 /// directory of this test process, removed when it exits, not to the shared default.
-fn test_config(prefix: &str) -> FsConfig {
+pub(super) fn test_config(prefix: &str) -> FsConfig {
     static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     extern "C" fn remove_staging() {
         if let Some(dir) = DIR.get() {
@@ -301,7 +301,7 @@ async fn symlink_written_by_s3fs_reads_its_target() {
     assert_eq!(&fs.readlink(a.ino).await.unwrap()[..], b"target/file");
 }
 
-const ME: Caller = Caller {
+pub(super) const ME: Caller = Caller {
     uid: 1000,
     gid: 1000,
 };

@@ -123,7 +123,7 @@ fn apply_metadata(md: &mut UserMetadata, req: &SetAttr, kind: Kind) {
     if let Some(t) = req.atime {
         md.insert("atime".into(), format_time(t));
     }
-    if req.kill_suid_sgid && req.mode.is_none() && kind == Kind::File {
+    if req.kill_suid_sgid && req.mode.is_none() && !kind.is_dir() {
         drop_set_id_bits(md);
     }
     if req.changes_metadata() || req.size.is_some() {
@@ -1118,7 +1118,7 @@ impl Fs {
             .or_else(|| self.writer_of(ino));
         let perm = inode.attr.perm as u32;
         let metadata_change = req.changes_metadata()
-            || (req.kill_suid_sgid && inode.kind == Kind::File && without_suid_sgid(perm) != perm);
+            || (req.kill_suid_sgid && !inode.kind.is_dir() && without_suid_sgid(perm) != perm);
         if let Some(file) = &handle {
             let mut st = file.state.lock().await;
             if let Some(e) = st.error {
