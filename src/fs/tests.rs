@@ -2300,3 +2300,28 @@ async fn directory_attributes_come_from_the_marker_after_a_remount() {
         std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000)
     );
 }
+
+#[tokio::test]
+async fn a_truncating_open_moves_mtime_before_and_after_close() {
+    let (_store, fs) = setup("");
+    let attr = write_file(&fs, ROOT_INO, "f", b"test\n").await;
+    let past = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+    let req = SetAttr {
+        mtime: Some(past),
+        ..Default::default()
+    };
+    fs.setattr(attr.ino, None, req).await.unwrap();
+    // open(O_WRONLY|O_TRUNC) as the kernel sends it: open, then a setattr of the size.
+    let (fh, _) = fs.open(attr.ino, libc::O_WRONLY).await.unwrap();
+    let req = SetAttr {
+        size: Some(0),
+        ..Default::default()
+    };
+    let a = fs.setattr(attr.ino, Some(fh), req).await.unwrap();
+    assert!(a.mtime > past && a.ctime > past, "{a:?}");
+    assert!(fs.getattr(attr.ino).await.unwrap().mtime > past);
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let a = fs.getattr(attr.ino).await.unwrap();
+    assert!(a.mtime > past && a.size == 0, "{a:?}");
+}

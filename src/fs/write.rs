@@ -1241,10 +1241,16 @@ impl Fs {
         if let Some(u) = st.upload.as_mut() {
             u.set_metadata(md);
         }
+        // The attributes as they will be stored: with the time of writes not stamped yet.
+        let mut metadata = st.metadata.clone();
+        if let Some(t) = st.last_write {
+            metadata.insert("mtime".into(), format_time(t));
+            metadata.insert("ctime".into(), format_time(t));
+        }
         let meta = ObjectMeta {
             key: st.key.clone(),
             size: st.size,
-            metadata: st.metadata.clone(),
+            metadata,
             has_metadata: true,
             ..Default::default()
         };
