@@ -244,6 +244,9 @@ pub struct Fs {
     /// Directories whose subtree was listed ahead, and when.
     walked: Mutex<LruCache<String, Instant>>,
     negative: Mutex<LruCache<String, Instant>>,
+    /// Stored metadata (mode, owner, times, kind) known per object version, so a listing, which
+    /// carries none, does not make a symlink a file again or times the upload times.
+    known: Mutex<LruCache<String, KnownMeta>>,
     files: Mutex<HashMap<u64, Arc<FileHandle>>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
@@ -258,6 +261,18 @@ pub struct Fs {
 }
 
 type ListingCache = LruCache<String, (Instant, Arc<Listing>)>;
+
+/// What a HEAD or this mount's own write said about one version of an object.
+#[derive(Clone, Debug)]
+struct KnownMeta {
+    meta: ObjectMeta,
+    /// The server's LastModified, when a HEAD said it: a metadata-only copy by another client
+    /// keeps a single-PUT object's ETag but changes this.
+    server_time: Option<SystemTime>,
+}
+
+/// Versions whose metadata is remembered.
+const KNOWN_VERSIONS: usize = 65_536;
 
 /// `a/b/` -> `a/`, `a/` -> `` (the bucket root); `` has no parent.
 fn parent_prefix(prefix: &str) -> Option<&str> {
@@ -659,6 +674,7 @@ impl Fs {
             listing_generation: Arc::default(),
             walked: Mutex::new(LruCache::new(nz(1024))),
             negative: Mutex::new(LruCache::new(nz(16_384))),
+            known: Mutex::new(LruCache::new(nz(KNOWN_VERSIONS))),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -777,7 +793,9 @@ impl Fs {
             .entries
             .iter()
             .filter(|(_, e)| {
-                e.kind == Kind::File && e.meta.as_ref().is_some_and(|m| !m.has_metadata)
+                e.kind == Kind::File
+                    && e.meta.as_ref().is_some_and(|m| !m.has_metadata)
+                    && self.enrich(e).is_none()
             })
             .filter_map(|(n, e)| Some((n.clone(), e.meta.as_ref()?.key.clone())))
             .collect();
@@ -789,6 +807,7 @@ impl Fs {
         for (name, head) in heads {
             match head {
                 Ok(meta) => {
+                    self.learn(&meta, true);
                     let kind = attrs::kind_from_meta(&meta)
                         .filter(|k| !k.is_dir())
                         .unwrap_or(Kind::File);
@@ -815,8 +834,53 @@ impl Fs {
         move |ino| attrs::attr_from_meta(ino, kind, meta.as_ref(), &self.cfg.defaults)
     }
 
+    /// Remember the stored metadata of an object version (from a HEAD when `from_server`,
+    /// else from this mount's own write).
+    pub(super) fn learn(&self, meta: &ObjectMeta, from_server: bool) {
+        if meta.has_metadata && meta.etag.is_some() {
+            let known = KnownMeta {
+                meta: meta.clone(),
+                server_time: if from_server {
+                    meta.last_modified
+                } else {
+                    None
+                },
+            };
+            self.known.lock().put(meta.key.clone(), known);
+        }
+    }
+
+    /// A listing's entry with the stored metadata of its version, if known.
+    fn enrich(&self, entry: &DirEntry) -> Option<DirEntry> {
+        let listed = entry.meta.as_ref().filter(|m| !m.has_metadata)?;
+        let etag = listed.etag.as_ref()?;
+        let mut known = self.known.lock();
+        let k = known.get(&listed.key)?;
+        let same = k.meta.etag.as_ref() == Some(etag)
+            && k.server_time
+                .is_none_or(|t| Some(t) == listed.last_modified);
+        if !same {
+            known.pop(&listed.key);
+            return None;
+        }
+        let kind = attrs::kind_from_meta(&k.meta)
+            .filter(|k| !k.is_dir())
+            .unwrap_or(entry.kind);
+        let mut meta = k.meta.clone();
+        meta.size = listed.size;
+        Some(DirEntry {
+            kind,
+            meta: Some(meta),
+        })
+    }
+
     /// Register `parent/name` as found (counting one kernel lookup) and return its attributes.
     pub fn remember_entry(&self, parent: &Inode, name: &str, entry: &DirEntry) -> Attr {
+        let enriched = match entry.kind {
+            Kind::Dir => None,
+            _ => self.enrich(entry),
+        };
+        let entry = enriched.as_ref().unwrap_or(entry);
         let (kind, meta) = match &entry.meta {
             Some(m) if m.has_metadata => (
                 attrs::kind_from_meta(m)
@@ -869,6 +933,7 @@ impl Fs {
         }
         match head {
             Ok(meta) => {
+                self.learn(&meta, true);
                 let kind = if attrs::is_directory_content_type(&meta)
                     || attrs::kind_from_meta(&meta) == Some(Kind::Dir)
                 {
@@ -996,6 +1061,7 @@ impl Fs {
             .head(&inode.key)
             .await
             .map_err(|e| errno_of(&e, "getattr"))?;
+        self.learn(&meta, true);
         let kind = attrs::kind_from_meta(&meta)
             .filter(|k| !k.is_dir())
             .unwrap_or(Kind::File);
@@ -1317,11 +1383,16 @@ impl Fs {
                     let ino = table
                         .find(handle.ino, name)
                         .unwrap_or_else(|| stand_in_ino(handle.ino, name));
+                    // A symlink or FIFO this mount knows of is one in `ls` and `find -type` too.
+                    let entry = match entry.kind {
+                        Kind::File => self.enrich(entry).unwrap_or_else(|| entry.clone()),
+                        _ => entry.clone(),
+                    };
                     DirItem {
                         next_offset,
                         name: name.clone(),
                         kind: entry.kind,
-                        entry: Some(entry.clone()),
+                        entry: Some(entry),
                         ino,
                         listed_at: handle.listed_at,
                     }

@@ -2325,3 +2325,57 @@ async fn a_truncating_open_moves_mtime_before_and_after_close() {
     let a = fs.getattr(attr.ino).await.unwrap();
     assert!(a.mtime > past && a.size == 0, "{a:?}");
 }
+
+#[tokio::test]
+async fn what_a_head_told_survives_listings_of_the_same_version() {
+    let (store, fs) = setup("");
+    let mut md = UserMetadata::new();
+    md.insert("mode".into(), "41471".into()); // an s3fs symlink
+    md.insert("mtime".into(), "1500000000".into());
+    store.insert_with("lnk", "target", md, None);
+    let mut md = UserMetadata::new();
+    md.insert("mode".into(), "33152".into()); // 0100600
+    md.insert("mtime".into(), "1400000000".into());
+    store.insert_with("f", "data", md, None);
+    let a = fs.lookup(ROOT_INO, b"lnk").await.unwrap();
+    assert_eq!(a.kind, Kind::Symlink);
+    let f = fs.lookup(ROOT_INO, b"f").await.unwrap();
+    fs.forget(a.ino, 1);
+    fs.forget(f.ino, 1);
+    // A listing (readdirplus) of the directory later: kinds, modes and times stay.
+    let heads = store.counters.head.load(Ordering::Relaxed);
+    let fh = fs.opendir(ROOT_INO).await.unwrap();
+    let items = fs.readdir(fh, 0, usize::MAX, true).await.unwrap();
+    fs.releasedir(fh);
+    let lnk = items.iter().find(|i| i.name == "lnk").unwrap();
+    assert_eq!(lnk.kind, Kind::Symlink);
+    let a = fs.lookup_listed(ROOT_INO, lnk).unwrap();
+    assert_eq!(a.kind, Kind::Symlink);
+    let f = items.iter().find(|i| i.name == "f").unwrap();
+    let a = fs.lookup_listed(ROOT_INO, f).unwrap();
+    assert_eq!(a.perm, 0o600);
+    assert_eq!(
+        a.mtime,
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_400_000_000)
+    );
+    assert_eq!(
+        store.counters.head.load(Ordering::Relaxed),
+        heads,
+        "no HEAD"
+    );
+    // Another version of the object: the listing's word counts again.
+    store.insert("f", "new data");
+    let fs_items = {
+        let fs2 = &fs;
+        fs2.listings_changed();
+        fs2.listings.lock().clear();
+        let fh = fs2.opendir(ROOT_INO).await.unwrap();
+        let items = fs2.readdir(fh, 0, usize::MAX, true).await.unwrap();
+        fs2.releasedir(fh);
+        items
+    };
+    let f = fs_items.iter().find(|i| i.name == "f").unwrap();
+    fs.forget(a.ino, 2);
+    let a = fs.lookup_listed(ROOT_INO, f).unwrap();
+    assert_eq!((a.perm, a.size), (0o644, 8));
+}

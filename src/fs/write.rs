@@ -488,6 +488,7 @@ impl Fs {
             last_modified: Some(now),
             ..Default::default()
         };
+        self.learn(&meta, false);
         Ok(DirEntry {
             kind,
             meta: Some(meta),
@@ -1015,6 +1016,7 @@ impl Fs {
             // of this file verifies against it without a HEAD.
             checksum_crc32,
         };
+        self.learn(&meta, false);
         {
             let mut table = self.inodes.lock();
             if let Some(i) = table.get_mut(st.ino) {
@@ -1505,6 +1507,7 @@ impl Fs {
             has_metadata: true,
             checksum_crc32: res.checksum_crc32,
         };
+        self.learn(&meta, false);
         // A symlink or special file keeps its kind (its stored mode says it).
         let kind = attrs::kind_from_meta(&meta)
             .filter(|k| !k.is_dir())
@@ -1691,6 +1694,7 @@ impl Fs {
             last_modified: Some(now),
             ..Default::default()
         };
+        self.learn(&meta, false);
         let entry = DirEntry {
             kind: Kind::Symlink,
             meta: Some(meta),
