@@ -1079,10 +1079,29 @@ impl Fs {
         self.bounded("getattr", ino, self.getattr_inner(ino)).await
     }
 
+    /// A directory's link count: 2 plus its subdirectories, when a fresh listing of it says
+    /// how many (else 2, which tools take as "unknown": no filesystem of this type is trusted
+    /// for find's leaf optimisation).
+    fn with_dir_links(&self, mut attr: Attr, key: &str) -> Attr {
+        if let Some((at, listing)) = self.listings.lock().peek(key) {
+            if self.fresh(*at) {
+                let subdirs = listing
+                    .entries
+                    .values()
+                    .filter(|e| e.kind == Kind::Dir)
+                    .count();
+                attr.nlink = 2 + u32::try_from(subdirs).unwrap_or(u32::MAX - 2);
+            }
+        }
+        attr
+    }
+
     async fn getattr_inner(&self, ino: u64) -> FsResult<Attr> {
         let inode = self.inode(ino)?;
-        if inode.kind == Kind::Dir
-            || inode.unlinked
+        if inode.kind == Kind::Dir {
+            return Ok(self.with_dir_links(inode.attr, &inode.key));
+        }
+        if inode.unlinked
             || self.fresh(inode.fetched)
             || self.pending.lock().contains_key(&inode.key)
             || self.open_files.get(ino).is_some()

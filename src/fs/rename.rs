@@ -7,6 +7,7 @@ use std::time::Instant;
 use futures::StreamExt;
 
 use super::attrs::Kind;
+use super::dir::DirEntry;
 use super::{errno_of, Errno, Fs, FsResult};
 use crate::data::upload::copy_any_size;
 use crate::store::{ObjectMeta, PutCondition, PutOptions, StoreError};
@@ -163,8 +164,18 @@ impl Fs {
                 table.rename_entry(ino, from_dir.ino, name, to_dir.ino, newname);
             }
         }
-        self.invalidate(&from_dir.key, &src_key);
-        self.invalidate(&to_dir.key, &dst_key);
+        if src.kind == Kind::Dir {
+            // Known exactly: the entry moves (the link counts of both parents with it).
+            self.note_entry(&from_dir.key, name, None);
+            let moved = DirEntry {
+                kind: Kind::Dir,
+                meta: None,
+            };
+            self.note_entry(&to_dir.key, newname, Some(moved));
+        } else {
+            self.invalidate(&from_dir.key, &src_key);
+            self.invalidate(&to_dir.key, &dst_key);
+        }
         self.keep_visible(&from_dir).await;
         Ok(())
     }

@@ -2379,3 +2379,20 @@ async fn what_a_head_told_survives_listings_of_the_same_version() {
     let a = fs.lookup_listed(ROOT_INO, f).unwrap();
     assert_eq!((a.perm, a.size), (0o644, 8));
 }
+
+#[tokio::test]
+async fn a_directory_counts_its_subdirectories_as_links() {
+    let (_store, fs) = setup("");
+    let p = fs.mkdir(ROOT_INO, b"p", 0o755, ME).await.unwrap();
+    assert_eq!(fs.getattr(p.ino).await.unwrap().nlink, 2);
+    fs.mkdir(p.ino, b"a", 0o755, ME).await.unwrap();
+    fs.mkdir(p.ino, b"b", 0o755, ME).await.unwrap();
+    write_file(&fs, p.ino, "f", b"x").await;
+    assert_eq!(fs.getattr(p.ino).await.unwrap().nlink, 4);
+    fs.rmdir(p.ino, b"a").await.unwrap();
+    assert_eq!(fs.getattr(p.ino).await.unwrap().nlink, 3);
+    let q = fs.mkdir(ROOT_INO, b"q", 0o755, ME).await.unwrap();
+    fs.rename(p.ino, b"b", q.ino, b"b", 0).await.unwrap();
+    assert_eq!(fs.getattr(p.ino).await.unwrap().nlink, 2);
+    assert_eq!(fs.getattr(q.ino).await.unwrap().nlink, 3);
+}

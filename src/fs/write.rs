@@ -1793,7 +1793,8 @@ impl Fs {
         }
         self.inodes.lock().remove_name(parent.ino, name);
         self.listings.lock().pop(&prefix);
-        self.invalidate(&parent.key, &key);
+        // The parent's cached listing loses the entry (and so a link: see with_dir_links).
+        self.note_entry(&parent.key, name, None);
         self.touch_dir(parent.ino);
         self.keep_visible(&parent).await;
         Ok(())
