@@ -16,8 +16,8 @@ use tokio::task::JoinSet;
 
 use super::budget::{Budget, Reservation};
 use crate::store::{
-    composite_crc32, crc32_header, ByteRange, CompletedPart, ObjectStore, PutCondition, PutOptions,
-    PutResult, StoreError, StoreResult,
+    composite_crc32, crc32_header, ByteRange, CompletedPart, Feature, ObjectStore, PutCondition,
+    PutOptions, PutResult, StoreError, StoreResult,
 };
 
 pub const MAX_PARTS: i32 = 10_000;
@@ -97,9 +97,18 @@ impl Capabilities {
         self.conditional.store(false, Ordering::Relaxed);
     }
 
-    /// Did this error say the store does not implement conditional writes? Then stop sending them.
+    /// Did this error, the answer to a request that carried a condition, say the store does not
+    /// implement conditional writes? Then stop sending them. An answer that does not say what it
+    /// refuses counts as this (the condition is what a store is likeliest not to know); one
+    /// that names checksums does not.
     pub fn learn_conditional(&self, e: &StoreError) -> bool {
-        let unsupported = is_unsupported(e);
+        let unsupported = matches!(
+            e,
+            StoreError::Unsupported {
+                feature: Feature::ConditionalWrites | Feature::Unknown,
+                ..
+            }
+        );
         if unsupported && self.conditional.swap(false, Ordering::Relaxed) {
             tracing::warn!(error = %e, "store does not implement conditional writes; writing without If-Match/If-None-Match");
         }
@@ -108,17 +117,13 @@ impl Capabilities {
 
     /// Did this error say the store does not understand checksums? Then stop sending them.
     fn learn(&self, e: &StoreError) -> bool {
-        let unsupported = match e {
-            StoreError::Unsupported(_) => true,
-            StoreError::Other(m) => {
-                let m = m.to_ascii_lowercase();
-                m.contains("checksum")
-                    && (m.contains("not implemented")
-                        || m.contains("invalid")
-                        || m.contains("unsupported"))
+        let unsupported = matches!(
+            e,
+            StoreError::Unsupported {
+                feature: Feature::Checksums,
+                ..
             }
-            _ => false,
-        };
+        );
         if unsupported && self.checksums.swap(false, Ordering::Relaxed) {
             tracing::warn!(error = %e, "store rejects checksum headers; uploading without them (integrity then rests on TLS and Content-MD5-less transfer)");
         }
@@ -867,19 +872,6 @@ const ABORT_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(15 *
 /// Abort a multipart upload. When the store cannot be reached (the reason uploads fail), keep
 /// trying in the background, backing off up to 5 s, so the upload is not left open (and
 /// billed) once the store is back; a mount started later reports any that remain.
-/// Does this error say the store does not implement conditional writes?
-fn is_unsupported(e: &StoreError) -> bool {
-    match e {
-        StoreError::Unsupported(_) => true,
-        StoreError::Other(m) => {
-            let m = m.to_ascii_lowercase();
-            (m.contains("if-match") || m.contains("if-none-match") || m.contains("conditional"))
-                && (m.contains("not implemented") || m.contains("not supported"))
-        }
-        _ => false,
-    }
-}
-
 /// The first `size` bytes of an object in equal pieces of at most 5 GiB (what one
 /// UploadPartCopy may copy).
 fn copy_pieces(size: u64) -> impl Iterator<Item = ByteRange> {
@@ -1242,7 +1234,10 @@ mod tests {
         store.inject_fault(
             Op::Put,
             "k",
-            StoreError::Unsupported("x-amz-checksum-crc32 not implemented".into()),
+            StoreError::Unsupported {
+                feature: Feature::Checksums,
+                detail: "x-amz-checksum-crc32 not implemented".into(),
+            },
             1,
         );
         let caps = Arc::new(Capabilities::default());
@@ -1257,6 +1252,40 @@ mod tests {
         u.write(b"data").await.unwrap();
         u.finish().await.unwrap();
         assert!(!caps.checksums());
+        assert_eq!(&store.get_bytes("k").unwrap()[..], b"data");
+    }
+
+    #[tokio::test]
+    async fn a_refused_condition_never_switches_checksums_off() {
+        let store = Arc::new(MockStore::new());
+        // A 501 that does not say which header it refuses, to a conditional PUT.
+        store.inject_fault(
+            Op::Put,
+            "k",
+            StoreError::Unsupported {
+                feature: Feature::Unknown,
+                detail: "A header you provided implies functionality that is not implemented"
+                    .into(),
+            },
+            1,
+        );
+        let caps = Arc::new(Capabilities::default());
+        let opts = PutOptions {
+            condition: crate::store::PutCondition::IfNoneMatch,
+            ..Default::default()
+        };
+        let mut u = StreamUpload::new(
+            store.clone(),
+            "k".into(),
+            opts,
+            small_cfg(),
+            Budget::new(1 << 30),
+            caps.clone(),
+        );
+        u.write(b"data").await.unwrap();
+        u.finish().await.unwrap();
+        assert!(!caps.conditional(), "conditions dropped");
+        assert!(caps.checksums(), "checksums kept");
         assert_eq!(&store.get_bytes("k").unwrap()[..], b"data");
     }
 

@@ -78,7 +78,7 @@ fn errno_of(e: &StoreError, op: &str) -> Errno {
         StoreError::PreconditionFailed(_) => Errno::ESTALE,
         StoreError::InvalidRange(_) => Errno::EINVAL,
         StoreError::Timeout(_) => Errno::ETIMEDOUT,
-        StoreError::Unsupported(_) => Errno::ENOTSUP,
+        StoreError::Unsupported { .. } => Errno::ENOTSUP,
         StoreError::Unreachable(_) | StoreError::Checksum(_) | StoreError::Other(_) => Errno::EIO,
     };
     tracing::warn!(op, error = %e, errno = errno.0, "store request failed");

@@ -222,10 +222,33 @@ pub enum StoreError {
     Timeout(String),
     #[error("checksum mismatch: {0}")]
     Checksum(String),
-    #[error("not supported by this store: {0}")]
-    Unsupported(String),
+    /// The store does not implement something the request used (a 501, or a 400 that names
+    /// the header); `feature` says what, as far as the answer tells.
+    #[error("not supported by this store ({feature}): {detail}")]
+    Unsupported { feature: Feature, detail: String },
     #[error("{0}")]
     Other(String),
+}
+
+/// What a store said it does not implement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Feature {
+    /// `x-amz-checksum-*` headers.
+    Checksums,
+    /// `If-Match` / `If-None-Match` on writes.
+    ConditionalWrites,
+    /// The answer did not say which part of the request.
+    Unknown,
+}
+
+impl std::fmt::Display for Feature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Feature::Checksums => "checksums",
+            Feature::ConditionalWrites => "conditional writes",
+            Feature::Unknown => "a header of the request",
+        })
+    }
 }
 
 impl StoreError {

@@ -249,6 +249,27 @@ fn to_system_time(t: Option<&aws_sdk_s3::primitives::DateTime>) -> Option<System
     t.and_then(|d| SystemTime::try_from(*d).ok())
 }
 
+/// Which feature an error's text names: checksum headers or conditional-write headers.
+fn unsupported_feature(detail: &str) -> Option<Feature> {
+    let m = detail.to_ascii_lowercase();
+    if m.contains("checksum") {
+        Some(Feature::Checksums)
+    } else if m.contains("if-match") || m.contains("if-none-match") || m.contains("conditional") {
+        Some(Feature::ConditionalWrites)
+    } else {
+        None
+    }
+}
+
+/// Does an error's text say the named thing is refused (rather than, say, a wrong value)?
+fn refuses(detail: &str) -> bool {
+    let m = detail.to_ascii_lowercase();
+    m.contains("not implemented")
+        || m.contains("not supported")
+        || m.contains("unsupported")
+        || m.contains("invalid")
+}
+
 /// One place that turns SDK errors into [`StoreError`]s.
 fn map_err<E>(err: SdkError<E, aws_smithy_runtime_api::http::Response>, what: &str) -> StoreError
 where
@@ -290,7 +311,18 @@ where
         }
         (412, _) | (_, "PreconditionFailed") => StoreError::PreconditionFailed(what.to_string()),
         (416, _) | (_, "InvalidRange") => StoreError::InvalidRange(what.to_string()),
-        (501, _) | (_, "NotImplemented") => StoreError::Unsupported(detail()),
+        (501, _) | (_, "NotImplemented") => StoreError::Unsupported {
+            feature: unsupported_feature(&detail()).unwrap_or(Feature::Unknown),
+            detail: detail(),
+        },
+        (400, "InvalidRequest" | "InvalidArgument" | "") => {
+            // Some stores refuse a header they do not implement with a 400 that names it.
+            let detail = detail();
+            match unsupported_feature(&detail) {
+                Some(feature) if refuses(&detail) => StoreError::Unsupported { feature, detail },
+                _ => StoreError::Other(detail),
+            }
+        }
         (
             _,
             "BadDigest"
@@ -946,4 +978,24 @@ fn encode_key(key: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod classify_tests {
+    use super::*;
+
+    #[test]
+    fn refusals_name_the_feature_they_refuse() {
+        let cases = [
+            ("put k: NotImplemented: x-amz-checksum-crc32 header is not implemented", Some(Feature::Checksums)),
+            ("put k: InvalidRequest: Unsupported checksum algorithm", Some(Feature::Checksums)),
+            ("put k: NotImplemented: If-None-Match not supported", Some(Feature::ConditionalWrites)),
+            ("put k: NotImplemented: A header you provided implies functionality that is not implemented", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(unsupported_feature(text), want, "{text}");
+        }
+        assert!(refuses("x-amz-checksum-crc32 header is not implemented"));
+        assert!(!refuses("BadDigest: the CRC32 you specified did not match"));
+    }
 }
