@@ -119,6 +119,11 @@ pub struct Cli {
     #[arg(long, alias = "use-xattr")]
     pub xattr: bool,
 
+    /// Store new objects without a Content-Type from their extension (default: from
+    /// /etc/mime.types, application/octet-stream when unknown, as s3fs and rclone do)
+    #[arg(long)]
+    pub no_content_type: bool,
+
     /// Memory budget for all read and write buffers, e.g. 512MiB, 2GiB
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "512MiB")]
     pub max_memory: u64,

@@ -144,6 +144,7 @@ impl Config {
         fs.metadata_ttl = cli.metadata_ttl;
         fs.list_metadata = cli.list_metadata;
         fs.xattrs = cli.xattr;
+        fs.infer_content_type = !cli.no_content_type;
         fs.op_timeout = cli.op_timeout.max(Duration::from_millis(100));
         fs.conditional_writes = !cli.no_conditional_writes;
         // Idle GET buffers kept for reuse: a sequential reader's GETs finish in bursts, and an

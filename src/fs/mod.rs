@@ -4,6 +4,7 @@
 pub mod attrs;
 pub mod dir;
 pub mod inode;
+mod mime;
 mod open_file;
 mod rename;
 mod write;
@@ -105,6 +106,8 @@ pub struct FsConfig {
     /// Extended attributes are served (`--xattr`); otherwise the kernel is told they are not
     /// implemented and stops asking.
     pub xattrs: bool,
+    /// New objects get a Content-Type from their name's extension.
+    pub infer_content_type: bool,
     /// Send If-Match / If-None-Match so a concurrent change is detected, not overwritten.
     pub conditional_writes: bool,
     /// Longest a lookup, getattr, listing, open for reading or read may take before it fails
@@ -135,6 +138,7 @@ impl FsConfig {
             max_memory: 512 << 20,
             list_metadata: false,
             xattrs: false,
+            infer_content_type: true,
             conditional_writes: true,
             op_timeout: Duration::from_secs(60),
             staging_dir: std::env::temp_dir()

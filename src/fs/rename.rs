@@ -114,6 +114,11 @@ impl Fs {
             }
             self.move_tree(&src_prefix, &dst_prefix).await?;
             self.inodes.lock().rekey(&src_prefix, &dst_prefix);
+            if let Some(ino) = src_ino {
+                if let Some(i) = self.inodes.lock().get_mut(ino) {
+                    i.attr.ctime = std::time::SystemTime::now();
+                }
+            }
             self.listings_changed();
             let mut listings = self.listings.lock();
             let stale: Vec<String> = listings

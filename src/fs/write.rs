@@ -323,6 +323,7 @@ impl Fs {
     ) -> StreamUpload {
         let opts = PutOptions {
             metadata: metadata.clone(),
+            content_type: self.content_type_of(key),
             condition: expect.clone(),
             ..Default::default()
         };
@@ -335,6 +336,11 @@ impl Fs {
             self.caps.clone(),
         )
         .with_recovery_dir(self.recovery_dir())
+    }
+
+    /// The Content-Type a new or rewritten object named `key` gets (see [`super::mime`]).
+    pub(super) fn content_type_of(&self, key: &str) -> Option<String> {
+        self.cfg.infer_content_type.then(|| super::mime::guess(key))
     }
 
     /// Where conflicting writes leave their data: `recovered/` under the staging directory.
@@ -926,6 +932,7 @@ impl Fs {
             };
             let opts = PutOptions {
                 metadata: st.metadata.clone(),
+                content_type: self.content_type_of(&st.key),
                 condition,
                 ..Default::default()
             };
@@ -1152,6 +1159,7 @@ impl Fs {
                 );
                 let opts = PutOptions {
                     metadata: metadata.clone(),
+                    content_type: self.content_type_of(&inode.key),
                     ..Default::default()
                 };
                 let crc = self.caps.checksums().then_some(0);
@@ -1181,6 +1189,7 @@ impl Fs {
                 );
                 let opts = PutOptions {
                     metadata: metadata.clone(),
+                    content_type: self.content_type_of(&inode.key),
                     ..Default::default()
                 };
                 let res = staged
@@ -1228,7 +1237,9 @@ impl Fs {
         if changed && !st.dirty {
             // Committed already: rewrite the metadata server side.
             let etag = st.base.etag.clone();
-            let new_etag = self.replace_metadata(&st.key, &etag, &st.metadata).await?;
+            let new_etag = self
+                .replace_metadata(&st.key, &etag, &st.metadata, None)
+                .await?;
             st.base.etag = new_etag.clone();
             st.expect = PutCondition::IfMatch(new_etag.clone());
             return Ok(self.store_committed(
@@ -1271,7 +1282,9 @@ impl Fs {
         metadata: UserMetadata,
     ) -> FsResult<Attr> {
         let etag = meta.etag.clone().unwrap_or_default();
-        let new_etag = self.replace_metadata(&inode.key, &etag, &metadata).await?;
+        let new_etag = self
+            .replace_metadata(&inode.key, &etag, &metadata, meta.content_type.clone())
+            .await?;
         Ok(self.store_committed(inode.ino, &inode.key, meta.size, copied(new_etag), metadata))
     }
 
@@ -1469,14 +1482,18 @@ impl Fs {
     }
 
     /// Rewrite an object's metadata with a server-side copy onto itself (no data transfer).
+    /// The Content-Type is kept when known (`content_type`), else inferred from the name: a copy
+    /// that replaces metadata replaces the Content-Type too.
     async fn replace_metadata(
         &self,
         key: &str,
         etag: &str,
         metadata: &UserMetadata,
+        content_type: Option<String>,
     ) -> FsResult<String> {
         let opts = PutOptions {
             metadata: metadata.clone(),
+            content_type: content_type.or_else(|| self.content_type_of(key)),
             ..Default::default()
         };
         let res = self
@@ -1781,8 +1798,17 @@ impl Fs {
             prefix.clone(),
             format!("{key}{}", crate::store::LEGACY_FOLDER_SUFFIX),
         ];
-        // s3fs's old style: an object `dir` (no slash) whose Content-Type says directory.
-        if entry.meta.as_ref().is_some_and(|m| m.key == key) {
+        // s3fs's old style: an object `dir` (no slash) whose Content-Type says directory, also
+        // beside a `dir/` marker written since (a chmod): one HEAD to know.
+        let old_style = match &entry.meta {
+            Some(m) if m.key == key => true,
+            _ => self
+                .store
+                .head(&key)
+                .await
+                .is_ok_and(|m| attrs::is_directory_content_type(&m)),
+        };
+        if old_style {
             markers.push(key.clone());
         }
         for k in markers {
