@@ -878,6 +878,16 @@ impl Fs {
         })
     }
 
+    /// A listed empty object whose stored metadata (and so its kind) is not known.
+    fn unknown_empty_file(&self, entry: &DirEntry) -> bool {
+        entry.kind == Kind::File
+            && entry
+                .meta
+                .as_ref()
+                .is_some_and(|m| m.size == 0 && !m.has_metadata)
+            && self.enrich(entry).is_none()
+    }
+
     /// Register `parent/name` as found (counting one kernel lookup) and return its attributes.
     pub fn remember_entry(&self, parent: &Inode, name: &str, entry: &DirEntry) -> Attr {
         let enriched = match entry.kind {
@@ -1025,7 +1035,15 @@ impl Fs {
                 {
                     return Ok(attr);
                 }
-                entry
+                match entry {
+                    // An empty object in a listing may be a FIFO, socket, device node or s3fs's
+                    // old-style directory object: only its metadata tells (one HEAD, once per
+                    // version: remembered after).
+                    Some(e) if self.unknown_empty_file(&e) => {
+                        self.probe(&parent.key, name).await?.or(Some(e))
+                    }
+                    e => e,
+                }
             }
             None => {
                 let full = format!("{}{name}", parent.key);

@@ -24,7 +24,11 @@ impl Fs {
         let etag = src.etag.clone().unwrap_or_default();
         let opts = PutOptions {
             metadata: src.metadata.clone(),
-            content_type: src.content_type.clone(),
+            // A file takes the type of its new name (as s3fs does); a marker stays a directory.
+            content_type: match &src.content_type {
+                Some(t) if t.starts_with("application/x-directory") => Some(t.clone()),
+                t => self.content_type_of(dst).or_else(|| t.clone()),
+            },
             condition: PutCondition::Overwrite,
         };
         copy_any_size(&self.store, &src.key, &etag, src.size, dst, &opts)

@@ -2396,3 +2396,35 @@ async fn a_directory_counts_its_subdirectories_as_links() {
     assert_eq!(fs.getattr(p.ino).await.unwrap().nlink, 2);
     assert_eq!(fs.getattr(q.ino).await.unwrap().nlink, 3);
 }
+
+#[tokio::test]
+async fn empty_objects_in_a_listing_are_looked_at_once_for_their_kind() {
+    let (store, fs) = setup("");
+    let mut md = UserMetadata::new();
+    md.insert("mode".into(), "4516".into()); // 010644: a FIFO written by s3fs
+    store.insert_with("fifo", "", md, None);
+    store.insert_with(
+        "olddir",
+        "",
+        UserMetadata::new(),
+        Some("application/x-directory".into()),
+    );
+    store.insert("empty", "");
+    list_names(&fs, ROOT_INO).await;
+    let heads = store.counters.head.load(Ordering::Relaxed);
+    let a = fs.lookup(ROOT_INO, b"fifo").await.unwrap();
+    assert_eq!(a.kind, Kind::Special(attrs::S_IFIFO));
+    assert_eq!(
+        fs.lookup(ROOT_INO, b"olddir").await.unwrap().kind,
+        Kind::Dir
+    );
+    assert_eq!(
+        fs.lookup(ROOT_INO, b"empty").await.unwrap().kind,
+        Kind::File
+    );
+    let after = store.counters.head.load(Ordering::Relaxed);
+    assert!(after > heads);
+    // Known now: looked up again, no more HEADs for the FIFO.
+    fs.lookup(ROOT_INO, b"fifo").await.unwrap();
+    assert_eq!(store.counters.head.load(Ordering::Relaxed), after);
+}
