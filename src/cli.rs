@@ -112,6 +112,13 @@ pub struct Cli {
     #[arg(long)]
     pub list_metadata: bool,
 
+    /// Answer `ls -l`, `stat` and lookups from listings alone: no HEAD confirms a listed file's
+    /// stored mode, owner and times (LastModified shows as mtime). For buckets that hold no
+    /// s3fs metadata. Default: one HEAD per object version the mount has not seen, run while
+    /// the directory is read
+    #[arg(long, conflicts_with = "list_metadata")]
+    pub listing_only_metadata: bool,
+
     /// Store extended attributes (user.*, trusted.*) in s3fs's x-amz-meta-xattr header, like
     /// s3fs's use_xattr. Off by default: with it the kernel asks for security.selinux and POSIX
     /// ACLs of every entry `ls -l` shows (answered from memory, but one request each).

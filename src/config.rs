@@ -143,6 +143,7 @@ impl Config {
         fs.read_only = cli.read_only;
         fs.metadata_ttl = cli.metadata_ttl;
         fs.list_metadata = cli.list_metadata;
+        fs.confirm_listed = !cli.listing_only_metadata;
         fs.xattrs = cli.xattr;
         fs.infer_content_type = !cli.no_content_type;
         fs.op_timeout = cli.op_timeout.max(Duration::from_millis(100));

@@ -5,7 +5,7 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
     consts, FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyCreate, ReplyData,
@@ -537,14 +537,19 @@ impl Filesystem for FuseAdapter {
         self.run(async move {
             let fs = &fs;
             let filled = fill_dir(fs, fh, offset, |item| {
-                let (attr, counted) = match &item.entry {
+                let (attr, counted, confirmed) = match &item.entry {
                     // `.` and `..` carry attributes but no lookup count.
                     None => match fs.attr_of(item.ino) {
-                        Some(a) => (a, false),
+                        Some(a) => (a, false, true),
                         None => return Ok(false),
                     },
-                    Some(_) => (fs.lookup_listed(ino, &item).map_err(|e| e.0)?, true),
+                    Some(_) => {
+                        let (attr, confirmed) = fs.lookup_listed(ino, &item).map_err(|e| e.0)?;
+                        (attr, true, confirmed)
+                    }
                 };
+                // Attributes still to be confirmed by a HEAD: not to be kept by the kernel.
+                let ttl = if confirmed { ttl } else { Duration::ZERO };
                 let full = reply.add(
                     attr.ino,
                     item.next_offset,

@@ -108,6 +108,10 @@ pub struct FsConfig {
     pub xattrs: bool,
     /// New objects get a Content-Type from their name's extension.
     pub infer_content_type: bool,
+    /// Listed files whose stored metadata is not known are confirmed with a HEAD (once per
+    /// object version) before the kernel keeps their attributes; off: listings alone answer
+    /// (`--listing-only-metadata`).
+    pub confirm_listed: bool,
     /// Send If-Match / If-None-Match so a concurrent change is detected, not overwritten.
     pub conditional_writes: bool,
     /// Longest a lookup, getattr, listing, open for reading or read may take before it fails
@@ -139,6 +143,7 @@ impl FsConfig {
             list_metadata: false,
             xattrs: false,
             infer_content_type: true,
+            confirm_listed: true,
             conditional_writes: true,
             op_timeout: Duration::from_secs(60),
             staging_dir: std::env::temp_dir()
@@ -250,7 +255,10 @@ pub struct Fs {
     negative: Mutex<LruCache<String, Instant>>,
     /// Stored metadata (mode, owner, times, kind) known per object version, so a listing, which
     /// carries none, does not make a symlink a file again or times the upload times.
-    known: Mutex<LruCache<String, KnownMeta>>,
+    known: Arc<Mutex<LruCache<String, KnownMeta>>>,
+    /// HEADs under way that confirm listed entries, shared by every lookup that waits for one.
+    confirming: Arc<Mutex<HashMap<String, SharedHead>>>,
+    confirm_slots: Arc<tokio::sync::Semaphore>,
     files: Mutex<HashMap<u64, Arc<FileHandle>>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
@@ -277,6 +285,74 @@ struct KnownMeta {
 
 /// Versions whose metadata is remembered.
 const KNOWN_VERSIONS: usize = 65_536;
+
+type KnownVersions = Arc<Mutex<LruCache<String, KnownMeta>>>;
+
+/// A HEAD confirming one listed object's stored metadata (None: it failed or is gone).
+type SharedHead = Shared<BoxFuture<'static, Option<ObjectMeta>>>;
+
+/// HEADs confirming listed entries that run at once.
+const CONFIRM_PARALLEL: usize = 16;
+
+fn remember_known(
+    known: &Mutex<LruCache<String, KnownMeta>>,
+    meta: &ObjectMeta,
+    from_server: bool,
+) {
+    if meta.has_metadata && meta.etag.is_some() {
+        let k = KnownMeta {
+            meta: meta.clone(),
+            server_time: if from_server {
+                meta.last_modified
+            } else {
+                None
+            },
+        };
+        known.lock().put(meta.key.clone(), k);
+    }
+}
+
+/// The HEAD that confirms `key`'s stored metadata: the one under way, or a new one registered
+/// in `confirming` until it ends; what it finds goes into `known`. Not started: the caller
+/// awaits or spawns it.
+fn confirm_head(
+    store: &Arc<dyn ObjectStore>,
+    known: &KnownVersions,
+    confirming: &Arc<Mutex<HashMap<String, SharedHead>>>,
+    slots: &Arc<tokio::sync::Semaphore>,
+    key: &str,
+) -> SharedHead {
+    let mut all = confirming.lock();
+    if let Some(f) = all.get(key) {
+        return f.clone();
+    }
+    let (store, known, registry, slots, k) = (
+        store.clone(),
+        known.clone(),
+        confirming.clone(),
+        slots.clone(),
+        key.to_string(),
+    );
+    let fut = async move {
+        let _slot = slots.acquire_owned().await.ok();
+        let head = store.head(&k).await;
+        registry.lock().remove(&k);
+        match head {
+            Ok(meta) => {
+                remember_known(&known, &meta, true);
+                Some(meta)
+            }
+            Err(e) => {
+                tracing::debug!(key = %k, error = %e, "HEAD confirming a listed entry failed");
+                None
+            }
+        }
+    }
+    .boxed()
+    .shared();
+    all.insert(key.to_string(), fut.clone());
+    fut
+}
 
 /// `a/b/` -> `a/`, `a/` -> `` (the bucket root); `` has no parent.
 fn parent_prefix(prefix: &str) -> Option<&str> {
@@ -678,7 +754,9 @@ impl Fs {
             listing_generation: Arc::default(),
             walked: Mutex::new(LruCache::new(nz(1024))),
             negative: Mutex::new(LruCache::new(nz(16_384))),
-            known: Mutex::new(LruCache::new(nz(KNOWN_VERSIONS))),
+            known: Arc::new(Mutex::new(LruCache::new(nz(KNOWN_VERSIONS)))),
+            confirming: Arc::default(),
+            confirm_slots: Arc::new(tokio::sync::Semaphore::new(CONFIRM_PARALLEL)),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -841,16 +919,65 @@ impl Fs {
     /// Remember the stored metadata of an object version (from a HEAD when `from_server`,
     /// else from this mount's own write).
     pub(super) fn learn(&self, meta: &ObjectMeta, from_server: bool) {
-        if meta.has_metadata && meta.etag.is_some() {
-            let known = KnownMeta {
-                meta: meta.clone(),
-                server_time: if from_server {
-                    meta.last_modified
+        remember_known(&self.known, meta, from_server);
+    }
+
+    /// Does this listed entry still need a HEAD to show its stored metadata (mode, owner,
+    /// times, kind)? Only files whose version is not known; with `--listing-only-metadata`
+    /// only empty ones (which may be special files or s3fs's old-style directories).
+    fn unconfirmed(&self, entry: &DirEntry) -> bool {
+        let Some(m) = entry.meta.as_ref() else {
+            return false;
+        };
+        entry.kind == Kind::File
+            && !m.has_metadata
+            && (self.cfg.confirm_listed || m.size == 0)
+            && self.enrich(entry).is_none()
+    }
+
+    /// Wait for the HEAD confirming a listed entry (joining one started ahead) and return the
+    /// entry with what it found; the listing's entry if it failed.
+    async fn confirmed(&self, entry: DirEntry) -> DirEntry {
+        let Some(key) = entry.meta.as_ref().map(|m| m.key.clone()) else {
+            return entry;
+        };
+        let head = confirm_head(
+            &self.store,
+            &self.known,
+            &self.confirming,
+            &self.confirm_slots,
+            &key,
+        );
+        match head.await {
+            Some(meta) => {
+                let kind = if attrs::is_directory_content_type(&meta)
+                    || attrs::kind_from_meta(&meta) == Some(Kind::Dir)
+                {
+                    Kind::Dir
                 } else {
-                    None
-                },
-            };
-            self.known.lock().put(meta.key.clone(), known);
+                    attrs::kind_from_meta(&meta).unwrap_or(Kind::File)
+                };
+                DirEntry {
+                    kind,
+                    meta: Some(meta),
+                }
+            }
+            None => entry,
+        }
+    }
+
+    /// Start confirming a listed entry in the background (readdirplus does, for every entry
+    /// it hands out unconfirmed, so the `stat`s that `ls -l`, `rsync` or `find -newer` send
+    /// next find it confirmed or on its way; [`CONFIRM_PARALLEL`] HEADs run at once).
+    fn confirm_ahead(&self, entry: &DirEntry) {
+        if let Some(m) = entry.meta.as_ref() {
+            tokio::spawn(confirm_head(
+                &self.store,
+                &self.known,
+                &self.confirming,
+                &self.confirm_slots,
+                &m.key,
+            ));
         }
     }
 
@@ -876,16 +1003,6 @@ impl Fs {
             kind,
             meta: Some(meta),
         })
-    }
-
-    /// A listed empty object whose stored metadata (and so its kind) is not known.
-    fn unknown_empty_file(&self, entry: &DirEntry) -> bool {
-        entry.kind == Kind::File
-            && entry
-                .meta
-                .as_ref()
-                .is_some_and(|m| m.size == 0 && !m.has_metadata)
-            && self.enrich(entry).is_none()
     }
 
     /// Register `parent/name` as found (counting one kernel lookup) and return its attributes.
@@ -1036,12 +1153,10 @@ impl Fs {
                     return Ok(attr);
                 }
                 match entry {
-                    // An empty object in a listing may be a FIFO, socket, device node or s3fs's
-                    // old-style directory object: only its metadata tells (one HEAD, once per
-                    // version: remembered after).
-                    Some(e) if self.unknown_empty_file(&e) => {
-                        self.probe(&parent.key, name).await?.or(Some(e))
-                    }
+                    // The listing names no stored mode, owner or times, nor a symlink, FIFO or
+                    // s3fs's old-style directory: one HEAD per object version tells (joining
+                    // one readdirplus started), remembered after.
+                    Some(e) if self.unconfirmed(&e) => Some(self.confirmed(e).await),
                     e => e,
                 }
             }
@@ -1447,13 +1562,31 @@ impl Fs {
     /// For readdirplus: count a lookup of a listed entry and return its attributes. What this
     /// mount knows that is newer than the listing wins: a file it is writing, or one it
     /// committed, looked up or changed after the directory was opened.
-    pub fn lookup_listed(&self, dir_ino: u64, item: &DirItem) -> FsResult<Attr> {
+    ///
+    /// Also says whether the attributes are confirmed: an entry whose stored metadata is not
+    /// known yet is handed out for the kernel not to keep (its `stat` then comes as a lookup,
+    /// which waits for the HEAD started here).
+    pub fn lookup_listed(&self, dir_ino: u64, item: &DirItem) -> FsResult<(Attr, bool)> {
         let entry = item.entry.as_ref().ok_or(Errno::EINVAL)?;
         let parent = self.dir_inode(dir_ino)?;
         if let Some(attr) = self.newer_than(&parent, &item.name, entry, item.listed_at) {
-            return Ok(attr);
+            return Ok((attr, true));
         }
-        Ok(self.remember_entry(&parent, &item.name, entry))
+        let attr = self.remember_entry(&parent, &item.name, entry);
+        let confirmed = !self.unconfirmed(entry) || self.is_known_ino(attr.ino);
+        if !confirmed {
+            self.confirm_ahead(entry);
+        }
+        Ok((attr, confirmed))
+    }
+
+    /// The inode holds stored metadata (a HEAD, or this mount wrote it).
+    fn is_known_ino(&self, ino: u64) -> bool {
+        self.inodes
+            .lock()
+            .get(ino)
+            .and_then(|i| i.meta.as_ref())
+            .is_some_and(|m| m.has_metadata)
     }
 
     /// The attributes of the known inode `name` in `parent` (counted as a lookup) if they are
@@ -1471,7 +1604,10 @@ impl Fs {
             .find(parent.ino, name)
             .and_then(|ino| table.get_mut(ino))
             .filter(|i| i.kind == entry.kind)
-            .filter(|i| i.fetched > listed_at || self.pending.lock().contains_key(&i.key))?;
+            .filter(|i| {
+                let knows_more = i.meta.as_ref().is_some_and(|m| m.has_metadata);
+                (i.fetched > listed_at && knows_more) || self.pending.lock().contains_key(&i.key)
+            })?;
         i.lookups += 1;
         Some(i.attr)
     }

@@ -151,29 +151,45 @@ async fn pagination_lists_everything() {
 }
 
 #[tokio::test]
-async fn readdirplus_costs_listing_requests_only() {
-    let (store, fs) = setup("");
-    for i in 0..1_000 {
-        store.insert(&format!("d/f{i}"), vec![0u8; i]);
-    }
-    let d = fs.lookup(ROOT_INO, b"d").await.unwrap();
-    store.reset_counters();
-    let fh = fs.opendir(d.ino).await.unwrap();
-    let items = fs.readdir(fh, 0, usize::MAX, true).await.unwrap();
-    for item in &items {
-        if item.entry.is_some() {
-            let a = fs.lookup_listed(d.ino, item).unwrap();
-            let want: u64 = item.name[1..].parse().unwrap();
-            assert_eq!(a.size, want);
+async fn readdirplus_costs_listing_requests_plus_one_head_per_new_version() {
+    for confirm in [false, true] {
+        let store = Arc::new(MockStore::new());
+        let mut cfg = test_config("");
+        cfg.confirm_listed = confirm;
+        let fs = Fs::new(store.clone(), cfg);
+        for i in 0..1_000 {
+            store.insert(&format!("d/f{i}"), vec![0u8; i]);
+        }
+        let d = fs.lookup(ROOT_INO, b"d").await.unwrap();
+        for pass in 0..2 {
+            store.reset_counters();
+            fs.listings.lock().clear();
+            let fh = fs.opendir(d.ino).await.unwrap();
+            let items = fs.readdir(fh, 0, usize::MAX, true).await.unwrap();
+            for item in &items {
+                if item.entry.is_some() {
+                    let a = fs.lookup_listed(d.ino, item).unwrap().0;
+                    let want: u64 = item.name[1..].parse().unwrap();
+                    assert_eq!(a.size, want);
+                }
+            }
+            // ls -l then stats each entry: from the listing cache, confirmed once.
+            for i in 0..1_000 {
+                let a = fs.lookup(d.ino, format!("f{i}").as_bytes()).await.unwrap();
+                fs.getattr(a.ino).await.unwrap();
+            }
+            fs.releasedir(fh);
+            let heads = store.counters.head.load(Ordering::Relaxed);
+            assert_eq!(store.counters.list.load(Ordering::Relaxed), 1);
+            // Without confirmation only the empty object (f0: a FIFO? a directory?) is looked at.
+            let want = match (confirm, pass) {
+                (true, 0) => 1_000,
+                (false, 0) => 1,
+                _ => 0,
+            };
+            assert_eq!(heads, want, "confirm {confirm}, pass {pass}: HEADs");
         }
     }
-    // ls -l then stats each entry: served from the listing cache.
-    for i in 0..1_000 {
-        let a = fs.lookup(d.ino, format!("f{i}").as_bytes()).await.unwrap();
-        fs.getattr(a.ino).await.unwrap();
-    }
-    assert_eq!(store.counters.total(), 1, "one listing page, nothing else");
-    fs.releasedir(fh);
 }
 
 #[tokio::test]
@@ -1271,7 +1287,7 @@ async fn a_listing_older_than_a_local_write_does_not_shrink_the_file() {
     let items = fs.readdir(dh, 0, usize::MAX, true).await.unwrap();
     fs.releasedir(dh);
     let item = items.iter().find(|i| i.name == "new").expect("listed");
-    assert_eq!(fs.lookup_listed(d.ino, item).unwrap().size, 10);
+    assert_eq!(fs.lookup_listed(d.ino, item).unwrap().0.size, 10);
     assert_eq!(fs.getattr(attr.ino).await.unwrap().size, 10);
     assert_eq!(read_all(&fs, attr.ino).await, b"abcdefghij");
 }
@@ -2224,7 +2240,7 @@ async fn directory_modes_survive_later_listings() {
     let items = fs.readdir(fh, 0, usize::MAX, true).await.unwrap();
     fs.releasedir(fh);
     let item = items.iter().find(|i| i.name == "d").unwrap();
-    let a = fs.lookup_listed(ROOT_INO, item).unwrap();
+    let a = fs.lookup_listed(ROOT_INO, item).unwrap().0;
     assert_eq!((a.ino, a.perm), (d.ino, 0o700));
     std::thread::sleep(std::time::Duration::from_millis(5));
     write_file(&fs, d.ino, "x", b"1").await;
@@ -2349,10 +2365,10 @@ async fn what_a_head_told_survives_listings_of_the_same_version() {
     fs.releasedir(fh);
     let lnk = items.iter().find(|i| i.name == "lnk").unwrap();
     assert_eq!(lnk.kind, Kind::Symlink);
-    let a = fs.lookup_listed(ROOT_INO, lnk).unwrap();
+    let a = fs.lookup_listed(ROOT_INO, lnk).unwrap().0;
     assert_eq!(a.kind, Kind::Symlink);
     let f = items.iter().find(|i| i.name == "f").unwrap();
-    let a = fs.lookup_listed(ROOT_INO, f).unwrap();
+    let a = fs.lookup_listed(ROOT_INO, f).unwrap().0;
     assert_eq!(a.perm, 0o600);
     assert_eq!(
         a.mtime,
@@ -2376,7 +2392,7 @@ async fn what_a_head_told_survives_listings_of_the_same_version() {
     };
     let f = fs_items.iter().find(|i| i.name == "f").unwrap();
     fs.forget(a.ino, 2);
-    let a = fs.lookup_listed(ROOT_INO, f).unwrap();
+    let a = fs.lookup_listed(ROOT_INO, f).unwrap().0;
     assert_eq!((a.perm, a.size), (0o644, 8));
 }
 
@@ -2427,4 +2443,49 @@ async fn empty_objects_in_a_listing_are_looked_at_once_for_their_kind() {
     // Known now: looked up again, no more HEADs for the FIFO.
     fs.lookup(ROOT_INO, b"fifo").await.unwrap();
     assert_eq!(store.counters.head.load(Ordering::Relaxed), after);
+}
+
+#[tokio::test]
+async fn listed_files_are_confirmed_once_per_version_before_their_times_are_trusted() {
+    for confirm in [true, false] {
+        let store = Arc::new(MockStore::new());
+        let mut cfg = test_config("");
+        cfg.confirm_listed = confirm;
+        let fs = Fs::new(store.clone(), cfg);
+        let mut md = UserMetadata::new();
+        md.insert("mtime".into(), "1400000000".into());
+        md.insert("mode".into(), "33216".into()); // 0100700
+        store.insert_with("f", "data", md, None);
+        let fh = fs.opendir(ROOT_INO).await.unwrap();
+        let items = fs.readdir(fh, 0, usize::MAX, true).await.unwrap();
+        fs.releasedir(fh);
+        let item = items.iter().find(|i| i.name == "f").unwrap();
+        let (_, confirmed) = fs.lookup_listed(ROOT_INO, item).unwrap();
+        assert_eq!(confirmed, !confirm, "readdirplus hands it out unconfirmed");
+        let a = fs.lookup(ROOT_INO, b"f").await.unwrap();
+        let stored = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_400_000_000);
+        if confirm {
+            assert_eq!(
+                (a.mtime, a.perm),
+                (stored, 0o700),
+                "the stored times and mode"
+            );
+        } else {
+            assert_ne!(a.mtime, stored, "listing only: LastModified");
+        }
+        let heads = store.counters.head.load(Ordering::Relaxed);
+        assert!(heads <= 1, "at most the one HEAD: {heads}");
+        // Confirmed once per version: a new lookup after forget costs nothing more.
+        fs.forget(a.ino, 10);
+        let fh = fs.opendir(ROOT_INO).await.unwrap();
+        let items = fs.readdir(fh, 0, usize::MAX, true).await.unwrap();
+        fs.releasedir(fh);
+        let item = items.iter().find(|i| i.name == "f").unwrap();
+        let (a, confirmed) = fs.lookup_listed(ROOT_INO, item).unwrap();
+        if confirm {
+            assert!(confirmed);
+            assert_eq!(a.mtime, stored);
+        }
+        assert_eq!(store.counters.head.load(Ordering::Relaxed), heads);
+    }
 }
