@@ -4,6 +4,7 @@
 pub mod attrs;
 pub mod dir;
 pub mod inode;
+mod known;
 mod mime;
 mod open_file;
 mod rename;
@@ -255,10 +256,7 @@ pub struct Fs {
     negative: Mutex<LruCache<String, Instant>>,
     /// Stored metadata (mode, owner, times, kind) known per object version, so a listing, which
     /// carries none, does not make a symlink a file again or times the upload times.
-    known: Arc<Mutex<LruCache<String, KnownMeta>>>,
-    /// HEADs under way that confirm listed entries, shared by every lookup that waits for one.
-    confirming: Arc<Mutex<HashMap<String, SharedHead>>>,
-    confirm_slots: Arc<tokio::sync::Semaphore>,
+    known: Arc<known::KnownVersions>,
     files: Mutex<HashMap<u64, Arc<FileHandle>>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
@@ -273,86 +271,6 @@ pub struct Fs {
 }
 
 type ListingCache = LruCache<String, (Instant, Arc<Listing>)>;
-
-/// What a HEAD or this mount's own write said about one version of an object.
-#[derive(Clone, Debug)]
-struct KnownMeta {
-    meta: ObjectMeta,
-    /// The server's LastModified, when a HEAD said it: a metadata-only copy by another client
-    /// keeps a single-PUT object's ETag but changes this.
-    server_time: Option<SystemTime>,
-}
-
-/// Versions whose metadata is remembered.
-const KNOWN_VERSIONS: usize = 65_536;
-
-type KnownVersions = Arc<Mutex<LruCache<String, KnownMeta>>>;
-
-/// A HEAD confirming one listed object's stored metadata (None: it failed or is gone).
-type SharedHead = Shared<BoxFuture<'static, Option<ObjectMeta>>>;
-
-/// HEADs confirming listed entries that run at once.
-const CONFIRM_PARALLEL: usize = 16;
-
-fn remember_known(
-    known: &Mutex<LruCache<String, KnownMeta>>,
-    meta: &ObjectMeta,
-    from_server: bool,
-) {
-    if meta.has_metadata && meta.etag.is_some() {
-        let k = KnownMeta {
-            meta: meta.clone(),
-            server_time: if from_server {
-                meta.last_modified
-            } else {
-                None
-            },
-        };
-        known.lock().put(meta.key.clone(), k);
-    }
-}
-
-/// The HEAD that confirms `key`'s stored metadata: the one under way, or a new one registered
-/// in `confirming` until it ends; what it finds goes into `known`. Not started: the caller
-/// awaits or spawns it.
-fn confirm_head(
-    store: &Arc<dyn ObjectStore>,
-    known: &KnownVersions,
-    confirming: &Arc<Mutex<HashMap<String, SharedHead>>>,
-    slots: &Arc<tokio::sync::Semaphore>,
-    key: &str,
-) -> SharedHead {
-    let mut all = confirming.lock();
-    if let Some(f) = all.get(key) {
-        return f.clone();
-    }
-    let (store, known, registry, slots, k) = (
-        store.clone(),
-        known.clone(),
-        confirming.clone(),
-        slots.clone(),
-        key.to_string(),
-    );
-    let fut = async move {
-        let _slot = slots.acquire_owned().await.ok();
-        let head = store.head(&k).await;
-        registry.lock().remove(&k);
-        match head {
-            Ok(meta) => {
-                remember_known(&known, &meta, true);
-                Some(meta)
-            }
-            Err(e) => {
-                tracing::debug!(key = %k, error = %e, "HEAD confirming a listed entry failed");
-                None
-            }
-        }
-    }
-    .boxed()
-    .shared();
-    all.insert(key.to_string(), fut.clone());
-    fut
-}
 
 /// `a/b/` -> `a/`, `a/` -> `` (the bucket root); `` has no parent.
 fn parent_prefix(prefix: &str) -> Option<&str> {
@@ -747,6 +665,7 @@ impl Fs {
             caps.disable_conditional();
         }
         Ok(Fs {
+            known: known::KnownVersions::new(store.clone()),
             store,
             inodes: Mutex::new(InodeTable::new(root)),
             listings: Arc::new(Mutex::new(LruCache::new(nz(1024)))),
@@ -754,9 +673,6 @@ impl Fs {
             listing_generation: Arc::default(),
             walked: Mutex::new(LruCache::new(nz(1024))),
             negative: Mutex::new(LruCache::new(nz(16_384))),
-            known: Arc::new(Mutex::new(LruCache::new(nz(KNOWN_VERSIONS)))),
-            confirming: Arc::default(),
-            confirm_slots: Arc::new(tokio::sync::Semaphore::new(CONFIRM_PARALLEL)),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -919,7 +835,7 @@ impl Fs {
     /// Remember the stored metadata of an object version (from a HEAD when `from_server`,
     /// else from this mount's own write).
     pub(super) fn learn(&self, meta: &ObjectMeta, from_server: bool) {
-        remember_known(&self.known, meta, from_server);
+        self.known.learn(meta, from_server);
     }
 
     /// Does this listed entry still need a HEAD to show its stored metadata (mode, owner,
@@ -931,78 +847,37 @@ impl Fs {
         };
         entry.kind == Kind::File
             && !m.has_metadata
-            && (self.cfg.confirm_listed || m.size == 0)
+            && (m.size == 0 || (self.cfg.confirm_listed && !self.known.trusts_listings_of(&m.key)))
             && self.enrich(entry).is_none()
     }
 
     /// Wait for the HEAD confirming a listed entry (joining one started ahead) and return the
-    /// entry with what it found; the listing's entry if it failed.
+    /// entry with what it found; the listing's entry if it failed or was skipped.
     async fn confirmed(&self, entry: DirEntry) -> DirEntry {
-        let Some(key) = entry.meta.as_ref().map(|m| m.key.clone()) else {
+        let Some(m) = entry.meta.as_ref() else {
             return entry;
         };
-        let head = confirm_head(
-            &self.store,
-            &self.known,
-            &self.confirming,
-            &self.confirm_slots,
-            &key,
-        );
-        match head.await {
-            Some(meta) => {
-                let kind = if attrs::is_directory_content_type(&meta)
-                    || attrs::kind_from_meta(&meta) == Some(Kind::Dir)
-                {
-                    Kind::Dir
-                } else {
-                    attrs::kind_from_meta(&meta).unwrap_or(Kind::File)
-                };
-                DirEntry {
-                    kind,
-                    meta: Some(meta),
-                }
-            }
+        // Empty objects are always looked at: only their metadata tells a FIFO or an old-style
+        // directory from an empty file.
+        let always = m.size == 0;
+        match self.known.confirm(&m.key, always).await {
+            Some(meta) => known::confirmed_entry(meta),
             None => entry,
         }
     }
 
-    /// Start confirming a listed entry in the background (readdirplus does, for every entry
-    /// it hands out unconfirmed, so the `stat`s that `ls -l`, `rsync` or `find -newer` send
-    /// next find it confirmed or on its way; [`CONFIRM_PARALLEL`] HEADs run at once).
+    /// Start confirming a listed entry in the background (readdirplus does, for every entry it
+    /// hands out unconfirmed, so the `stat`s that `ls -l`, `rsync` or `find -newer` send next
+    /// find it confirmed or on its way).
     fn confirm_ahead(&self, entry: &DirEntry) {
         if let Some(m) = entry.meta.as_ref() {
-            tokio::spawn(confirm_head(
-                &self.store,
-                &self.known,
-                &self.confirming,
-                &self.confirm_slots,
-                &m.key,
-            ));
+            drop(self.known.confirm(&m.key, m.size == 0));
         }
     }
 
     /// A listing's entry with the stored metadata of its version, if known.
     fn enrich(&self, entry: &DirEntry) -> Option<DirEntry> {
-        let listed = entry.meta.as_ref().filter(|m| !m.has_metadata)?;
-        let etag = listed.etag.as_ref()?;
-        let mut known = self.known.lock();
-        let k = known.get(&listed.key)?;
-        let same = k.meta.etag.as_ref() == Some(etag)
-            && k.server_time
-                .is_none_or(|t| Some(t) == listed.last_modified);
-        if !same {
-            known.pop(&listed.key);
-            return None;
-        }
-        let kind = attrs::kind_from_meta(&k.meta)
-            .filter(|k| !k.is_dir())
-            .unwrap_or(entry.kind);
-        let mut meta = k.meta.clone();
-        meta.size = listed.size;
-        Some(DirEntry {
-            kind,
-            meta: Some(meta),
-        })
+        self.known.enrich(entry)
     }
 
     /// Register `parent/name` as found (counting one kernel lookup) and return its attributes.

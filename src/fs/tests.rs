@@ -152,13 +152,18 @@ async fn pagination_lists_everything() {
 
 #[tokio::test]
 async fn readdirplus_costs_listing_requests_plus_one_head_per_new_version() {
-    for confirm in [false, true] {
+    // (confirm listed entries, objects carry s3fs metadata)
+    for (confirm, with_metadata) in [(false, true), (true, false), (true, true)] {
         let store = Arc::new(MockStore::new());
         let mut cfg = test_config("");
         cfg.confirm_listed = confirm;
         let fs = Fs::new(store.clone(), cfg);
         for i in 0..1_000 {
-            store.insert(&format!("d/f{i}"), vec![0u8; i]);
+            let mut md = UserMetadata::new();
+            if with_metadata {
+                md.insert("mtime".into(), "1400000000".into());
+            }
+            store.insert_with(&format!("d/f{i}"), vec![0u8; i], md, None);
         }
         let d = fs.lookup(ROOT_INO, b"d").await.unwrap();
         for pass in 0..2 {
@@ -176,18 +181,27 @@ async fn readdirplus_costs_listing_requests_plus_one_head_per_new_version() {
             // ls -l then stats each entry: from the listing cache, confirmed once.
             for i in 0..1_000 {
                 let a = fs.lookup(d.ino, format!("f{i}").as_bytes()).await.unwrap();
-                fs.getattr(a.ino).await.unwrap();
+                let a = fs.getattr(a.ino).await.unwrap();
+                if confirm && with_metadata {
+                    assert_eq!(
+                        a.mtime,
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_400_000_000)
+                    );
+                }
             }
             fs.releasedir(fh);
             let heads = store.counters.head.load(Ordering::Relaxed);
             assert_eq!(store.counters.list.load(Ordering::Relaxed), 1);
-            // Without confirmation only the empty object (f0: a FIFO? a directory?) is looked at.
-            let want = match (confirm, pass) {
-                (true, 0) => 1_000,
-                (false, 0) => 1,
-                _ => 0,
-            };
-            assert_eq!(heads, want, "confirm {confirm}, pass {pass}: HEADs");
+            let case = format!("confirm {confirm}, metadata {with_metadata}, pass {pass}");
+            match (confirm, with_metadata, pass) {
+                // Every version once.
+                (true, true, 0) => assert_eq!(heads, 1_000, "{case}"),
+                // A sample, then the directory's listings are trusted (plus the empty f0).
+                (true, false, 0) => assert!(heads <= 17 + 16, "{case}: {heads}"),
+                // Only the empty object (f0: a FIFO? a directory?) is looked at.
+                (false, _, 0) => assert_eq!(heads, 1, "{case}"),
+                _ => assert_eq!(heads, 0, "{case}"),
+            }
         }
     }
 }
