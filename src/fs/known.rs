@@ -110,9 +110,15 @@ impl KnownVersions {
         let etag = listed.etag.as_ref()?;
         let mut versions = self.versions.lock();
         let k = versions.get(&listed.key)?;
+        // A HEAD's Last-Modified has whole seconds, a listing's milliseconds.
+        let secs = |t: SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .ok()
+        };
         let same = k.meta.etag.as_ref() == Some(etag)
             && k.server_time
-                .is_none_or(|t| Some(t) == listed.last_modified);
+                .is_none_or(|t| listed.last_modified.is_none_or(|l| secs(t) == secs(l)));
         if !same {
             versions.pop(&listed.key);
             return None;
@@ -135,6 +141,11 @@ impl KnownVersions {
             .lock()
             .peek(dir_of(key))
             .is_some_and(Sample::trust_listings)
+    }
+
+    /// The confirmation of `key` under way, if any.
+    pub fn confirming(&self, key: &str) -> Option<SharedHead> {
+        self.confirming.lock().get(key).cloned()
     }
 
     /// The HEAD that confirms `key`: the one under way, or a new one (started: it runs to the

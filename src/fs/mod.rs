@@ -305,6 +305,10 @@ fn entry_settled(prefix: &str, name: &str, last: &str) -> bool {
     longest.cmp(last.bytes()) != std::cmp::Ordering::Greater
 }
 
+/// A stale listing of at most this many entries (10 pages) is fetched again when a name in it
+/// is looked up; a larger directory is probed name by name.
+const RELIST_MAX_ENTRIES: usize = 10_000;
+
 /// Subdirectories whose listings are fetched ahead when their parent is listed (for `find`,
 /// `du`, `ls -R`, `cp -r`), and how many such LISTs run at once.
 const PREFETCH_SUBDIRS: usize = 128;
@@ -1015,8 +1019,19 @@ impl Fs {
             .listings
             .lock()
             .get(&parent.key)
-            .filter(|(at, _)| self.fresh(*at))
             .map(|(at, l)| (*at, l.clone()));
+        let cached = match cached {
+            Some((at, l)) if self.fresh(at) => Some((at, l)),
+            // A directory listed before whose listing went stale: lookups in it come in storms
+            // (`ls -l`, `stat` of every file, `rsync`), so one shared listing refreshes it
+            // for all of them instead of a HEAD and a LIST per name.
+            Some((_, l)) if l.entries.len() <= RELIST_MAX_ENTRIES && !self.cfg.list_metadata => {
+                let at = Instant::now();
+                let fetch = self.listing_fetch().shared(&parent.key, true);
+                Some((at, fetch.await?))
+            }
+            _ => None,
+        };
         let entry = match cached {
             Some((listed_at, listing)) => {
                 let entry = listing.entries.get(name).cloned();
@@ -1044,6 +1059,13 @@ impl Fs {
                     .is_some_and(|at| self.fresh(*at));
                 if negative {
                     None
+                } else if let Some(head) = self.known.confirming(&full) {
+                    // A confirmation of this name is under way (`ls -l` of a large directory
+                    // outlasting the listing's TTL): its HEAD answers, no new probe.
+                    match head.await {
+                        Some(meta) => Some(known::confirmed_entry(meta)),
+                        None => self.probe(&parent.key, name).await?,
+                    }
                 } else {
                     let found = self.probe(&parent.key, name).await?;
                     if found.is_none() && !self.cfg.metadata_ttl.is_zero() {
