@@ -1030,7 +1030,18 @@ impl Fs {
                 let fetch = self.listing_fetch().shared(&parent.key, true);
                 Some((at, fetch.await?))
             }
-            _ => None,
+            // Being listed right now (`ls -l` stats entries while their pages arrive): the
+            // listing answers, instead of a HEAD and a LIST per name.
+            _ => {
+                let under_way = self.inflight.lock().get(&parent.key).cloned();
+                match under_way {
+                    Some(fetch) => {
+                        let at = Instant::now();
+                        Some((at, fetch.await?))
+                    }
+                    None => None,
+                }
+            }
         };
         let entry = match cached {
             Some((listed_at, listing)) => {
