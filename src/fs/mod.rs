@@ -305,6 +305,9 @@ fn entry_settled(prefix: &str, name: &str, last: &str) -> bool {
     longest.cmp(last.bytes()) != std::cmp::Ordering::Greater
 }
 
+/// How long a lookup waits for a listing of its directory under way before probing its name.
+const JOIN_LISTING_WAIT: Duration = Duration::from_secs(1);
+
 /// A stale listing of at most this many entries (10 pages) is fetched again when a name in it
 /// is looked up; a larger directory is probed name by name.
 const RELIST_MAX_ENTRIES: usize = 10_000;
@@ -1033,12 +1036,20 @@ impl Fs {
             // Being listed right now (`ls -l` stats entries while their pages arrive): the
             // listing answers, instead of a HEAD and a LIST per name.
             _ => {
+                // Waited for a while only: a listing that hangs must not hold lookups that
+                // a probe of their own would answer.
                 let under_way = self.inflight.lock().get(&parent.key).cloned();
+                let at = Instant::now();
                 match under_way {
-                    Some(fetch) => {
-                        let at = Instant::now();
-                        Some((at, fetch.await?))
-                    }
+                    Some(fetch) => match tokio::time::timeout(
+                        JOIN_LISTING_WAIT.min(self.cfg.op_timeout / 3),
+                        fetch,
+                    )
+                    .await
+                    {
+                        Ok(Ok(listing)) => Some((at, listing)),
+                        _ => None,
+                    },
                     None => None,
                 }
             }
