@@ -454,6 +454,27 @@ mod tests {
     }
 
     #[test]
+    fn metadata_and_content_type_options_have_o_forms() {
+        let a = parse_args(&args(&[
+            "s3mount",
+            "b",
+            "/mnt",
+            "-o",
+            "listing_only_metadata,no_content_type",
+        ]))
+        .unwrap();
+        assert!(a.listing_only_metadata && a.no_content_type);
+        let both = parse_args(&args(&[
+            "s3mount",
+            "b",
+            "/mnt",
+            "-o",
+            "listing_only_metadata,list_metadata",
+        ]));
+        assert!(both.is_err(), "the two metadata modes exclude each other");
+    }
+
+    #[test]
     fn xattr_has_its_s3fs_name_too() {
         for o in ["xattr", "use_xattr"] {
             let a = parse_args(&args(&["s3mount", "b", "/mnt", "-o", o])).unwrap();
