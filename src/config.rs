@@ -5,8 +5,8 @@ use std::time::{Duration, SystemTime};
 
 use crate::cli::Cli;
 use crate::data::cache::{CacheConfig, DiskCacheConfig};
+use crate::data::commit::UploadConfig;
 use crate::data::prefetch::PrefetchConfig;
-use crate::data::upload::UploadConfig;
 use crate::fs::{AttrDefaults, FsConfig};
 use crate::store::s3::{PayloadSigning, S3Settings, StaticCredentials};
 
@@ -124,12 +124,12 @@ impl Config {
         if cli.max_prefetch < 1 << 20 {
             return Err("--max-prefetch must be at least 1MiB".into());
         }
-        if cli.part_size < crate::data::upload::MIN_PART
-            || cli.part_size > crate::data::upload::MAX_PART
+        if cli.part_size < crate::data::commit::MIN_PART
+            || cli.part_size > crate::data::commit::MAX_PART
         {
             return Err("--part-size must be between 5MiB and 5GiB (S3's part size limits)".into());
         }
-        if cli.max_part_size < cli.part_size || cli.max_part_size > crate::data::upload::MAX_PART {
+        if cli.max_part_size < cli.part_size || cli.max_part_size > crate::data::commit::MAX_PART {
             return Err("--max-part-size must be at least --part-size and at most 5GiB".into());
         }
         if cli.memory_cache > cli.max_memory / 2 {

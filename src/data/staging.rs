@@ -14,7 +14,10 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use super::budget::{Budget, Reservation};
-use super::upload::{Capabilities, UploadConfig, MAX_PART, MAX_PARTS, MIN_PART};
+use super::commit::{
+    abort_upload, complete_checked, put_checked, upload_part_checked, Capabilities, PartCrcs,
+    UploadConfig, MAX_PART, MAX_PARTS, MIN_PART,
+};
 use crate::store::{
     ByteRange, CompletedPart, ObjectStore, PutOptions, PutResult, StoreError, StoreResult,
 };
@@ -298,15 +301,13 @@ impl StagedFile {
             let _r = budget.reserve_required(n);
             let body = self.read(store.as_ref(), 0, n).await?;
             let crc = crc32fast::hash(&body);
-            return store
-                .put(key, body, opts, caps.checksums().then_some(crc))
-                .await;
+            return put_checked(store, caps, key, body, crc, opts).await;
         }
         let id = store.create_multipart(key, opts, caps.checksums()).await?;
         // Up to `cfg.concurrency` parts at a time, as a streamed upload does. Memory: the first
         // part in flight may take the budget beyond its bound (so the commit always progresses);
         // more go out only while the budget has room. Server-side copies need none.
-        let result: StoreResult<Vec<CompletedPart>> = async {
+        let result: StoreResult<Vec<(CompletedPart, Option<(u32, u64)>)>> = async {
             let mut parts = Vec::new();
             let mut inflight = futures::stream::FuturesUnordered::new();
             let (mut start, mut number) = (0, 1);
@@ -335,20 +336,21 @@ impl StagedFile {
                     parts.push(done?);
                 }
             }
-            parts.sort_by_key(|p: &CompletedPart| p.part_number);
+            parts.sort_by_key(|(p, _): &(CompletedPart, _)| p.part_number);
             Ok(parts)
         }
         .await;
         let outcome = match result {
             Ok(parts) => {
-                store
-                    .complete_multipart(key, &id, parts, &opts.condition)
-                    .await
+                // Every part uploaded from here has its CRC32; one copied server side has none.
+                let crcs: PartCrcs = parts.iter().map(|(_, c)| *c).collect();
+                let parts = parts.into_iter().map(|(p, _)| p).collect();
+                complete_checked(store, caps, key, &id, parts, &opts.condition, crcs).await
             }
             Err(e) => Err(e),
         };
         if outcome.is_err() {
-            super::upload::abort_upload(store, key, &id).await;
+            abort_upload(store, key, &id).await;
         }
         outcome
     }
@@ -366,17 +368,18 @@ impl StagedFile {
         copy: bool,
         _memory: Option<Reservation>,
         caps: &Capabilities,
-    ) -> StoreResult<CompletedPart> {
+    ) -> StoreResult<(CompletedPart, Option<(u32, u64)>)> {
         if copy {
-            return store
+            let part = store
                 .upload_part_copy(key, id, number, &self.base.key, &self.base.etag, range)
-                .await;
+                .await?;
+            return Ok((part, None));
         }
         let body = self.read(store.as_ref(), range.start, range.end).await?;
         let crc = crc32fast::hash(&body);
-        store
-            .upload_part(key, id, number, body, caps.checksums().then_some(crc))
-            .await
+        let len = body.len() as u64;
+        let part = upload_part_checked(store, caps, key, id, number, body, crc).await?;
+        Ok((part, Some((crc, len))))
     }
 
     /// Keep the staged bytes (and their sidecar) on disk for recovery instead of deleting them;
@@ -474,6 +477,58 @@ mod tests {
         )
         .unwrap();
         (f, dir)
+    }
+
+    #[tokio::test]
+    async fn a_staged_commit_resends_corrupted_bodies_and_falls_back_like_a_stream() {
+        use crate::store::mock::Op;
+        use crate::store::Feature;
+        let store = Arc::new(MockStore::new());
+        let body: Vec<u8> = (0..(12 << 20)).map(|i| (i % 251) as u8).collect();
+        let (mut f, _d) = staged_with(&store, &body).await;
+        f.write(1, b"X").unwrap();
+        f.write(11 << 20, b"Y").unwrap();
+        // A corrupted part body, then a store that refuses the condition.
+        store.inject_fault(
+            Op::UploadPart,
+            "k",
+            StoreError::Checksum("bad digest".into()),
+            1,
+        );
+        store.inject_fault(
+            Op::Complete,
+            "k",
+            StoreError::Unsupported {
+                feature: Feature::ConditionalWrites,
+                detail: "If-Match not implemented".into(),
+            },
+            1,
+        );
+        let caps = Capabilities::default();
+        let opts = PutOptions {
+            condition: crate::store::PutCondition::IfMatch(f.base.etag.clone()),
+            ..Default::default()
+        };
+        let cfg = UploadConfig {
+            min_part_size: 5 << 20,
+            ..UploadConfig::default()
+        };
+        f.upload(
+            &(store.clone() as Arc<dyn ObjectStore>),
+            "k",
+            &opts,
+            &cfg,
+            &Budget::new(1 << 30),
+            &caps,
+        )
+        .await
+        .unwrap();
+        let mut want = body.clone();
+        want[1] = b'X';
+        want[11 << 20] = b'Y';
+        assert!(store.get_bytes("k").unwrap() == want);
+        assert!(!caps.conditional() && caps.checksums());
+        assert_eq!(store.open_uploads(), 0);
     }
 
     #[tokio::test]

@@ -8,131 +8,25 @@
 //! 1000 parts, capped at `max_part_size` (8 MiB default: 8, 16, 32 ... 4096 MiB; 5 TiB is
 //! reached near part 9,600).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::task::JoinSet;
 
 use super::budget::{Budget, Reservation};
-use crate::store::{
-    composite_crc32, crc32_header, ByteRange, CompletedPart, Feature, ObjectStore, PutCondition,
-    PutOptions, PutResult, StoreError, StoreResult,
+use super::commit::{
+    abort_upload, complete_checked, copy_any_size, copy_pieces, put_checked, send_with_checksum,
+    Capabilities, PartCrcs, UploadConfig, MAX_PART, MAX_PARTS, MIN_PART,
 };
-
-pub const MAX_PARTS: i32 = 10_000;
-/// S3's smallest non-final part and largest part.
-pub const MIN_PART: u64 = 5 << 20;
-pub const MAX_PART: u64 = 5 << 30;
+use crate::store::{
+    ByteRange, CompletedPart, ObjectStore, PutCondition, PutOptions, PutResult, StoreError,
+    StoreResult,
+};
 
 /// How long a write waits for other files' buffers to come back when the memory budget is
 /// spent and it has no part of its own uploading, before it takes the memory anyway.
 const BUDGET_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
-
-#[derive(Clone, Copy, Debug)]
-pub struct UploadConfig {
-    pub min_part_size: u64,
-    pub max_part_size: u64,
-    /// Parts of one file uploading at the same time.
-    pub concurrency: usize,
-    /// A streamed file keeps a local copy of its bytes (in the staging directory) up to this
-    /// size, so that an upload that fails for good loses nothing; 0 keeps none.
-    pub spool_limit: u64,
-}
-
-impl Default for UploadConfig {
-    fn default() -> Self {
-        UploadConfig {
-            min_part_size: 8 << 20,
-            max_part_size: 4 << 30,
-            concurrency: 4,
-            spool_limit: 1 << 30,
-        }
-    }
-}
-
-impl UploadConfig {
-    /// Size of part `n` (1-based).
-    pub fn part_size(&self, n: i32) -> u64 {
-        let doublings = ((n.max(1) - 1) / 1000).min(20) as u32;
-        (self.min_part_size << doublings)
-            .min(self.max_part_size)
-            .min(MAX_PART)
-    }
-
-    /// The largest object this schedule can write.
-    pub fn max_object_size(&self) -> u64 {
-        (1..=MAX_PARTS).map(|n| self.part_size(n)).sum()
-    }
-}
-
-/// Whether the store accepts checksum headers; learned once, shared by every upload.
-#[derive(Debug)]
-pub struct Capabilities {
-    checksums: AtomicBool,
-    conditional: AtomicBool,
-}
-
-impl Default for Capabilities {
-    fn default() -> Self {
-        Capabilities {
-            checksums: AtomicBool::new(true),
-            conditional: AtomicBool::new(true),
-        }
-    }
-}
-
-impl Capabilities {
-    pub fn checksums(&self) -> bool {
-        self.checksums.load(Ordering::Relaxed)
-    }
-
-    /// Whether writes carry If-Match / If-None-Match (off by option, or once the store said it
-    /// does not implement them). Stores that ignore them silently (Garage) cannot be detected.
-    pub fn conditional(&self) -> bool {
-        self.conditional.load(Ordering::Relaxed)
-    }
-
-    pub fn disable_conditional(&self) {
-        self.conditional.store(false, Ordering::Relaxed);
-    }
-
-    /// Did this error, the answer to a request that carried a condition, say the store does not
-    /// implement conditional writes? Then stop sending them. An answer that does not say what it
-    /// refuses counts as this (the condition is what a store is likeliest not to know); one
-    /// that names checksums does not.
-    pub fn learn_conditional(&self, e: &StoreError) -> bool {
-        let unsupported = matches!(
-            e,
-            StoreError::Unsupported {
-                feature: Feature::ConditionalWrites | Feature::Unknown,
-                ..
-            }
-        );
-        if unsupported && self.conditional.swap(false, Ordering::Relaxed) {
-            tracing::warn!(error = %e, "store does not implement conditional writes; writing without If-Match/If-None-Match");
-        }
-        unsupported
-    }
-
-    /// Did this error say the store does not understand checksums? Then stop sending them.
-    fn learn(&self, e: &StoreError) -> bool {
-        let unsupported = matches!(
-            e,
-            StoreError::Unsupported {
-                feature: Feature::Checksums,
-                ..
-            }
-        );
-        if unsupported && self.checksums.swap(false, Ordering::Relaxed) {
-            tracing::warn!(error = %e, "store rejects checksum headers; uploading without them (integrity then rests on TLS and Content-MD5-less transfer)");
-        }
-        unsupported
-    }
-}
-
-/// Attempts at one body when the server reports a checksum mismatch (corruption in transit).
-const CHECKSUM_ATTEMPTS: u32 = 3;
 
 /// What an already committed object contributes to the start of a continued upload.
 #[derive(Clone, Debug)]
@@ -648,48 +542,30 @@ impl StreamUpload {
             let body = std::mem::take(&mut self.buf).freeze();
             let crc = std::mem::take(&mut self.buf_crc).finalize();
             debug_assert_eq!(crc, crc32fast::hash(&body), "running CRC32 of the body");
-            let (store, key) = (self.store.clone(), self.key.clone());
-            let caps = self.caps.clone();
-            let mut opts = self.opts.clone();
-            if !caps.conditional() {
-                opts.condition = crate::store::PutCondition::Overwrite;
-            }
-            let attempt = |opts: PutOptions| {
-                let (store, key, body) = (store.clone(), key.clone(), body.clone());
-                let caps = caps.clone();
-                async move {
-                    send_with_checksum(&caps, |c| {
-                        let (store, key, opts, body) =
-                            (store.clone(), key.clone(), opts.clone(), body.clone());
-                        async move { store.put(&key, body, &opts, c.then_some(crc)).await }
-                    })
-                    .await
-                }
-            };
-            let res = match attempt(opts.clone()).await {
-                Err(e)
-                    if opts.condition != crate::store::PutCondition::Overwrite
-                        && self.caps.learn_conditional(&e) =>
-                {
-                    opts.condition = crate::store::PutCondition::Overwrite;
-                    attempt(opts).await
-                }
+            return match put_checked(
+                &self.store,
+                &self.caps,
+                &self.key,
+                body.clone(),
+                crc,
+                &self.opts,
+            )
+            .await
+            {
                 Err(StoreError::PreconditionFailed(_)) => {
                     let kept = self.keep_for_recovery(&body, "write conflict");
-                    return Err(StoreError::PreconditionFailed(format!(
+                    Err(StoreError::PreconditionFailed(format!(
                         "{}: changed by someone else since it was opened; this write was not applied, its bytes are kept at {kept}",
                         self.key
-                    )));
+                    )))
                 }
                 Err(e) => {
                     // Failed for good (retries exhausted): the bytes exist only here now.
                     self.keep_for_recovery(&body, "upload failed");
-                    return Err(e);
+                    Err(e)
                 }
-                other => other,
-            }?;
-            verify_checksum(&self.key, res.checksum_crc32.as_deref(), &[crc], Some(crc));
-            return Ok(res);
+                ok => ok,
+            };
         }
         if !self.buf.is_empty()
             || (self.done.is_empty() && self.inflight.is_empty() && self.prefix.is_none())
@@ -704,28 +580,20 @@ impl StreamUpload {
         self.done.sort_by_key(|(p, _, _)| p.part_number);
         let parts: Vec<CompletedPart> = self.done.iter().map(|(p, _, _)| p.clone()).collect();
         let id = self.upload_id.clone().unwrap_or_default();
-        let mut condition = self.opts.condition.clone();
-        if !self.caps.conditional() {
-            condition = crate::store::PutCondition::Overwrite;
-        }
-        let res = match self
-            .store
-            .complete_multipart(&self.key, &id, parts.clone(), &condition)
-            .await
-        {
-            Err(e)
-                if condition != crate::store::PutCondition::Overwrite
-                    && self.caps.learn_conditional(&e) =>
-            {
-                self.store
-                    .complete_multipart(
-                        &self.key,
-                        &id,
-                        parts,
-                        &crate::store::PutCondition::Overwrite,
-                    )
-                    .await
-            }
+        // Parts copied server side have no local CRC: then only the part checksums vouch.
+        let crcs: PartCrcs =
+            (!self.copied_prefix).then(|| self.done.iter().map(|(_, c, n)| (*c, *n)).collect());
+        let completed = complete_checked(
+            &self.store,
+            &self.caps,
+            &self.key,
+            &id,
+            parts.clone(),
+            &self.opts.condition,
+            crcs,
+        )
+        .await;
+        let res = match completed {
             Err(StoreError::PreconditionFailed(_)) => {
                 // The parts stay on the server: leave the upload open (not aborted) and say how
                 // to find it, since the bytes exist nowhere else.
@@ -737,25 +605,14 @@ impl StreamUpload {
                     parts.len()
                 )));
             }
+            Err(e @ StoreError::Checksum(_)) => {
+                // Completed, but not what was written: the object is there; say so.
+                self.upload_id = None;
+                return Err(e);
+            }
             other => other,
         }?;
         self.upload_id = None;
-        // Parts copied server side have no local CRC: then only the part checksums vouch.
-        if !self.copied_prefix {
-            let crcs: Vec<u32> = self.done.iter().map(|(_, c, _)| *c).collect();
-            let mut whole = crc32fast::Hasher::new();
-            for (_, c, len) in &self.done {
-                whole.combine(&crc32fast::Hasher::new_with_initial_len(*c, *len));
-            }
-            let whole = whole.finalize();
-            if !verify_checksum(&self.key, res.checksum_crc32.as_deref(), &crcs, Some(whole)) {
-                return Err(StoreError::Checksum(format!(
-                    "{}: object checksum {} after completion differs from the data written",
-                    self.key,
-                    res.checksum_crc32.as_deref().unwrap_or("?")
-                )));
-            }
-        }
         if self
             .created_with
             .as_ref()
@@ -866,93 +723,6 @@ impl StreamUpload {
     }
 }
 
-/// How long a failed abort keeps being retried in the background.
-const ABORT_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(15 * 60);
-
-/// Abort a multipart upload. When the store cannot be reached (the reason uploads fail), keep
-/// trying in the background, backing off up to 5 s, so the upload is not left open (and
-/// billed) once the store is back; a mount started later reports any that remain.
-/// The first `size` bytes of an object in equal pieces of at most 5 GiB (what one
-/// UploadPartCopy may copy).
-fn copy_pieces(size: u64) -> impl Iterator<Item = ByteRange> {
-    let each = size.div_ceil(size.div_ceil(MAX_PART).max(1));
-    (0..size)
-        .step_by(each.max(1) as usize)
-        .map(move |start| ByteRange::new(start, (start + each).min(size)))
-}
-
-/// Server-side copy of the first `size` bytes of `src_key` at `src_etag` (the whole object) to
-/// `dst` under `opts`: one CopyObject up to 5 GiB, UploadPartCopy pieces above.
-pub async fn copy_any_size(
-    store: &Arc<dyn ObjectStore>,
-    src_key: &str,
-    src_etag: &str,
-    size: u64,
-    dst: &str,
-    opts: &PutOptions,
-) -> StoreResult<PutResult> {
-    use futures::StreamExt;
-    if size <= MAX_PART {
-        return store.copy_object(src_key, src_etag, dst, opts).await;
-    }
-    let id = store.create_multipart(dst, opts, false).await?;
-    let results: Vec<StoreResult<CompletedPart>> =
-        futures::stream::iter((1..).zip(copy_pieces(size)))
-            .map(|(n, r)| {
-                let id = id.clone();
-                async move {
-                    store
-                        .upload_part_copy(dst, &id, n, src_key, src_etag, r)
-                        .await
-                }
-            })
-            .buffered(4)
-            .collect()
-            .await;
-    let parts: StoreResult<Vec<CompletedPart>> = results.into_iter().collect();
-    let res = match parts {
-        Ok(parts) => {
-            store
-                .complete_multipart(dst, &id, parts, &PutCondition::Overwrite)
-                .await
-        }
-        Err(e) => Err(e),
-    };
-    if res.is_err() {
-        abort_upload(store, dst, &id).await;
-    }
-    res
-}
-
-pub async fn abort_upload(store: &Arc<dyn ObjectStore>, key: &str, id: &str) {
-    match store.abort_multipart(key, id).await {
-        Ok(()) | Err(StoreError::NotFound(_)) => {
-            tracing::info!(key, upload_id = %id, "multipart upload aborted");
-            return;
-        }
-        Err(e) => {
-            tracing::warn!(key, upload_id = %id, error = %e, "could not abort multipart upload; retrying in the background")
-        }
-    }
-    let (store, key, id) = (store.clone(), key.to_string(), id.to_string());
-    tokio::spawn(async move {
-        let started = std::time::Instant::now();
-        let mut pause = std::time::Duration::from_millis(250);
-        while started.elapsed() < ABORT_RETRY_FOR {
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(std::time::Duration::from_secs(5));
-            match store.abort_multipart(&key, &id).await {
-                Ok(()) | Err(StoreError::NotFound(_)) => {
-                    tracing::info!(key, upload_id = %id, "multipart upload aborted");
-                    return;
-                }
-                Err(e) => tracing::debug!(key, upload_id = %id, error = %e, "abort still failing"),
-            }
-        }
-        tracing::error!(key, upload_id = %id, "could not abort multipart upload; it stays open until aborted (reported at the next mount)");
-    });
-}
-
 /// A key as one file name: `/` and control characters become `_`, at most 200 characters.
 fn safe_name(key: &str) -> String {
     key.chars()
@@ -961,71 +731,11 @@ fn safe_name(key: &str) -> String {
         .collect()
 }
 
-/// Send with a checksum while the store takes them; retry a body the server found corrupted.
-async fn send_with_checksum<T, F, Fut>(caps: &Capabilities, send: F) -> StoreResult<T>
-where
-    F: Fn(bool) -> Fut,
-    Fut: std::future::Future<Output = StoreResult<T>>,
-{
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let with = caps.checksums();
-        match send(with).await {
-            Ok(v) => return Ok(v),
-            Err(e) if with && caps.learn(&e) => continue,
-            Err(StoreError::Checksum(m)) if attempt < CHECKSUM_ATTEMPTS => {
-                tracing::warn!(error = %m, attempt, "server rejected a body as corrupted; sending it again");
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Compare the checksum the server reports with ours. Returns false only on a real mismatch;
-/// a store that reports none is accepted (it was told the part checksums).
-fn verify_checksum(
-    key: &str,
-    reported: Option<&str>,
-    part_crcs: &[u32],
-    whole: Option<u32>,
-) -> bool {
-    let Some(reported) = reported else {
-        tracing::debug!(key, "store reported no object checksum");
-        return true;
-    };
-    if reported.contains('-') {
-        return reported == composite_crc32(part_crcs);
-    }
-    whole.is_some_and(|w| reported == crc32_header(w))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{crc32_header, Feature};
 
-    #[test]
-    fn copy_pieces_cover_the_object_in_parts_of_at_most_5_gib() {
-        for size in [
-            1,
-            5 << 20,
-            MAX_PART,
-            MAX_PART + 1,
-            3 * MAX_PART - 7,
-            100 << 30,
-        ] {
-            let pieces: Vec<ByteRange> = copy_pieces(size).collect();
-            assert_eq!(pieces.len() as u64, size.div_ceil(MAX_PART), "{size}");
-            let mut at = 0;
-            for p in &pieces {
-                assert_eq!(p.start, at, "{size}");
-                assert!(!p.is_empty() && p.len() <= MAX_PART, "{size}");
-                at = p.end;
-            }
-            assert_eq!(at, size);
-        }
-        assert_eq!(copy_pieces(0).count(), 0);
-    }
     use crate::store::mock::{MockStore, Op};
     use std::sync::atomic::Ordering;
 

@@ -24,8 +24,8 @@ use parking_lot::Mutex;
 
 use crate::data::budget::Budget;
 use crate::data::cache::{BlockCache, CacheConfig};
+use crate::data::commit::{Capabilities, UploadConfig};
 use crate::data::prefetch::{ObjectReader, PrefetchConfig};
-use crate::data::upload::{Capabilities, UploadConfig};
 use crate::store::{
     ByteRange, ListPage, ObjectMeta, ObjectStore, StoreError, LEGACY_FOLDER_SUFFIX,
 };

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use super::attrs::Kind;
 use super::dir::DirEntry;
 use super::{errno_of, Errno, Fs, FsResult};
-use crate::data::upload::copy_any_size;
+use crate::data::commit::copy_any_size;
 use crate::store::{ObjectMeta, PutCondition, PutOptions, StoreError};
 
 /// RENAME_NOREPLACE and RENAME_EXCHANGE from <linux/fs.h>.
