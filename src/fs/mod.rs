@@ -6,8 +6,10 @@ pub mod dir;
 pub mod inode;
 mod known;
 mod mime;
+mod namespace;
 mod open_file;
 mod rename;
+mod setattr;
 mod write;
 mod xattr;
 
@@ -32,7 +34,8 @@ use crate::store::{
 pub use attrs::{Attr, AttrDefaults, Kind};
 use dir::{invalid_name_reason, DirEntry, Listing, WarnOnce};
 use inode::{Inode, InodeTable, ROOT_INO};
-pub use write::{Caller, SetAttr};
+pub use namespace::Caller;
+pub use setattr::SetAttr;
 
 /// An errno, the only error the kernel understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1562,9 +1562,9 @@ async fn extended_attributes_that_do_not_fit_or_cannot_be_read_lose_nothing() {
 
 #[tokio::test]
 async fn set_id_bits_are_cleared_by_chown_unprivileged_truncate_and_writes() {
-    assert_eq!(write::without_suid_sgid(0o106777), 0o100777);
+    assert_eq!(setattr::without_suid_sgid(0o106777), 0o100777);
     assert_eq!(
-        write::without_suid_sgid(0o102766),
+        setattr::without_suid_sgid(0o102766),
         0o102766,
         "no group execute"
     );
