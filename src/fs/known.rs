@@ -10,7 +10,8 @@
 //! ([`CONFIRM_PARALLEL`] at a time) and a lookup joins the one for its key. A directory whose
 //! first [`SAMPLE`] confirmed objects carry no stored metadata at all (a bucket written by plain
 //! S3 clients) stops being confirmed: its listings are trusted, so `ls -l` of such a bucket
-//! does not cost a HEAD per entry, as s3fs's does.
+//! does not cost a HEAD per entry, as s3fs's does. A directory not sampled yet follows the
+//! mount's sample (all its confirmations so far), until one of its own objects says otherwise.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -62,6 +63,9 @@ pub struct KnownVersions {
     confirming: Mutex<HashMap<String, SharedHead>>,
     slots: Arc<tokio::sync::Semaphore>,
     dirs: Mutex<LruCache<String, Sample>>,
+    /// Every confirmation of the mount: a directory not sampled yet follows it, so a tree of
+    /// many small directories of plain objects is not sampled directory by directory.
+    mount: Mutex<Sample>,
 }
 
 /// `a/b/c` -> `a/b/`.
@@ -85,12 +89,18 @@ impl KnownVersions {
             confirming: Mutex::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(CONFIRM_PARALLEL)),
             dirs: Mutex::new(LruCache::new(n(DIRS))),
+            mount: Mutex::default(),
         })
     }
 
     /// Remember the stored metadata of an object version (from a HEAD when `from_server`, else
     /// from this mount's own write).
+    /// Every HEAD also counts in the samples (so a directory, or the mount, whose objects do
+    /// carry metadata goes back to being confirmed).
     pub fn learn(&self, meta: &ObjectMeta, from_server: bool) {
+        if from_server && meta.has_metadata {
+            self.sampled(meta);
+        }
         if meta.has_metadata && meta.etag.is_some() {
             let k = Known {
                 meta: meta.clone(),
@@ -137,10 +147,10 @@ impl KnownVersions {
     /// Is the directory of `key` one whose listings are trusted (its sample carried no stored
     /// metadata)?
     pub fn trusts_listings_of(&self, key: &str) -> bool {
-        self.dirs
-            .lock()
-            .peek(dir_of(key))
-            .is_some_and(Sample::trust_listings)
+        match self.dirs.lock().peek(dir_of(key)) {
+            Some(s) if s.with_metadata || s.plain > 0 => s.trust_listings(),
+            _ => self.mount.lock().trust_listings(),
+        }
     }
 
     /// The confirmation of `key` under way, if any.
@@ -168,7 +178,6 @@ impl KnownVersions {
             match head {
                 Ok(meta) => {
                     me.learn(&meta, true);
-                    me.sampled(&meta);
                     Some(meta)
                 }
                 Err(e) => {
@@ -185,10 +194,19 @@ impl KnownVersions {
     }
 
     fn sampled(&self, meta: &ObjectMeta) {
+        let rich = has_stored_attrs(meta);
+        {
+            let mut mount = self.mount.lock();
+            if rich {
+                mount.with_metadata = true;
+            } else {
+                mount.plain = mount.plain.saturating_add(1);
+            }
+        }
         let mut dirs = self.dirs.lock();
         let dir = dir_of(&meta.key).to_string();
         let mut s = dirs.get(&dir).copied().unwrap_or_default();
-        if has_stored_attrs(meta) {
+        if rich {
             s.with_metadata = true;
         } else {
             s.plain = s.plain.saturating_add(1);

@@ -2503,3 +2503,32 @@ async fn listed_files_are_confirmed_once_per_version_before_their_times_are_trus
         assert_eq!(store.counters.head.load(Ordering::Relaxed), heads);
     }
 }
+
+#[tokio::test]
+async fn a_tree_of_plain_objects_is_sampled_once_not_per_directory() {
+    let (store, fs) = setup("");
+    for d in 0..20 {
+        for f in 0..20 {
+            store.insert(&format!("t/d{d:02}/f{f:02}"), "x");
+        }
+    }
+    let t = fs.lookup(ROOT_INO, b"t").await.unwrap();
+    store.reset_counters();
+    // `du`: list each directory, stat each file.
+    for d in 0..20 {
+        let dir = fs
+            .lookup(t.ino, format!("d{d:02}").as_bytes())
+            .await
+            .unwrap();
+        let fh = fs.opendir(dir.ino).await.unwrap();
+        let items = fs.readdir(fh, 0, usize::MAX, true).await.unwrap();
+        for item in items.iter().filter(|i| i.entry.is_some()) {
+            let (a, _) = fs.lookup_listed(dir.ino, item).unwrap();
+            fs.lookup(dir.ino, item.name.as_bytes()).await.unwrap();
+            fs.forget(a.ino, 2);
+        }
+        fs.releasedir(fh);
+    }
+    let heads = store.counters.head.load(Ordering::Relaxed);
+    assert!(heads <= 40, "a sample, not 16 per directory: {heads} HEADs");
+}
