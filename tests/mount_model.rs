@@ -119,7 +119,13 @@ fn random_operations_match_the_model_through_a_mount() {
                 {
                     continue;
                 }
-                let f = File::create(&path).unwrap_or_else(|e| panic!("{step}: {e}"));
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&path)
+                    .unwrap_or_else(|e| panic!("{step}: {e}"));
                 let id = match model.names.get(name) {
                     Some(Node::File(id)) => {
                         model.files[*id].0.clear();
