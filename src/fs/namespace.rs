@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime};
 use super::attrs::{self, format_time, Attr, Kind, S_IFDIR, S_IFMT, S_IFREG};
 use super::dir::{invalid_name_reason, DirEntry};
 use super::inode::Inode;
-use super::write::WriteState;
+use super::write::{Body, WriteState};
 use super::{errno_of, Errno, Fs, FsResult};
 use crate::data::upload::CommittedPrefix;
 use crate::store::{ObjectMeta, PutCondition, PutOptions, StoreError, UserMetadata};
@@ -174,20 +174,16 @@ impl Fs {
         let state = WriteState {
             ino: attr.ino,
             key: key.clone(),
-            upload: Some(self.start_upload(&key, &metadata, &PutCondition::IfNoneMatch)),
+            body: Body::Streaming(self.start_upload(&key, &metadata, &PutCondition::IfNoneMatch)),
             base: CommittedPrefix {
                 etag: String::new(),
                 size: 0,
             },
             size: 0,
-            dirty: true,
-            error: None,
             metadata,
             unlinked,
-            staged: None,
             expect: PutCondition::IfNoneMatch,
             last_write: None,
-            orphan: false,
         };
         let (file, fresh) = self.open_files.insert_or_join(state);
         if !fresh {
@@ -378,7 +374,7 @@ impl Fs {
             }
         };
         let mut st = file.state.lock().await;
-        if st.orphan {
+        if st.orphan() {
             return Ok(());
         }
         if st.size > self.cfg.upload.spool_limit {
@@ -388,16 +384,16 @@ impl Fs {
         }
         self.ensure_staged(&mut st).await?;
         let key = st.key.clone();
-        let Some(staged) = st.staged.as_mut() else {
+        let Body::Staged(mut staged) = st.take_body() else {
             return Err(Errno::EIO);
         };
-        staged
-            .materialize(self.store.as_ref())
-            .await
-            .map_err(|e| errno_of(&e, "unlink of an open file"))?;
+        let made_local = staged.materialize(self.store.as_ref()).await;
+        if let Err(e) = made_local {
+            st.body = Body::Staged(staged);
+            return Err(errno_of(&e, "unlink of an open file"));
+        }
         tracing::debug!(key = %key, "unlinked while open: kept locally until the last close");
-        st.orphan = true;
-        st.dirty = false;
+        st.body = Body::Orphan(staged);
         st.unlinked.store(true, Ordering::Relaxed);
         let mut table = self.inodes.lock();
         if let Some(i) = table.get_mut(ino) {

@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime};
 
 use super::attrs::{self, format_time, Attr, Kind, S_IFDIR};
 use super::inode::Inode;
-use super::write::WriteState;
+use super::write::{Body, WriteState};
 use super::{errno_of, Errno, Fs, FsResult};
 use crate::data::staging::{Base, StagedFile};
 use crate::store::{ObjectMeta, PutCondition, PutOptions, PutResult, StoreError, UserMetadata};
@@ -165,7 +165,7 @@ impl Fs {
             || (req.kill_suid_sgid && !inode.kind.is_dir() && without_suid_sgid(perm) != perm);
         if let Some(file) = &handle {
             let mut st = file.state.lock().await;
-            if let Some(e) = st.error {
+            if let Some(e) = st.failed() {
                 return Err(e);
             }
             if let Some(size) = req.size {
@@ -175,7 +175,7 @@ impl Fs {
                 st.last_write = None;
             }
             apply_metadata(&mut st.metadata, &req, Kind::File);
-            if st.orphan {
+            if st.orphan() {
                 return self.settle_orphan_metadata(&mut st);
             }
             return self.settle_handle_metadata(&mut st, metadata_change).await;
@@ -273,7 +273,7 @@ impl Fs {
         changed: bool,
     ) -> FsResult<Attr> {
         let ino = st.ino;
-        if changed && !st.dirty {
+        if changed && matches!(st.body, Body::Clean) {
             // Committed already: rewrite the metadata server side.
             let etag = st.base.etag.clone();
             let new_etag = self
@@ -290,7 +290,7 @@ impl Fs {
             ));
         }
         let md = st.metadata.clone();
-        if let Some(u) = st.upload.as_mut() {
+        if let Some(u) = st.upload_mut() {
             u.set_metadata(md);
         }
         // The attributes as they will be stored: with the time of writes not stamped yet.
@@ -340,11 +340,11 @@ impl Fs {
         let inode = self.inode(ino)?;
         if let Some(file) = self.writer_of(ino) {
             let mut st = file.state.lock().await;
-            if let Some(e) = st.error {
+            if let Some(e) = st.failed() {
                 return Err(e);
             }
             edit(&mut st.metadata)?;
-            if st.orphan {
+            if st.orphan() {
                 return self.settle_orphan_metadata(&mut st);
             }
             return self.settle_handle_metadata(&mut st, true).await;

@@ -27,33 +27,77 @@ pub(super) const COPY_CHUNK: u64 = u32::MAX as u64 & !4095;
 #[cfg(test)]
 pub(super) const COPY_CHUNK: u64 = 6 << 20;
 
+/// Where the bytes of an open file are, beyond what the bucket holds (`WriteState::base`).
+/// One variant at a time: a file is never streaming and staged at once, an orphan never
+/// uploads, and a failed file only reports its error.
+pub(super) enum Body {
+    /// Everything written is committed: the bucket holds the file.
+    Clean,
+    /// Bytes arriving in order after `base`, going out as a single PUT or multipart upload.
+    Streaming(StreamUpload),
+    /// Changes to `base` kept in a local staging file, merged with it at commit.
+    Staged(StagedFile),
+    /// Unlinked while open: every byte is in the staging file (none taken from an object),
+    /// nothing is uploaded again, and the file goes with the last descriptor.
+    Orphan(StagedFile),
+    /// An upload failed for good: every later call on the file reports this.
+    Failed(Errno),
+}
+
 pub(super) struct WriteState {
     pub(super) ino: u64,
     pub(super) key: String,
-    /// Upload in progress; None when everything written so far is committed.
-    pub(super) upload: Option<StreamUpload>,
-    /// What the bucket holds for this key as far as this handle knows (size 0 = nothing to keep).
+    pub(super) body: Body,
+    /// What the bucket holds for this key as far as this state knows (size 0 = nothing to keep).
     pub(super) base: CommittedPrefix,
     /// Logical size of the file.
     pub(super) size: u64,
-    /// Bytes that must reach the bucket at the next flush.
-    pub(super) dirty: bool,
-    /// A failed upload poisons the handle: every later call reports it.
-    pub(super) error: Option<Errno>,
     pub(super) metadata: UserMetadata,
+    /// Set by an unlink of a file too large to keep locally: its commit is dropped.
     pub(super) unlinked: Arc<std::sync::atomic::AtomicBool>,
-    /// Local changes to the committed object (in-place modification).
-    pub(super) staged: Option<StagedFile>,
     /// What the bucket must still hold for the next commit to apply (If-Match / If-None-Match).
     pub(super) expect: PutCondition,
     /// When the bytes were last changed and the stored mtime not yet set to it.
     pub(super) last_write: Option<SystemTime>,
-    /// Unlinked while open: every byte is in `staged` (none taken from an object), nothing is
-    /// uploaded again, and the staging file goes with the last descriptor.
-    pub(super) orphan: bool,
 }
 
 impl WriteState {
+    /// Bytes that must reach the bucket at the next commit.
+    pub(super) fn dirty(&self) -> bool {
+        matches!(self.body, Body::Streaming(_) | Body::Staged(_))
+    }
+
+    pub(super) fn failed(&self) -> Option<Errno> {
+        match self.body {
+            Body::Failed(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    pub(super) fn orphan(&self) -> bool {
+        matches!(self.body, Body::Orphan(_))
+    }
+
+    /// The local staging file, of a staged file or an orphan.
+    pub(super) fn staged_mut(&mut self) -> Option<&mut StagedFile> {
+        match &mut self.body {
+            Body::Staged(f) | Body::Orphan(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    pub(super) fn upload_mut(&mut self) -> Option<&mut StreamUpload> {
+        match &mut self.body {
+            Body::Streaming(u) => Some(u),
+            _ => None,
+        }
+    }
+
+    /// Take the body out, leaving the file clean.
+    pub(super) fn take_body(&mut self) -> Body {
+        std::mem::replace(&mut self.body, Body::Clean)
+    }
+
     pub(super) fn ino(&self) -> u64 {
         self.ino
     }
@@ -218,24 +262,20 @@ impl Fs {
         let mut state = WriteState {
             ino: inode.ino,
             key: inode.key.clone(),
-            upload: None,
+            body: Body::Clean,
             size: base.size,
             base,
-            dirty: false,
-            error: None,
             metadata,
             unlinked,
-            staged: None,
             expect: match meta.as_ref().and_then(|m| m.etag.clone()) {
                 Some(etag) => PutCondition::IfMatch(etag),
                 None => PutCondition::IfNoneMatch,
             },
             last_write: None,
-            orphan: false,
         };
         if truncate || meta.is_none() {
-            state.upload = Some(self.start_upload(&inode.key, &state.metadata, &state.expect));
-            state.dirty = true;
+            state.body =
+                Body::Streaming(self.start_upload(&inode.key, &state.metadata, &state.expect));
             state.unlinked = self.mark_pending(&inode.key, inode.ino);
             self.set_local_size(inode.ino, 0);
         }
@@ -247,26 +287,24 @@ impl Fs {
         if size > self.cfg.upload.max_object_size() {
             return Err(Errno::EFBIG);
         }
-        if size == 0 && !st.orphan && (st.size > 0 || !st.dirty) {
-            if let Some(u) = st.upload.take() {
+        if size == 0 && !st.orphan() && (st.size > 0 || !st.dirty()) {
+            if let Body::Streaming(u) = st.take_body() {
                 u.abort().await;
             }
-            st.staged = None;
             st.base = CommittedPrefix {
                 etag: String::new(),
                 size: 0,
             };
             st.size = 0;
-            st.upload = Some(self.start_upload(&st.key, &st.metadata, &st.expect));
-            st.dirty = true;
+            st.body = Body::Streaming(self.start_upload(&st.key, &st.metadata, &st.expect));
             st.unlinked = self.mark_pending(&st.key, st.ino);
             self.set_local_size(st.ino, 0);
         } else if size != st.size {
-            if size > st.size && st.staged.is_none() {
+            if size > st.size && st.staged_mut().is_none() {
                 self.fill_zeros(st, size).await?;
             } else {
                 self.ensure_staged(st).await?;
-                let Some(staged) = st.staged.as_mut() else {
+                let Some(staged) = st.staged_mut() else {
                     return Err(Errno::EIO);
                 };
                 staged.truncate(size).map_err(|e| {
@@ -291,7 +329,7 @@ impl Fs {
 
     /// Make sure `st` has an upload positioned at the end of the file.
     pub(super) async fn ensure_upload(&self, st: &mut WriteState) -> FsResult<()> {
-        if st.upload.is_some() {
+        if st.upload_mut().is_some() {
             return Ok(());
         }
         // Appending to a committed object: the upload carries the time of this first write
@@ -303,20 +341,24 @@ impl Fs {
             tracing::error!(key = %st.key, error = %e, "cannot continue the committed object");
             errno_of(&e, "append")
         })?;
-        st.upload = Some(upload);
-        st.dirty = true;
+        st.body = Body::Streaming(upload);
         st.unlinked = self.mark_pending(&st.key, st.ino);
         Ok(())
     }
 
     pub(super) async fn append(&self, st: &mut WriteState, data: &[u8]) -> FsResult<()> {
         self.ensure_upload(st).await?;
-        let Some(upload) = st.upload.as_mut() else {
+        let Some(upload) = st.upload_mut() else {
             return Err(Errno::EIO);
         };
         if let Err(e) = upload.write(data).await {
             tracing::error!(key = %st.key, error = %e, "upload failed while writing");
-            st.error = Some(Errno::EIO);
+            // Finishing a failed upload aborts it and keeps what it holds in the recovery folder.
+            if let Body::Streaming(u) = st.take_body() {
+                let _ = u.finish().await;
+            }
+            st.body = Body::Failed(Errno::EIO);
+            self.pending.lock().remove(&st.key);
             return Err(Errno::EIO);
         }
         st.size += data.len() as u64;
@@ -337,7 +379,7 @@ impl Fs {
     pub async fn write(&self, fh: u64, offset: i64, data: &[u8]) -> FsResult<u32> {
         let file = self.write_handle(fh)?;
         let mut st = file.state.lock().await;
-        if let Some(e) = st.error {
+        if let Some(e) = st.failed() {
             return Err(e);
         }
         let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
@@ -345,10 +387,10 @@ impl Fs {
             return Err(Errno::EFBIG);
         }
         st.touched();
-        if offset < st.size || st.staged.is_some() {
+        if offset < st.size || st.staged_mut().is_some() {
             self.ensure_staged(&mut st).await?;
             let key = st.key.clone();
-            let Some(staged) = st.staged.as_mut() else {
+            let Some(staged) = st.staged_mut() else {
                 return Err(Errno::EIO);
             };
             staged.write(offset, data).map_err(|e| {
@@ -404,13 +446,12 @@ impl Fs {
         };
         let file = self.write_handle(fh_out)?;
         let mut st = file.state.lock().await;
-        if let Some(e) = st.error {
+        if let Some(e) = st.failed() {
             return Err(e);
         }
-        if st.orphan
+        if !matches!(st.body, Body::Streaming(_) | Body::Clean)
             || st.size != off_out
             || st.base.size != 0
-            || st.staged.is_some()
             || st.key == reader.key()
         {
             return Err(Errno::ENOTSUP);
@@ -418,8 +459,7 @@ impl Fs {
         if off_in > 0 {
             // Going on: only while the file is still nothing but the copy so far.
             let extended = st
-                .upload
-                .as_mut()
+                .upload_mut()
                 .is_some_and(|u| u.extend_prefix(reader.key(), etag, off_in + n));
             if !extended {
                 return Err(Errno::ENOTSUP);
@@ -429,7 +469,7 @@ impl Fs {
                 // Only the start of an object that would fit: a plain copy does it as well.
                 return Err(Errno::ENOTSUP);
             }
-            if let Some(u) = st.upload.take() {
+            if let Body::Streaming(u) = st.take_body() {
                 u.abort().await;
             }
             let committed = CommittedPrefix {
@@ -441,17 +481,16 @@ impl Fs {
                 .starting_with(reader.key(), size, committed)
                 .await;
             match upload {
-                Ok(u) => st.upload = Some(u),
+                Ok(u) => st.body = Body::Streaming(u),
                 Err(e) => {
-                    // The handle is as it was: empty, with a fresh upload.
-                    st.upload = Some(self.start_upload(&st.key, &st.metadata, &st.expect));
+                    // The file is as it was: empty, with a fresh upload.
+                    st.body = Body::Streaming(self.start_upload(&st.key, &st.metadata, &st.expect));
                     return Err(errno_of(&e, "copy_file_range"));
                 }
             }
         }
         tracing::debug!(from = %reader.key(), to = %st.key, off_in, n, "copy_file_range: server-side copy");
         st.size = off_in + n;
-        st.dirty = true;
         st.touched();
         self.set_local_size(st.ino, st.size);
         Ok(n as u32)
@@ -460,11 +499,11 @@ impl Fs {
     /// Switch the handle to local staging: what was streamed so far is committed first and
     /// becomes the base the staged changes apply to.
     pub(super) async fn ensure_staged(&self, st: &mut WriteState) -> FsResult<()> {
-        if st.staged.is_some() {
-            return Ok(());
-        }
-        if st.dirty && st.upload.is_some() {
-            self.commit(st).await?;
+        match st.body {
+            Body::Staged(_) | Body::Orphan(_) => return Ok(()),
+            Body::Failed(e) => return Err(e),
+            Body::Streaming(_) => self.commit(st).await?,
+            Body::Clean => {}
         }
         let base = Base {
             key: st.key.clone(),
@@ -475,8 +514,7 @@ impl Fs {
             tracing::error!(dir = %self.cfg.staging_dir.display(), error = %e, "cannot create a staging file");
             Errno::from_io(&e)
         })?;
-        st.staged = Some(staged);
-        st.dirty = true;
+        st.body = Body::Staged(staged);
         st.unlinked = self.mark_pending(&st.key, st.ino);
         Ok(())
     }
@@ -489,17 +527,17 @@ impl Fs {
         size: u32,
     ) -> FsResult<bytes::Bytes> {
         let mut st = file.state.lock().await;
-        if let Some(e) = st.error {
+        if let Some(e) = st.failed() {
             return Err(e);
         }
         let end = (offset + size as u64).min(st.size);
         if offset >= end {
             return Ok(bytes::Bytes::new());
         }
-        if st.staged.is_none() && st.dirty {
+        if let Body::Streaming(_) = st.body {
             self.ensure_staged(&mut st).await?;
         }
-        match &st.staged {
+        match st.staged_mut() {
             Some(staged) => staged
                 .read(self.store.as_ref(), offset, end)
                 .await
@@ -518,74 +556,82 @@ impl Fs {
 
     /// Upload whatever is pending so the bucket holds the file; errors are returned, not lost.
     pub(super) async fn commit(&self, st: &mut WriteState) -> FsResult<()> {
-        if let Some(e) = st.error {
-            return Err(e);
-        }
-        if !st.dirty {
-            return Ok(());
-        }
-        if st.orphan || st.unlinked.load(Ordering::Relaxed) {
-            // Unlinked: nothing goes to the bucket; an orphan keeps its bytes for its readers.
-            if !st.orphan {
-                st.staged = None;
-                if let Some(upload) = st.upload.take() {
-                    upload.abort().await;
-                }
+        let dropped = st.unlinked.load(Ordering::Relaxed);
+        match st.take_body() {
+            // Nothing to upload: everything is committed, or an orphan keeps its bytes locally
+            // for its readers and never uploads them.
+            body @ (Body::Clean | Body::Orphan(_)) => {
+                st.body = body;
+                Ok(())
             }
-            st.dirty = false;
-            return Ok(());
+            Body::Failed(e) => {
+                st.body = Body::Failed(e);
+                Err(e)
+            }
+            // Unlinked while too large to keep locally: nothing goes to the bucket.
+            Body::Streaming(upload) if dropped => {
+                upload.abort().await;
+                Ok(())
+            }
+            Body::Staged(_) if dropped => Ok(()),
+            Body::Staged(staged) => self.commit_staged(st, staged).await,
+            Body::Streaming(upload) => self.commit_streamed(st, upload).await,
         }
-        if let Some(staged) = st.staged.take() {
-            st.stamp_write_time();
-            let condition = if self.caps.conditional() {
-                st.expect.clone()
-            } else {
-                PutCondition::Overwrite
-            };
-            let opts = PutOptions {
-                metadata: st.metadata.clone(),
-                content_type: self.content_type_of(&st.key),
-                condition,
-                ..Default::default()
-            };
-            return match staged
-                .upload(
-                    &self.store,
-                    &st.key,
-                    &opts,
-                    &self.cfg.upload,
-                    &self.budget,
-                    &self.caps,
-                )
-                .await
-            {
-                Ok(res) => {
-                    self.committed(st, res);
-                    Ok(())
-                }
-                Err(e) => {
-                    let conflict = matches!(e, StoreError::PreconditionFailed(_));
-                    let recovery = self.recovery_dir();
-                    let kept = staged.keep(conflict.then_some(recovery.as_path()));
-                    if conflict {
-                        tracing::error!(
-                            key = %st.key, kept = %kept.display(),
-                            "write conflict: the object changed since it was opened; it was left untouched and the changed bytes are kept"
-                        );
-                    }
-                    tracing::error!(
-                        key = %st.key, error = %e, kept = %kept.display(),
-                        "upload of modified file failed; the object is unchanged and the changed bytes are kept in the staging file"
-                    );
-                    st.error = Some(Errno::EIO);
-                    self.pending.lock().remove(&st.key);
-                    Err(Errno::EIO)
-                }
-            };
-        }
-        let Some(mut upload) = st.upload.take() else {
-            return Ok(());
+    }
+
+    /// Upload a staged file: unchanged parts copied server side, changed ones uploaded.
+    async fn commit_staged(&self, st: &mut WriteState, staged: StagedFile) -> FsResult<()> {
+        st.stamp_write_time();
+        let condition = if self.caps.conditional() {
+            st.expect.clone()
+        } else {
+            PutCondition::Overwrite
         };
+        let opts = PutOptions {
+            metadata: st.metadata.clone(),
+            content_type: self.content_type_of(&st.key),
+            condition,
+            ..Default::default()
+        };
+        let uploaded = staged
+            .upload(
+                &self.store,
+                &st.key,
+                &opts,
+                &self.cfg.upload,
+                &self.budget,
+                &self.caps,
+            )
+            .await;
+        match uploaded {
+            Ok(res) => {
+                self.committed(st, res);
+                Ok(())
+            }
+            Err(e) => {
+                let conflict = matches!(e, StoreError::PreconditionFailed(_));
+                let recovery = self.recovery_dir();
+                let kept = staged.keep(conflict.then_some(recovery.as_path()));
+                if conflict {
+                    tracing::error!(
+                        key = %st.key, kept = %kept.display(),
+                        "write conflict: the object changed since it was opened; it was left untouched and the changed bytes are kept"
+                    );
+                }
+                tracing::error!(
+                    key = %st.key, error = %e, kept = %kept.display(),
+                    "upload of modified file failed; the object is unchanged and the changed bytes are kept in the staging file"
+                );
+                st.body = Body::Failed(Errno::EIO);
+                self.pending.lock().remove(&st.key);
+                Err(Errno::EIO)
+            }
+        }
+    }
+
+    /// Finish a streamed upload (a single PUT, or the multipart upload's last part and
+    /// completion).
+    async fn commit_streamed(&self, st: &mut WriteState, mut upload: StreamUpload) -> FsResult<()> {
         if upload.multipart_started() {
             // Its metadata was fixed when it was created (with the time of the first write);
             // restamping it would copy the whole object once more.
@@ -601,7 +647,7 @@ impl Fs {
             }
             Err(e) => {
                 tracing::error!(key = %st.key, error = %e, "upload failed; the previous object (if any) is unchanged");
-                st.error = Some(Errno::EIO);
+                st.body = Body::Failed(Errno::EIO);
                 self.pending.lock().remove(&st.key);
                 Err(Errno::EIO)
             }
@@ -614,7 +660,7 @@ impl Fs {
             etag,
             checksum_crc32,
         } = res;
-        st.dirty = false;
+        st.body = Body::Clean;
         st.expect = match &etag {
             Some(tag) => PutCondition::IfMatch(tag.clone()),
             None => PutCondition::Overwrite,
@@ -705,13 +751,13 @@ impl Fs {
             return Ok(());
         }
         let mut st = file.state.lock().await;
-        let result = if st.dirty && st.error.is_none() {
+        let result = if st.dirty() {
             self.commit(&mut st).await
         } else {
             Ok(())
         };
         let ino = st.ino;
-        let orphan = st.orphan;
+        let orphan = st.orphan();
         drop(st);
         // An orphan stays while read descriptors remain (they read its local bytes).
         self.open_files
