@@ -271,3 +271,59 @@ fn sizes_past_five_tib_are_efbig() {
     assert!(err.contains("File too large"), "{err}");
     assert_eq!(server.get(&bucket, "f").unwrap(), b"x");
 }
+
+/// HEAD requests the daemon made, from the traffic line it logs at unmount.
+fn heads_at_unmount(m: &Mount) -> u64 {
+    m.unmount_traffic();
+    let log = std::fs::read_to_string(&m.log).unwrap();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("store traffic:"))
+        .unwrap();
+    let i = line.find(" HEAD").unwrap();
+    line[..i]
+        .rsplit(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn stored_times_and_kinds_show_in_listings_and_stay_known_across_remounts_with_a_cache_dir() {
+    let server = server();
+    let bucket = server.new_bucket();
+    // Written by s3fs (or another client): stored mtime, mode; a symlink.
+    for i in 0..20 {
+        let key = format!("d/f{i:02}");
+        let meta = [("mtime", "1400000000"), ("mode", "33152")]; // 0100600
+        server.put_with_meta(&bucket, &key, "x", &meta);
+    }
+    server.put_with_meta(&bucket, "d/lnk", "f00", &[("mode", "41471")]);
+    let cache = tempfile::tempdir().unwrap();
+    let cache_arg = cache.path().display().to_string();
+    for round in 0..2 {
+        let m = Mount::new(server, &bucket, &["--cache-dir", &cache_arg]);
+        let out = ok(&format!(
+            "ls -l --time-style=+%s '{}'",
+            m.join("d").display()
+        ));
+        let files: Vec<&str> = out.lines().filter(|l| l.starts_with('-')).collect();
+        assert_eq!(files.len(), 20, "{out}");
+        for l in files {
+            assert!(
+                l.starts_with("-rw-------") && l.contains(" 1400000000 "),
+                "{l}"
+            );
+        }
+        let lnk = std::fs::symlink_metadata(m.join("d/lnk")).unwrap();
+        assert!(lnk.file_type().is_symlink(), "round {round}");
+        let heads = heads_at_unmount(&m);
+        if round == 0 {
+            assert!(heads >= 21, "each version confirmed once: {heads}");
+        } else {
+            assert!(heads <= 2, "known from the cache directory: {heads} HEADs");
+        }
+    }
+}

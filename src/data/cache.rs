@@ -130,6 +130,12 @@ impl BlockCache {
         }))
     }
 
+    /// Where the stored metadata this mount knows per object version is kept across remounts:
+    /// beside the blocks, in the directory this mount holds locked (None without a disk cache).
+    pub fn known_versions_path(&self) -> Option<PathBuf> {
+        self.disk.as_ref().map(|d| d.dir.join("known-versions"))
+    }
+
     /// A cache that keeps nothing.
     pub fn disabled(budget: Arc<Budget>) -> Arc<Self> {
         Self::new(&CacheConfig::default(), budget).expect("no disk cache, nothing to fail")

@@ -12,6 +12,10 @@
 //! S3 clients) stops being confirmed: its listings are trusted, so `ls -l` of such a bucket
 //! does not cost a HEAD per entry, as s3fs's does. A directory not sampled yet follows the
 //! mount's sample (all its confirmations so far), until one of its own objects says otherwise.
+//!
+//! With `--cache-dir`, what is known is also appended to a file beside the cached blocks
+//! (`known-versions`, one line per version) and read back at the next mount, so a bucket
+//! written by s3fs costs one HEAD per object version, not one per mount.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -59,6 +63,8 @@ impl Sample {
 
 pub struct KnownVersions {
     store: Arc<dyn ObjectStore>,
+    /// Appends every version learnt to the file it was loaded from.
+    log: Mutex<Option<std::io::LineWriter<std::fs::File>>>,
     versions: Mutex<LruCache<String, Known>>,
     confirming: Mutex<HashMap<String, SharedHead>>,
     slots: Arc<tokio::sync::Semaphore>,
@@ -81,11 +87,22 @@ fn has_stored_attrs(meta: &ObjectMeta) -> bool {
 }
 
 impl KnownVersions {
-    pub fn new(store: Arc<dyn ObjectStore>) -> Arc<Self> {
+    /// Versions known so far: none, or those `path` kept from earlier mounts (it is appended to
+    /// from now on; an unreadable file is logged and left alone).
+    pub fn new(store: Arc<dyn ObjectStore>, path: Option<&std::path::Path>) -> Arc<Self> {
         let n = |n: usize| NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN);
+        let mut versions = LruCache::new(n(VERSIONS));
+        let log = path.and_then(|p| match persist::load_and_open(p, &mut versions) {
+            Ok(log) => Some(log),
+            Err(e) => {
+                tracing::warn!(path = %p.display(), error = %e, "cannot keep known metadata on disk");
+                None
+            }
+        });
         Arc::new(KnownVersions {
             store,
-            versions: Mutex::new(LruCache::new(n(VERSIONS))),
+            log: Mutex::new(log),
+            versions: Mutex::new(versions),
             confirming: Mutex::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(CONFIRM_PARALLEL)),
             dirs: Mutex::new(LruCache::new(n(DIRS))),
@@ -110,6 +127,11 @@ impl KnownVersions {
                     None
                 },
             };
+            if let Some(log) = self.log.lock().as_mut() {
+                if let Err(e) = std::io::Write::write_all(log, persist::line(&k).as_bytes()) {
+                    tracing::debug!(error = %e, "could not append to the known metadata file");
+                }
+            }
             self.versions.lock().put(meta.key.clone(), k);
         }
     }
@@ -228,5 +250,189 @@ pub fn confirmed_entry(meta: ObjectMeta) -> DirEntry {
     DirEntry {
         kind,
         meta: Some(meta),
+    }
+}
+
+/// The `known-versions` file: one line per version, tab-separated, every field %-escaped:
+/// key, ETag, server LastModified (seconds, or `-`), Content-Type (or `-`), size, then
+/// `name=value` pairs of the stored metadata. Later lines win; a malformed line is skipped.
+mod persist {
+    use std::io::{BufRead, Write};
+    use std::path::Path;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use lru::LruCache;
+
+    use super::{Known, VERSIONS};
+    use crate::store::ObjectMeta;
+
+    fn esc(s: &str) -> String {
+        let mut out = String::with_capacity(s.len());
+        for c in s.chars() {
+            match c {
+                '%' | '\t' | '\n' | '\r' | '=' => out.push_str(&format!("%{:02X}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out
+    }
+
+    fn unesc(s: &str) -> Option<String> {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).ok()
+    }
+
+    pub fn line(k: &Known) -> String {
+        let m = &k.meta;
+        let secs = |t: Option<SystemTime>| {
+            t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or("-".to_string(), |d| d.as_secs().to_string())
+        };
+        let mut l = format!(
+            "{}\t{}\t{}\t{}\t{}",
+            esc(&m.key),
+            esc(m.etag.as_deref().unwrap_or("")),
+            secs(k.server_time),
+            m.content_type.as_deref().map_or("-".to_string(), esc),
+            m.size
+        );
+        for (name, value) in &m.metadata {
+            l.push_str(&format!("\t{}={}", esc(name), esc(value)));
+        }
+        l.push('\n');
+        l
+    }
+
+    fn parse(line: &str) -> Option<Known> {
+        let mut f = line.split('\t');
+        let key = unesc(f.next()?)?;
+        let etag = unesc(f.next()?)?;
+        let server_time = match f.next()? {
+            "-" => None,
+            s => Some(UNIX_EPOCH + Duration::from_secs(s.parse().ok()?)),
+        };
+        let content_type = match f.next()? {
+            "-" => None,
+            s => Some(unesc(s)?),
+        };
+        let size = f.next()?.parse().ok()?;
+        let mut metadata = crate::store::UserMetadata::new();
+        for pair in f {
+            let (n, v) = pair.split_once('=')?;
+            metadata.insert(unesc(n)?, unesc(v)?);
+        }
+        Some(Known {
+            meta: ObjectMeta {
+                key,
+                size,
+                etag: (!etag.is_empty()).then_some(etag),
+                last_modified: server_time,
+                content_type,
+                metadata,
+                has_metadata: true,
+                checksum_crc32: None,
+            },
+            server_time,
+        })
+    }
+
+    /// Read what earlier mounts kept into `versions`, then open the file for appending
+    /// (rewritten first when it holds far more lines than versions are kept).
+    pub fn load_and_open(
+        path: &Path,
+        versions: &mut LruCache<String, Known>,
+    ) -> std::io::Result<std::io::LineWriter<std::fs::File>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut lines = 0usize;
+        if let Ok(f) = std::fs::File::open(path) {
+            for line in std::io::BufReader::new(f).lines() {
+                let line = line?;
+                lines += 1;
+                if let Some(k) = parse(&line) {
+                    versions.put(k.meta.key.clone(), k);
+                }
+            }
+        }
+        if lines > 2 * VERSIONS {
+            let tmp = path.with_extension("tmp");
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            // Oldest first, so the order of use survives the next load.
+            for (_, k) in versions.iter().rev() {
+                out.write_all(line(k).as_bytes())?;
+            }
+            std::fs::rename(&tmp, path)?;
+        }
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)?;
+        Ok(std::io::LineWriter::new(f))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::mock::MockStore;
+
+    #[test]
+    fn versions_survive_a_remount_through_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("known-versions");
+        let store: Arc<dyn ObjectStore> = Arc::new(MockStore::new());
+        let mut meta = ObjectMeta {
+            key: "dir/we\tird=name%".into(),
+            size: 4,
+            etag: Some("\"e1\"".into()),
+            last_modified: Some(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+            ),
+            has_metadata: true,
+            ..Default::default()
+        };
+        meta.metadata.insert("mode".into(), "41471".into());
+        meta.metadata.insert("xattr".into(), "%7B%7D".into());
+        {
+            let k = KnownVersions::new(store.clone(), Some(&path));
+            k.learn(&meta, true);
+        }
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"garbage line\n"))
+            .unwrap();
+        let k = KnownVersions::new(store, Some(&path));
+        let listed = DirEntry {
+            kind: Kind::File,
+            meta: Some(ObjectMeta {
+                has_metadata: false,
+                metadata: Default::default(),
+                last_modified: Some(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_250),
+                ),
+                ..meta.clone()
+            }),
+        };
+        let e = k.enrich(&listed).expect("known after the remount");
+        assert_eq!(e.kind, Kind::Symlink);
+        assert_eq!(e.meta.unwrap().metadata, meta.metadata);
     }
 }

@@ -675,7 +675,7 @@ impl Fs {
             caps.disable_conditional();
         }
         Ok(Fs {
-            known: known::KnownVersions::new(store.clone()),
+            known: known::KnownVersions::new(store.clone(), cache.known_versions_path().as_deref()),
             store,
             inodes: Mutex::new(InodeTable::new(root)),
             listings: Arc::new(Mutex::new(LruCache::new(nz(1024)))),
