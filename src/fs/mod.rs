@@ -1,5 +1,20 @@
 //! POSIX semantics on objects. No fuser types and no AWS types: everything here is testable
 //! against [`crate::store::mock::MockStore`].
+//!
+//! Where things are: [`Fs`] (this file) answers lookups, attributes, opens, reads and
+//! directory listings; `namespace.rs` creates and removes names; `write.rs` holds the open-file
+//! state of a file being written and commits it; `open_file.rs` shares that state among the
+//! descriptors of one inode; `setattr.rs` changes stored metadata; `rename.rs` moves keys;
+//! `known.rs` remembers stored metadata per object version and confirms listed entries;
+//! `inode.rs`, `dir.rs`, `attrs.rs`, `xattr.rs` and `mime.rs` are the tables and formats.
+//!
+//! What `Fs` knows of the bucket lives in a few maps, each behind its own short lock, never
+//! held across an await. When two are held at once it is in this order, and only this order:
+//! `open_files` -> `files` -> `inodes` -> `pending`; a directory handle's `items` -> `inodes`
+//! -> `known`'s maps; a read descriptor's reader -> `inodes`; `listings` -> `negative`.
+//! `inflight`, `walked` and `dirs` are taken alone.
+//! An open file's state (a tokio mutex) may be held across awaits and is taken before any of
+//! the maps, never while one is held.
 
 pub mod attrs;
 pub mod dir;
