@@ -86,12 +86,17 @@ impl InodeTable {
                 (Some(old), Some(new)) => old.etag.is_some() && old.etag == new.etag,
                 _ => false,
             };
+            // An entry with no ETag is this mount's own file being written as it was when a
+            // directory was opened: what the inode learnt since (its commit) is newer.
+            let stale_pending = meta.as_ref().is_some_and(|m| m.etag.is_none());
             let keep = listed
                 && known
                 && match (inode.kind, kind) {
                     (Kind::Dir, Kind::Dir) => true,
                     (Kind::Dir, _) | (_, Kind::Dir) => false,
-                    (old, new) => (old == new || new == Kind::File) && same_version,
+                    (old, new) => {
+                        (old == new || new == Kind::File) && (same_version || stale_pending)
+                    }
                 };
             if keep {
                 inode.lookups += 1;

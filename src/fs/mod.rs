@@ -250,7 +250,9 @@ enum FileHandle {
 /// beside an appending writer reads the new bytes instead of a short read at the old end.
 struct ReadHandle {
     ino: u64,
-    reader: Mutex<Arc<ObjectReader>>,
+    /// None until the first read that finds no open-file state (opened through one: the
+    /// object it would read may not exist yet, or be replaced by the writer's commit).
+    reader: Mutex<Option<Arc<ObjectReader>>>,
 }
 
 /// A file created or being rewritten by this mount and not yet committed to the bucket.
@@ -1214,18 +1216,17 @@ impl Fs {
         // A file being written (or unlinked while open) is read through its open state; the
         // reader made here is used once that state is gone and the file committed.
         let through_writer = self.open_files.get(ino).is_some() || inode.unlinked;
-        let inode = match &inode.meta {
-            _ if through_writer => inode,
-            Some(m) if m.etag.is_some() && self.fresh(inode.fetched) => inode,
-            _ => self.bounded("open", ino, self.refresh_file(&inode)).await?,
+        let reader = if through_writer {
+            None
+        } else {
+            Some(Arc::new(self.fresh_reader(ino).await?))
         };
-        let reader = self.reader_of(&inode);
-        let etag = reader.etag().map(str::to_string);
+        let etag = reader.as_ref().and_then(|r| r.etag().map(str::to_string));
         let keep_cache = {
             let mut table = self.inodes.lock();
             let i = table.get_mut(ino).ok_or(Errno::ENOENT)?;
-            let keep = !through_writer && etag.is_some() && i.page_cache_etag == etag;
-            if !through_writer {
+            let keep = etag.is_some() && i.page_cache_etag == etag;
+            if etag.is_some() {
                 i.page_cache_etag = etag;
             }
             keep
@@ -1233,7 +1234,7 @@ impl Fs {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let handle = ReadHandle {
             ino,
-            reader: Mutex::new(Arc::new(reader)),
+            reader: Mutex::new(reader),
         };
         self.files
             .lock()
@@ -1241,10 +1242,29 @@ impl Fs {
         Ok((fh, keep_cache))
     }
 
-    /// The reader of a read descriptor, moved to the version this mount committed last if the
-    /// descriptor still reads an older one.
-    fn current_reader(&self, h: &ReadHandle) -> Arc<ObjectReader> {
-        let mut reader = h.reader.lock();
+    /// A reader of the object `ino` names now: its metadata from within --metadata-ttl (with an
+    /// ETag), else a HEAD.
+    async fn fresh_reader(&self, ino: u64) -> FsResult<ObjectReader> {
+        let inode = self.inode(ino)?;
+        let inode = match &inode.meta {
+            Some(m) if m.etag.is_some() && self.fresh(inode.fetched) => inode,
+            _ => self.bounded("open", ino, self.refresh_file(&inode)).await?,
+        };
+        Ok(self.reader_of(&inode))
+    }
+
+    /// The reader of a read descriptor, made now if it was opened through an open-file state
+    /// that is gone since; moved to the version this mount committed last if the descriptor
+    /// still reads an older one.
+    async fn current_reader(&self, h: &ReadHandle) -> FsResult<Arc<ObjectReader>> {
+        if h.reader.lock().is_none() {
+            let made = Arc::new(self.fresh_reader(h.ino).await?);
+            h.reader.lock().get_or_insert(made);
+        }
+        let mut guard = h.reader.lock();
+        let Some(reader) = guard.as_mut() else {
+            return Err(Errno::EIO);
+        };
         let newer = {
             let table = self.inodes.lock();
             table.get(h.ino).and_then(|i| {
@@ -1256,7 +1276,7 @@ impl Fs {
         if let Some(inode) = newer {
             *reader = Arc::new(self.reader_of(&inode));
         }
-        reader.clone()
+        Ok(reader.clone())
     }
 
     pub async fn read(&self, fh: u64, offset: i64, size: u32) -> FsResult<Bytes> {
@@ -1267,7 +1287,7 @@ impl Fs {
                 if let Some(file) = self.open_files.get(h.ino) {
                     return self.read_writer(&file, offset, size).await;
                 }
-                let reader = self.current_reader(h);
+                let reader = self.current_reader(h).await?;
                 let ino = h.ino;
                 let read = async {
                     reader.read(offset, size).await.map_err(|e| {

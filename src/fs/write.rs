@@ -430,7 +430,7 @@ impl Fs {
             // The source is being written (or unlinked): its bytes are not all in its object.
             return Err(Errno::ENOTSUP);
         }
-        let reader = self.current_reader(h);
+        let reader = self.current_reader(h).await?;
         let (off_in, off_out) = match (u64::try_from(off_in), u64::try_from(off_out)) {
             (Ok(a), Ok(b)) => (a, b),
             _ => return Err(Errno::EINVAL),
