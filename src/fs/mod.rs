@@ -328,10 +328,6 @@ fn entry_settled(prefix: &str, name: &str, last: &str) -> bool {
 /// How long a lookup waits for a listing of its directory under way before probing its name.
 const JOIN_LISTING_WAIT: Duration = Duration::from_secs(1);
 
-/// A stale listing of at most this many entries (10 pages) is fetched again when a name in it
-/// is looked up; a larger directory is probed name by name.
-const RELIST_MAX_ENTRIES: usize = 10_000;
-
 /// Subdirectories whose listings are fetched ahead when their parent is listed (for `find`,
 /// `du`, `ls -R`, `cp -r`), and how many such LISTs run at once.
 const PREFETCH_SUBDIRS: usize = 128;
@@ -1043,16 +1039,11 @@ impl Fs {
             .lock()
             .get(&parent.key)
             .map(|(at, l)| (*at, l.clone()));
+        // Set when the listing was fetched (or joined) for this lookup: it may have begun before
+        // the name was created elsewhere, so a name it lacks is probed.
+        let mut refreshed = false;
         let cached = match cached {
             Some((at, l)) if self.fresh(at) => Some((at, l)),
-            // A directory listed before whose listing went stale: lookups in it come in storms
-            // (`ls -l`, `stat` of every file, `rsync`), so one shared listing refreshes it
-            // for all of them instead of a HEAD and a LIST per name.
-            Some((_, l)) if l.entries.len() <= RELIST_MAX_ENTRIES && !self.cfg.list_metadata => {
-                let at = Instant::now();
-                let fetch = self.listing_fetch().shared(&parent.key, true);
-                Some((at, fetch.await?))
-            }
             // Being listed right now (`ls -l` stats entries while their pages arrive): the
             // listing answers, instead of a HEAD and a LIST per name.
             _ => {
@@ -1067,7 +1058,10 @@ impl Fs {
                     )
                     .await
                     {
-                        Ok(Ok(listing)) => Some((at, listing)),
+                        Ok(Ok(listing)) => {
+                            refreshed = true;
+                            Some((at, listing))
+                        }
                         _ => None,
                     },
                     None => None,
@@ -1075,7 +1069,7 @@ impl Fs {
             }
         };
         let entry = match cached {
-            Some((listed_at, listing)) => {
+            Some((listed_at, listing)) if !refreshed || listing.entries.contains_key(name) => {
                 let entry = listing.entries.get(name).cloned();
                 // What this mount learnt after the listing was taken (a file it wrote) wins.
                 if let Some(attr) = entry
@@ -1092,7 +1086,7 @@ impl Fs {
                     e => e,
                 }
             }
-            None => {
+            _ => {
                 let full = format!("{}{name}", parent.key);
                 let negative = self
                     .negative
