@@ -9,6 +9,7 @@ use super::attrs::{self, format_time, Attr, Kind, S_IFDIR};
 use super::inode::Inode;
 use super::write::{Body, WriteState};
 use super::{errno_of, Errno, Fs, FsResult};
+use crate::data::commit::put_checked;
 use crate::data::staging::{Base, StagedFile};
 use crate::store::{ObjectMeta, PutCondition, PutOptions, PutResult, StoreError, UserMetadata};
 
@@ -185,28 +186,31 @@ impl Fs {
         }
         let (mut metadata, meta) = self.metadata_of(&inode).await?;
         let meta = meta.ok_or(Errno::ENOENT)?;
-        match req.size {
-            Some(0) => {
-                apply_metadata(&mut metadata, &req, inode.kind);
-                metadata.insert(
-                    "mtime".into(),
-                    format_time(req.mtime.unwrap_or_else(SystemTime::now)),
-                );
-                let opts = PutOptions {
-                    metadata: metadata.clone(),
-                    content_type: self.content_type_of(&inode.key),
-                    ..Default::default()
-                };
-                let crc = self.caps.checksums().then_some(0);
-                let res = self
-                    .store
-                    .put(&inode.key, bytes::Bytes::new(), &opts, crc)
-                    .await
-                    .map_err(|e| errno_of(&e, "truncate"))?;
-                return Ok(self.store_committed(ino, &inode.key, 0, res, metadata));
-            }
-            Some(n) if n != meta.size => {
-                // truncate(2) on a closed file: stage the size change against the object.
+        if let Some(n) = req.size.filter(|n| *n == 0 || *n != meta.size) {
+            // truncate(2) on a closed file: the new size and times go to the bucket now,
+            // through the commit engine (an empty object is one checked PUT; another size is
+            // staged against the object: unchanged parts copied server side).
+            apply_metadata(&mut metadata, &req, inode.kind);
+            metadata.insert(
+                "mtime".into(),
+                format_time(req.mtime.unwrap_or_else(SystemTime::now)),
+            );
+            let opts = PutOptions {
+                metadata: metadata.clone(),
+                content_type: self.content_type_of(&inode.key),
+                ..Default::default()
+            };
+            let res = if n == 0 {
+                put_checked(
+                    &self.store,
+                    &self.caps,
+                    &inode.key,
+                    bytes::Bytes::new(),
+                    0,
+                    &opts,
+                )
+                .await
+            } else {
                 let base = Base {
                     key: inode.key.clone(),
                     etag: meta.etag.clone().unwrap_or_default(),
@@ -214,20 +218,10 @@ impl Fs {
                 };
                 let mut staged = StagedFile::create(&self.cfg.staging_dir, base).map_err(|e| {
                     tracing::error!(dir = %self.cfg.staging_dir.display(), error = %e, "cannot create a staging file");
-                    Errno::EIO
+                    Errno::from_io(&e)
                 })?;
-                staged.truncate(n).map_err(|_| Errno::EIO)?;
-                apply_metadata(&mut metadata, &req, inode.kind);
-                metadata.insert(
-                    "mtime".into(),
-                    format_time(req.mtime.unwrap_or_else(SystemTime::now)),
-                );
-                let opts = PutOptions {
-                    metadata: metadata.clone(),
-                    content_type: self.content_type_of(&inode.key),
-                    ..Default::default()
-                };
-                let res = staged
+                staged.truncate(n).map_err(|e| Errno::from_io(&e))?;
+                staged
                     .upload(
                         &self.store,
                         &inode.key,
@@ -237,10 +231,9 @@ impl Fs {
                         &self.caps,
                     )
                     .await
-                    .map_err(|e| errno_of(&e, "truncate"))?;
-                return Ok(self.store_committed(ino, &inode.key, n, res, metadata));
-            }
-            _ => {}
+            };
+            let res = res.map_err(|e| errno_of(&e, "truncate"))?;
+            return Ok(self.store_committed(ino, &inode.key, n, res, metadata));
         }
         if !metadata_change {
             return Ok(inode.attr);
