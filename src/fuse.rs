@@ -536,6 +536,9 @@ impl Filesystem for FuseAdapter {
         // Waits while a large directory's listing is still arriving.
         self.run(async move {
             let fs = &fs;
+            if offset == 0 {
+                fs.sample_before_listing(fh).await;
+            }
             let filled = fill_dir(fs, fh, offset, |item| {
                 let (attr, counted, confirmed) = match &item.entry {
                     // `.` and `..` carry attributes but no lookup count.

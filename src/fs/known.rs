@@ -59,6 +59,11 @@ impl Sample {
     fn trust_listings(&self) -> bool {
         !self.with_metadata && self.plain >= SAMPLE
     }
+
+    /// Has this sample decided (objects carry metadata, or enough of them carry none)?
+    fn decided(&self) -> bool {
+        self.with_metadata || self.plain >= SAMPLE
+    }
 }
 
 pub struct KnownVersions {
@@ -173,6 +178,20 @@ impl KnownVersions {
             Some(s) if s.with_metadata || s.plain > 0 => s.trust_listings(),
             _ => self.mount.lock().trust_listings(),
         }
+    }
+
+    /// Is it decided whether listings of the directory `dir` (a prefix ending in `/`) are
+    /// trusted, by its own sample or, when it has none yet, the mount's?
+    pub fn decided_for(&self, dir: &str) -> bool {
+        match self.dirs.lock().peek(dir) {
+            Some(s) if s.with_metadata || s.plain > 0 => s.decided(),
+            _ => self.mount.lock().decided(),
+        }
+    }
+
+    /// How many objects a sample takes.
+    pub fn sample_size(&self) -> usize {
+        SAMPLE as usize
     }
 
     /// The confirmation of `key` under way, if any.

@@ -2532,3 +2532,27 @@ async fn a_tree_of_plain_objects_is_sampled_once_not_per_directory() {
     let heads = store.counters.head.load(Ordering::Relaxed);
     assert!(heads <= 40, "a sample, not 16 per directory: {heads} HEADs");
 }
+
+#[tokio::test]
+async fn a_sample_before_the_first_reply_lets_plain_entries_go_out_trusted() {
+    let (store, fs) = setup("");
+    for i in 0..100 {
+        store.insert(&format!("d/f{i:03}"), "x");
+    }
+    let d = fs.lookup(ROOT_INO, b"d").await.unwrap();
+    store.reset_counters();
+    let fh = fs.opendir(d.ino).await.unwrap();
+    fs.sample_before_listing(fh).await;
+    let items = fs.readdir(fh, 0, usize::MAX, true).await.unwrap();
+    let unconfirmed = items
+        .iter()
+        .filter(|i| i.entry.is_some())
+        .filter(|i| !fs.lookup_listed(d.ino, i).unwrap().1)
+        .count();
+    fs.releasedir(fh);
+    assert_eq!(
+        unconfirmed, 0,
+        "every entry trusted once the sample found no metadata"
+    );
+    assert!(store.counters.head.load(Ordering::Relaxed) <= 16);
+}
