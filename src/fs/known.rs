@@ -143,6 +143,35 @@ impl KnownVersions {
 
     /// A listing's entry with the stored metadata of its version, if known.
     pub fn enrich(&self, entry: &DirEntry) -> Option<DirEntry> {
+        self.with_known(entry, |k, listed| {
+            let mut meta = k.meta.clone();
+            meta.size = listed.size;
+            DirEntry {
+                kind: Self::kind_of(k, entry),
+                meta: Some(meta),
+            }
+        })
+    }
+
+    /// The kind a listed entry's known version says (a symlink, a FIFO), without copying its
+    /// metadata (readdir asks this of every entry for `d_type`).
+    pub fn known_kind(&self, entry: &DirEntry) -> Option<Kind> {
+        self.with_known(entry, |k, _| Self::kind_of(k, entry))
+    }
+
+    fn kind_of(k: &Known, entry: &DirEntry) -> Kind {
+        attrs::kind_from_meta(&k.meta)
+            .filter(|k| !k.is_dir())
+            .unwrap_or(entry.kind)
+    }
+
+    /// `f` of the known version of a listing's entry, if it is the version listed (a known
+    /// version that is not is forgotten).
+    fn with_known<T>(
+        &self,
+        entry: &DirEntry,
+        f: impl FnOnce(&Known, &ObjectMeta) -> T,
+    ) -> Option<T> {
         let listed = entry.meta.as_ref().filter(|m| !m.has_metadata)?;
         let etag = listed.etag.as_ref()?;
         let mut versions = self.versions.lock();
@@ -160,15 +189,7 @@ impl KnownVersions {
             versions.pop(&listed.key);
             return None;
         }
-        let kind = attrs::kind_from_meta(&k.meta)
-            .filter(|k| !k.is_dir())
-            .unwrap_or(entry.kind);
-        let mut meta = k.meta.clone();
-        meta.size = listed.size;
-        Some(DirEntry {
-            kind,
-            meta: Some(meta),
-        })
+        Some(f(k, listed))
     }
 
     /// Is the directory of `key` one whose listings are trusted (its sample carried no stored

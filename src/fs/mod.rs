@@ -816,7 +816,7 @@ impl Fs {
             .filter(|(_, e)| {
                 e.kind == Kind::File
                     && e.meta.as_ref().is_some_and(|m| !m.has_metadata)
-                    && self.enrich(e).is_none()
+                    && self.known.known_kind(e).is_none()
             })
             .filter_map(|(n, e)| Some((n.clone(), e.meta.as_ref()?.key.clone())))
             .collect();
@@ -871,7 +871,7 @@ impl Fs {
         entry.kind == Kind::File
             && !m.has_metadata
             && (m.size == 0 || (self.cfg.confirm_listed && !self.known.trusts_listings_of(&m.key)))
-            && self.enrich(entry).is_none()
+            && self.known.known_kind(entry).is_none()
     }
 
     /// Wait for the HEAD confirming a listed entry (joining one started ahead) and return the
@@ -1527,15 +1527,15 @@ impl Fs {
                         .find(handle.ino, name)
                         .unwrap_or_else(|| stand_in_ino(handle.ino, name));
                     // A symlink or FIFO this mount knows of is one in `ls` and `find -type` too.
-                    let entry = match entry.kind {
-                        Kind::File => self.enrich(entry).unwrap_or_else(|| entry.clone()),
-                        _ => entry.clone(),
+                    let kind = match entry.kind {
+                        Kind::File => self.known.known_kind(entry).unwrap_or(entry.kind),
+                        kind => kind,
                     };
                     DirItem {
                         next_offset,
                         name: name.clone(),
-                        kind: entry.kind,
-                        entry: Some(entry),
+                        kind,
+                        entry: Some(entry.clone()),
                         ino,
                         listed_at: handle.listed_at,
                     }
