@@ -11,6 +11,7 @@ use super::dir::{invalid_name_reason, DirEntry};
 use super::inode::Inode;
 use super::write::{Body, WriteState};
 use super::{errno_of, Errno, Fs, FsResult};
+use crate::data::commit::put_checked;
 use crate::data::upload::CommittedPrefix;
 use crate::store::{ObjectMeta, PutCondition, PutOptions, StoreError, UserMetadata};
 
@@ -233,34 +234,30 @@ impl Fs {
             metadata.insert("rdev".into(), rdev.to_string());
         }
         let entry = self
-            .put_empty_object(&key, metadata, now, kind, "mknod")
+            .put_empty_object(&key, metadata, None, now, kind, "mknod")
             .await?;
         self.note_entry(&parent.key, name, Some(entry.clone()));
         self.touch_dir(parent.ino);
         Ok(self.remember_entry(&parent, name, &entry))
     }
 
-    /// Store an empty object with `metadata` (a special file) and return its listing entry.
+    /// Store an empty object (a special file, or a directory's marker with `content_type`)
+    /// through the commit engine, and return its listing entry.
     pub(super) async fn put_empty_object(
         &self,
         key: &str,
         metadata: UserMetadata,
+        content_type: Option<&str>,
         now: SystemTime,
         kind: Kind,
         op: &str,
     ) -> FsResult<DirEntry> {
         let opts = PutOptions {
             metadata: metadata.clone(),
+            content_type: content_type.map(str::to_string),
             ..Default::default()
         };
-        let res = self
-            .store
-            .put(
-                key,
-                bytes::Bytes::new(),
-                &opts,
-                self.caps.checksums().then_some(0),
-            )
+        let res = put_checked(&self.store, &self.caps, key, bytes::Bytes::new(), 0, &opts)
             .await
             .map_err(|e| errno_of(&e, op))?;
         let meta = ObjectMeta {
@@ -466,33 +463,10 @@ impl Fs {
         let now = SystemTime::now();
         let mut metadata = new_file_metadata(mode, caller, now);
         metadata.insert("mode".into(), ((mode & 0o7777) | S_IFDIR).to_string());
-        let opts = PutOptions {
-            metadata: metadata.clone(),
-            content_type: Some("application/x-directory".into()),
-            ..Default::default()
-        };
-        let res = self
-            .store
-            .put(
-                &key,
-                bytes::Bytes::new(),
-                &opts,
-                self.caps.checksums().then_some(0),
-            )
-            .await
-            .map_err(|e| errno_of(&e, "mkdir"))?;
-        let meta = ObjectMeta {
-            key: key.clone(),
-            etag: res.etag,
-            metadata,
-            has_metadata: true,
-            last_modified: Some(now),
-            ..Default::default()
-        };
-        let entry = DirEntry {
-            kind: Kind::Dir,
-            meta: Some(meta),
-        };
+        let marker = Some("application/x-directory");
+        let entry = self
+            .put_empty_object(&key, metadata, marker, now, Kind::Dir, "mkdir")
+            .await?;
         self.note_entry(&parent.key, name, Some(entry.clone()));
         self.touch_dir(parent.ino);
         // The kernel looked it up before: nothing was below this prefix, so it starts empty.
