@@ -22,6 +22,10 @@ use crate::store::{
     ByteRange, CompletedPart, ObjectStore, PutOptions, PutResult, StoreError, StoreResult,
 };
 
+/// A part of a staged commit once uploaded or copied: the part, and its CRC32 with its length
+/// when the bytes went through this machine.
+type PartDone = (CompletedPart, Option<(u32, u64)>);
+
 /// Create the staging directory (0700) if needed.
 pub fn prepare_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -307,7 +311,7 @@ impl StagedFile {
         // Up to `cfg.concurrency` parts at a time, as a streamed upload does. Memory: the first
         // part in flight may take the budget beyond its bound (so the commit always progresses);
         // more go out only while the budget has room. Server-side copies need none.
-        let result: StoreResult<Vec<(CompletedPart, Option<(u32, u64)>)>> = async {
+        let result: StoreResult<Vec<PartDone>> = async {
             let mut parts = Vec::new();
             let mut inflight = futures::stream::FuturesUnordered::new();
             let (mut start, mut number) = (0, 1);

@@ -401,7 +401,7 @@ fn cases() -> u32 {
 fn seed() -> proptest::test_runner::RngSeed {
     match std::env::var("S3MOUNT_MODEL_CASES") {
         Ok(_) => proptest::test_runner::RngSeed::Random,
-        Err(_) => proptest::test_runner::RngSeed::Fixed(0x5333_6d6f_756e_74),
+        Err(_) => proptest::test_runner::RngSeed::Fixed(0x0053_336d_6f75_6e74),
     }
 }
 

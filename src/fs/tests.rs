@@ -1965,7 +1965,7 @@ async fn descriptors_of_one_file_write_into_one_state() {
         fhs.push(fs.open(attr.ino, libc::O_WRONLY).await.unwrap().0);
     }
     for (i, fh) in fhs.iter().enumerate() {
-        let at = (i + 1) * 100 << 10;
+        let at = ((i + 1) * 100) << 10;
         fs.write(*fh, at as i64, &[b'0' + i as u8; 16 << 10])
             .await
             .unwrap();
@@ -1977,7 +1977,7 @@ async fn descriptors_of_one_file_write_into_one_state() {
     let got = store.get_bytes("cw").unwrap();
     assert_eq!(got.len(), 1 << 20);
     for i in 0..4 {
-        let at = (i + 1) * 100 << 10;
+        let at = ((i + 1) * 100) << 10;
         assert!(
             got[at..at + (16 << 10)]
                 .iter()

@@ -30,6 +30,8 @@ pub(super) const COPY_CHUNK: u64 = 6 << 20;
 /// Where the bytes of an open file are, beyond what the bucket holds (`WriteState::base`).
 /// One variant at a time: a file is never streaming and staged at once, an orphan never
 /// uploads, and a failed file only reports its error.
+// One per open file, matched on every write: an indirection would cost more than the bytes.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Body {
     /// Everything written is committed: the bucket holds the file.
     Clean,
@@ -171,7 +173,6 @@ impl Fs {
             metadata: metadata.clone(),
             content_type: self.content_type_of(key),
             condition: expect.clone(),
-            ..Default::default()
         };
         StreamUpload::new(
             self.store.clone(),
@@ -591,7 +592,6 @@ impl Fs {
             metadata: st.metadata.clone(),
             content_type: self.content_type_of(&st.key),
             condition,
-            ..Default::default()
         };
         let uploaded = staged
             .upload(
