@@ -31,7 +31,7 @@ pub struct Cli {
     /// What to mount: BUCKET, BUCKET:/PREFIX or s3://BUCKET/PREFIX/
     pub source: String,
 
-    /// Existing empty directory to mount on
+    /// Existing directory to mount on; it must be empty unless --nonempty is given
     pub mountpoint: PathBuf,
 
     /// S3 endpoint for S3-compatible stores (MinIO, Garage, Ceph, R2, ...)
@@ -195,6 +195,10 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub max_attempts: u32,
 
+    /// Mount over a directory that is not empty, hiding what it holds until unmounted
+    #[arg(long)]
+    pub nonempty: bool,
+
     /// Stay in the foreground and log to stderr
     #[arg(short = 'f', long)]
     pub foreground: bool,
@@ -242,7 +246,6 @@ const IGNORED_MOUNT_OPTIONS: &[&str] = &[
     "strictatime",
     "lazytime",
     "default_permissions",
-    "nonempty",
     "bg",
     "fg",
 ];
@@ -253,6 +256,73 @@ fn is_ignored(name: &str) -> bool {
         || name == "comment"
         || name == "fsname"
         || name == "subtype"
+}
+
+/// s3fs's names for options s3mount has under another name: what users paste from an s3fs
+/// fstab line. `value` is s3fs's value; the result is the s3mount long option.
+fn s3fs_alias(name: &str, value: Option<&str>) -> Option<Result<String, String>> {
+    let with = |long: &str| match value {
+        Some(v) => Ok(format!("--{long}={v}")),
+        None => Err(format!("mount option '{name}' needs a value ({name}=...)")),
+    };
+    Some(match name {
+        "url" => with("endpoint-url"),
+        // s3fs's `endpoint` is the region used for signing.
+        "endpoint" => with("region"),
+        "use_path_request_style" => Ok("--force-path-style".into()),
+        "use_cache" => with("cache-dir"),
+        "stat_cache_expire" => with("metadata-ttl"),
+        "parallel_count" => with("upload-concurrency"),
+        "readwrite_timeout" => with("stall-timeout"),
+        // s3fs counts megabytes; s3mount takes a size.
+        "multipart_size" => value
+            .ok_or_else(|| "mount option 'multipart_size' needs a value in MB".to_string())
+            .map(|v| format!("--part-size={}MiB", v.trim())),
+        // s3fs counts retries after the first attempt; s3mount counts attempts.
+        "retries" => match value.map(|v| v.trim().parse::<u32>()) {
+            Some(Ok(n)) => Ok(format!("--max-attempts={}", (n + 1).min(20))),
+            _ => Err("mount option 'retries' needs a number (retries=5)".into()),
+        },
+        "public_bucket" => match value.map(str::trim) {
+            Some("1") | None => Ok("--no-sign-request".into()),
+            Some(_) => return Some(Ok(String::new())),
+        },
+        _ => return None,
+    })
+}
+
+/// s3fs options s3mount refuses, with what to do instead.
+fn s3fs_refused(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "iam_role" | "ibm_iam_auth" | "ecs" => {
+            "s3mount finds instance and container credentials by itself; drop it (or use --profile)"
+        }
+        "ssl_verify_hostname" | "no_check_certificate" => {
+            "s3mount always verifies TLS; trust a private CA with --ca-bundle PATH"
+        }
+        "sigv2" | "sigv4" => "s3mount always signs with SigV4; drop it",
+        "default_acl" | "storage_class" | "sse" | "sse_c" | "sse_kms" => {
+            "not supported yet: s3mount stores objects with the bucket's defaults"
+        }
+        "max_stat_cache_size" | "enable_noobj_cache" | "disable_noobj_cache" => {
+            "s3mount sizes its metadata cache by itself; use --metadata-ttl for how long it is trusted"
+        }
+        "dbglevel" | "curldbg" => "use -d (--debug) or S3MOUNT_LOG=debug",
+        "mp_umask" => "use umask=MASK for files and directories",
+        "complement_stat" | "notsup_compat_dir" | "compat_dir" => {
+            "s3mount always shows directories that exist only as prefixes; drop it"
+        }
+        _ => return None,
+    })
+}
+
+/// The known name closest to `name`, if one is close enough to be a typo of it.
+fn closest<'a>(name: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    known
+        .map(|k| (strsim::jaro_winkler(name, k), k))
+        .filter(|(score, _)| *score > 0.85)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| k)
 }
 
 /// Turn one `-o` item into long options, or say why it can't be.
@@ -267,11 +337,25 @@ fn translate_option(item: &str, known: &[String]) -> Result<Vec<String>, String>
     if name == "ro" {
         return Ok(vec!["--read-only".into()]);
     }
+    if let Some(alias) = s3fs_alias(name, value) {
+        return alias.map(|a| if a.is_empty() { vec![] } else { vec![a] });
+    }
+    if let Some(instead) = s3fs_refused(name) {
+        return Err(format!(
+            "s3fs option '{name}' is not an s3mount option: {instead}"
+        ));
+    }
     let long = name.replace('_', "-");
     if matches!(long.as_str(), "help" | "version" | "options" | "o") || !known.contains(&long) {
-        return Err(format!(
-            "unknown mount option '{name}' (see s3mount --help for the options)"
-        ));
+        let names: Vec<String> = known
+            .iter()
+            .map(|k| k.replace('-', "_"))
+            .chain(["ro".to_string()])
+            .collect();
+        let hint = closest(name, names.iter().map(String::as_str))
+            .map(|k| format!("; did you mean '{k}'?"))
+            .unwrap_or_else(|| " (see s3mount --help for the options)".into());
+        return Err(format!("unknown mount option '{name}'{hint}"));
     }
     Ok(vec![match value {
         Some(v) => format!("--{long}={v}"),
@@ -497,6 +581,77 @@ mod tests {
         .unwrap();
         assert!(a.allow_other);
         assert_eq!((a.uid, a.gid, a.umask), (Some(5), Some(6), Some(0o027)));
+    }
+
+    #[test]
+    fn s3fs_option_names_are_aliases_or_refused_with_the_s3mount_spelling() {
+        let a = parse_args(&args(&[
+            "s3mount",
+            "b",
+            "/mnt",
+            "-o",
+            "url=http://h:9000,use_path_request_style,endpoint=eu-west-3,allow_other,umask=022",
+            "-o",
+            "passwd_file=/etc/passwd-s3fs,stat_cache_expire=30,multipart_size=64,parallel_count=8",
+            "-o",
+            "retries=5,use_cache=/var/cache/s3,nonempty,public_bucket=1",
+        ]))
+        .unwrap();
+        assert_eq!(a.endpoint_url.as_deref(), Some("http://h:9000"));
+        assert!(a.force_path_style && a.allow_other && a.nonempty && a.no_sign_request);
+        assert_eq!(a.region.as_deref(), Some("eu-west-3"));
+        assert_eq!(a.umask, Some(0o022));
+        assert_eq!(a.metadata_ttl, Duration::from_secs(30));
+        assert_eq!((a.part_size, a.upload_concurrency), (64 << 20, 8));
+        assert_eq!(a.max_attempts, 6);
+        assert_eq!(
+            a.cache_dir.as_deref(),
+            Some(std::path::Path::new("/var/cache/s3"))
+        );
+        assert_eq!(
+            a.passwd_file.as_deref(),
+            Some(std::path::Path::new("/etc/passwd-s3fs"))
+        );
+        for (o, says) in [
+            ("iam_role=auto", "credentials"),
+            ("ssl_verify_hostname=0", "--ca-bundle"),
+            ("dbglevel=info", "--debug"),
+            ("url", "needs a value"),
+        ] {
+            match parse_args(&args(&["s3mount", "b", "/mnt", "-o", o])) {
+                Err(ArgsError::Invalid(m)) => {
+                    assert!(
+                        m.contains(says) && m.contains(o.split('=').next().unwrap()),
+                        "{o}: {m}"
+                    )
+                }
+                other => panic!("{o}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn option_typos_get_a_suggestion() {
+        for (typo, meant) in [
+            ("endpoint_ur=http://h", "endpoint_url"),
+            ("forse_path_style", "force_path_style"),
+            ("allow_othre", "allow_other"),
+            ("metadata_tll=5", "metadata_ttl"),
+        ] {
+            match parse_args(&args(&["s3mount", "b", "/mnt", "-o", typo])) {
+                Err(ArgsError::Invalid(m)) => {
+                    assert!(
+                        m.contains(&format!("did you mean '{meant}'")),
+                        "{typo}: {m}"
+                    )
+                }
+                other => panic!("{typo}: {other:?}"),
+            }
+        }
+        match parse_args(&args(&["s3mount", "b", "/mnt", "-o", "zzzz"])) {
+            Err(ArgsError::Invalid(m)) => assert!(m.contains("s3mount --help"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

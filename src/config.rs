@@ -25,6 +25,8 @@ pub struct Config {
     pub allow_other: bool,
     pub allow_root: bool,
     pub read_only: bool,
+    /// Mount over a directory that holds something (-o nonempty).
+    pub nonempty: bool,
     /// Kernel read-ahead for the mount, KiB (set through /sys/class/bdi when root).
     pub kernel_readahead_kb: u32,
 }
@@ -67,6 +69,36 @@ pub fn parse_source(source: &str) -> Result<(String, String), String> {
         }
     }
     Ok((bucket.to_string(), format!("{trimmed}/")))
+}
+
+/// The host and port of an endpoint URL (`http://h:9000/x` -> ("h", 9000)).
+pub fn endpoint_host_port(url: &str) -> Option<(String, u16)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split('/').next()?.rsplit('@').next()?;
+    let default = if scheme.eq_ignore_ascii_case("https") {
+        443
+    } else {
+        80
+    };
+    if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']')?;
+        let port = after
+            .strip_prefix(':')
+            .map_or(Some(default), |p| p.parse().ok())?;
+        return Some((host.to_string(), port));
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) => Some((h.to_string(), p.parse().ok()?)),
+        None => Some((authority.to_string(), default)),
+    }
+}
+
+/// Can this endpoint only be addressed path-style? A bucket cannot be a subdomain of an IP
+/// address, and `BUCKET.localhost` resolves on few systems.
+pub fn needs_path_style(url: &str) -> bool {
+    endpoint_host_port(url).is_some_and(|(host, _)| {
+        host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok()
+    })
 }
 
 /// Read an s3fs passwd file: the line for `bucket` (`BUCKET:ACCESS:SECRET`) wins over a default
@@ -209,7 +241,8 @@ impl Config {
             bucket: bucket.clone(),
             endpoint_url: cli.endpoint_url.clone(),
             region: cli.region.clone(),
-            force_path_style: cli.force_path_style,
+            force_path_style: cli.force_path_style
+                || cli.endpoint_url.as_deref().is_some_and(needs_path_style),
             profile: cli.profile.clone(),
             no_sign_request: cli.no_sign_request,
             max_attempts: cli.max_attempts,
@@ -252,6 +285,7 @@ impl Config {
             allow_other: cli.allow_other,
             allow_root: cli.allow_root,
             read_only: cli.read_only,
+            nonempty: cli.nonempty,
             kernel_readahead_kb: (cli.kernel_read_ahead / 1024).clamp(4, 1 << 20) as u32,
         })
     }
@@ -300,6 +334,37 @@ mod tests {
             let c = Config::from_cli(crate::cli::parse_args(&argv).unwrap()).unwrap();
             assert_eq!(c.s3.idle_buffers as u64, idle, "{args:?}");
             assert_eq!(c.fs.max_memory, budget - idle, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn localhost_and_ip_endpoints_are_addressed_path_style() {
+        assert_eq!(
+            endpoint_host_port("http://127.0.0.1:3900"),
+            Some(("127.0.0.1".into(), 3900))
+        );
+        assert_eq!(
+            endpoint_host_port("https://s3.example.com/base"),
+            Some(("s3.example.com".into(), 443))
+        );
+        assert_eq!(
+            endpoint_host_port("http://[::1]:9000"),
+            Some(("::1".into(), 9000))
+        );
+        assert_eq!(endpoint_host_port("http://[::1]"), Some(("::1".into(), 80)));
+        for (url, path) in [
+            ("http://localhost:9000", true),
+            ("http://127.0.0.1:3900", true),
+            ("http://[::1]:3900", true),
+            ("https://s3.eu-west-1.amazonaws.com", false),
+            ("http://minio.internal:9000", false),
+        ] {
+            let argv: Vec<String> = ["s3mount", "b", "/mnt", "--endpoint-url", url]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            let c = Config::from_cli(crate::cli::parse_args(&argv).unwrap()).unwrap();
+            assert_eq!(c.s3.force_path_style, path, "{url}");
         }
     }
 

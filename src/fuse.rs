@@ -785,6 +785,12 @@ pub fn mount(
         M::NoAtime,
         M::Async,
     ];
+    // fuser hands the subtype only to fusermount3; mount(2), which root uses, needs it among
+    // the kernel's options, or the mount shows as plain `fuse` instead of `fuse.s3mount`.
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        options.push(M::CUSTOM("subtype=s3mount".into()));
+    }
     options.push(if opts.read_only { M::RO } else { M::RW });
     if opts.allow_other {
         options.push(M::AllowOther);

@@ -107,6 +107,17 @@ pub fn check_local(cfg: &Config) -> Result<PathBuf, Fatal> {
             "mount point {shown} is already mounted ({fstype}); unmount it first with `umount {shown}`"
         )));
     }
+    // Mounting over files hides them until the unmount, which is rarely meant (FUSE's nonempty).
+    if !cfg.nonempty {
+        if let Ok(mut entries) = std::fs::read_dir(&canonical) {
+            if entries.next().is_some() {
+                return Err(Fatal::new(format!(
+                    "mount point {shown} is not empty; mounting would hide what it holds: use an empty directory, \
+                     or --nonempty (-o nonempty) to mount over it anyway"
+                )));
+            }
+        }
+    }
     // Local directories inside the mount would be served by the mount itself (and deadlock).
     let local_dirs = [
         (
@@ -144,7 +155,6 @@ fn endpoint_name(cfg: &Config) -> String {
 
 /// One listing of one key proves the bucket and prefix are reachable with these credentials.
 pub async fn check_bucket(store: &dyn ObjectStore, cfg: &Config) -> Result<(), Fatal> {
-    let b = &cfg.bucket;
     let res = tokio::time::timeout(
         REACH_TIMEOUT,
         store.list_page(&cfg.prefix, Some("/"), None, Some(1)),
@@ -161,24 +171,55 @@ pub async fn check_bucket(store: &dyn ObjectStore, cfg: &Config) -> Result<(), F
             )))
         }
     };
-    Err(Fatal::new(match err {
+    Err(Fatal::new(describe_store_error(&err, cfg)))
+}
+
+/// The one line a user reads when the store cannot be used: the cause and the fix.
+pub fn describe_store_error(err: &StoreError, cfg: &Config) -> String {
+    let b = &cfg.bucket;
+    let endpoint = endpoint_name(cfg);
+    let host_port = cfg
+        .s3
+        .endpoint_url
+        .as_deref()
+        .and_then(crate::config::endpoint_host_port);
+    match err {
+        StoreError::NoCredentials(d) => format!(
+            "no AWS credentials found ({d}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or use \
+             --profile NAME or --passwd-file PATH (-o passwd_file=PATH), or --no-sign-request for a public bucket"
+        ),
         StoreError::NoSuchBucket(_) => format!(
-            "bucket '{b}' does not exist at {}; check the bucket name, --region and --endpoint-url",
-            endpoint_name(cfg)
+            "bucket '{b}' does not exist at {endpoint}; check the bucket name, --region and --endpoint-url"
         ),
         StoreError::NotFound(_) => format!(
-            "bucket '{b}' was not found at {} (404); check the bucket name, --endpoint-url and --force-path-style",
-            endpoint_name(cfg)
+            "bucket '{b}' was not found at {endpoint} (404); check the bucket name, --endpoint-url and --force-path-style"
         ),
         StoreError::AccessDenied(d) => format!(
             "access denied to bucket '{b}' ({d}); check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
-             --profile) and the bucket policy"
+             --profile, --passwd-file) and the bucket policy"
         ),
+        StoreError::Unreachable(d) if d.ends_with("connection refused") => match host_port {
+            Some((h, p)) => format!(
+                "cannot connect to {h}:{p}: connection refused (is the S3 server running and listening there? \
+                 check --endpoint-url)"
+            ),
+            None => format!("cannot connect to {endpoint}: connection refused; check the network and any proxy"),
+        },
+        StoreError::Unreachable(d) if d.contains("dns error") || d.contains("lookup address") => {
+            match host_port {
+                Some((h, _)) if !cfg.s3.force_path_style => format!(
+                    "cannot resolve {b}.{h} (the bucket as a host name, virtual-hosted style): add \
+                     --force-path-style (-o force_path_style) if the server serves buckets as paths, or check --endpoint-url"
+                ),
+                Some((h, _)) => format!("cannot resolve host {h}; check --endpoint-url and DNS"),
+                None => format!("cannot resolve {endpoint}; check DNS and --region ({d})"),
+            }
+        }
         StoreError::Unreachable(d) | StoreError::Timeout(d) => {
-            format!("cannot reach {}: {d}; check --endpoint-url and the network", endpoint_name(cfg))
+            format!("cannot reach {endpoint}: {d}; check --endpoint-url and the network")
         }
         other => format!("cannot list bucket '{b}': {other}"),
-    }))
+    }
 }
 
 /// Logging: stderr in the foreground, a file or syslog in the background.
@@ -494,7 +535,7 @@ pub fn run(cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Result
         .map_err(|e| Fatal::new(format!("cannot start the runtime: {e}")))?;
     let store = rt
         .block_on(S3Store::connect(&cfg.s3))
-        .map_err(|e| Fatal::new(format!("cannot set up S3 client: {e}")))?;
+        .map_err(|e| Fatal::new(describe_store_error(&e, &cfg)))?;
     rt.block_on(check_bucket(&store, &cfg))?;
     report_leftovers(&cfg, &rt, &store);
     let traffic = store.traffic();

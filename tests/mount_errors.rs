@@ -89,8 +89,110 @@ fn unreachable_endpoint() {
         "garage",
         "--force-path-style",
     ];
-    fails_with(server, &a, 1, "cannot reach");
+    fails_with(
+        server,
+        &a,
+        1,
+        &format!("cannot connect to 127.0.0.1:{port}: connection refused"),
+    );
     assert!(!is_mounted(dir.path()));
+}
+
+#[test]
+fn missing_credentials_are_named_as_such() {
+    let server = server();
+    let bucket = server.new_bucket();
+    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let a = args_for(server, &bucket, dir.path().to_str().unwrap());
+    let out = Command::new(s3mount_bin())
+        .args(&a)
+        .envs(server.env())
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .env("HOME", home.path())
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no AWS credentials found") && err.contains("AWS_ACCESS_KEY_ID"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("DispatchFailure") && !err.contains("{"),
+        "no Debug dump: {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn a_bucket_host_name_that_does_not_resolve_names_force_path_style() {
+    let server = server();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let a = [
+        "b",
+        d,
+        "--endpoint-url",
+        "http://s3mount-test.invalid:9000",
+        "--region",
+        "x",
+    ];
+    fails_with(server, &a, 1, "cannot resolve b.s3mount-test.invalid");
+    fails_with(server, &a, 1, "--force-path-style");
+}
+
+#[test]
+fn localhost_endpoints_work_without_force_path_style() {
+    let server = server();
+    let bucket = server.new_bucket();
+    server.put(&bucket, "f", "via localhost");
+    let port = server
+        .endpoint
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/');
+    let url = format!("http://localhost:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_s3mount(
+        server,
+        &[
+            &bucket,
+            dir.path().to_str().unwrap(),
+            "--endpoint-url",
+            &url,
+            "--region",
+            &server.region,
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let got = std::fs::read(dir.path().join("f"));
+    assert!(umount_patiently(dir.path()));
+    assert_eq!(got.unwrap(), b"via localhost");
+}
+
+#[test]
+fn a_mount_point_that_is_not_empty_needs_nonempty() {
+    let server = server();
+    let bucket = server.new_bucket();
+    server.put(&bucket, "f", "x");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("local"), "hidden").unwrap();
+    let a = args_for(server, &bucket, dir.path().to_str().unwrap());
+    fails_with(server, &refs(&a), 1, "not empty");
+    fails_with(server, &refs(&a), 1, "-o nonempty");
+    let mut with = a.clone();
+    with.extend(["-o".to_string(), "nonempty".to_string()]);
+    let out = run_s3mount(server, &refs(&with));
+    assert!(out.status.success(), "{out:?}");
+    let got = std::fs::read(dir.path().join("f"));
+    assert!(umount_patiently(dir.path()));
+    assert_eq!(got.unwrap(), b"x");
+    assert_eq!(std::fs::read(dir.path().join("local")).unwrap(), b"hidden");
 }
 
 #[test]
@@ -143,6 +245,18 @@ fn invalid_option_values() {
     let d = dir.path().to_str().unwrap();
     fails_with(server, &["b", d, "--metadata-ttl", "soon"], 2, "soon");
     fails_with(server, &["b", d, "-o", "bogus_option"], 2, "bogus_option");
+    fails_with(
+        server,
+        &["b", d, "-o", "force_path_styl"],
+        2,
+        "did you mean 'force_path_style'?",
+    );
+    fails_with(
+        server,
+        &["b", d, "-o", "iam_role=auto"],
+        2,
+        "s3fs option 'iam_role'",
+    );
     fails_with(server, &["b", d, "--file-mode", "999"], 2, "octal");
     fails_with(server, &["bad bucket!", d], 2, "not a valid bucket name");
     fails_with(

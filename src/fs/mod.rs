@@ -94,7 +94,7 @@ fn errno_of(e: &StoreError, op: &str) -> Errno {
     let errno = match e {
         StoreError::NotFound(_) => return Errno::ENOENT,
         StoreError::NoSuchBucket(_) => Errno::EIO,
-        StoreError::AccessDenied(_) => Errno::EACCES,
+        StoreError::AccessDenied(_) | StoreError::NoCredentials(_) => Errno::EACCES,
         StoreError::PreconditionFailed(_) => Errno::ESTALE,
         StoreError::InvalidRange(_) => Errno::EINVAL,
         StoreError::Timeout(_) => Errno::ETIMEDOUT,

@@ -216,6 +216,9 @@ pub enum StoreError {
     PreconditionFailed(String),
     #[error("requested range not satisfiable: {0}")]
     InvalidRange(String),
+    /// No credentials could be found (or loaded) to sign requests with.
+    #[error("no AWS credentials: {0}")]
+    NoCredentials(String),
     #[error("cannot reach the endpoint: {0}")]
     Unreachable(String),
     #[error("timed out: {0}")]

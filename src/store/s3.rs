@@ -10,7 +10,7 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_s3::config::RequestChecksumCalculation;
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::operation::list_objects_v2::builders::ListObjectsV2FluentBuilder;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
@@ -215,6 +215,9 @@ impl S3Store {
             loader = loader.endpoint_url(e);
         }
         let sdk = loader.load().await;
+        if !s.no_sign_request {
+            check_credentials(&sdk).await?;
+        }
         // Checksums are computed by s3mount (crc32fast, where the data enters) and sent
         // explicitly; the SDK adds none of its own, so stores without checksum support work.
         let mut b = aws_sdk_s3::config::Builder::from(&sdk)
@@ -245,6 +248,22 @@ impl S3Store {
     }
 }
 
+/// Load the credentials once before the first request, so that having none is said as such
+/// (the SDK would report it as a failure to send the request, after trying every source).
+async fn check_credentials(sdk: &aws_config::SdkConfig) -> StoreResult<()> {
+    use aws_credential_types::provider::ProvideCredentials;
+    let Some(provider) = sdk.credentials_provider() else {
+        return Err(StoreError::NoCredentials("no credentials provider".into()));
+    };
+    match tokio::time::timeout(Duration::from_secs(15), provider.provide_credentials()).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(StoreError::NoCredentials(error_chain(&e))),
+        Err(_) => Err(StoreError::NoCredentials(
+            "looking for credentials took more than 15 s (instance metadata unreachable?)".into(),
+        )),
+    }
+}
+
 fn to_system_time(t: Option<&aws_sdk_s3::primitives::DateTime>) -> Option<SystemTime> {
     t.and_then(|d| SystemTime::try_from(*d).ok())
 }
@@ -270,19 +289,51 @@ fn refuses(detail: &str) -> bool {
         || m.contains("invalid")
 }
 
+/// An error and its sources as one line (`a: b: c`), each source only where it adds words:
+/// what a user reads, without the SDK's `Debug` dump of the same chain.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut next = err.source();
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = e.source();
+    }
+    // Some errors (the credential chain's) list their attempts one per line.
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Is any error in the chain an I/O error of this kind (a refused connection, say)?
+fn chain_has_io(err: &(dyn std::error::Error + 'static), kind: std::io::ErrorKind) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == kind)
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
 /// One place that turns SDK errors into [`StoreError`]s.
 fn map_err<E>(err: SdkError<E, aws_smithy_runtime_api::http::Response>, what: &str) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    let detail = || format!("{what}: {}", DisplayErrorContext(&err));
+    let detail = || format!("{what}: {}", error_chain(&err));
     let status = match &err {
         SdkError::DispatchFailure(d) => {
-            if d.is_other() && format!("{d:?}").to_ascii_lowercase().contains("credential") {
-                return StoreError::AccessDenied(format!(
-                    "{what}: no usable AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, use --profile, \
-                     or --no-sign-request for public buckets)"
-                ));
+            let text = detail();
+            if text.contains("loading credentials") || text.contains("credentials provider") {
+                return StoreError::NoCredentials(text);
+            }
+            if chain_has_io(&err, std::io::ErrorKind::ConnectionRefused) {
+                return StoreError::Unreachable(format!("{what}: connection refused"));
             }
             return if d.is_timeout() {
                 StoreError::Timeout(detail())
@@ -904,7 +955,7 @@ impl S3Store {
                 Ok(Some(Err(e))) => {
                     let what = format!(
                         "{key}: reading body after {received} bytes: {}",
-                        DisplayErrorContext(&e)
+                        error_chain(&e)
                     );
                     // The SDK checks a whole-object body against the checksum the store sent.
                     return Err(if what.to_ascii_lowercase().contains("checksum") {
