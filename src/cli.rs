@@ -169,7 +169,9 @@ pub struct Cli {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1GiB")]
     pub spool_limit: u64,
 
-    /// Directory for the changed bytes of files modified in place (created 0700; files 0600)
+    /// Where mounts keep staged changes, spooled and recovered data, one subdirectory per
+    /// endpoint, bucket and prefix (created 0700; files 0600). Default: /var/lib/s3mount for
+    /// root, else $XDG_STATE_HOME/s3mount or ~/.local/state/s3mount
     #[arg(long, value_name = "DIR")]
     pub staging_dir: Option<PathBuf>,
 
@@ -207,9 +209,15 @@ pub struct Cli {
     #[arg(short = 'd', long)]
     pub debug: bool,
 
-    /// Log to this file instead of syslog when in the background
+    /// Log to this file when in the background (default: syslog when /dev/log exists, else a
+    /// file under /var/log/s3mount or ~/.local/state/s3mount, named on stderr). SIGHUP reopens
+    /// it (logrotate); SIGUSR2 cycles the level: default, debug, trace
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
+
+    /// Log as text lines or one JSON object per line
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "text")]
+    pub log_format: crate::logging::LogFormat,
 
     /// Mount options, comma separated: any long option without dashes (endpoint_url=URL,
     /// force_path_style, read_only...) plus the standard ro, rw, allow_other, uid=, gid=, umask=,

@@ -22,6 +22,11 @@ pub struct Config {
     pub foreground: bool,
     pub debug: bool,
     pub log_file: Option<PathBuf>,
+    pub log_format: crate::logging::LogFormat,
+    /// Base of the per-mount state directories (staging, spool, recovered data).
+    pub state_base: PathBuf,
+    /// This mount's name among others: names its state directory, socket and log file.
+    pub id: crate::paths::MountId,
     pub allow_other: bool,
     pub allow_root: bool,
     pub read_only: bool,
@@ -192,7 +197,6 @@ impl Config {
                     dir.display()
                 ));
             }
-            fs.staging_dir = dir.clone();
         }
         fs.cache = CacheConfig {
             memory_bytes: cli.memory_cache,
@@ -272,7 +276,9 @@ impl Config {
                 ));
             }
         }
+        let id = crate::paths::MountId::new(cli.endpoint_url.as_deref(), &bucket, &prefix);
         Ok(Config {
+            id,
             source: cli.source.clone(),
             bucket,
             prefix,
@@ -282,6 +288,11 @@ impl Config {
             foreground: cli.foreground,
             debug: cli.debug,
             log_file: cli.log_file.clone(),
+            log_format: cli.log_format,
+            state_base: cli
+                .staging_dir
+                .clone()
+                .unwrap_or_else(crate::paths::state_base),
             allow_other: cli.allow_other,
             allow_root: cli.allow_root,
             read_only: cli.read_only,

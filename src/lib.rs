@@ -1,14 +1,17 @@
 //! s3mount: mount an S3 bucket, or a prefix of one, as a directory.
 //!
 //! Layers, top to bottom (arrows only point down): `main` -> [`fuse`] -> [`fs`] -> [`data`] ->
-//! [`store`]. See DESIGN.md for the map.
+//! [`store`]. docs/ARCHITECTURE.md has the map: what each module owns and how a read and a
+//! write flow through them.
 
 pub mod cli;
 pub mod config;
 pub mod data;
 pub mod fs;
 pub mod fuse;
+pub mod logging;
 pub mod mount;
+pub mod paths;
 pub mod store;
 
 #[cfg(test)]

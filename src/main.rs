@@ -1,5 +1,6 @@
 use s3mount::cli::{helper_args, is_mount_helper, parse_args, ArgsError};
 use s3mount::config::Config;
+use s3mount::logging::{self, LogTarget};
 use s3mount::mount;
 
 fn fail(message: &str, code: i32) -> ! {
@@ -49,11 +50,19 @@ fn main() {
     }
     let mountpoint = mount::check_local(&cfg).unwrap_or_else(|f| fail(&f.message, f.code));
     let ready = if cfg.foreground {
-        mount::init_logging(&cfg, true);
+        logging::init(&LogTarget::Stderr, cfg.log_format, cfg.debug)
+            .unwrap_or_else(|m| fail(&m, 2));
         None
     } else {
+        let target = LogTarget::background(cfg.log_file.as_deref(), &cfg.id.0);
+        if let (LogTarget::File(path), None) = (&target, &cfg.log_file) {
+            eprintln!(
+                "s3mount: no syslog here (/dev/log is missing): the daemon logs to {}",
+                path.display()
+            );
+        }
         let pipe = mount::daemonize().unwrap_or_else(|f| fail(&f.message, f.code));
-        mount::init_logging(&cfg, false);
+        logging::init(&target, cfg.log_format, cfg.debug).unwrap_or_else(|m| fail(&m, 2));
         Some(pipe)
     };
     if let Err(f) = mount::run(cfg, mountpoint, ready) {

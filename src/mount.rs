@@ -3,7 +3,7 @@
 
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::fs::Fs;
 use crate::fuse::{self, KernelMountOptions};
+use crate::paths::StateDir;
 use crate::store::s3::S3Store;
 use crate::store::{ObjectStore, StoreError};
 
@@ -124,7 +125,7 @@ pub fn check_local(cfg: &Config) -> Result<PathBuf, Fatal> {
             "--cache-dir",
             cfg.fs.cache.disk.as_ref().map(|d| d.dir.clone()),
         ),
-        ("--staging-dir", Some(cfg.fs.staging_dir.clone())),
+        ("--staging-dir", Some(cfg.state_base.clone())),
     ];
     for (option, dir) in local_dirs {
         if let Some(dir) = dir {
@@ -222,112 +223,6 @@ pub fn describe_store_error(err: &StoreError, cfg: &Config) -> String {
     }
 }
 
-/// Logging: stderr in the foreground, a file or syslog in the background.
-pub fn init_logging(cfg: &Config, to_stderr: bool) {
-    use tracing_subscriber::EnvFilter;
-    // fuser's own "unmount failed" after an external umount is noise, not an error.
-    let default = if cfg.debug {
-        "s3mount=debug,fuser::mnt=off,info"
-    } else {
-        "s3mount=info,fuser::mnt=off,warn"
-    };
-    let filter = EnvFilter::try_from_env("S3MOUNT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = if to_stderr {
-        builder.with_writer(std::io::stderr).try_init()
-    } else if let Some(path) = &cfg.log_file {
-        match std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-        {
-            Ok(file) => builder
-                .with_ansi(false)
-                .with_writer(std::sync::Mutex::new(file))
-                .try_init(),
-            Err(e) => {
-                eprintln!(
-                    "s3mount: cannot open log file {}: {e}; logging to syslog",
-                    path.display()
-                );
-                builder
-                    .with_ansi(false)
-                    .without_time()
-                    .with_writer(syslog::Syslog::open())
-                    .try_init()
-            }
-        }
-    } else {
-        builder
-            .with_ansi(false)
-            .without_time()
-            .with_writer(syslog::Syslog::open())
-            .try_init()
-    };
-}
-
-mod syslog {
-    //! A tracing writer that hands each line to syslog(3) with the event's level.
-    use std::ffi::CString;
-    use tracing_subscriber::fmt::MakeWriter;
-
-    pub struct Syslog;
-
-    impl Syslog {
-        pub fn open() -> Self {
-            static IDENT: &[u8] = b"s3mount\0";
-            unsafe { libc::openlog(IDENT.as_ptr().cast(), libc::LOG_PID, libc::LOG_DAEMON) };
-            Syslog
-        }
-    }
-
-    pub struct Line {
-        priority: libc::c_int,
-        buf: Vec<u8>,
-    }
-
-    impl std::io::Write for Line {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.buf.extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Drop for Line {
-        fn drop(&mut self) {
-            let text: Vec<u8> = self.buf.iter().copied().filter(|b| *b != 0).collect();
-            if let Ok(c) = CString::new(text) {
-                unsafe { libc::syslog(self.priority, c"%s".as_ptr(), c.as_ptr()) };
-            }
-        }
-    }
-
-    impl<'a> MakeWriter<'a> for Syslog {
-        type Writer = Line;
-        fn make_writer(&'a self) -> Line {
-            Line {
-                priority: libc::LOG_INFO,
-                buf: Vec::new(),
-            }
-        }
-        fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Line {
-            let priority = match *meta.level() {
-                tracing::Level::ERROR => libc::LOG_ERR,
-                tracing::Level::WARN => libc::LOG_WARNING,
-                tracing::Level::INFO => libc::LOG_INFO,
-                _ => libc::LOG_DEBUG,
-            };
-            Line {
-                priority,
-                buf: Vec::new(),
-            }
-        }
-    }
-}
-
 /// The write end of the pipe a backgrounded child uses to tell its parent the mount is live.
 pub struct ReadyPipe(OwnedFd);
 
@@ -356,7 +251,10 @@ pub fn daemonize() -> Result<ReadyPipe, Fatal> {
         ))),
         0 => {
             drop(rd);
+            // SAFETY: setsid has no preconditions; it fails only for a group leader, which a
+            // freshly forked child is not.
             unsafe { libc::setsid() };
+            close_inherited_fds(wr.as_raw_fd());
             Ok(ReadyPipe(wr))
         }
         child => {
@@ -375,6 +273,24 @@ pub fn daemonize() -> Result<ReadyPipe, Fatal> {
             };
             std::process::exit(if code == 0 { 1 } else { code });
         }
+    }
+}
+
+/// Close every descriptor above stderr the caller left open, but `keep`: a caller that waits
+/// for EOF on a pipe it handed down (`$(...)` with a redirect, a test harness, an init script)
+/// would otherwise wait for as long as the daemon lives.
+fn close_inherited_fds(keep: i32) {
+    let fds: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
+        Ok(dir) => dir
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect(),
+        Err(_) => return,
+    };
+    for fd in fds.into_iter().filter(|&fd| fd > 2 && fd != keep) {
+        // SAFETY: nothing in this process owns these descriptors yet (we are right after
+        // fork, before any file is opened); the one read_dir used is already closed.
+        unsafe { libc::close(fd) };
     }
 }
 
@@ -410,7 +326,6 @@ fn statfs_errno(path: &Path) -> Option<i32> {
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
-    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -418,9 +333,35 @@ impl Signals {
         tokio::select! {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
-            _ = self.hup.recv() => {}
         }
     }
+}
+
+/// SIGUSR2 cycles the log level, SIGHUP reopens the log file; neither ends the mount.
+fn handle_log_signals(rt: &tokio::runtime::Runtime) {
+    use tokio::signal::unix::{signal, SignalKind};
+    rt.spawn(async {
+        let (Ok(mut usr2), Ok(mut hup)) = (
+            signal(SignalKind::user_defined2()),
+            signal(SignalKind::hangup()),
+        ) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = usr2.recv() => {
+                    if let Some(level) = crate::logging::cycle_level() {
+                        tracing::warn!(filter = %level, "SIGUSR2: log level changed");
+                    }
+                }
+                _ = hup.recv() => match crate::logging::reopen() {
+                    Some(Ok(path)) => tracing::info!(path = %path.display(), "SIGHUP: log file reopened"),
+                    Some(Err(e)) => tracing::error!("SIGHUP: cannot reopen the log file: {e}"),
+                    None => tracing::info!("SIGHUP: no log file to reopen"),
+                },
+            }
+        }
+    });
 }
 
 /// Unmount `path`: umount2(2) as root, else fusermount3 -u; `lazy` detaches even when busy.
@@ -449,7 +390,13 @@ fn unmount(path: &Path, lazy: bool) -> std::io::Result<()> {
 /// after write conflicts, and multipart uploads still open under the prefix. Nothing is deleted.
 fn report_leftovers(cfg: &Config, rt: &tokio::runtime::Runtime, store: &S3Store) {
     for (path, about) in crate::data::staging::leftovers(&cfg.fs.staging_dir) {
-        tracing::warn!(path = %path.display(), about = %about, "found data not uploaded by an earlier run (crash or write conflict); it is kept for you to recover");
+        tracing::warn!(
+            path = %path.display(),
+            endpoint = %endpoint_name(cfg),
+            bucket = %cfg.bucket,
+            about = %about,
+            "found data not uploaded by an earlier run of this mount (crash or write conflict); it is kept for you to recover"
+        );
     }
     let listed = rt.block_on(async {
         tokio::time::timeout(
@@ -522,7 +469,21 @@ fn mount_is_live(path: &Path) -> bool {
 }
 
 /// Connect, check, mount, report readiness, serve until unmounted.
-pub fn run(cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Result<(), Fatal> {
+pub fn run(mut cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Result<(), Fatal> {
+    let about = format!(
+        "endpoint: {}\nbucket: {}\nprefix: {}\nmountpoint: {}\n",
+        endpoint_name(&cfg),
+        cfg.bucket,
+        cfg.prefix,
+        mountpoint.display()
+    );
+    let state = StateDir::claim(&cfg.state_base, &cfg.id, &about).map_err(|e| {
+        Fatal::new(format!(
+            "cannot use the state directory {}: {e} (choose another with --staging-dir)",
+            cfg.state_base.join(&cfg.id.0).display()
+        ))
+    })?;
+    cfg.fs.staging_dir = state.path.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(
             std::thread::available_parallelism()
@@ -569,17 +530,17 @@ pub fn run(cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Result
         .spawn(move || session.run())
         .map_err(|e| Fatal::new(format!("cannot start the request loop: {e}")))?;
 
-    // Unmount cleanly on SIGTERM/SIGINT/SIGHUP once open files are closed (their uploads finish
-    // on close); a second signal detaches at once. The request loop then ends by itself.
+    // Unmount cleanly on SIGTERM/SIGINT once open files are closed (their uploads finish on
+    // close); a second signal detaches at once. The request loop then ends by itself.
+    handle_log_signals(&rt);
     let mp = mountpoint.clone();
     rt.spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(term), Ok(int), Ok(hup)) =
-            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+        let (Ok(term), Ok(int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
         else {
             return;
         };
-        let mut signals = Signals { term, int, hup };
+        let mut signals = Signals { term, int };
         signals.next().await;
         tracing::info!(mountpoint = %mp.display(), "signal received, unmounting");
         let mut told = false;

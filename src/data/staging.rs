@@ -427,7 +427,11 @@ pub fn leftovers(dir: &Path) -> Vec<(PathBuf, String)> {
         };
         for e in entries.flatten() {
             let path = e.path();
-            if !path.is_file() || path.extension().is_some_and(|x| x == "info") {
+            // The lock and mount.info of the state directory are not data.
+            if !path.is_file()
+                || path.extension().is_some_and(|x| x == "info")
+                || path.file_name().is_some_and(|n| n == "lock")
+            {
                 continue;
             }
             let about = std::fs::read_to_string(sidecar(&path))
