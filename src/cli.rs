@@ -215,6 +215,11 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
 
+    /// Serve Prometheus/OpenMetrics metrics at http://ADDR/metrics: PORT (on 127.0.0.1) or
+    /// HOST:PORT (off by default)
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// Log as text lines or one JSON object per line
     #[arg(long, value_enum, value_name = "FORMAT", default_value = "text")]
     pub log_format: crate::logging::LogFormat,
@@ -455,6 +460,54 @@ pub enum ArgsError {
 pub fn parse_args(args: &[String]) -> Result<Cli, ArgsError> {
     let expanded = expand_mount_options(args).map_err(ArgsError::Invalid)?;
     Cli::try_parse_from(expanded).map_err(ArgsError::Clap)
+}
+
+/// `9464` (loopback) or `HOST:PORT`.
+pub fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let t = s.trim();
+    if let Ok(port) = t.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    t.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| format!("'{s}' is not PORT or HOST:PORT"))
+}
+
+/// The options of a command line that were given (on it or through the environment), as
+/// `--name=value`: what `s3mount status` shows as differing from the defaults.
+pub fn explicit_options(args: &[String]) -> Vec<String> {
+    let Ok(expanded) = expand_mount_options(args) else {
+        return vec![];
+    };
+    let Ok(m) = Cli::command().try_get_matches_from(expanded) else {
+        return vec![];
+    };
+    let mut out = Vec::new();
+    for arg in Cli::command().get_arguments() {
+        let id = arg.get_id().as_str();
+        let Some(long) = arg.get_long() else {
+            continue;
+        };
+        if !matches!(
+            m.value_source(id),
+            Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+        ) || long == "options"
+        {
+            continue;
+        }
+        let values: Vec<String> = m
+            .get_raw(id)
+            .map(|v| v.map(|x| x.to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        if arg.get_action().takes_values() && !values.is_empty() {
+            out.push(format!("--{long}={}", values.join(",")));
+        } else {
+            out.push(format!("--{long}"));
+        }
+    }
+    out
 }
 
 pub fn parse_mode(s: &str) -> Result<u16, String> {

@@ -23,6 +23,9 @@ pub struct Config {
     pub debug: bool,
     pub log_file: Option<PathBuf>,
     pub log_format: crate::logging::LogFormat,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The options given, for `s3mount status` (set by main from the command line).
+    pub given_options: Vec<String>,
     /// Base of the per-mount state directories (staging, spool, recovered data).
     pub state_base: PathBuf,
     /// This mount's name among others: names its state directory, socket and log file.
@@ -289,6 +292,8 @@ impl Config {
             debug: cli.debug,
             log_file: cli.log_file.clone(),
             log_format: cli.log_format,
+            metrics_addr: cli.metrics_addr,
+            given_options: Vec::new(),
             state_base: cli
                 .staging_dir
                 .clone()

@@ -50,6 +50,45 @@ async fn fill_dir(
     }
 }
 
+/// Answer a request with an error, counted by errno for the metrics.
+macro_rules! fail {
+    ($t:expr, $reply:expr, $errno:expr) => {{
+        let errno = $errno;
+        $t.fail(errno);
+        $reply.error(errno)
+    }};
+}
+
+/// One kernel request's latency and errors, recorded (only when metrics are on) when it is
+/// answered: the value moves into the request's task and is dropped with it.
+struct Timed {
+    op: &'static str,
+    start: Option<std::time::Instant>,
+}
+
+impl Timed {
+    fn start(op: &'static str) -> Timed {
+        Timed {
+            op,
+            start: crate::metrics::enabled().then(std::time::Instant::now),
+        }
+    }
+
+    fn fail(&self, errno: i32) {
+        if self.start.is_some() {
+            crate::metrics::fuse_error(self.op, errno);
+        }
+    }
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        if let Some(start) = self.start {
+            crate::metrics::fuse_request(self.op, start.elapsed());
+        }
+    }
+}
+
 pub struct FuseAdapter {
     fs: Arc<Fs>,
     rt: Handle,
@@ -167,6 +206,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        let t = Timed::start("lookup");
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
         self.run(async move {
@@ -179,7 +219,7 @@ impl Filesystem for FuseAdapter {
                 Err(Errno(libc::ENOENT)) if !fs.ttl().is_zero() => {
                     reply.entry(&fs.ttl(), &negative_entry(), 0)
                 }
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
@@ -189,11 +229,12 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+        let t = Timed::start("getattr");
         let fs = self.fs.clone();
         self.run(async move {
             match fs.getattr(ino).await {
                 Ok(attr) => reply.attr(&fs.ttl(), &to_file_attr(&attr)),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
@@ -216,6 +257,7 @@ impl Filesystem for FuseAdapter {
         _flags: Option<u32>,
         reply: ReplyAttr,
     ) {
+        let t = Timed::start("setattr");
         let fs = self.fs.clone();
         let when = |t: Option<TimeOrNow>| {
             t.map(|t| match t {
@@ -238,17 +280,18 @@ impl Filesystem for FuseAdapter {
         self.rt.spawn(async move {
             match fs.setattr(ino, fh, req).await {
                 Ok(attr) => reply.attr(&fs.ttl(), &to_file_attr(&attr)),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
 
     fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
+        let t = Timed::start("readlink");
         let fs = self.fs.clone();
         self.run(async move {
             match fs.readlink(ino).await {
                 Ok(target) => reply.data(&target),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
@@ -263,6 +306,7 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let t = Timed::start("mknod");
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
         let caller = Caller {
@@ -273,7 +317,7 @@ impl Filesystem for FuseAdapter {
         self.run(async move {
             match fs.mknod(parent, &name, mode, rdev, caller).await {
                 Ok(attr) => reply.entry(&fs.ttl(), &to_file_attr(&attr), 0),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
@@ -287,6 +331,7 @@ impl Filesystem for FuseAdapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let t = Timed::start("mkdir");
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
         let caller = Caller {
@@ -296,29 +341,31 @@ impl Filesystem for FuseAdapter {
         self.run(async move {
             match fs.mkdir(parent, &name, mode & !umask, caller).await {
                 Ok(attr) => reply.entry(&fs.ttl(), &to_file_attr(&attr), 0),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
 
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let t = Timed::start("unlink");
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
         self.run(async move {
             match fs.unlink(parent, &name).await {
                 Ok(()) => reply.ok(),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
 
     fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let t = Timed::start("rmdir");
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
         self.run(async move {
             match fs.rmdir(parent, &name).await {
                 Ok(()) => reply.ok(),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
@@ -331,6 +378,7 @@ impl Filesystem for FuseAdapter {
         link: &std::path::Path,
         reply: ReplyEntry,
     ) {
+        let t = Timed::start("symlink");
         let fs = self.fs.clone();
         let (name, target) = (
             name.as_bytes().to_vec(),
@@ -343,7 +391,7 @@ impl Filesystem for FuseAdapter {
         self.run(async move {
             match fs.symlink(parent, &name, &target, caller).await {
                 Ok(attr) => reply.entry(&fs.ttl(), &to_file_attr(&attr), 0),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
@@ -358,21 +406,24 @@ impl Filesystem for FuseAdapter {
         flags: u32,
         reply: ReplyEmpty,
     ) {
+        let t = Timed::start("rename");
         let fs = self.fs.clone();
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
         self.rt.spawn(async move {
             match fs.rename(parent, &name, newparent, &newname, flags).await {
                 Ok(()) => reply.ok(),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
 
     fn link(&mut self, _req: &Request<'_>, _ino: u64, _np: u64, _nn: &OsStr, reply: ReplyEntry) {
-        reply.error(libc::EPERM);
+        let t = Timed::start("link");
+        fail!(t, reply, libc::EPERM);
     }
 
     fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        let t = Timed::start("open");
         let fs = self.fs.clone();
         self.run(async move {
             match fs.open(ino, flags).await {
@@ -384,7 +435,7 @@ impl Filesystem for FuseAdapter {
                         0
                     },
                 ),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
@@ -400,11 +451,12 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<u64>,
         reply: ReplyData,
     ) {
+        let t = Timed::start("read");
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.read(fh, offset, size).await {
                 Ok(data) => reply.data(&data),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
@@ -421,6 +473,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<u64>,
         reply: ReplyWrite,
     ) {
+        let t = Timed::start("write");
         let fs = self.fs.clone();
         let data = data.to_vec();
         let kill = write_flags & FUSE_WRITE_KILL_SUIDGID != 0;
@@ -433,7 +486,7 @@ impl Filesystem for FuseAdapter {
             }
             match res {
                 Ok(n) => reply.written(n),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
@@ -446,11 +499,12 @@ impl Filesystem for FuseAdapter {
         _lock_owner: u64,
         reply: ReplyEmpty,
     ) {
+        let t = Timed::start("flush");
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.flush(fh).await {
                 Ok(()) => reply.ok(),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
@@ -465,11 +519,12 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let t = Timed::start("release");
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.release(fh).await {
                 Ok(()) => reply.ok(),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
@@ -482,21 +537,23 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let t = Timed::start("fsync");
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.fsync(fh).await {
                 Ok(()) => reply.ok(),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
 
     fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        let t = Timed::start("opendir");
         let fs = self.fs.clone();
         self.run(async move {
             match fs.opendir(ino).await {
                 Ok(fh) => reply.opened(fh, 0),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
@@ -509,6 +566,7 @@ impl Filesystem for FuseAdapter {
         offset: i64,
         mut reply: ReplyDirectory,
     ) {
+        let t = Timed::start("readdir");
         let fs = self.fs.clone();
         // Waits while a large directory's listing is still arriving.
         self.run(async move {
@@ -518,7 +576,7 @@ impl Filesystem for FuseAdapter {
             .await;
             match filled {
                 Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
+                Err(e) => fail!(t, reply, e),
             }
         });
     }
@@ -531,6 +589,7 @@ impl Filesystem for FuseAdapter {
         offset: i64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let t = Timed::start("readdirplus");
         let ttl = self.fs.ttl();
         let fs = self.fs.clone();
         // Waits while a large directory's listing is still arriving.
@@ -569,7 +628,7 @@ impl Filesystem for FuseAdapter {
             .await;
             match filled {
                 Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
+                Err(e) => fail!(t, reply, e),
             }
         });
     }
@@ -582,11 +641,13 @@ impl Filesystem for FuseAdapter {
         _flags: i32,
         reply: ReplyEmpty,
     ) {
+        let _t = Timed::start("releasedir");
         self.fs.releasedir(fh);
         reply.ok();
     }
 
     fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
+        let _t = Timed::start("statfs");
         let s = self.fs.statfs();
         reply.statfs(
             s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
@@ -594,13 +655,14 @@ impl Filesystem for FuseAdapter {
     }
 
     fn access(&mut self, _req: &Request<'_>, ino: u64, mask: i32, reply: ReplyEmpty) {
+        let t = Timed::start("access");
         // The kernel checks mode bits (default_permissions); here only existence and read-only.
         if mask & libc::W_OK != 0 && self.fs.config().read_only {
-            return reply.error(libc::EROFS);
+            return fail!(t, reply, libc::EROFS);
         }
         match self.fs.attr_of(ino) {
             Some(_) => reply.ok(),
-            None => reply.error(libc::ENOENT),
+            None => fail!(t, reply, libc::ENOENT),
         }
     }
 
@@ -612,16 +674,17 @@ impl Filesystem for FuseAdapter {
         size: u32,
         reply: fuser::ReplyXattr,
     ) {
+        let t = Timed::start("getxattr");
         if !self.fs.config().xattrs {
             // ENOSYS: the kernel stops asking (no request per entry for `ls -l`).
-            return reply.error(libc::ENOSYS);
+            return fail!(t, reply, libc::ENOSYS);
         }
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
         self.run(async move {
             match fs.getxattr(ino, &name).await {
                 Ok(value) => reply_xattr(reply, size, &value),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
@@ -636,12 +699,13 @@ impl Filesystem for FuseAdapter {
         position: u32,
         reply: ReplyEmpty,
     ) {
+        let t = Timed::start("setxattr");
         if !self.fs.config().xattrs {
-            return reply.error(libc::ENOTSUP);
+            return fail!(t, reply, libc::ENOTSUP);
         }
         if position != 0 {
             // Only macOS resource forks use a position.
-            return reply.error(libc::EINVAL);
+            return fail!(t, reply, libc::EINVAL);
         }
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
@@ -652,34 +716,36 @@ impl Filesystem for FuseAdapter {
                 .await
             {
                 Ok(()) => reply.ok(),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
 
     fn removexattr(&mut self, _req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
+        let t = Timed::start("removexattr");
         if !self.fs.config().xattrs {
-            return reply.error(libc::ENOTSUP);
+            return fail!(t, reply, libc::ENOTSUP);
         }
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
         self.run(async move {
             match fs.set_or_remove_xattr(ino, &name, None, 0).await {
                 Ok(()) => reply.ok(),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
 
     fn listxattr(&mut self, _req: &Request<'_>, ino: u64, size: u32, reply: fuser::ReplyXattr) {
+        let t = Timed::start("listxattr");
         if !self.fs.config().xattrs {
-            return reply.error(libc::ENOSYS);
+            return fail!(t, reply, libc::ENOSYS);
         }
         let fs = self.fs.clone();
         self.run(async move {
             match fs.listxattr(ino).await {
                 Ok(names) => reply_xattr(reply, size, &names),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
@@ -694,11 +760,12 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let t = Timed::start("fallocate");
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.fallocate(ino, fh, offset, length, mode).await {
                 Ok(()) => reply.ok(),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
@@ -716,6 +783,7 @@ impl Filesystem for FuseAdapter {
         _flags: u32,
         reply: ReplyWrite,
     ) {
+        let t = Timed::start("copy_file_range");
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs
@@ -723,7 +791,7 @@ impl Filesystem for FuseAdapter {
                 .await
             {
                 Ok(n) => reply.written(n),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
@@ -738,6 +806,7 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let t = Timed::start("create");
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
         let caller = Caller {
@@ -747,7 +816,7 @@ impl Filesystem for FuseAdapter {
         self.run(async move {
             match fs.create(parent, &name, mode & !umask, flags, caller).await {
                 Ok((attr, fh)) => reply.created(&fs.ttl(), &to_file_attr(&attr), 0, fh, 0),
-                Err(Errno(e)) => reply.error(e),
+                Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }

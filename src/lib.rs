@@ -6,10 +6,12 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod data;
 pub mod fs;
 pub mod fuse;
 pub mod logging;
+pub mod metrics;
 pub mod mount;
 pub mod paths;
 pub mod store;

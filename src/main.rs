@@ -32,6 +32,9 @@ fn main() {
             Err(bad) => fail(&format!("argument {bad:?} is not valid UTF-8"), 2),
         }
     }
+    if args.get(1).map(String::as_str) == Some("status") {
+        std::process::exit(s3mount::control::status_command(&args[1..]));
+    }
     let mut fake = false;
     if args.first().is_some_and(|a| is_mount_helper(a)) {
         let (a, f) = helper_args(&args);
@@ -43,7 +46,8 @@ fn main() {
         Err(ArgsError::Clap(e)) => e.exit(),
         Err(ArgsError::Invalid(m)) => fail(&m, 2),
     };
-    let cfg = Config::from_cli(cli).unwrap_or_else(|m| fail(&m, 2));
+    let mut cfg = Config::from_cli(cli).unwrap_or_else(|m| fail(&m, 2));
+    cfg.given_options = s3mount::cli::explicit_options(&args);
     if fake {
         // mount -f: validate everything, mount nothing.
         std::process::exit(0);

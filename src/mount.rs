@@ -37,7 +37,7 @@ impl Fatal {
 }
 
 /// Decode the octal escapes (`\040` for a space) /proc/self/mountinfo uses.
-fn unescape_mountinfo(s: &str) -> Vec<u8> {
+pub fn unescape_mountinfo(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -494,6 +494,10 @@ pub fn run(mut cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Re
         .enable_all()
         .build()
         .map_err(|e| Fatal::new(format!("cannot start the runtime: {e}")))?;
+    if let Some(addr) = cfg.metrics_addr {
+        let _in_runtime = rt.enter();
+        crate::metrics::install(addr).map_err(Fatal::new)?;
+    }
     let store = rt
         .block_on(S3Store::connect(&cfg.s3))
         .map_err(|e| Fatal::new(describe_store_error(&e, &cfg)))?;
@@ -505,13 +509,44 @@ pub fn run(mut cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Re
         Fs::try_new(store, cfg.fs.clone())
             .map_err(|e| Fatal::new(format!("cannot open the block cache: {e}")))?,
     );
+    let info = crate::control::MountInfo {
+        source: cfg.source.clone(),
+        endpoint: endpoint_name(&cfg),
+        bucket: cfg.bucket.clone(),
+        prefix: cfg.prefix.clone(),
+        mountpoint: mountpoint.clone(),
+        options: cfg.given_options.clone(),
+        started: std::time::SystemTime::now(),
+    };
+    let _control = crate::control::serve(
+        rt.handle(),
+        &crate::paths::runtime_base(),
+        &cfg.id.0,
+        info,
+        fs.clone(),
+    )
+    .map_err(|e| {
+        Fatal::new(format!(
+            "cannot create the control socket in {}: {e}",
+            crate::paths::runtime_base().display()
+        ))
+    })?;
+    if crate::metrics::enabled() {
+        let fs = fs.clone();
+        rt.spawn(async move {
+            loop {
+                crate::metrics::set_gauges(&fs.gauges());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
     let opts = KernelMountOptions {
         fsname: cfg.source.clone(),
         read_only: cfg.read_only,
         allow_other: cfg.allow_other,
         allow_root: cfg.allow_root,
     };
-    let session = fuse::mount(fs, rt.handle().clone(), &mountpoint, &opts).map_err(|e| {
+    let session = fuse::mount(fs.clone(), rt.handle().clone(), &mountpoint, &opts).map_err(|e| {
         Fatal::new(match e.kind() {
             std::io::ErrorKind::PermissionDenied => format!(
                 "not allowed to mount on {}: {e} (non-root users need fusermount3 from the fuse3 package, and \
@@ -534,6 +569,7 @@ pub fn run(mut cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Re
     // close); a second signal detaches at once. The request loop then ends by itself.
     handle_log_signals(&rt);
     let mp = mountpoint.clone();
+    let busy_fs = fs.clone();
     rt.spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(term), Ok(int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
@@ -549,7 +585,15 @@ pub fn run(mut cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Re
                 Ok(()) => return,
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                     if !told {
-                        tracing::warn!(mountpoint = %mp.display(), "mount busy: waiting for open files to be closed (signal again to detach now)");
+                        let keys = busy_fs.open_keys();
+                        let shown: Vec<&str> = keys.iter().take(10).map(String::as_str).collect();
+                        tracing::warn!(
+                            mountpoint = %mp.display(),
+                            files_being_written = keys.len(),
+                            keys = %shown.join(", "),
+                            "mount busy: waiting for open files to be closed (signal again to detach now; `fuser -vm {}` names the processes)",
+                            mp.display()
+                        );
                         told = true;
                     }
                 }

@@ -161,7 +161,10 @@ impl BlockCache {
 
     /// Bytes held in memory covering `pos`: the whole cached range and its data (counts as a use).
     pub fn lookup_memory(&self, obj: &ObjectId, pos: u64) -> Option<(ByteRange, Bytes)> {
-        self.find_memory(obj, pos, true)
+        let found = self.find_memory(obj, pos, true);
+        let bytes = found.as_ref().map_or(0, |(_, d)| d.len() as u64);
+        crate::metrics::cache_lookup("memory", found.is_some(), bytes);
+        found
     }
 
     fn find_memory(&self, obj: &ObjectId, pos: u64, used: bool) -> Option<(ByteRange, Bytes)> {
@@ -200,10 +203,16 @@ impl BlockCache {
     pub async fn read_disk(&self, obj: &ObjectId, block: u64, len: u64) -> Option<Bytes> {
         let disk = self.disk.clone()?;
         let obj = obj.clone();
-        tokio::task::spawn_blocking(move || disk.read(&obj, block, len))
+        let got = tokio::task::spawn_blocking(move || disk.read(&obj, block, len))
             .await
             .ok()
-            .flatten()
+            .flatten();
+        crate::metrics::cache_lookup(
+            "disk",
+            got.is_some(),
+            got.as_ref().map_or(0, |b| b.len() as u64),
+        );
+        got
     }
 
     /// Keep bytes `range` of an object just fetched: in memory, and their whole blocks on disk.
@@ -608,6 +617,7 @@ impl DiskCache {
                 }
             };
             let _ = std::fs::remove_file(self.dir.join(victim));
+            crate::metrics::cache_evicted("disk", 1);
         }
     }
 }

@@ -229,6 +229,7 @@ pub async fn complete_checked(
         }
         let whole = whole.finalize();
         if !verify_checksum(key, res.checksum_crc32.as_deref(), &part_crcs, Some(whole)) {
+            crate::metrics::count(crate::metrics::CHECKSUM_MISMATCHES);
             return Err(StoreError::Checksum(format!(
                 "{key}: object checksum {} after completion differs from the data written",
                 res.checksum_crc32.as_deref().unwrap_or("?")

@@ -241,6 +241,9 @@ impl ObjectReader {
                     c.range.end + BACK_KEEP > offset.min(keep_from) || c.range.end > verified_to
                 });
             } else {
+                if st.streaming {
+                    crate::metrics::prefetch_reset();
+                }
                 st.window = self.cfg.initial_window;
                 st.streaming = false;
                 st.fetched_end = 0;
@@ -381,6 +384,7 @@ impl ObjectReader {
             return Ok(());
         }
         // `read` drops the cached blocks and poisons the handle for every checksum failure.
+        crate::metrics::count(crate::metrics::CHECKSUM_MISMATCHES);
         tracing::error!(key = %self.key, stored = %stored, read = %ours, "data read does not match the object's stored CRC32; failing the read and dropping cached blocks");
         Err(StoreError::Checksum(format!(
             "{}: CRC32 of the data read is {ours}, the store says {stored}",

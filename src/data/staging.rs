@@ -135,6 +135,11 @@ pub struct StagedFile {
 }
 
 impl StagedFile {
+    /// Bytes changed locally and not yet in the bucket.
+    pub fn changed_bytes(&self) -> u64 {
+        self.dirty.total()
+    }
+
     pub fn create(dir: &Path, base: Base) -> std::io::Result<StagedFile> {
         prepare_dir(dir)?;
         let name = format!(

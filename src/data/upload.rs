@@ -249,6 +249,12 @@ impl StreamUpload {
     }
 
     /// Has the multipart upload been created on the server (its metadata is fixed then)?
+    /// (bytes written to this upload, bytes whose parts the store has acknowledged).
+    pub fn progress(&self) -> (u64, u64) {
+        let uploaded = self.done.iter().map(|(_, _, len)| len).sum();
+        (self.total, uploaded)
+    }
+
     pub fn multipart_started(&self) -> bool {
         self.upload_id.is_some()
     }
@@ -660,6 +666,7 @@ impl StreamUpload {
 
     /// Save the bytes of a single PUT that could not be applied; returns where (or why not).
     fn keep_for_recovery(&self, body: &[u8], why: &str) -> String {
+        crate::metrics::count(crate::metrics::RECOVERED_FILES);
         use std::os::unix::fs::OpenOptionsExt;
         let Some(path) = self.recovery_path("data") else {
             tracing::error!(key = %self.key, "{why}: the bytes written are lost (no recovery directory)");

@@ -25,6 +25,7 @@ mod namespace;
 mod open_file;
 mod rename;
 mod setattr;
+pub mod status;
 mod write;
 mod xattr;
 
@@ -288,6 +289,8 @@ pub struct Fs {
     /// The open-file state of each inode open for writing (see [`open_file`]).
     open_files: open_file::OpenFiles,
     warn: Arc<WarnOnce>,
+    /// Commits that failed since the mount (for `s3mount status`).
+    failures: Mutex<Vec<status::FailedCommit>>,
 }
 
 type ListingCache = LruCache<String, (Instant, Arc<Listing>)>;
@@ -705,6 +708,7 @@ impl Fs {
             pending: Mutex::new(HashMap::new()),
             open_files: Default::default(),
             warn: Arc::default(),
+            failures: Mutex::default(),
             cfg,
         })
     }

@@ -40,6 +40,11 @@ impl OpenFiles {
         self.by_ino.lock().get(&ino).map(|(f, _)| f.clone())
     }
 
+    /// Every open file with its count of write descriptors (for `s3mount status`).
+    pub fn all(&self) -> Vec<(Arc<OpenFile>, usize)> {
+        self.by_ino.lock().values().cloned().collect()
+    }
+
     /// Join the state of `ino` as one more descriptor, if there is one.
     pub fn join(&self, ino: u64) -> Option<Arc<OpenFile>> {
         let mut map = self.by_ino.lock();

@@ -612,6 +612,7 @@ impl Fs {
                 let conflict = matches!(e, StoreError::PreconditionFailed(_));
                 let recovery = self.recovery_dir();
                 let kept = staged.keep(conflict.then_some(recovery.as_path()));
+                self.commit_failed(&st.key, &e, Some(kept.display().to_string()));
                 if conflict {
                     tracing::error!(
                         key = %st.key, kept = %kept.display(),
@@ -646,6 +647,7 @@ impl Fs {
                 Ok(())
             }
             Err(e) => {
+                self.commit_failed(&st.key, &e, None);
                 tracing::error!(key = %st.key, error = %e, "upload failed; the previous object (if any) is unchanged");
                 st.body = Body::Failed(Errno::EIO);
                 self.pending.lock().remove(&st.key);
@@ -654,8 +656,24 @@ impl Fs {
         }
     }
 
+    /// A commit failed for good: counted, and remembered for `s3mount status`.
+    fn commit_failed(&self, key: &str, e: &StoreError, kept: Option<String>) {
+        use crate::metrics as m;
+        m::count(m::COMMIT_FAILURES);
+        if matches!(e, StoreError::PreconditionFailed(_)) {
+            m::count(m::CONFLICTS);
+        }
+        self.failures.lock().push(super::status::FailedCommit {
+            key: key.to_string(),
+            error: e.to_string(),
+            kept,
+            at: std::time::SystemTime::now(),
+        });
+    }
+
     /// The bucket now holds everything written through `st`, as `res` says.
     pub(super) fn committed(&self, st: &mut WriteState, res: PutResult) {
+        crate::metrics::count(crate::metrics::COMMITS);
         let PutResult {
             etag,
             checksum_crc32,

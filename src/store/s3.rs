@@ -227,6 +227,9 @@ impl S3Store {
             // S3-compatible stores rarely care; AWS redirects are handled by the SDK.
             b = b.region(Region::new("us-east-1"));
         }
+        if crate::metrics::enabled() {
+            b = b.interceptor(MetricsInterceptor);
+        }
         Ok(S3Store {
             client: Client::from_conf(b.build()),
             bucket: s.bucket.clone(),
@@ -245,6 +248,95 @@ impl S3Store {
             },
             max_attempts: s.max_attempts.max(1),
         })
+    }
+}
+
+/// When a request started and how many attempts it has made (kept in the request's config bag).
+#[derive(Clone, Debug)]
+struct RequestClock {
+    start: std::time::Instant,
+    attempts: u32,
+    first_byte: Option<Duration>,
+}
+
+impl aws_smithy_types::config_bag::Storable for RequestClock {
+    type Storer = aws_smithy_types::config_bag::StoreReplace<Self>;
+}
+
+/// Counts and times every S3 request for the metrics (installed only when they are on):
+/// attempts, time to the response headers, time to the parsed response, final status.
+#[derive(Debug)]
+struct MetricsInterceptor;
+
+impl aws_smithy_runtime_api::client::interceptors::Intercept for MetricsInterceptor {
+    fn name(&self) -> &'static str {
+        "s3mount-metrics"
+    }
+
+    fn read_before_execution(
+        &self,
+        _ctx: &aws_smithy_runtime_api::client::interceptors::context::BeforeSerializationInterceptorContextRef<'_>,
+        cfg: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        cfg.interceptor_state().store_put(RequestClock {
+            start: std::time::Instant::now(),
+            attempts: 0,
+            first_byte: None,
+        });
+        Ok(())
+    }
+
+    fn read_before_attempt(
+        &self,
+        _ctx: &aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef<'_>,
+        _rc: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
+        cfg: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        if let Some(mut clock) = cfg.load::<RequestClock>().cloned() {
+            clock.attempts += 1;
+            cfg.interceptor_state().store_put(clock);
+        }
+        Ok(())
+    }
+
+    fn read_before_deserialization(
+        &self,
+        _ctx: &aws_smithy_runtime_api::client::interceptors::context::BeforeDeserializationInterceptorContextRef<'_>,
+        _rc: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
+        cfg: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        if let Some(mut clock) = cfg.load::<RequestClock>().cloned() {
+            clock.first_byte = Some(clock.start.elapsed());
+            cfg.interceptor_state().store_put(clock);
+        }
+        Ok(())
+    }
+
+    fn read_after_execution(
+        &self,
+        ctx: &aws_smithy_runtime_api::client::interceptors::context::FinalizerInterceptorContextRef<
+            '_,
+        >,
+        _rc: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
+        cfg: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        let Some(clock) = cfg.load::<RequestClock>() else {
+            return Ok(());
+        };
+        let op = cfg
+            .load::<aws_smithy_runtime_api::client::orchestrator::Metadata>()
+            .map_or("unknown", |m| m.name());
+        let status = ctx.response().map(|r| r.status().as_u16());
+        let failed = matches!(ctx.output_or_error(), Some(Err(_)) | None);
+        crate::metrics::s3_request(
+            op,
+            clock.attempts,
+            clock.first_byte,
+            clock.start.elapsed(),
+            status,
+            failed,
+        );
+        Ok(())
     }
 }
 
@@ -381,7 +473,10 @@ where
             | "XAmzContentChecksumMismatch"
             | "InvalidChecksum"
             | "XAmzContentSHA256Mismatch",
-        ) => StoreError::Checksum(detail()),
+        ) => {
+            crate::metrics::count(crate::metrics::CHECKSUM_MISMATCHES);
+            StoreError::Checksum(detail())
+        }
         _ => StoreError::Other(detail()),
     }
 }
@@ -515,6 +610,7 @@ impl ObjectStore for S3Store {
     ) -> StoreResult<PutResult> {
         count(&self.traffic.puts, 1);
         count(&self.traffic.bytes_up, body.len() as u64);
+        crate::metrics::bytes_uploaded(body.len() as u64);
         let mut req = self
             .client
             .put_object()
@@ -622,6 +718,7 @@ impl ObjectStore for S3Store {
     ) -> StoreResult<CompletedPart> {
         count(&self.traffic.puts, 1);
         count(&self.traffic.bytes_up, body.len() as u64);
+        crate::metrics::bytes_uploaded(body.len() as u64);
         let req = self
             .client
             .upload_part()
@@ -950,6 +1047,7 @@ impl S3Store {
                 Ok(Some(Ok(chunk))) => {
                     received += chunk.len() as u64;
                     count(&self.traffic.bytes_down, chunk.len() as u64);
+                    crate::metrics::bytes_fetched(chunk.len() as u64);
                     out.extend(&chunk);
                 }
                 Ok(Some(Err(e))) => {
@@ -959,6 +1057,7 @@ impl S3Store {
                     );
                     // The SDK checks a whole-object body against the checksum the store sent.
                     return Err(if what.to_ascii_lowercase().contains("checksum") {
+                        crate::metrics::count(crate::metrics::CHECKSUM_MISMATCHES);
                         StoreError::Checksum(what)
                     } else {
                         StoreError::Unreachable(what)

@@ -1,0 +1,353 @@
+//! `s3mount status`: each mount serves a one-request control socket
+//! (`RUNTIME_DIR/ID.sock`, in a 0700 directory: see [`crate::paths`]) that answers `status` with
+//! a JSON [`MountStatus`]; the `status` command asks every socket of the user (or the one of a
+//! mount point), prints what it hears, and finds mounts that no longer answer. Exit status: 0
+//! healthy, 1 when a commit failed since a mount started, 2 when a mount is dead or unreachable
+//! (or the mount point asked about is not an s3mount mount).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::fs::status::FsStatus;
+use crate::fs::Fs;
+
+/// What a mount says about itself.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MountStatus {
+    pub version: String,
+    pub pid: u32,
+    pub source: String,
+    pub endpoint: String,
+    pub bucket: String,
+    pub prefix: String,
+    pub mountpoint: String,
+    /// Options given on the command line or in the environment (defaults left out).
+    pub options: Vec<String>,
+    pub started_unix: u64,
+    pub uptime_seconds: u64,
+    pub rss_bytes: u64,
+    /// The filesystem's own report (open files, failed commits, memory, caches).
+    pub fs: serde_json::Value,
+}
+
+/// What is fixed for the life of a mount.
+#[derive(Clone, Debug)]
+pub struct MountInfo {
+    pub source: String,
+    pub endpoint: String,
+    pub bucket: String,
+    pub prefix: String,
+    pub mountpoint: PathBuf,
+    pub options: Vec<String>,
+    pub started: SystemTime,
+}
+
+fn snapshot(info: &MountInfo, fs: &Fs) -> MountStatus {
+    let fs_status: FsStatus = fs.status();
+    MountStatus {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        source: info.source.clone(),
+        endpoint: info.endpoint.clone(),
+        bucket: info.bucket.clone(),
+        prefix: info.prefix.clone(),
+        mountpoint: info.mountpoint.display().to_string(),
+        options: info.options.clone(),
+        started_unix: info
+            .started
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        uptime_seconds: info.started.elapsed().map_or(0, |d| d.as_secs()),
+        rss_bytes: crate::metrics::rss_bytes(),
+        fs: serde_json::to_value(fs_status).unwrap_or_default(),
+    }
+}
+
+/// The control socket of a live mount; removed when dropped.
+pub struct ControlSocket {
+    path: PathBuf,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Listen on `dir/NAME.sock` (the directory made 0700) and answer status requests on `rt`.
+pub fn serve(
+    rt: &tokio::runtime::Handle,
+    dir: &Path,
+    name: &str,
+    info: MountInfo,
+    fs: Arc<Fs>,
+) -> std::io::Result<ControlSocket> {
+    crate::paths::private_dir(dir)?;
+    let path = dir.join(format!("{name}.sock"));
+    // A socket left by a daemon that died: nothing answers it any more.
+    if path.exists() && std::os::unix::net::UnixStream::connect(&path).is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    let _guard = rt.enter();
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    rt.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let info = info.clone();
+            let fs = fs.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+                let (rd, mut wr) = stream.into_split();
+                let mut line = String::new();
+                let mut rd = tokio::io::BufReader::new(rd);
+                let read = tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut line));
+                if !matches!(read.await, Ok(Ok(_))) {
+                    return;
+                }
+                let answer = match line.trim() {
+                    "status" => serde_json::to_string(&snapshot(&info, &fs))
+                        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+                    other => serde_json::json!({ "error": format!("unknown request '{other}'") })
+                        .to_string(),
+                };
+                let _ = wr.write_all(answer.as_bytes()).await;
+                let _ = wr.write_all(b"\n").await;
+            });
+        }
+    });
+    Ok(ControlSocket { path })
+}
+
+/// Ask the mount behind `socket` for its status.
+fn ask(socket: &Path) -> std::io::Result<MountStatus> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"status\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(std::io::Error::other)
+}
+
+/// s3mount mounts in /proc/self/mountinfo: (mount point, source).
+fn mounted_here() -> Vec<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let sep = fields.iter().position(|f| *f == "-")?;
+            if fields.get(sep + 1) != Some(&"fuse.s3mount") {
+                return None;
+            }
+            let mp = String::from_utf8_lossy(&crate::mount::unescape_mountinfo(fields.get(4)?))
+                .into_owned();
+            Some((mp, fields.get(sep + 2).unwrap_or(&"").to_string()))
+        })
+        .collect()
+}
+
+/// The `status` subcommand's options.
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "s3mount status",
+    about = "Show the state of s3mount mounts: uploads in progress, failed commits, memory and cache use",
+    after_help = "Exit status: 0 healthy, 1 a commit failed since the mount started, 2 a mount is dead or unreachable."
+)]
+pub struct StatusCli {
+    /// Only this mount point (default: every s3mount mount of this user)
+    pub mountpoint: Option<PathBuf>,
+    /// Print one JSON array of the mounts' reports
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Run `s3mount status`; returns the exit status.
+pub fn status_command(args: &[String]) -> i32 {
+    use clap::Parser;
+    let cli = match StatusCli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let want = cli
+        .mountpoint
+        .as_ref()
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()));
+    let dir = crate::paths::runtime_base();
+    let mut reports = Vec::new();
+    let mut dead: Vec<String> = Vec::new();
+    let mut sockets: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    sockets.sort();
+    for sock in sockets {
+        match ask(&sock) {
+            Ok(s) => {
+                if want.as_ref().is_none_or(|w| Path::new(&s.mountpoint) == w) {
+                    reports.push(s);
+                }
+            }
+            Err(e) if want.is_none() => {
+                dead.push(format!("{}: not answering ({e})", sock.display()));
+            }
+            Err(_) => {}
+        }
+    }
+    // Mounts the kernel still has whose daemon no socket speaks for: dead (ENOTCONN) or
+    // another user's.
+    for (mp, source) in mounted_here() {
+        let answered = reports.iter().any(|r| r.mountpoint == mp);
+        let wanted = want.as_ref().is_none_or(|w| Path::new(&mp) == w);
+        if !answered && wanted {
+            dead.push(format!("{mp} ({source}): mounted, but its daemon does not answer (dead, or another user's)"));
+        }
+    }
+    if let (Some(w), true, true) = (&want, reports.is_empty(), dead.is_empty()) {
+        eprintln!("s3mount: {} is not an s3mount mount point", w.display());
+        return 2;
+    }
+    let failed = reports.iter().any(|r| {
+        r.fs.get("failed_commits")
+            .and_then(|f| f.as_array())
+            .is_some_and(|a| !a.is_empty())
+    });
+    if cli.json {
+        let out = serde_json::json!({ "mounts": reports, "unreachable": dead });
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    } else {
+        if reports.is_empty() && dead.is_empty() {
+            println!("no s3mount mounts");
+        }
+        for r in &reports {
+            print_report(r);
+        }
+        for d in &dead {
+            println!("DEAD {d}");
+        }
+    }
+    if !dead.is_empty() {
+        2
+    } else if failed {
+        1
+    } else {
+        0
+    }
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn print_report(r: &MountStatus) {
+    let fs = &r.fs;
+    let num = |k: &str| fs.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    let yes = |k: &str| fs.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+    println!(
+        "{} on {} (pid {}, up {} s)",
+        r.source, r.mountpoint, r.pid, r.uptime_seconds
+    );
+    println!(
+        "  endpoint:  {}  bucket: {}  prefix: {}",
+        r.endpoint,
+        r.bucket,
+        if r.prefix.is_empty() {
+            "(none)"
+        } else {
+            &r.prefix
+        }
+    );
+    if !r.options.is_empty() {
+        println!("  options:   {}", r.options.join(" "));
+    }
+    println!(
+        "  store:     checksums {}, conditional writes {}",
+        if yes("checksums") {
+            "on"
+        } else {
+            "off (refused by the store)"
+        },
+        if yes("conditional_writes") {
+            "on"
+        } else {
+            "off"
+        }
+    );
+    println!(
+        "  memory:    {} of {} budget in use, {} cached; RSS {}",
+        human(num("budget_used")),
+        human(num("budget_limit")),
+        human(num("memory_cache_bytes")),
+        human(r.rss_bytes)
+    );
+    if let Some(b) = fs.get("disk_cache_bytes").and_then(|v| v.as_u64()) {
+        println!(
+            "  disk cache: {} in {} blocks",
+            human(b),
+            num("disk_cache_blocks")
+        );
+    }
+    println!(
+        "  staging:   {} files, {} in {}",
+        num("staged_files"),
+        human(num("staged_bytes")),
+        fs.get("staging_dir").and_then(|v| v.as_str()).unwrap_or("")
+    );
+    let open = fs
+        .get("open_files")
+        .and_then(|v| v.as_array())
+        .cloned()
+        .unwrap_or_default();
+    if open.is_empty() {
+        println!("  open files: none being written");
+    }
+    for f in &open {
+        let s = |k: &str| f.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let n = |k: &str| f.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        println!(
+            "  open:      {} [{}] {} written, {} uploaded, {} descriptor(s)",
+            s("key"),
+            s("state"),
+            human(n("pending_bytes")),
+            human(n("uploaded_bytes")),
+            n("descriptors")
+        );
+    }
+    for f in fs
+        .get("failed_commits")
+        .and_then(|v| v.as_array())
+        .cloned()
+        .unwrap_or_default()
+    {
+        let s = |k: &str| f.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+        println!(
+            "  FAILED:    {}: {}{}",
+            s("key"),
+            s("error"),
+            f.get("kept")
+                .and_then(|v| v.as_str())
+                .map(|k| format!(" (data kept at {k})"))
+                .unwrap_or_default()
+        );
+    }
+}
