@@ -256,7 +256,7 @@ fn kill_9_keeps_the_old_object_and_reports_staged_changes_at_next_mount() {
         .unwrap();
     // Wait until both are under way: the edit staged, the replacement's first part uploaded.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while files_in(staging.path()) < 2 || server.open_uploads(&bucket).is_empty() {
+    while files_in(&state_dir(staging.path())) < 2 || server.open_uploads(&bucket).is_empty() {
         assert!(std::time::Instant::now() < deadline, "writes did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -285,7 +285,7 @@ fn kill_9_keeps_the_old_object_and_reports_staged_changes_at_next_mount() {
         "{log}"
     );
     assert!(
-        files_in(staging.path()) >= 2,
+        files_in(&state_dir(staging.path())) >= 2,
         "staged file and its sidecar kept"
     );
 }

@@ -429,7 +429,7 @@ fn modify_in_place_append_and_truncate_both_ways() {
     assert_eq!(&got[..16], b"HEADER-WRITTEN-!");
     assert!(got[16..] == pattern(9 << 20, 1)[..]);
     assert_eq!(
-        files_in(staging.path()),
+        files_in(&state_dir(staging.path())),
         0,
         "staging files removed after upload"
     );
@@ -553,7 +553,7 @@ try:\n    os.fsync(fd)\n    print('fsync ok')\nexcept OSError as e:\n    print('
         server.get(&bucket, "shared.txt").unwrap(),
         b"written by someone else"
     );
-    let recovered: Vec<Vec<u8>> = std::fs::read_dir(staging.path().join("recovered"))
+    let recovered: Vec<Vec<u8>> = std::fs::read_dir(state_dir(staging.path()).join("recovered"))
         .expect("recovery folder")
         .map(|e| std::fs::read(e.unwrap().path()).unwrap())
         .collect();

@@ -747,10 +747,21 @@ pub fn sh(cmd: &str) -> Output {
 }
 
 /// Regular files directly in `dir` (subdirectories such as `spool/` not counted).
+/// The state directory a mount made under the `--staging-dir` base it was given (the one
+/// subdirectory there; `base/none` before the mount made it).
+pub fn state_dir(base: &Path) -> PathBuf {
+    std::fs::read_dir(base)
+        .ok()
+        .and_then(|d| d.flatten().map(|e| e.path()).find(|p| p.is_dir()))
+        .unwrap_or_else(|| base.join("none"))
+}
+
+/// Data files in `dir`: not the state directory's own `lock` and `mount.info`.
 pub fn files_in(dir: &Path) -> usize {
     std::fs::read_dir(dir)
         .map(|d| {
             d.flatten()
+                .filter(|e| e.file_name() != "lock" && e.file_name() != "mount.info")
                 .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
                 .count()
         })
