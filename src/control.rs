@@ -162,7 +162,7 @@ fn mounted_here() -> Vec<(String, String)> {
 pub struct StatusCli {
     /// Only this mount point (default: every s3mount mount of this user)
     pub mountpoint: Option<PathBuf>,
-    /// Print one JSON array of the mounts' reports
+    /// Print one JSON object: {"mounts": [reports], "dead": [...], "others": [...]}
     #[arg(long)]
     pub json: bool,
 }
@@ -170,7 +170,8 @@ pub struct StatusCli {
 /// Run `s3mount status`; returns the exit status.
 pub fn status_command(args: &[String]) -> i32 {
     use clap::Parser;
-    let cli = match StatusCli::try_parse_from(args) {
+    let argv = std::iter::once("s3mount status".to_string()).chain(args.iter().skip(1).cloned());
+    let cli = match StatusCli::try_parse_from(argv) {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
@@ -197,22 +198,43 @@ pub fn status_command(args: &[String]) -> i32 {
                     reports.push(s);
                 }
             }
+            // Nothing listens: the daemon is gone (a dead mount shows below, from the mount
+            // table); the socket file is only a leftover.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                let _ = std::fs::remove_file(&sock);
+            }
             Err(e) if want.is_none() => {
                 dead.push(format!("{}: not answering ({e})", sock.display()));
             }
             Err(_) => {}
         }
     }
-    // Mounts the kernel still has whose daemon no socket speaks for: dead (ENOTCONN) or
-    // another user's.
+    // Mounts the kernel still has whose daemon no socket here speaks for: dead when the
+    // kernel says so (ENOTCONN); otherwise another user's (or another runtime directory's).
+    let mut others = Vec::new();
     for (mp, source) in mounted_here() {
         let answered = reports.iter().any(|r| r.mountpoint == mp);
         let wanted = want.as_ref().is_none_or(|w| Path::new(&mp) == w);
-        if !answered && wanted {
-            dead.push(format!("{mp} ({source}): mounted, but its daemon does not answer (dead, or another user's)"));
+        if answered || !wanted {
+            continue;
+        }
+        if crate::mount::statfs_errno(Path::new(&mp)) == Some(libc::ENOTCONN) {
+            dead.push(format!(
+                "{mp} ({source}): the daemon died (\"transport endpoint is not connected\"); \
+                 `umount -l {mp}` and mount again"
+            ));
+        } else {
+            others.push(format!("{mp} ({source})"));
         }
     }
     if let (Some(w), true, true) = (&want, reports.is_empty(), dead.is_empty()) {
+        if !others.is_empty() {
+            eprintln!(
+                "s3mount: {} is an s3mount mount this user's status cannot reach (another user's?)",
+                w.display()
+            );
+            return 2;
+        }
         eprintln!("s3mount: {} is not an s3mount mount point", w.display());
         return 2;
     }
@@ -222,7 +244,7 @@ pub fn status_command(args: &[String]) -> i32 {
             .is_some_and(|a| !a.is_empty())
     });
     if cli.json {
-        let out = serde_json::json!({ "mounts": reports, "unreachable": dead });
+        let out = serde_json::json!({ "mounts": reports, "dead": dead, "others": others });
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
         if reports.is_empty() && dead.is_empty() {
@@ -233,6 +255,12 @@ pub fn status_command(args: &[String]) -> i32 {
         }
         for d in &dead {
             println!("DEAD {d}");
+        }
+        for o in &others {
+            println!(
+                "other {o}: not this user's (no control socket in {})",
+                dir.display()
+            );
         }
     }
     if !dead.is_empty() {

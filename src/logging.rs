@@ -120,7 +120,9 @@ pub fn init(target: &LogTarget, format: LogFormat, debug: bool) -> Result<(), St
     let fmt = tracing_subscriber::fmt::layer().with_target(true);
     let layer: Box<dyn Layer<Registry> + Send + Sync> = match target {
         LogTarget::Stderr => {
-            let ansi = std::io::stderr().is_terminal() && format == LogFormat::Text;
+            let ansi = std::io::stderr().is_terminal()
+                && format == LogFormat::Text
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
             let l = fmt.with_ansi(ansi).with_writer(std::io::stderr);
             match format {
                 LogFormat::Text => Box::new(l),

@@ -262,7 +262,7 @@ pub fn rss_bytes() -> u64 {
     pages * page.max(4096) as u64
 }
 
-/// `ENOENT` for 2, the number itself for errnos without a common name here.
+/// `ENOENT` for 2; `other` for errnos without a name here.
 pub fn errno_name(errno: i32) -> &'static str {
     match errno {
         libc::EPERM => "EPERM",

@@ -313,7 +313,7 @@ fn detach_stdio() {
 }
 
 /// The errno of statfs(2) on `path`, if it fails.
-fn statfs_errno(path: &Path) -> Option<i32> {
+pub fn statfs_errno(path: &Path) -> Option<i32> {
     let c = CString::new(path.as_os_str().as_bytes()).ok()?;
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 {
@@ -494,6 +494,9 @@ pub fn run(mut cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Re
         .enable_all()
         .build()
         .map_err(|e| Fatal::new(format!("cannot start the runtime: {e}")))?;
+    // Before the first slow step: a SIGHUP or SIGUSR2 from logrotate must never kill a daemon
+    // that is still connecting.
+    handle_log_signals(&rt);
     if let Some(addr) = cfg.metrics_addr {
         let _in_runtime = rt.enter();
         crate::metrics::install(addr).map_err(Fatal::new)?;
@@ -521,7 +524,11 @@ pub fn run(mut cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Re
     let _control = crate::control::serve(
         rt.handle(),
         &crate::paths::runtime_base(),
-        &cfg.id.0,
+        // The state directory's name: ID, or ID.2 for a second live mount of one source.
+        &state
+            .path
+            .file_name()
+            .map_or(cfg.id.0.clone(), |n| n.to_string_lossy().into_owned()),
         info,
         fs.clone(),
     )
@@ -567,7 +574,6 @@ pub fn run(mut cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Re
 
     // Unmount cleanly on SIGTERM/SIGINT once open files are closed (their uploads finish on
     // close); a second signal detaches at once. The request loop then ends by itself.
-    handle_log_signals(&rt);
     let mp = mountpoint.clone();
     let busy_fs = fs.clone();
     rt.spawn(async move {

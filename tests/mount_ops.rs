@@ -331,3 +331,40 @@ fn without_syslog_the_log_file_is_named_on_stderr() {
             .is_ok_and(|t| t.contains("mounted") && t.contains("unmounted"))
     });
 }
+
+#[test]
+fn two_live_mounts_of_one_source_keep_their_state_and_sockets_apart() {
+    let server = server();
+    let bucket = server.new_bucket();
+    let runtime = tempfile::tempdir().unwrap();
+    let rt = runtime.path().to_str().unwrap();
+    let staging = tempfile::tempdir().unwrap();
+    let st = staging.path().to_str().unwrap();
+    let env = [("S3MOUNT_RUNTIME_DIR", Some(rt))];
+    let a = Mount::with_env(
+        server,
+        &server.endpoint,
+        &bucket,
+        &["--staging-dir", st],
+        &env,
+    );
+    let b = Mount::with_env(
+        server,
+        &server.endpoint,
+        &bucket,
+        &["--staging-dir", st],
+        &env,
+    );
+    let (code, out) = status(&[("S3MOUNT_RUNTIME_DIR", rt)], &["--json"]);
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let dirs: std::collections::HashSet<String> = v["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["fs"]["staging_dir"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(dirs.len(), 2, "{out}");
+    drop(a);
+    drop(b);
+}
