@@ -462,6 +462,89 @@ pub fn parse_args(args: &[String]) -> Result<Cli, ArgsError> {
     Cli::try_parse_from(expanded).map_err(ArgsError::Clap)
 }
 
+/// docs/CONFIGURATION.md: every option with its `-o` form, default and help, generated from
+/// the definitions above (`cargo run --example gen_config > docs/CONFIGURATION.md`; a test
+/// fails when the file drifts).
+pub fn configuration_markdown() -> String {
+    let cmd = Cli::command();
+    let mut out = String::from(
+        "# Configuration\n\n\
+         <!-- Generated from src/cli.rs by `cargo run --example gen_config > docs/CONFIGURATION.md`; \
+         tests/man_page.rs fails when it drifts. -->\n\n\
+         Every option of `s3mount SOURCE MOUNTPOINT [OPTIONS]`. Each long option also has a mount \
+         form for `-o` and fstab: the name without dashes, `_` for `-` (`--metadata-ttl 30` is \
+         `-o metadata_ttl=30`). s3fs's option names are accepted where s3mount has the same thing \
+         (see [USAGE.md](USAGE.md)). `s3mount status` has its own `--help`.\n\n\
+         | Option | `-o` form | Default | Environment |\n|---|---|---|---|\n",
+    );
+    let mut details = String::new();
+    for arg in cmd.get_arguments() {
+        let id = arg.get_id().as_str();
+        if matches!(id, "help" | "version") || arg.is_positional() {
+            continue;
+        }
+        let value = arg
+            .get_value_names()
+            .map(|v| format!(" {}", v.join(" ")))
+            .unwrap_or_default();
+        let takes = arg.get_action().takes_values();
+        let name = match (arg.get_short(), arg.get_long()) {
+            (Some(s), Some(l)) => format!("-{s}, --{l}{}", if takes { &value } else { "" }),
+            (None, Some(l)) => format!("--{l}{}", if takes { &value } else { "" }),
+            (Some(s), None) => format!("-{s}{value}"),
+            (None, None) => continue,
+        };
+        let o_form = match arg.get_long() {
+            Some("options") | None => "".to_string(),
+            Some(l) => format!("`{}{}`", l.replace('-', "_"), if takes { "=…" } else { "" }),
+        };
+        let default: Vec<String> = arg
+            .get_default_values()
+            .iter()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        let env = arg
+            .get_env()
+            .map(|e| format!("`{}`", e.to_string_lossy()))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "| [`{name}`](#{}) | {o_form} | {} | {env} |\n",
+            arg.get_long().unwrap_or(id),
+            if default.is_empty() {
+                String::new()
+            } else {
+                format!("`{}`", default.join(","))
+            }
+        ));
+        let help = arg
+            .get_long_help()
+            .or(arg.get_help())
+            .map(|h| h.to_string())
+            .unwrap_or_default();
+        let mut possible: Vec<String> = arg
+            .get_possible_values()
+            .iter()
+            .map(|p| format!("`{}`", p.get_name()))
+            .collect();
+        if !takes {
+            possible.clear();
+        }
+        details.push_str(&format!(
+            "### {}\n\n`{name}`\n\n{}{}\n\n",
+            arg.get_long().unwrap_or(id),
+            help.replace('\n', " "),
+            if possible.is_empty() {
+                String::new()
+            } else {
+                format!(" One of {}.", possible.join(", "))
+            }
+        ));
+    }
+    out.push_str("\n## Options\n\n");
+    out.push_str(&details);
+    out
+}
+
 /// `9464` (loopback) or `HOST:PORT`.
 pub fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
     use std::net::ToSocketAddrs;
