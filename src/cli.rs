@@ -17,6 +17,15 @@ Examples:
 Without -f the command returns once the mount is live (exit 0) and the daemon logs to syslog.
 Unmount with `umount DIR` or `fusermount3 -u DIR`.";
 
+const LONG_ABOUT: &str = "\
+Mount an S3 bucket, or a prefix of one, as a directory (AWS S3 or any S3-compatible store).
+
+Reads are ranged GETs with read-ahead and a block cache; writes stream to multipart uploads \
+and close/fsync return only once the bucket holds the data (or fail with EIO). Directories \
+are prefixes and s3fs-style `dir/` markers; modes, owners, times and symlinks are stored as \
+s3fs stores them. Rename, in-place writes, truncate and extended attributes work. \
+`s3mount status` shows what each mount is doing.";
+
 /// When upload bodies are hashed into the request signature (see `--sign-payload`).
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SignPayload {
@@ -26,7 +35,13 @@ pub enum SignPayload {
 }
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "s3mount", version, about = "Mount an S3 bucket, or a prefix of one, as a directory", after_help = EXAMPLES)]
+#[command(
+    name = "s3mount",
+    version,
+    about = "Mount an S3 bucket, or a prefix of one, as a directory",
+    long_about = LONG_ABOUT,
+    after_help = EXAMPLES
+)]
 pub struct Cli {
     /// What to mount: BUCKET, BUCKET:/PREFIX or s3://BUCKET/PREFIX/
     pub source: String,
@@ -35,199 +50,215 @@ pub struct Cli {
     pub mountpoint: PathBuf,
 
     /// S3 endpoint for S3-compatible stores (MinIO, Garage, Ceph, R2, ...)
-    #[arg(long, env = "AWS_ENDPOINT_URL", value_name = "URL")]
+    #[arg(
+        long,
+        env = "AWS_ENDPOINT_URL",
+        value_name = "URL",
+        help_heading = "Bucket and endpoint"
+    )]
     pub endpoint_url: Option<String>,
 
     /// Region of the bucket (default: from the AWS config, else us-east-1)
-    #[arg(long, value_name = "REGION")]
+    #[arg(long, value_name = "REGION", help_heading = "Bucket and endpoint")]
     pub region: Option<String>,
 
     /// Address buckets as URL paths (http://host/bucket) instead of host names
-    #[arg(long)]
+    #[arg(long, help_heading = "Bucket and endpoint")]
     pub force_path_style: bool,
 
     /// Named profile from ~/.aws/config and ~/.aws/credentials (incl. SSO and assume-role)
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", help_heading = "Credentials")]
     pub profile: Option<String>,
 
     /// s3fs-style credentials file: lines `ACCESS_KEY:SECRET` or `BUCKET:ACCESS_KEY:SECRET`;
     /// refused unless only its owner can read it (chmod 600)
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help_heading = "Credentials")]
     pub passwd_file: Option<PathBuf>,
 
     /// PEM file of CA certificates to trust besides the system's (private endpoints);
     /// default: $AWS_CA_BUNDLE when set
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help_heading = "Bucket and endpoint")]
     pub ca_bundle: Option<PathBuf>,
 
     /// Send unsigned requests (public buckets)
-    #[arg(long)]
+    #[arg(long, help_heading = "Credentials")]
     pub no_sign_request: bool,
 
     /// Hash upload bodies into the request signature (SHA-256). auto: over plain HTTP only;
     /// over HTTPS a body that carries a CRC32 the server checks goes as UNSIGNED-PAYLOAD (TLS
-    /// guards it, and the hash took a third of the daemon's CPU while writing). never: also
-    /// over HTTP (trusted networks)
-    #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
+    /// guards it). never: also over HTTP (trusted networks)
+    #[arg(
+        long,
+        value_enum,
+        value_name = "WHEN",
+        default_value = "auto",
+        help_heading = "Credentials"
+    )]
     pub sign_payload: SignPayload,
 
     /// Mount read-only: every write fails with EROFS
-    #[arg(long)]
+    #[arg(long, help_heading = "Mount")]
     pub read_only: bool,
 
     /// Let other users access the mount (root, or user_allow_other in /etc/fuse.conf)
-    #[arg(long)]
+    #[arg(long, help_heading = "Mount")]
     pub allow_other: bool,
 
     /// Let root access the mount besides the mounting user
-    #[arg(long)]
+    #[arg(long, help_heading = "Mount")]
     pub allow_root: bool,
 
     /// Owner of objects without s3fs uid metadata (default: the mounting user)
-    #[arg(long, value_name = "UID")]
+    #[arg(long, value_name = "UID", help_heading = "Mount")]
     pub uid: Option<u32>,
 
     /// Group of objects without s3fs gid metadata (default: the mounting user's group)
-    #[arg(long, value_name = "GID")]
+    #[arg(long, value_name = "GID", help_heading = "Mount")]
     pub gid: Option<u32>,
 
     /// Permission bits of files without s3fs mode metadata, octal
-    #[arg(long, value_name = "MODE", value_parser = parse_mode, default_value = "0644")]
+    #[arg(long, value_name = "MODE", value_parser = parse_mode, default_value = "0644", help_heading = "Mount")]
     pub file_mode: u16,
 
     /// Permission bits of directories without s3fs mode metadata, octal
-    #[arg(long, value_name = "MODE", value_parser = parse_mode, default_value = "0755")]
+    #[arg(long, value_name = "MODE", value_parser = parse_mode, default_value = "0755", help_heading = "Mount")]
     pub dir_mode: u16,
 
     /// Umask applied to the default file and directory modes, octal (mount form: umask=022)
-    #[arg(long, value_name = "MASK", value_parser = parse_mode)]
+    #[arg(long, value_name = "MASK", value_parser = parse_mode, help_heading = "Mount")]
     pub umask: Option<u16>,
 
     /// How long listings and attributes are trusted: seconds, or "indefinite"
-    #[arg(long, value_name = "SECONDS", value_parser = parse_ttl, default_value = "5")]
+    #[arg(long, value_name = "SECONDS", value_parser = parse_ttl, default_value = "5", help_heading = "Caching")]
     pub metadata_ttl: Duration,
 
     /// HEAD each listed file so `ls -l` shows s3fs-stored modes, owners, times and symlinks
     /// (one request per entry, like s3fs; default: listings only, stat/open show stored values)
-    #[arg(long)]
+    #[arg(long, help_heading = "Caching")]
     pub list_metadata: bool,
 
     /// Answer `ls -l`, `stat` and lookups from listings alone: no HEAD confirms a listed file's
     /// stored mode, owner and times (LastModified shows as mtime). For buckets that hold no
     /// s3fs metadata. Default: one HEAD per object version the mount has not seen, run while
     /// the directory is read
-    #[arg(long, conflicts_with = "list_metadata")]
+    #[arg(long, conflicts_with = "list_metadata", help_heading = "Caching")]
     pub listing_only_metadata: bool,
 
     /// Store extended attributes (user.*, trusted.*) in s3fs's x-amz-meta-xattr header, like
     /// s3fs's use_xattr. Off by default: with it the kernel asks for security.selinux and POSIX
     /// ACLs of every entry `ls -l` shows (answered from memory, but one request each).
     /// `-o use_xattr`, s3fs's name, works too
-    #[arg(long, alias = "use-xattr")]
+    #[arg(long, alias = "use-xattr", help_heading = "Advanced")]
     pub xattr: bool,
 
     /// Store new objects without a Content-Type from their extension (default: from
     /// /etc/mime.types, application/octet-stream when unknown, as s3fs and rclone do)
-    #[arg(long)]
+    #[arg(long, help_heading = "Upload")]
     pub no_content_type: bool,
 
     /// Memory budget for all read and write buffers, e.g. 512MiB, 2GiB
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "512MiB")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "512MiB", help_heading = "Caching")]
     pub max_memory: u64,
 
     /// Largest read-ahead window of one open file
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64MiB")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64MiB", help_heading = "Caching")]
     pub max_prefetch: u64,
 
     /// Memory for recently read blocks (part of --max-memory; given back under pressure)
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64MiB")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64MiB", help_heading = "Caching")]
     pub memory_cache: u64,
 
     /// Keep read blocks on local disk here (survives remounts; created 0700, blocks 0600;
     /// one directory per mount)
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", help_heading = "Caching")]
     pub cache_dir: Option<PathBuf>,
 
     /// Largest size of the disk cache (least recently used blocks are removed first)
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, help_heading = "Caching")]
     pub max_cache_size: Option<u64>,
 
     /// Size of the first 1000 parts of a multipart upload (later parts double every 1000 parts)
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "8MiB")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "8MiB", help_heading = "Upload")]
     pub part_size: u64,
 
     /// Largest part size the schedule may reach (caps the largest object: see README)
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4GiB")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4GiB", help_heading = "Upload")]
     pub max_part_size: u64,
 
     /// Parts of one file uploading in parallel (streamed, or committing in-place changes)
-    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64), help_heading = "Upload")]
     pub upload_concurrency: u32,
 
     /// Streamed files keep a local copy of their bytes in the staging directory up to this size,
     /// so an upload that fails for good loses nothing (0: keep none)
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1GiB")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1GiB", help_heading = "Upload")]
     pub spool_limit: u64,
 
     /// Where mounts keep staged changes, spooled and recovered data, one subdirectory per
     /// endpoint, bucket and prefix (created 0700; files 0600). Default: /var/lib/s3mount for
     /// root, else $XDG_STATE_HOME/s3mount or ~/.local/state/s3mount
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", help_heading = "Upload")]
     pub staging_dir: Option<PathBuf>,
 
     /// Do not send If-Match / If-None-Match (for stores that mishandle them); a concurrent
     /// change by another client is then overwritten instead of reported
-    #[arg(long)]
+    #[arg(long, help_heading = "Upload")]
     pub no_conditional_writes: bool,
 
     /// Kernel read-ahead for the mount (root only; the kernel's FUSE default is 128KiB)
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4MiB")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "4MiB", help_heading = "Caching")]
     pub kernel_read_ahead: u64,
 
     /// Seconds without a byte before a response counts as stalled and is retried from where it
     /// stopped (also the limit for the first byte)
-    #[arg(long, value_name = "SECONDS", value_parser = parse_ttl, default_value = "30")]
+    #[arg(long, value_name = "SECONDS", value_parser = parse_ttl, default_value = "30", help_heading = "Advanced")]
     pub stall_timeout: Duration,
 
     /// Longest a lookup, stat, listing, open or read may hang before failing with ETIMEDOUT
-    #[arg(long, value_name = "SECONDS", value_parser = parse_ttl, default_value = "60")]
+    #[arg(long, value_name = "SECONDS", value_parser = parse_ttl, default_value = "60", help_heading = "Advanced")]
     pub op_timeout: Duration,
 
     /// Attempts per S3 request, including the first (retries use exponential backoff)
-    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=20))]
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=20), help_heading = "Advanced")]
     pub max_attempts: u32,
 
     /// Mount over a directory that is not empty, hiding what it holds until unmounted
-    #[arg(long)]
+    #[arg(long, help_heading = "Mount")]
     pub nonempty: bool,
 
     /// Stay in the foreground and log to stderr
-    #[arg(short = 'f', long)]
+    #[arg(short = 'f', long, help_heading = "Mount")]
     pub foreground: bool,
 
     /// Log debug details (S3MOUNT_LOG takes a tracing filter for finer control)
-    #[arg(short = 'd', long)]
+    #[arg(short = 'd', long, help_heading = "Logging and metrics")]
     pub debug: bool,
 
     /// Log to this file when in the background (default: syslog when /dev/log exists, else a
     /// file under /var/log/s3mount or ~/.local/state/s3mount, named on stderr). SIGHUP reopens
     /// it (logrotate); SIGUSR2 cycles the level: default, debug, trace
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", help_heading = "Logging and metrics")]
     pub log_file: Option<PathBuf>,
 
     /// Serve Prometheus/OpenMetrics metrics at http://ADDR/metrics: PORT (on 127.0.0.1) or
     /// HOST:PORT (off by default)
-    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr, help_heading = "Logging and metrics")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 
     /// Log as text lines or one JSON object per line
-    #[arg(long, value_enum, value_name = "FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        value_enum,
+        value_name = "FORMAT",
+        default_value = "text",
+        help_heading = "Logging and metrics"
+    )]
     pub log_format: crate::logging::LogFormat,
 
     /// Mount options, comma separated: any long option without dashes (endpoint_url=URL,
     /// force_path_style, read_only...) plus the standard ro, rw, allow_other, uid=, gid=, umask=,
     /// _netdev, nofail, noauto, user, nosuid, nodev, x-systemd.*
-    #[arg(short = 'o', value_name = "OPTIONS")]
+    #[arg(short = 'o', value_name = "OPTIONS", help_heading = "Mount")]
     pub options: Vec<String>,
 }
 
@@ -478,10 +509,29 @@ pub fn configuration_markdown() -> String {
          | Option | `-o` form | Default | Environment |\n|---|---|---|---|\n",
     );
     let mut details = String::new();
-    for arg in cmd.get_arguments() {
+    // Grouped as --help groups them: by heading, in the order the headings first appear.
+    let mut headings: Vec<&str> = Vec::new();
+    for a in cmd.get_arguments() {
+        let h = a.get_help_heading().unwrap_or("Options");
+        if !headings.contains(&h) {
+            headings.push(h);
+        }
+    }
+    let mut args: Vec<&clap::Arg> = cmd.get_arguments().collect();
+    args.sort_by_key(|a| {
+        let h = a.get_help_heading().unwrap_or("Options");
+        headings.iter().position(|x| *x == h)
+    });
+    let mut current = "";
+    for arg in args {
         let id = arg.get_id().as_str();
         if matches!(id, "help" | "version") || arg.is_positional() {
             continue;
+        }
+        let heading = arg.get_help_heading().unwrap_or("Options");
+        if heading != current {
+            details.push_str(&format!("## {heading}\n\n"));
+            current = heading;
         }
         let value = arg
             .get_value_names()
@@ -540,7 +590,7 @@ pub fn configuration_markdown() -> String {
             }
         ));
     }
-    out.push_str("\n## Options\n\n");
+    out.push('\n');
     out.push_str(&details);
     out
 }

@@ -59,13 +59,15 @@ fn main() {
         None
     } else {
         let target = LogTarget::background(cfg.log_file.as_deref(), &cfg.id.0);
-        if let (LogTarget::File(path), None) = (&target, &cfg.log_file) {
-            eprintln!(
+        // Said once the mount is live (a failure before that is the one line printed).
+        let note = match (&target, &cfg.log_file) {
+            (LogTarget::File(path), None) => Some(format!(
                 "s3mount: no syslog here (/dev/log is missing): the daemon logs to {}",
                 path.display()
-            );
-        }
-        let pipe = mount::daemonize().unwrap_or_else(|f| fail(&f.message, f.code));
+            )),
+            _ => None,
+        };
+        let pipe = mount::daemonize(note).unwrap_or_else(|f| fail(&f.message, f.code));
         logging::init(&target, cfg.log_format, cfg.debug).unwrap_or_else(|m| fail(&m, 2));
         Some(pipe)
     };

@@ -235,7 +235,8 @@ impl ReadyPipe {
 
 /// Fork. The parent waits for the child to report the mount live (exit 0) or to fail (its exit
 /// status; the child has printed why), and never returns. The child returns its end of the pipe.
-pub fn daemonize() -> Result<ReadyPipe, Fatal> {
+/// `note` is printed by the parent once the mount is live.
+pub fn daemonize(note: Option<String>) -> Result<ReadyPipe, Fatal> {
     let mut fds = [0; 2];
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(Fatal::new(format!(
@@ -262,6 +263,9 @@ pub fn daemonize() -> Result<ReadyPipe, Fatal> {
             let mut byte = [0u8; 1];
             let mut f = std::fs::File::from(rd);
             if matches!(f.read(&mut byte), Ok(1)) && byte[0] == b'0' {
+                if let Some(note) = note {
+                    eprintln!("{note}");
+                }
                 std::process::exit(0);
             }
             let mut status = 0;

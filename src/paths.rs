@@ -146,7 +146,13 @@ impl StateDir {
                 }
                 return Err(err);
             }
-            std::fs::write(path.join("mount.info"), about)?;
+            let mut info = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(path.join("mount.info"))?;
+            std::io::Write::write_all(&mut info, about.as_bytes())?;
             return Ok(StateDir { path, _lock: lock });
         }
         Err(std::io::Error::other(format!(
