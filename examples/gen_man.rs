@@ -1,7 +1,7 @@
 //! Regenerate the man page from the clap definitions:
 //! `cargo run --example gen_man > packaging/s3mount.1` (a test fails when it drifts).
 
-#[path = "man_text.rs"]
+#[path = "support/man_text.rs"]
 mod man_text;
 
 fn main() -> std::io::Result<()> {

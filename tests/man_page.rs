@@ -1,6 +1,6 @@
 //! The shipped man page is generated from the clap definitions and must not drift from them.
 
-#[path = "../examples/man_text.rs"]
+#[path = "../examples/support/man_text.rs"]
 mod man_text;
 
 #[test]
