@@ -238,7 +238,9 @@ impl Config {
             ..PrefetchConfig::default()
         };
         fs.defaults = AttrDefaults {
+            // SAFETY: getuid/getgid have no preconditions and cannot fail.
             uid: cli.uid.unwrap_or_else(|| unsafe { libc::getuid() }),
+            // SAFETY: getgid has no preconditions and cannot fail.
             gid: cli.gid.unwrap_or_else(|| unsafe { libc::getgid() }),
             file_mode: cli.file_mode & !umask,
             dir_mode: cli.dir_mode & !umask,

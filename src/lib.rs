@@ -4,6 +4,8 @@
 //! [`store`]. docs/ARCHITECTURE.md has the map: what each module owns and how a read and a
 //! write flow through them.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod cli;
 pub mod config;
 pub mod control;

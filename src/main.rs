@@ -1,3 +1,5 @@
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use s3mount::cli::{helper_args, is_mount_helper, parse_args, ArgsError};
 use s3mount::config::Config;
 use s3mount::logging::{self, LogTarget};

@@ -238,13 +238,17 @@ impl ReadyPipe {
 /// `note` is printed by the parent once the mount is live.
 pub fn daemonize(note: Option<String>) -> Result<ReadyPipe, Fatal> {
     let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given, which has room for two.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(Fatal::new(format!(
             "cannot create a pipe: {}",
             std::io::Error::last_os_error()
         )));
     }
+    // SAFETY: pipe2 just made these two descriptors; nothing else owns them.
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: called from main before the runtime or any other thread exists, so the child
+    // inherits no lock held by another thread.
     match unsafe { libc::fork() } {
         -1 => Err(Fatal::new(format!(
             "cannot fork: {}",
@@ -269,6 +273,7 @@ pub fn daemonize(note: Option<String>) -> Result<ReadyPipe, Fatal> {
                 std::process::exit(0);
             }
             let mut status = 0;
+            // SAFETY: waitpid on our own child, with a valid pointer to a local status.
             unsafe { libc::waitpid(child, &mut status, 0) };
             let code = if libc::WIFEXITED(status) {
                 libc::WEXITSTATUS(status)
@@ -301,6 +306,7 @@ fn close_inherited_fds(keep: i32) {
 /// Detach from the terminal once the mount is live: stdio to /dev/null, cwd to /.
 fn detach_stdio() {
     if let Ok(null) = CString::new("/dev/null") {
+        // SAFETY: open/dup2/close on descriptors this process owns; stdio is redirected, not freed.
         unsafe {
             let fd = libc::open(null.as_ptr(), libc::O_RDWR);
             if fd >= 0 {
@@ -319,7 +325,9 @@ fn detach_stdio() {
 /// The errno of statfs(2) on `path`, if it fails.
 pub fn statfs_errno(path: &Path) -> Option<i32> {
     let c = CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statfs is plain old data (zeroed is a valid value), filled by statfs(2) from a NUL-terminated path.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a pointer to a statfs buffer we own.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0 {
         None
     } else {
@@ -371,6 +379,7 @@ fn handle_log_signals(rt: &tokio::runtime::Runtime) {
 /// Unmount `path`: umount2(2) as root, else fusermount3 -u; `lazy` detaches even when busy.
 fn unmount(path: &Path, lazy: bool) -> std::io::Result<()> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: umount2 with a NUL-terminated path; it has no other preconditions.
     if unsafe { libc::umount2(c.as_ptr(), if lazy { libc::MNT_DETACH } else { 0 }) } == 0 {
         return Ok(());
     }
@@ -468,7 +477,9 @@ fn mount_is_live(path: &Path) -> bool {
     let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
         return false;
     };
+    // SAFETY: statfs is plain old data (zeroed is a valid value), filled by statfs(2) from a NUL-terminated path.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a pointer to a statfs buffer we own.
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == FUSE_SUPER_MAGIC }
 }
 

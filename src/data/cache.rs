@@ -422,6 +422,7 @@ impl DiskCache {
             .mode(0o600)
             .open(dir.join("lock"))?;
         use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this function owns; LOCK_NB never blocks.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(std::io::Error::other(format!(
                 "cache directory {} is in use by another s3mount (give each mount its own --cache-dir)",

@@ -146,7 +146,9 @@ impl FsConfig {
             prefix: prefix.to_string(),
             read_only: false,
             defaults: AttrDefaults {
+                // SAFETY: getuid/getgid have no preconditions and cannot fail.
                 uid: unsafe { libc::getuid() },
+                // SAFETY: getgid has no preconditions and cannot fail.
                 gid: unsafe { libc::getgid() },
                 file_mode: 0o644,
                 dir_mode: 0o755,
@@ -167,6 +169,7 @@ impl FsConfig {
             conditional_writes: true,
             op_timeout: Duration::from_secs(60),
             staging_dir: std::env::temp_dir()
+                // SAFETY: getuid has no preconditions and cannot fail.
                 .join(format!("s3mount-staging-{}", unsafe { libc::getuid() })),
         }
     }

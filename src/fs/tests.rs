@@ -18,6 +18,7 @@ pub(super) fn test_config(prefix: &str) -> FsConfig {
     }
     let dir = DIR.get_or_init(|| {
         let dir = tempfile::tempdir().expect("staging dir").keep();
+        // SAFETY: atexit with an extern "C" fn that touches only a static.
         unsafe { libc::atexit(remove_staging) };
         dir
     });
