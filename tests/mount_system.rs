@@ -182,6 +182,7 @@ fn sigterm_during_a_large_write_leaves_the_object_complete_or_absent() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(400));
+    // SAFETY: kill(2) of the child this test started.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     let _ = writer.wait();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -261,6 +262,7 @@ fn kill_9_keeps_the_old_object_and_reports_staged_changes_at_next_mount() {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) of the daemon this test started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     std::thread::sleep(Duration::from_millis(200));
     let _ = writer.kill();

@@ -42,6 +42,7 @@ static AT_EXIT: Mutex<Vec<(u32, PathBuf)>> = Mutex::new(Vec::new());
 extern "C" fn clean_up_at_exit() {
     let items = std::mem::take(&mut *AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()));
     for (pid, dir) in items {
+        // SAFETY: kill(2) of children this test process started (they may be gone already).
         unsafe {
             libc::kill(pid as libc::pid_t, libc::SIGKILL);
             libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0);
@@ -54,6 +55,7 @@ extern "C" fn clean_up_at_exit() {
 /// failed (libtest leaves through `exit`, which runs atexit handlers).
 fn clean_up_at_exit_of(pid: u32, dir: &Path) {
     static REGISTER: Once = Once::new();
+    // SAFETY: atexit with an extern "C" fn that touches only statics.
     REGISTER.call_once(|| unsafe {
         libc::atexit(clean_up_at_exit);
     });
@@ -74,6 +76,7 @@ fn free_port() -> u16 {
 /// Kill a child when the test process dies (children would otherwise outlive a crashed run).
 fn die_with_parent(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
+    // SAFETY: the pre_exec closure only calls prctl, which is async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);

@@ -341,6 +341,7 @@ fn reset(s: &TcpStream) {
         l_onoff: 1,
         l_linger: 0,
     };
+    // SAFETY: setsockopt on a socket this function owns, with a pointer to a linger value and its size.
     unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
