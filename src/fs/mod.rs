@@ -333,6 +333,10 @@ fn entry_settled(prefix: &str, name: &str, last: &str) -> bool {
 
 /// How long a lookup waits for a listing of its directory under way before probing its name.
 const JOIN_LISTING_WAIT: Duration = Duration::from_secs(1);
+/// A stale listing up to this long is fetched again by the first lookup after the TTL (one
+/// LIST a thousand names, shared by the lookups behind it); a larger directory is probed name
+/// by name instead, so a `stat` of one file never lists a huge directory.
+const RELIST_MAX_ENTRIES: usize = 5_000;
 
 /// Subdirectories whose listings are fetched ahead when their parent is listed (for `find`,
 /// `du`, `ls -R`, `cp -r`), and how many such LISTs run at once.
@@ -1085,6 +1089,10 @@ impl Fs {
         // Set when the listing was fetched (or joined) for this lookup: it may have begun before
         // the name was created elsewhere, so a name it lacks is probed.
         let mut refreshed = false;
+        let stale_len = cached
+            .as_ref()
+            .filter(|(at, _)| !self.fresh(*at))
+            .map(|(_, l)| l.entries.len());
         let cached = match cached {
             Some((at, l)) if self.fresh(at) => Some((at, l)),
             // Being listed right now (`ls -l` stats entries while their pages arrive): the
@@ -1092,8 +1100,23 @@ impl Fs {
             _ => {
                 // Waited for a while only: a listing that hangs must not hold lookups that
                 // a probe of their own would answer.
-                let under_way = self.inflight.lock().get(&parent.key).cloned();
+                let mut under_way = self.inflight.lock().get(&parent.key).cloned();
                 let at = Instant::now();
+                // Listed before, stale now: list it again, once for all the lookups behind this
+                // one (`stat` of every file, `make` checking its sources), instead of a HEAD and
+                // a LIST per name. Started now, it is authoritative: a name it lacks is absent.
+                let mut started = false;
+                if under_way.is_none()
+                    && !self.cfg.list_metadata
+                    && !self.cfg.metadata_ttl.is_zero()
+                    && stale_len.is_some_and(|n| n <= RELIST_MAX_ENTRIES)
+                {
+                    let fetch = self.listing_fetch().shared(&parent.key, true);
+                    // Runs to the end (and fills the cache) even if this lookup stops waiting.
+                    tokio::spawn(fetch.clone());
+                    under_way = Some(fetch);
+                    started = true;
+                }
                 match under_way {
                     Some(fetch) => match tokio::time::timeout(
                         JOIN_LISTING_WAIT.min(self.cfg.op_timeout / 3),
@@ -1102,7 +1125,7 @@ impl Fs {
                     .await
                     {
                         Ok(Ok(listing)) => {
-                            refreshed = true;
+                            refreshed = !started;
                             Some((at, listing))
                         }
                         _ => None,

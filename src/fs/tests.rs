@@ -2557,3 +2557,46 @@ async fn a_sample_before_the_first_reply_lets_plain_entries_go_out_trusted() {
     );
     assert!(store.counters.head.load(Ordering::Relaxed) <= 16);
 }
+
+/// After the metadata TTL, `stat` of every file of a directory listed before costs one shared
+/// listing, not a HEAD and a LIST per name; versions already confirmed need no HEAD again, and
+/// a name gone from the bucket is gone.
+#[tokio::test]
+async fn lookups_after_the_ttl_share_one_listing_of_the_directory() {
+    let store = Arc::new(MockStore::new());
+    let mut cfg = test_config("");
+    cfg.metadata_ttl = std::time::Duration::from_millis(200);
+    let fs = Fs::new(store.clone(), cfg);
+    let mut meta = UserMetadata::new();
+    meta.insert("mode".into(), "33188".into()); // 0100644
+    for i in 0..1000 {
+        store.insert_with(&format!("src/f{i:04}.c"), "int x;", meta.clone(), None);
+    }
+    let dir = fs.lookup(ROOT_INO, b"src").await.unwrap();
+    assert_eq!(list_names(&fs, dir.ino).await.len(), 1002);
+    for i in 0..1000 {
+        fs.lookup(dir.ino, format!("f{i:04}.c").as_bytes())
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    store.remove("src/f0999.c");
+    store.reset_counters();
+    for i in 0..999 {
+        let a = fs
+            .lookup(dir.ino, format!("f{i:04}.c").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(a.perm, 0o644);
+    }
+    assert_eq!(
+        fs.lookup(dir.ino, b"f0999.c").await.unwrap_err(),
+        Errno::ENOENT
+    );
+    let (lists, heads) = (
+        store.counters.list.load(Ordering::Relaxed),
+        store.counters.head.load(Ordering::Relaxed),
+    );
+    assert!(lists <= 2, "{lists} LIST requests for 1,000 lookups");
+    assert_eq!(heads, 0, "versions confirmed before need no HEAD");
+}
