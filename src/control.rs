@@ -352,8 +352,12 @@ fn print_report(r: &MountStatus) {
     for f in &open {
         let s = |k: &str| f.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
         let n = |k: &str| f.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        let rate = match n("upload_rate") {
+            0 => String::new(),
+            r => format!(" at {}/s", human(r)),
+        };
         println!(
-            "  open:      {} [{}] {} written, {} uploaded, {} descriptor(s)",
+            "  open:      {} [{}] {} written, {} uploaded{rate}, {} descriptor(s)",
             s("key"),
             s("state"),
             human(n("pending_bytes")),

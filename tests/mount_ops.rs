@@ -135,7 +135,7 @@ fn status_shows_files_being_written_and_failed_commits() {
         server,
         &proxy.endpoint(),
         &bucket,
-        &[],
+        &["--part-size", "5MiB"],
         &[("S3MOUNT_RUNTIME_DIR", Some(rt))],
     );
     let mp = m.path().to_str().unwrap().to_string();
@@ -148,7 +148,7 @@ fn status_shows_files_being_written_and_failed_commits() {
         .args([
             "-c",
             "import os,sys,time; fd=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT|os.O_TRUNC); \
-             os.write(fd, b'x' * 1048576); print('ok', flush=True); time.sleep(60)",
+             os.write(fd, b'x' * (12 << 20)); print('ok', flush=True); time.sleep(60)",
             target.to_str().unwrap(),
         ])
         .stdout(Stdio::piped())
@@ -156,7 +156,15 @@ fn status_shows_files_being_written_and_failed_commits() {
         .unwrap();
     let mut ok = [0u8; 3];
     writer.stdout.as_mut().unwrap().read_exact(&mut ok).unwrap();
-    let (code, out) = status(&env, &[&mp, "--json"]);
+    // Two 5 MiB parts go out while the file is open; the rest waits for more bytes or close.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (code, out) = loop {
+        let (code, out) = status(&env, &[&mp, "--json"]);
+        if out.contains(&format!("\"uploaded_bytes\": {}", 10 << 20)) || Instant::now() > deadline {
+            break (code, out);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(code, 0, "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     let mount = &v["mounts"][0];
@@ -166,7 +174,9 @@ fn status_shows_files_being_written_and_failed_commits() {
     assert!(
         open.iter().any(|f| f["key"] == "in-progress.bin"
             && f["state"] == "streaming"
-            && f["pending_bytes"] == 1 << 20),
+            && f["pending_bytes"] == 12 << 20
+            && f["uploaded_bytes"] == 10 << 20
+            && f["upload_rate"].as_u64().is_some_and(|r| r > 0)),
         "{out}"
     );
     let (code, text) = status(&env, &[]);

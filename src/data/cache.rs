@@ -81,6 +81,7 @@ impl MemCache {
         let ((obj, start), e) = self.lru.pop_lru()?;
         self.unindex(&obj, start);
         self.bytes -= e.data.len() as u64;
+        crate::metrics::cache_evicted("memory", 1);
         Some(e.data.len() as u64)
     }
 

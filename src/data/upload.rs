@@ -63,6 +63,11 @@ pub struct StreamUpload {
     /// The size of that object (the prefix is the whole of it when it is this long).
     prefix_source_size: u64,
     copied_prefix: bool,
+    /// Bytes of parts the store acknowledged (counted by the part tasks themselves).
+    acked: Arc<std::sync::atomic::AtomicU64>,
+    /// Bytes of the prefix copied server side (UploadPartCopy).
+    copied_bytes: u64,
+    started: std::time::Instant,
     /// The metadata the multipart upload was created with: changed later (chmod, touch,
     /// setxattr on the open file), it is applied by a copy onto itself after completion.
     created_with: Option<crate::store::UserMetadata>,
@@ -115,6 +120,9 @@ impl StreamUpload {
             prefix_source: None,
             prefix_source_size: 0,
             copied_prefix: false,
+            acked: Arc::default(),
+            copied_bytes: 0,
+            started: std::time::Instant::now(),
             created_with: None,
             over_budget_part: None,
             recovery_dir: None,
@@ -249,10 +257,16 @@ impl StreamUpload {
     }
 
     /// Has the multipart upload been created on the server (its metadata is fixed then)?
-    /// (bytes written to this upload, bytes whose parts the store has acknowledged).
-    pub fn progress(&self) -> (u64, u64) {
-        let uploaded = self.done.iter().map(|(_, _, len)| len).sum();
-        (self.total, uploaded)
+    /// (bytes written to this upload, bytes the store has acknowledged, seconds since the
+    /// first byte): what `s3mount status` shows, rate included. Parts count as soon as their
+    /// request returns, before the writer collects them.
+    pub fn progress(&self) -> (u64, u64, f64) {
+        let acked = self.acked.load(std::sync::atomic::Ordering::Relaxed);
+        (
+            self.total,
+            acked + self.copied_bytes,
+            self.started.elapsed().as_secs_f64(),
+        )
     }
 
     pub fn multipart_started(&self) -> bool {
@@ -348,6 +362,7 @@ impl StreamUpload {
                 .upload_part_copy(&self.key, id, n, &source, &prefix.etag, range)
                 .await?;
             self.done.push((part, 0, range.len()));
+            self.copied_bytes += range.len();
             self.copied_prefix = true;
         }
         Ok(())
@@ -403,6 +418,7 @@ impl StreamUpload {
         let n = self.next_part;
         self.next_part += 1;
         let (store, key, caps) = (self.store.clone(), self.key.clone(), self.caps.clone());
+        let acked = self.acked.clone();
         self.inflight.spawn(async move {
             let _reservation = reservation;
             let len = body.len() as u64;
@@ -415,6 +431,7 @@ impl StreamUpload {
                 }
             })
             .await?;
+            acked.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
             Ok((part, crc, len))
         });
         Ok(())

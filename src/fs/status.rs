@@ -39,6 +39,8 @@ pub struct OpenFileStatus {
     pub pending_bytes: u64,
     /// Of those, bytes whose parts the store has acknowledged (streaming files).
     pub uploaded_bytes: u64,
+    /// Upload rate since the first byte, bytes a second (streaming files).
+    pub upload_rate: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -78,17 +80,23 @@ impl Fs {
                         descriptors,
                         pending_bytes: 0,
                         uploaded_bytes: 0,
+                        upload_rate: 0,
                     };
                 };
-                let (state, pending_bytes, uploaded_bytes) = match &st.body {
-                    Body::Clean => ("clean", 0, 0),
+                let (state, pending_bytes, uploaded_bytes, upload_rate) = match &st.body {
+                    Body::Clean => ("clean", 0, 0, 0),
                     Body::Streaming(u) => {
-                        let (written, uploaded) = u.progress();
-                        ("streaming", written, uploaded)
+                        let (written, uploaded, secs) = u.progress();
+                        let rate = if secs > 0.0 {
+                            (uploaded as f64 / secs) as u64
+                        } else {
+                            0
+                        };
+                        ("streaming", written, uploaded, rate)
                     }
-                    Body::Staged(f) => ("staged", f.changed_bytes(), 0),
-                    Body::Orphan(_) => ("orphan", 0, 0),
-                    Body::Failed(_) => ("failed", 0, 0),
+                    Body::Staged(f) => ("staged", f.changed_bytes(), 0, 0),
+                    Body::Orphan(_) => ("orphan", 0, 0, 0),
+                    Body::Failed(_) => ("failed", 0, 0, 0),
                 };
                 OpenFileStatus {
                     key: st.key.clone(),
@@ -96,6 +104,7 @@ impl Fs {
                     descriptors,
                     pending_bytes,
                     uploaded_bytes,
+                    upload_rate,
                 }
             })
             .collect();
