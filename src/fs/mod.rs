@@ -278,6 +278,9 @@ pub struct Fs {
     /// Directories whose subtree was listed ahead, and when.
     walked: Mutex<LruCache<String, Instant>>,
     negative: Mutex<LruCache<String, Instant>>,
+    /// Lookups that had to probe, per directory: (start of the window, count). A storm of them
+    /// in a directory with no listing (`stat` of many files after a remount) lists it instead.
+    probes: Mutex<LruCache<String, (Instant, u32)>>,
     /// Stored metadata (mode, owner, times, kind) known per object version, so a listing, which
     /// carries none, does not make a symlink a file again or times the upload times.
     known: Arc<known::KnownVersions>,
@@ -337,6 +340,10 @@ const JOIN_LISTING_WAIT: Duration = Duration::from_secs(1);
 /// LIST a thousand names, shared by the lookups behind it); a larger directory is probed name
 /// by name instead, so a `stat` of one file never lists a huge directory.
 const RELIST_MAX_ENTRIES: usize = 5_000;
+/// Lookups that probe one directory within [`PROBE_WINDOW`] before it is listed instead: a
+/// few names are cheaper probed, many cheaper listed (a LIST answers a thousand).
+const PROBE_STORM: u32 = 8;
+const PROBE_WINDOW: Duration = Duration::from_secs(2);
 
 /// Subdirectories whose listings are fetched ahead when their parent is listed (for `find`,
 /// `du`, `ls -R`, `cp -r`), and how many such LISTs run at once.
@@ -706,6 +713,7 @@ impl Fs {
             listing_generation: Arc::default(),
             walked: Mutex::new(LruCache::new(nz(1024))),
             negative: Mutex::new(LruCache::new(nz(16_384))),
+            probes: Mutex::new(LruCache::new(nz(1024))),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -1109,7 +1117,10 @@ impl Fs {
                 if under_way.is_none()
                     && !self.cfg.list_metadata
                     && !self.cfg.metadata_ttl.is_zero()
-                    && stale_len.is_some_and(|n| n <= RELIST_MAX_ENTRIES)
+                    && match stale_len {
+                        Some(n) => n <= RELIST_MAX_ENTRIES,
+                        None => self.probe_storm(&parent.key),
+                    }
                 {
                     let fetch = self.listing_fetch().shared(&parent.key, true);
                     // Runs to the end (and fills the cache) even if this lookup stops waiting.
@@ -1179,6 +1190,23 @@ impl Fs {
         };
         let entry = entry.ok_or(Errno::ENOENT)?;
         Ok(self.remember_entry(&parent, name, &entry))
+    }
+
+    /// Count a lookup in `dir` that would probe; true when enough came within the window that
+    /// listing the directory is cheaper than probing the names one by one.
+    fn probe_storm(&self, dir: &str) -> bool {
+        let mut probes = self.probes.lock();
+        let now = Instant::now();
+        let entry = probes.get_or_insert_mut(dir.to_string(), || (now, 0));
+        if now.duration_since(entry.0) > PROBE_WINDOW {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        if entry.1 >= PROBE_STORM {
+            probes.pop(dir);
+            return true;
+        }
+        false
     }
 
     /// Cached attributes of a known inode, without any request.

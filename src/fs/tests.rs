@@ -2600,3 +2600,31 @@ async fn lookups_after_the_ttl_share_one_listing_of_the_directory() {
     assert!(lists <= 2, "{lists} LIST requests for 1,000 lookups");
     assert_eq!(heads, 0, "versions confirmed before need no HEAD");
 }
+
+/// `stat` of many files of a directory this mount never listed (after a remount): a few names
+/// are probed, then the directory is listed once and the rest answered from the listing.
+#[tokio::test]
+async fn a_storm_of_lookups_in_an_unlisted_directory_lists_it_once() {
+    let store = Arc::new(MockStore::new());
+    let mut cfg = test_config("");
+    cfg.metadata_ttl = std::time::Duration::from_secs(60);
+    let fs = Fs::new(store.clone(), cfg);
+    for i in 0..1000 {
+        store.insert(&format!("src/f{i:04}.c"), "int x;");
+    }
+    let dir = fs.lookup(ROOT_INO, b"src").await.unwrap();
+    store.reset_counters();
+    for i in 0..1000 {
+        fs.lookup(dir.ino, format!("f{i:04}.c").as_bytes()).await.unwrap();
+    }
+    assert_eq!(
+        fs.lookup(dir.ino, b"missing.c").await.unwrap_err(),
+        Errno::ENOENT
+    );
+    let lists = store.counters.list.load(Ordering::Relaxed);
+    let heads = store.counters.head.load(Ordering::Relaxed);
+    // Probes before the storm is seen: a HEAD and a LIST each (plus the s3fs legacy-folder
+    // HEAD of none); then one listing; listed plain objects are confirmed (16 sampled).
+    assert!(lists <= 12, "{lists} LIST requests for 1,000 lookups");
+    assert!(heads <= 40, "{heads} HEAD requests for 1,000 lookups");
+}
