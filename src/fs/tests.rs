@@ -2615,7 +2615,9 @@ async fn a_storm_of_lookups_in_an_unlisted_directory_lists_it_once() {
     let dir = fs.lookup(ROOT_INO, b"src").await.unwrap();
     store.reset_counters();
     for i in 0..1000 {
-        fs.lookup(dir.ino, format!("f{i:04}.c").as_bytes()).await.unwrap();
+        fs.lookup(dir.ino, format!("f{i:04}.c").as_bytes())
+            .await
+            .unwrap();
     }
     assert_eq!(
         fs.lookup(dir.ino, b"missing.c").await.unwrap_err(),
