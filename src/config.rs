@@ -230,6 +230,8 @@ impl Config {
             max_part_size: cli.max_part_size,
             concurrency: cli.upload_concurrency as usize,
             spool_limit: cli.spool_limit,
+            // A quarter of the budget: parts of a few streams in flight still fit.
+            spill_above: (fs.max_memory / 4).max(16 << 20),
         };
         fs.prefetch = PrefetchConfig {
             max_window: cli.max_prefetch,

@@ -57,6 +57,52 @@ fn large_streamed_file_with_dd() {
     );
 }
 
+/// Parts larger than a quarter of the memory budget are written to the staging directory as
+/// they arrive and uploaded from there (streamed from the file, CRC32 checked by the server):
+/// exact bytes, and nothing left behind.
+#[test]
+fn parts_larger_than_the_memory_share_go_through_the_disk() {
+    let server = server();
+    let bucket = server.new_bucket();
+    let staging = tempfile::tempdir().unwrap();
+    let m = Mount::new(
+        server,
+        &bucket,
+        &[
+            "--max-memory",
+            "16MiB",
+            "--memory-cache",
+            "4MiB",
+            "--part-size",
+            "20MiB",
+            "--staging-dir",
+            staging.path().to_str().unwrap(),
+        ],
+    );
+    let src = tempfile::NamedTempFile::new().unwrap();
+    let body = pattern(70 << 20, 78);
+    std::fs::write(src.path(), &body).unwrap();
+    let out = sh(&format!(
+        "dd if='{}' of='{}' bs=1M 2>&1",
+        src.path().display(),
+        m.join("spilled.bin").display()
+    ));
+    assert!(out.status.success(), "{out:?}");
+    let got = server.get(&bucket, "spilled.bin").unwrap();
+    assert_eq!(got.len(), body.len());
+    assert!(sha256(&got) == sha256(&body));
+    let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+    assert!(
+        log.contains("part spilled to disk"),
+        "the parts after the first went through the disk: {log}"
+    );
+    assert_eq!(
+        files_in(&state_dir(staging.path()).join("spool")),
+        0,
+        "spilled parts removed"
+    );
+}
+
 #[test]
 fn overwrite_append_and_truncate() {
     let server = server();

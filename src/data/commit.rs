@@ -34,6 +34,10 @@ pub struct UploadConfig {
     /// A streamed file keeps a local copy of its bytes (in the staging directory) up to this
     /// size, so that an upload that fails for good loses nothing; 0 keeps none.
     pub spool_limit: u64,
+    /// Parts larger than this (once the multipart upload exists) are written to a file in the
+    /// staging directory as they arrive and uploaded from it, so memory holds for any file size
+    /// (parts grow to 512 MiB and more past ~500 GiB into one stream).
+    pub spill_above: u64,
 }
 
 impl Default for UploadConfig {
@@ -43,6 +47,7 @@ impl Default for UploadConfig {
             max_part_size: 4 << 30,
             concurrency: 4,
             spool_limit: 1 << 30,
+            spill_above: 128 << 20,
         }
     }
 }

@@ -67,6 +67,8 @@ pub struct StreamUpload {
     acked: Arc<std::sync::atomic::AtomicU64>,
     /// Bytes of the prefix copied server side (UploadPartCopy).
     copied_bytes: u64,
+    /// The part being written to a local file instead of memory, if any.
+    spill: Option<Spill>,
     started: std::time::Instant,
     /// The metadata the multipart upload was created with: changed later (chmod, touch,
     /// setxattr on the open file), it is applied by a copy onto itself after completion.
@@ -83,6 +85,13 @@ pub struct StreamUpload {
 }
 
 /// The bytes of a streamed upload, on local disk until the object is complete.
+/// A part written to a local file as it arrives (see [`UploadConfig::spill_above`]).
+struct Spill {
+    file: Arc<std::fs::File>,
+    path: std::path::PathBuf,
+    len: u64,
+}
+
 struct Spool {
     /// Written at `bytes` by a blocking-pool thread, one part at a time.
     file: Arc<std::fs::File>,
@@ -122,6 +131,7 @@ impl StreamUpload {
             copied_prefix: false,
             acked: Arc::default(),
             copied_bytes: 0,
+            spill: None,
             started: std::time::Instant::now(),
             created_with: None,
             over_budget_part: None,
@@ -294,6 +304,18 @@ impl StreamUpload {
         }
         while !data.is_empty() {
             let cap = self.cfg.part_size(self.next_part);
+            if self.spills(cap) {
+                let have = self.spill.as_ref().map_or(0, |s| s.len);
+                let n = ((cap - have) as usize).min(data.len());
+                self.spill_write(&data[..n]).await?;
+                self.buf_crc.update(&data[..n]);
+                self.total += n as u64;
+                data = &data[n..];
+                if self.spill.as_ref().is_some_and(|s| s.len == cap) {
+                    self.ship_spilled().await?;
+                }
+                continue;
+            }
             let n = ((cap - self.buf.len() as u64) as usize).min(data.len());
             // Back-pressure: while the budget is spent, let this file's own parts drain first,
             // then wait a while for other files' uploads to give memory back.
@@ -329,6 +351,125 @@ impl StreamUpload {
             }
         }
         Ok(())
+    }
+
+    /// Does the part now being written go to a file? Parts above `spill_above` do, once the
+    /// multipart upload exists and if the part did not start in memory.
+    fn spills(&self, cap: u64) -> bool {
+        self.spill.is_some()
+            || (cap > self.cfg.spill_above
+                && self.upload_id.is_some()
+                && self.buf.is_empty()
+                && self.recovery_dir.is_some())
+    }
+
+    /// Append to the spilled part (made on first use, in `spool/` of the staging directory).
+    async fn spill_write(&mut self, data: &[u8]) -> StoreResult<()> {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        if self.spill.is_none() {
+            // Parts this large come long after --spool-limit; a spool still kept (a small
+            // --part-size and a small budget) stops here rather than hold a second copy.
+            if self.spool.is_some() {
+                tracing::debug!(key = %self.key, "parts are spilled to disk from here: no further local copy kept");
+                self.spool_off = true;
+                self.drop_spool();
+            }
+            let dir = self
+                .recovery_dir
+                .as_ref()
+                .and_then(|d| d.parent())
+                .map(|d| d.join("spool"))
+                .ok_or_else(|| {
+                    StoreError::Other("no staging directory to spill parts to".into())
+                })?;
+            static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let path = dir.join(format!(
+                "{}.{}.{}.part{}",
+                safe_name(&self.key),
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed),
+                self.next_part
+            ));
+            let file = super::staging::prepare_dir(&dir)
+                .and_then(|_| {
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&path)
+                })
+                .map_err(|e| {
+                    self.fail(format!("cannot spill a part to {}: {e}", path.display()))
+                })?;
+            tracing::debug!(key = %self.key, part = self.next_part, path = %path.display(), "part spilled to disk as it is written");
+            self.spill = Some(Spill {
+                file: Arc::new(file),
+                path,
+                len: 0,
+            });
+        }
+        let spill = self.spill.as_mut().expect("spill opened above");
+        let (file, at) = (spill.file.clone(), spill.len);
+        let body = data.to_vec();
+        let n = body.len() as u64;
+        let written = tokio::task::spawn_blocking(move || file.write_all_at(&body, at))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match written {
+            Ok(()) => {
+                spill.len += n;
+                Ok(())
+            }
+            Err(e) => {
+                let msg = format!("cannot spill a part to {}: {e}", spill.path.display());
+                Err(self.fail(msg))
+            }
+        }
+    }
+
+    /// Record a failure of this upload (every later call reports it).
+    fn fail(&mut self, msg: String) -> StoreError {
+        let e = StoreError::Other(format!("{}: {msg}", self.key));
+        self.failed = Some(e.clone());
+        e
+    }
+
+    /// Upload the spilled part from its file; the file goes when the part is done.
+    async fn ship_spilled(&mut self) -> StoreResult<()> {
+        let id = self.next_part_slot().await?;
+        let Some(spill) = self.spill.take() else {
+            return Ok(());
+        };
+        let crc = std::mem::take(&mut self.buf_crc).finalize();
+        let n = self.next_part;
+        self.next_part += 1;
+        let (store, key, caps) = (self.store.clone(), self.key.clone(), self.caps.clone());
+        let acked = self.acked.clone();
+        self.inflight.spawn(async move {
+            let Spill { file, path, len } = spill;
+            drop(file);
+            let part = send_with_checksum(&caps, |c| {
+                let (store, key, id, path) = (store.clone(), key.clone(), id.clone(), path.clone());
+                async move {
+                    store
+                        .upload_part_file(&key, &id, n, &path, len, c.then_some(crc))
+                        .await
+                }
+            })
+            .await;
+            let _ = std::fs::remove_file(&path);
+            let part = part?;
+            acked.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+            Ok((part, crc, len))
+        });
+        Ok(())
+    }
+
+    fn drop_spill(&mut self) {
+        if let Some(spill) = self.spill.take() {
+            let _ = std::fs::remove_file(&spill.path);
+        }
     }
 
     async fn ensure_multipart(&mut self) -> StoreResult<String> {
@@ -388,6 +529,14 @@ impl StreamUpload {
     }
 
     async fn ship_part(&mut self) -> StoreResult<()> {
+        let id = self.next_part_slot().await?;
+        let body = std::mem::take(&mut self.buf).freeze();
+        self.ship_body(id, body).await
+    }
+
+    /// The upload id for the next part, once there is room for it: the part count checked,
+    /// the multipart upload created, fewer than `concurrency` parts in flight.
+    async fn next_part_slot(&mut self) -> StoreResult<String> {
         if self.next_part > MAX_PARTS {
             let e = StoreError::Other(format!(
                 "{}: more than {MAX_PARTS} parts; the largest object with these part sizes is {} bytes",
@@ -407,7 +556,10 @@ impl StreamUpload {
         while self.inflight.len() >= self.cfg.concurrency.max(1) {
             self.reap_one().await?;
         }
-        let body = std::mem::take(&mut self.buf).freeze();
+        Ok(id)
+    }
+
+    async fn ship_body(&mut self, id: String, body: Bytes) -> StoreResult<()> {
         let crc = std::mem::take(&mut self.buf_crc).finalize();
         debug_assert_eq!(crc, crc32fast::hash(&body), "running CRC32 of the part");
         // Awaited with the part taken out of `buf`: like every write path here, this runs to
@@ -446,6 +598,7 @@ impl StreamUpload {
             self.keep_spool().await;
         }
         self.drop_spool();
+        self.drop_spill();
         result
     }
 
@@ -590,7 +743,9 @@ impl StreamUpload {
                 ok => ok,
             };
         }
-        if !self.buf.is_empty()
+        if self.spill.as_ref().is_some_and(|s| s.len > 0) {
+            self.ship_spilled().await?;
+        } else if !self.buf.is_empty()
             || (self.done.is_empty() && self.inflight.is_empty() && self.prefix.is_none())
         {
             self.ship_part().await?;
@@ -744,6 +899,7 @@ impl StreamUpload {
     pub async fn abort(mut self) {
         self.abort_remote().await;
         self.drop_spool();
+        self.drop_spill();
     }
 }
 
@@ -769,6 +925,7 @@ mod tests {
             max_part_size: 64 << 20,
             concurrency: 3,
             spool_limit: 1 << 30,
+            spill_above: 1 << 40,
         }
     }
 
@@ -787,6 +944,45 @@ mod tests {
         (0..n)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
             .collect()
+    }
+
+    /// Parts above `spill_above` go through a file, not memory: with 5 MiB parts spilled, a
+    /// 64 MiB stream with 3 parts in flight never holds more than its first (in-memory) part
+    /// and the write buffer of the budget, and the object is exact. The files are removed.
+    #[tokio::test]
+    async fn large_parts_are_spilled_to_disk_and_memory_stays_bounded() {
+        let store = Arc::new(MockStore::new());
+        let staging = tempfile::tempdir().unwrap();
+        let budget = Budget::new(64 << 20);
+        let cfg = UploadConfig {
+            spill_above: 1 << 20,
+            ..small_cfg()
+        };
+        let mut u = StreamUpload::new(
+            store.clone(),
+            "big".into(),
+            PutOptions::default(),
+            cfg,
+            budget.clone(),
+            Arc::new(Capabilities::default()),
+        )
+        .with_recovery_dir(staging.path().join("recovered"));
+        store.set_latency(Some(std::time::Duration::from_millis(5)));
+        let body = data(64 << 20, 3);
+        for chunk in body.chunks(128 << 10) {
+            u.write(chunk).await.unwrap();
+        }
+        u.finish().await.unwrap();
+        assert!(store.get_bytes("big").unwrap() == body);
+        assert!(
+            budget.peak() <= (5 << 20) + (128 << 10),
+            "peak {} bytes of budget for a 64 MiB stream",
+            budget.peak()
+        );
+        let left: Vec<_> = std::fs::read_dir(staging.path().join("spool"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "spill files left: {left:?}");
     }
 
     #[test]

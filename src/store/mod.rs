@@ -364,6 +364,32 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
 
     /// Make `range` of the existing object `source_key` (which must still have `source_etag`)
     /// a part of the upload, server side.
+    /// Upload part `part_number` from `len` bytes of a local file (a part spilled to disk).
+    /// The default reads the file and sends it as [`ObjectStore::upload_part`] does; the S3
+    /// store streams it from the file.
+    async fn upload_part_file(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        path: &std::path::Path,
+        len: u64,
+        crc32: Option<u32>,
+    ) -> StoreResult<CompletedPart> {
+        let body = tokio::fs::read(path)
+            .await
+            .map_err(|e| StoreError::Other(format!("{}: {e}", path.display())))?;
+        if body.len() as u64 != len {
+            return Err(StoreError::Other(format!(
+                "{}: {} bytes, expected {len}",
+                path.display(),
+                body.len()
+            )));
+        }
+        self.upload_part(key, upload_id, part_number, Bytes::from(body), crc32)
+            .await
+    }
+
     async fn upload_part_copy(
         &self,
         key: &str,
