@@ -371,6 +371,157 @@ impl Traffic {
     }
 }
 
+/// Which filesystem the benchmark mounts: s3mount, or a peer with its documented options and
+/// the same metadata caching time (30 s).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Daemon {
+    S3mount,
+    S3fs,
+    Rclone,
+}
+
+impl Daemon {
+    fn name(self) -> &'static str {
+        match self {
+            Daemon::S3mount => "s3mount",
+            Daemon::S3fs => "s3fs",
+            Daemon::Rclone => "rclone",
+        }
+    }
+
+    /// The command that mounts the bench bucket on `dir` in the foreground.
+    fn command(self, endpoint: &str, dir: &Path, log: &Path, work: &Path) -> Command {
+        match self {
+            Daemon::S3mount => {
+                let mut c = Command::new(s3mount_bin());
+                c.args([
+                    "bench",
+                    dir.to_str().unwrap(),
+                    "-f",
+                    "--endpoint-url",
+                    endpoint,
+                    "--region",
+                    "garage",
+                    "--force-path-style",
+                    "--log-file",
+                    log.to_str().unwrap(),
+                ]);
+                c
+            }
+            Daemon::S3fs => {
+                let pw = work.join("passwd-s3fs");
+                std::fs::write(&pw, format!("{KEY}:{SECRET}\n")).unwrap();
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+                let mut c = Command::new("s3fs");
+                c.arg("bench").arg(dir).arg("-f").arg("-o").arg(format!(
+                    "url={endpoint},use_path_request_style,endpoint=garage,passwd_file={},\
+                     stat_cache_expire=30,enable_noobj_cache,parallel_count=8,multipart_size=8",
+                    pw.display()
+                ));
+                c
+            }
+            Daemon::Rclone => {
+                let mut c = Command::new("rclone");
+                c.args(["mount", ":s3:bench"])
+                    .arg(dir)
+                    .args([
+                        "--s3-provider",
+                        "Other",
+                        "--s3-endpoint",
+                        endpoint,
+                        "--s3-region",
+                        "garage",
+                        "--s3-access-key-id",
+                        KEY,
+                        "--s3-secret-access-key",
+                        SECRET,
+                        "--s3-force-path-style",
+                        "--vfs-cache-mode",
+                        "writes",
+                        "--dir-cache-time",
+                        "30s",
+                        "--attr-timeout",
+                        "30s",
+                        "--cache-dir",
+                    ])
+                    .arg(work.join("rclone-cache"))
+                    // rclone 1.60 refuses AWS_CA_BUNDLE on its own transport ("unsupported
+                    // transport"); the bench endpoint is plain HTTP anyway.
+                    .env_remove("AWS_CA_BUNDLE");
+                c
+            }
+        }
+    }
+}
+
+/// A delay line between the mount (and the plain client) and the server: every chunk each
+/// way is held for `one_way` and then sent, so a round trip costs twice that, without limiting
+/// bandwidth (this kernel has no netem qdisc). Returns the endpoint to use instead.
+fn start_delay_line(rt: &tokio::runtime::Runtime, upstream: &str, one_way: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up: std::net::SocketAddr = upstream
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    async fn pipe(
+        mut r: tokio::net::tcp::OwnedReadHalf,
+        mut w: tokio::net::tcp::OwnedWriteHalf,
+        d: Duration,
+    ) {
+        let (tx, mut rx) =
+            tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        let writer = tokio::spawn(async move {
+            while let Some((at, buf)) = rx.recv().await {
+                tokio::time::sleep_until(at + d).await;
+                if w.write_all(&buf).await.is_err() {
+                    break;
+                }
+            }
+            let _ = w.shutdown().await;
+        });
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx
+                        .send((tokio::time::Instant::now(), buf[..n].to_vec()))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        drop(tx);
+        let _ = writer.await;
+    }
+    rt.spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(up).await else {
+                    return;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::join!(pipe(cr, sw, one_way), pipe(sr, cw, one_way));
+            });
+        }
+    });
+    format!("http://127.0.0.1:{port}")
+}
+
 /// A running daemon, mounted in the foreground on `dir`; unmounted (umount, then wait) on drop.
 struct Mounted {
     child: Child,
@@ -389,31 +540,30 @@ impl Mounted {
     /// Mounts the bench bucket on `dir` with extra options, logging to `log` (given as
     /// `--log-file`, and stderr goes there too since a foreground daemon logs to stderr).
     /// Err(what the daemon said) if it exits before the mount comes up.
-    fn start(endpoint: &str, dir: &Path, log: &Path, extra: &[&str]) -> Result<Mounted, String> {
+    fn start(
+        daemon: Daemon,
+        endpoint: &str,
+        dir: &Path,
+        log: &Path,
+        extra: &[&str],
+    ) -> Result<Mounted, String> {
         let bin = s3mount_bin();
         assert!(
-            bin.exists(),
+            daemon != Daemon::S3mount || bin.exists(),
             "{} is missing: build the release binary first (cargo build --release)",
             bin.display()
         );
+        if daemon != Daemon::S3mount && !extra.is_empty() {
+            return Err(format!("{extra:?} are s3mount options"));
+        }
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        let mut child = Command::new(bin)
-            .args([
-                "bench",
-                dir.to_str().unwrap(),
-                "-f",
-                "--endpoint-url",
-                endpoint,
-                "--region",
-                "garage",
-                "--force-path-style",
-                "--log-file",
-                log.to_str().unwrap(),
-            ])
+        let work = log.parent().unwrap_or(Path::new("/tmp"));
+        let mut child = daemon
+            .command(endpoint, dir, log, work)
             .args(extra)
             .env("AWS_ACCESS_KEY_ID", KEY)
             .env("AWS_SECRET_ACCESS_KEY", SECRET)
@@ -427,7 +577,11 @@ impl Mounted {
         while !is_mounted(dir) {
             let said = || std::fs::read_to_string(log).unwrap_or_default();
             if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!("s3mount exited ({status}): {}", said().trim()));
+                return Err(format!(
+                    "{} exited ({status}): {}",
+                    daemon.name(),
+                    said().trim()
+                ));
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
@@ -484,6 +638,7 @@ struct Bench {
     work: PathBuf,
     mnt: PathBuf,
     mounts: AtomicUsize,
+    daemon: Daemon,
 }
 
 impl Bench {
@@ -491,7 +646,7 @@ impl Bench {
     fn try_mount(&self, extra: &[&str]) -> Result<Mounted, String> {
         let n = self.mounts.fetch_add(1, Ordering::Relaxed);
         let log = self.work.join(format!("mount-{n}.log"));
-        Mounted::start(&self.endpoint, &self.mnt, &log, extra)
+        Mounted::start(self.daemon, &self.endpoint, &self.mnt, &log, extra)
     }
 
     fn mount(&self) -> Mounted {
@@ -722,10 +877,13 @@ fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
 
 const LABEL: usize = 44;
 
-fn header() {
+fn header(daemon: Daemon) {
     println!(
         "{:<LABEL$} {:>14} {:>14} {:>8}",
-        "", "plain S3", "s3mount", "ratio"
+        "",
+        "plain S3",
+        daemon.name(),
+        "ratio"
     );
 }
 
@@ -780,6 +938,8 @@ struct Options {
     skip_listings: bool,
     skip_readers: bool,
     skip_disk_cache: bool,
+    rtt_ms: u64,
+    daemon: Daemon,
 }
 
 impl Options {
@@ -795,6 +955,8 @@ impl Options {
             skip_listings: false,
             skip_readers: false,
             skip_disk_cache: false,
+            rtt_ms: 0,
+            daemon: Daemon::S3mount,
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -809,6 +971,16 @@ impl Options {
                 "--skip-listings" => o.skip_listings = true,
                 "--skip-readers" => o.skip_readers = true,
                 "--skip-disk-cache" => o.skip_disk_cache = true,
+                // Round-trip time added between the clients and the server (a delay line).
+                "--rtt-ms" => o.rtt_ms = value(&a, args.next()),
+                "--daemon" => {
+                    o.daemon = match args.next().as_deref() {
+                        Some("s3mount") => Daemon::S3mount,
+                        Some("s3fs") => Daemon::S3fs,
+                        Some("rclone") => Daemon::Rclone,
+                        other => panic!("--daemon s3mount|s3fs|rclone, not {other:?}"),
+                    }
+                }
                 // `cargo bench` passes --bench; ignore what we don't know.
                 _ => {}
             }
@@ -829,10 +1001,17 @@ fn main() {
     let garage = start_garage(&shim);
     let mnt = work.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let endpoint = if o.rtt_ms > 0 {
+        start_delay_line(&rt, &garage.endpoint, Duration::from_micros(o.rtt_ms * 500))
+    } else {
+        garage.endpoint.clone()
+    };
     let b = Bench {
-        rt: tokio::runtime::Runtime::new().unwrap(),
-        c: client(&garage.endpoint),
-        endpoint: garage.endpoint.clone(),
+        c: client(&endpoint),
+        rt,
+        endpoint,
+        daemon: o.daemon,
         garage_pid: garage.child.id(),
         work: work.path().to_path_buf(),
         mnt,
@@ -847,13 +1026,24 @@ fn main() {
     std::fs::write(&src, &data).unwrap();
 
     println!(
-        "s3mount benchmark: {} MiB object, {} small files, Garage on {}, daemon {}",
+        "s3mount benchmark: {} MiB object, {} small files, Garage on {}{}, daemon {}",
         o.size_mib,
         o.files,
         garage.endpoint,
-        s3mount_bin().display()
+        if o.rtt_ms > 0 {
+            format!(
+                " behind a {} ms round-trip delay line ({})",
+                o.rtt_ms, b.endpoint
+            )
+        } else {
+            String::new()
+        },
+        match o.daemon {
+            Daemon::S3mount => s3mount_bin().display().to_string(),
+            d => d.name().to_string(),
+        }
     );
-    header();
+    header(o.daemon);
     let plain_read = sequential_and_small(&b, &data, &src, o.files, o.cold_repeats);
     copy_within(&b, size);
     let _ = std::fs::remove_file(&src);
@@ -870,7 +1060,7 @@ fn main() {
     if !o.skip_readers {
         concurrent_readers(&b);
     }
-    if !o.skip_disk_cache {
+    if !o.skip_disk_cache && o.daemon == Daemon::S3mount {
         disk_cache(&b, size, plain_read);
     }
     if o.soak_secs > 0 {
@@ -1013,7 +1203,14 @@ fn copy_within(b: &Bench, size: usize) {
             "mount-copy-2.bin",
         ),
     ] {
-        let m = b.try_mount(args).unwrap_or_else(|e| panic!("{e}"));
+        let m = match b.try_mount(args) {
+            Ok(m) => m,
+            Err(e) if b.daemon != Daemon::S3mount => {
+                println!("{label:<LABEL$} (skipped for {}: {e})", b.daemon.name());
+                continue;
+            }
+            Err(e) => panic!("{e}"),
+        };
         let mount = timed_sh(&format!("cp {mnt}/plain.bin {mnt}/{name}"));
         let log = m.finish();
         row_mbps(label, mbps(size, plain), mbps(size, mount));
