@@ -1080,14 +1080,20 @@ fn sequential_and_small(
     let (c, mnt, size) = (&b.c, b.mnt.display(), data.len());
     let plain_w = b.rt.block_on(plain_put(c, "plain.bin", data));
     let m = b.mount();
+    let cpu0 = cpu_seconds(m.child.id());
     let mount_w = timed_sh(&format!(
         "dd if={} of={mnt}/mount.bin bs=1M 2>/dev/null",
         src.display()
     ));
+    let cpu = cpu_seconds(m.child.id()) - cpu0;
     row_mbps(
         "sequential write (dd bs=1M)",
         mbps(size, plain_w),
         mbps(size, mount_w),
+    );
+    println!(
+        "  (write: daemon {cpu:.1} CPU-s, {:.2} CPU-s per GiB)",
+        cpu / (size as f64 / (1u64 << 30) as f64)
     );
     let rss_write = m.peak_rss_mib();
     drop(m);
