@@ -84,9 +84,10 @@ pub struct Cli {
     #[arg(long, help_heading = "Credentials")]
     pub no_sign_request: bool,
 
-    /// Hash upload bodies into the request signature (SHA-256). auto: over plain HTTP only;
-    /// over HTTPS a body that carries a CRC32 the server checks goes as UNSIGNED-PAYLOAD (TLS
-    /// guards it). never: also over HTTP (trusted networks)
+    /// Hash upload bodies into the request signature (SHA-256)
+    ///
+    /// auto: over plain HTTP only; over HTTPS a body that carries a CRC32 the server checks
+    /// goes as UNSIGNED-PAYLOAD (TLS guards it). never: also over HTTP (trusted networks)
     #[arg(
         long,
         value_enum,
@@ -133,21 +134,24 @@ pub struct Cli {
     pub metadata_ttl: Duration,
 
     /// HEAD each listed file so `ls -l` shows s3fs-stored modes, owners, times and symlinks
-    /// (one request per entry, like s3fs; default: listings only, stat/open show stored values)
+    ///
+    /// One request per entry, like s3fs; default: listings only, stat/open show stored values
     #[arg(long, help_heading = "Caching")]
     pub list_metadata: bool,
 
-    /// Answer `ls -l`, `stat` and lookups from listings alone: no HEAD confirms a listed file's
-    /// stored mode, owner and times (LastModified shows as mtime). For buckets that hold no
-    /// s3fs metadata. Default: one HEAD per object version the mount has not seen, run while
-    /// the directory is read
+    /// Answer `ls -l`, `stat` and lookups from listings alone (buckets without s3fs metadata)
+    ///
+    /// No HEAD confirms a listed file's stored mode, owner and times (LastModified shows as
+    /// mtime). Default: one HEAD per object version the mount has not seen, run while the
+    /// directory is read
     #[arg(long, conflicts_with = "list_metadata", help_heading = "Caching")]
     pub listing_only_metadata: bool,
 
-    /// Store extended attributes (user.*, trusted.*) in s3fs's x-amz-meta-xattr header, like
-    /// s3fs's use_xattr. Off by default: with it the kernel asks for security.selinux and POSIX
-    /// ACLs of every entry `ls -l` shows (answered from memory, but one request each).
-    /// `-o use_xattr`, s3fs's name, works too
+    /// Store extended attributes (user.*, trusted.*) as s3fs does (x-amz-meta-xattr)
+    ///
+    /// Like s3fs's use_xattr (`-o use_xattr` works too). Off by default: with it the kernel
+    /// asks for security.selinux and POSIX ACLs of every entry `ls -l` shows (answered from
+    /// memory, but one request each)
     #[arg(long, alias = "use-xattr", help_heading = "Advanced")]
     pub xattr: bool,
 
@@ -194,9 +198,10 @@ pub struct Cli {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1GiB", help_heading = "Upload")]
     pub spool_limit: u64,
 
-    /// Where mounts keep staged changes, spooled and recovered data, one subdirectory per
-    /// endpoint, bucket and prefix (created 0700; files 0600). Default: /var/lib/s3mount for
-    /// root, else $XDG_STATE_HOME/s3mount or ~/.local/state/s3mount
+    /// Base directory of the mounts' staged, spooled and recovered data
+    ///
+    /// One subdirectory per endpoint, bucket and prefix (created 0700; files 0600). Default:
+    /// /var/lib/s3mount for root, else $XDG_STATE_HOME/s3mount or ~/.local/state/s3mount
     #[arg(long, value_name = "DIR", help_heading = "Upload")]
     pub staging_dir: Option<PathBuf>,
 
@@ -234,9 +239,11 @@ pub struct Cli {
     #[arg(short = 'd', long, help_heading = "Logging and metrics")]
     pub debug: bool,
 
-    /// Log to this file when in the background (default: syslog when /dev/log exists, else a
-    /// file under /var/log/s3mount or ~/.local/state/s3mount, named on stderr). SIGHUP reopens
-    /// it (logrotate); SIGUSR2 cycles the level: default, debug, trace
+    /// Log to this file when in the background
+    ///
+    /// Default: syslog when /dev/log exists, else a file under /var/log/s3mount or
+    /// ~/.local/state/s3mount, named on stderr. SIGHUP reopens it (logrotate); SIGUSR2 cycles
+    /// the level: default, debug, trace
     #[arg(long, value_name = "PATH", help_heading = "Logging and metrics")]
     pub log_file: Option<PathBuf>,
 
@@ -255,9 +262,11 @@ pub struct Cli {
     )]
     pub log_format: crate::logging::LogFormat,
 
-    /// Mount options, comma separated: any long option without dashes (endpoint_url=URL,
-    /// force_path_style, read_only...) plus the standard ro, rw, allow_other, uid=, gid=, umask=,
-    /// _netdev, nofail, noauto, user, nosuid, nodev, x-systemd.*
+    /// Mount options, comma separated (the fstab form)
+    ///
+    /// Any long option without dashes (endpoint_url=URL, force_path_style, read_only...),
+    /// s3fs's names where s3mount has the same thing, plus the standard ro, rw, allow_other,
+    /// uid=, gid=, umask=, _netdev, nofail, noauto, user, nosuid, nodev, nonempty, x-systemd.*
     #[arg(short = 'o', value_name = "OPTIONS", help_heading = "Mount")]
     pub options: Vec<String>,
 }
