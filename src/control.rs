@@ -248,7 +248,7 @@ pub fn status_command(args: &[String]) -> i32 {
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
         if reports.is_empty() && dead.is_empty() {
-            println!("no s3mount mounts");
+            println!("no s3mount mounts of this user");
         }
         for r in &reports {
             print_report(r);
