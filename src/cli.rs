@@ -205,6 +205,18 @@ pub struct Cli {
     #[arg(long, value_name = "DIR", help_heading = "Upload")]
     pub staging_dir: Option<PathBuf>,
 
+    /// Return from close once the bytes are on local disk; upload in the background
+    ///
+    /// Off by default: close and fsync return only once the bucket holds the data. With it,
+    /// close returns at once and uploads run in the background (up to 256 files at a time,
+    /// then close waits); fsync waits for its file's upload and reports an earlier background
+    /// upload that failed (its data kept in the recovery folder); the daemon uploads
+    /// everything before it exits after an unmount or SIGTERM. `sync` cannot wait for it (the
+    /// kernel sends FUSE servers no syncfs): use fsync, or `s3mount status` to see what is
+    /// pending. chown, chmod and utimens right after close go with the upload
+    #[arg(long, help_heading = "Upload")]
+    pub write_back: bool,
+
     /// Do not send If-Match / If-None-Match (for stores that mishandle them); a concurrent
     /// change by another client is then overwritten instead of reported
     #[arg(long, help_heading = "Upload")]

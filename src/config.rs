@@ -188,6 +188,7 @@ impl Config {
         fs.infer_content_type = !cli.no_content_type;
         fs.op_timeout = cli.op_timeout.max(Duration::from_millis(100));
         fs.conditional_writes = !cli.no_conditional_writes;
+        fs.write_back = cli.write_back;
         // Idle GET buffers kept for reuse: a sequential reader's GETs finish in bursts, and an
         // eighth of the budget (64 MiB at the default) lets nearly every body reuse a buffer
         // whose pages are already there. They are memory too: the buffer budget is the rest.

@@ -341,6 +341,12 @@ fn print_report(r: &MountStatus) {
         human(num("staged_bytes")),
         fs.get("staging_dir").and_then(|v| v.as_str()).unwrap_or("")
     );
+    if num("write_back_pending") > 0 {
+        println!(
+            "  write-back: {} uploads queued after close",
+            num("write_back_pending")
+        );
+    }
     let open = fs
         .get("open_files")
         .and_then(|v| v.as_array())

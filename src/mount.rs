@@ -527,6 +527,7 @@ pub fn run(mut cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Re
         Fs::try_new(store, cfg.fs.clone())
             .map_err(|e| Fatal::new(format!("cannot open the block cache: {e}")))?,
     );
+    fs.attach();
     let info = crate::control::MountInfo {
         source: cfg.source.clone(),
         endpoint: endpoint_name(&cfg),
@@ -657,6 +658,16 @@ pub fn run(mut cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Re
     let result = serving
         .join()
         .map_err(|_| Fatal::new("the request loop panicked"))?;
+    // --write-back: the mount is gone, the uploads it queued are not; finish them first.
+    let queued = fs.write_back_pending();
+    if queued > 0 {
+        tracing::info!(
+            uploads = queued,
+            "unmounted; finishing the uploads queued after close (--write-back)"
+        );
+        rt.block_on(fs.drain_write_back());
+        tracing::info!("queued uploads finished");
+    }
     sd_notify("STOPPING=1");
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted; store traffic: {traffic}");
     rt.shutdown_timeout(Duration::from_secs(5));

@@ -962,3 +962,70 @@ fn cp_p_of_a_large_file_keeps_its_mode_times_and_attributes() {
     );
     assert!(server.get(&bucket, "big.bin").unwrap() == body);
 }
+
+/// `--write-back`: `tar x` returns before the uploads; once the daemon has exited after the
+/// unmount, every file is in the bucket with its bytes and its mode (chmod after close went
+/// with the upload); fsync makes one file durable while the mount stays.
+#[test]
+fn write_back_uploads_after_close_and_before_the_daemon_exits() {
+    let server = server();
+    let bucket = server.new_bucket();
+    let src = tempfile::tempdir().unwrap();
+    for i in 0..60 {
+        let p = src.path().join(format!("t/f{i:02}"));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, format!("file {i}\n").repeat(i + 1)).unwrap();
+        let mode = if i % 2 == 0 { 0o600 } else { 0o755 };
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    }
+    let tar = src.path().join("t.tar");
+    assert!(sh(&format!(
+        "cd '{}' && tar cf '{}' t",
+        src.path().display(),
+        tar.display()
+    ))
+    .status
+    .success());
+    let m = Mount::new(server, &bucket, &["--write-back"]);
+    let out = sh(&format!(
+        "cd '{}' && tar xpf '{}'",
+        m.path().display(),
+        tar.display()
+    ));
+    assert!(out.status.success(), "{out:?}");
+
+    // fsync of one file: in the bucket at once, the mount still up.
+    let out = sh(&format!(
+        "python3 -c \"import os; fd=os.open('{}', os.O_WRONLY|os.O_CREAT); os.write(fd, b'durable'); os.fsync(fd); os.close(fd)\"",
+        m.join("synced.txt").display()
+    ));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(server.get(&bucket, "synced.txt").unwrap(), b"durable");
+
+    let pid = m.daemon_pid().expect("daemon");
+    m.unmount();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(std::time::Instant::now() < deadline, "daemon still running");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for i in 0..60 {
+        let key = format!("t/f{i:02}");
+        assert_eq!(
+            server.get(&bucket, &key).unwrap(),
+            format!("file {i}\n").repeat(i + 1).into_bytes(),
+            "{key}"
+        );
+        let mode: u32 = server.metadata(&bucket, &key)["mode"].parse().unwrap();
+        assert_eq!(
+            mode & 0o777,
+            if i % 2 == 0 { 0o600 } else { 0o755 },
+            "{key}"
+        );
+    }
+    let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+    assert!(
+        !log.contains("background upload (--write-back) failed"),
+        "{log}"
+    );
+}

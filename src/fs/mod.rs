@@ -121,6 +121,9 @@ pub struct FsConfig {
     pub max_memory: u64,
     /// Where modified files keep their changed bytes until they are uploaded (mode 0700).
     pub staging_dir: std::path::PathBuf,
+    /// `--write-back`: close returns once the bytes are local; the upload runs in the
+    /// background (see [`write::WriteBack`]); fsync and the end of the mount wait for it.
+    pub write_back: bool,
     /// HEAD every listed file so listings show stored metadata (one request per entry).
     pub list_metadata: bool,
     /// Extended attributes are served (`--xattr`); otherwise the kernel is told they are not
@@ -167,6 +170,7 @@ impl FsConfig {
             infer_content_type: true,
             confirm_listed: true,
             conditional_writes: true,
+            write_back: false,
             op_timeout: Duration::from_secs(60),
             staging_dir: std::env::temp_dir()
                 // SAFETY: getuid has no preconditions and cannot fail.
@@ -297,6 +301,10 @@ pub struct Fs {
     warn: Arc<WarnOnce>,
     /// Commits that failed since the mount (for `s3mount status`).
     failures: Mutex<Vec<status::FailedCommit>>,
+    /// Uploads left to run after close (`--write-back`).
+    write_back: write::WriteBack,
+    /// This filesystem, for the background uploads it starts (set by [`Fs::attach`]).
+    me: std::sync::OnceLock<std::sync::Weak<Fs>>,
 }
 
 type ListingCache = LruCache<String, (Instant, Arc<Listing>)>;
@@ -724,6 +732,8 @@ impl Fs {
             open_files: Default::default(),
             warn: Arc::default(),
             failures: Mutex::default(),
+            write_back: write::WriteBack::default(),
+            me: std::sync::OnceLock::new(),
             cfg,
         })
     }

@@ -57,6 +57,8 @@ pub struct FsStatus {
     pub staging_dir: String,
     pub staged_files: u64,
     pub staged_bytes: u64,
+    /// Uploads `--write-back` queued after close that have not finished.
+    pub write_back_pending: usize,
 }
 
 impl Fs {
@@ -124,6 +126,7 @@ impl Fs {
             staging_dir: self.cfg.staging_dir.display().to_string(),
             staged_files,
             staged_bytes,
+            write_back_pending: self.write_back_pending(),
         }
     }
 

@@ -2630,3 +2630,77 @@ async fn a_storm_of_lookups_in_an_unlisted_directory_lists_it_once() {
     assert!(lists <= 12, "{lists} LIST requests for 1,000 lookups");
     assert!(heads <= 40, "{heads} HEAD requests for 1,000 lookups");
 }
+
+/// `--write-back`: close returns before the upload, which runs by itself after a moment; the
+/// file is there for lookups and reads meanwhile; a chmod right after close goes with the
+/// upload (one PUT, no copy); draining waits for it; a failed background upload is reported
+/// by the next fsync, once.
+#[tokio::test]
+async fn write_back_uploads_after_close_and_fsync_reports_failures() {
+    let store = Arc::new(MockStore::new());
+    let mut cfg = test_config("");
+    cfg.write_back = true;
+    let fs = Arc::new(Fs::new(store.clone(), cfg));
+    fs.attach();
+    store.set_latency(Some(std::time::Duration::from_millis(30)));
+    let fh = new_file(&fs, "wb.txt").await;
+    fs.write(fh, 0, b"written back").await.unwrap();
+    let t = std::time::Instant::now();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    assert!(
+        t.elapsed() < std::time::Duration::from_millis(25),
+        "close waited for the store"
+    );
+    assert!(store.get_bytes("wb.txt").is_none(), "not uploaded yet");
+    assert_eq!(fs.write_back_pending(), 1);
+    let a = fs.lookup(ROOT_INO, b"wb.txt").await.unwrap();
+    assert_eq!(a.size, 12);
+    fs.setattr(
+        a.ino,
+        None,
+        SetAttr {
+            mode: Some(0o600),
+            uid: None,
+            gid: None,
+            size: None,
+            mtime: None,
+            atime: None,
+            kill_suid_sgid: false,
+        },
+    )
+    .await
+    .unwrap();
+    fs.drain_write_back().await;
+    assert_eq!(fs.write_back_pending(), 0);
+    assert_eq!(store.get_bytes("wb.txt").unwrap().as_ref(), b"written back");
+    let meta = store.head("wb.txt").await.unwrap();
+    assert_eq!(meta.metadata.get("mode").map(String::as_str), Some("33152"));
+    assert_eq!(
+        store.counters.put.load(Ordering::Relaxed),
+        1,
+        "the chmod went with the upload, not as a copy"
+    );
+    assert_eq!(read_all(&fs, a.ino).await, b"written back");
+
+    // A background upload the store refuses: the next fsync (of any file) says EIO, once.
+    store.set_latency(None);
+    store.inject_fault(
+        Op::Put,
+        "refused",
+        StoreError::AccessDenied("no".into()),
+        10,
+    );
+    let fh = new_file(&fs, "refused.txt").await;
+    fs.write(fh, 0, b"x").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    fs.drain_write_back().await;
+    assert!(store.get_bytes("refused.txt").is_none());
+    let other = new_file(&fs, "other.txt").await;
+    assert_eq!(fs.fsync(other).await.unwrap_err(), Errno::EIO);
+    fs.write(other, 0, b"y").await.unwrap();
+    fs.fsync(other).await.unwrap();
+    assert_eq!(store.get_bytes("other.txt").unwrap().as_ref(), b"y");
+    fs.release(other).await.unwrap();
+}

@@ -30,6 +30,82 @@ pub(super) const COPY_CHUNK: u64 = 6 << 20;
 /// Where the bytes of an open file are, beyond what the bucket holds (`WriteState::base`).
 /// One variant at a time: a file is never streaming and staged at once, an orphan never
 /// uploads, and a failed file only reports its error.
+/// How long a closed file waits before its background upload starts (`--write-back`): long
+/// enough for the chown, chmod and utimens that tar and cp -p send right after close.
+const WRITE_BACK_SETTLE: std::time::Duration = std::time::Duration::from_millis(50);
+/// Uploads queued after close at most; the next close then uploads before it returns.
+const WRITE_BACK_MAX: usize = 256;
+
+/// The uploads `--write-back` left to run after close: how many, and which failed since the
+/// last fsync reported them.
+pub(super) struct WriteBack {
+    slots: Arc<tokio::sync::Semaphore>,
+    running: Arc<std::sync::atomic::AtomicUsize>,
+    idle: Arc<tokio::sync::Notify>,
+    failures: parking_lot::Mutex<Vec<String>>,
+}
+
+impl Default for WriteBack {
+    fn default() -> Self {
+        WriteBack {
+            slots: Arc::new(tokio::sync::Semaphore::new(WRITE_BACK_MAX)),
+            running: Arc::default(),
+            idle: Arc::default(),
+            failures: parking_lot::Mutex::default(),
+        }
+    }
+}
+
+/// One queued upload; its end (drop) may make the queue idle.
+pub(super) struct WriteBackToken {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    running: Arc<std::sync::atomic::AtomicUsize>,
+    idle: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for WriteBackToken {
+    fn drop(&mut self) {
+        if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+}
+
+impl WriteBack {
+    fn start(&self) -> Option<WriteBackToken> {
+        let slot = self.slots.clone().try_acquire_owned().ok()?;
+        self.running.fetch_add(1, Ordering::AcqRel);
+        Some(WriteBackToken {
+            _slot: slot,
+            running: self.running.clone(),
+            idle: self.idle.clone(),
+        })
+    }
+
+    fn pending(&self) -> usize {
+        self.running.load(Ordering::Acquire)
+    }
+
+    fn failed(&self, key: String) {
+        self.failures.lock().push(key);
+    }
+
+    fn take_failure(&self) -> Option<String> {
+        let mut f = self.failures.lock();
+        (!f.is_empty()).then(|| f.remove(0))
+    }
+
+    async fn drain(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.pending() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
 // One per open file, matched on every write: an indirection would cost more than the bytes.
 #[allow(clippy::large_enum_variant)]
 pub(super) enum Body {
@@ -732,13 +808,53 @@ impl Fs {
             FileHandle::Read(..) => Ok(()),
             FileHandle::Write(file) => {
                 let mut st = file.state.lock().await;
+                if self.cfg.write_back && self.me.get().is_some() {
+                    // close returns once the bytes are here; the last release queues them.
+                    return st.failed().map_or(Ok(()), Err);
+                }
                 self.commit(&mut st).await
             }
         }
     }
 
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
-        self.flush(fh).await
+        if !self.cfg.write_back {
+            return self.flush(fh).await;
+        }
+        // A background upload that failed for good is reported by the next fsync, whichever
+        // file it is on (the data is in the recovery folder, as the log said).
+        if let Some(key) = self.write_back.take_failure() {
+            tracing::warn!(key = %key, "fsync reports an earlier background upload that failed");
+            return Err(Errno::EIO);
+        }
+        let Some(h) = self.files.lock().get(&fh).cloned() else {
+            return Err(Errno::EBADF);
+        };
+        let file = match &*h {
+            FileHandle::Write(file) => file.clone(),
+            FileHandle::Read(r) => match self.open_files.get(r.ino) {
+                Some(file) => file,
+                None => return Ok(()),
+            },
+        };
+        let mut st = file.state.lock().await;
+        self.commit(&mut st).await
+    }
+
+    /// `--write-back`: keep this filesystem's own handle, so that the last close of a file can
+    /// leave its upload to a task of its own. Without it (unit tests), close commits.
+    pub fn attach(self: &Arc<Self>) {
+        let _ = self.me.set(Arc::downgrade(self));
+    }
+
+    /// Wait until every upload left by `--write-back` has finished (the end of the mount).
+    pub async fn drain_write_back(&self) {
+        self.write_back.drain().await
+    }
+
+    /// Uploads queued by `--write-back` and not finished yet.
+    pub fn write_back_pending(&self) -> usize {
+        self.write_back.pending()
     }
 
     /// The last reference to a descriptor is gone. The last descriptor of a file commits what
@@ -768,6 +884,9 @@ impl Fs {
         if !self.open_files.release(file) {
             return Ok(());
         }
+        if self.cfg.write_back && self.queue_write_back(file).await {
+            return Ok(());
+        }
         let mut st = file.state.lock().await;
         let result = if st.dirty() {
             self.commit(&mut st).await
@@ -781,6 +900,43 @@ impl Fs {
         self.open_files
             .drop_if_unused(file, || orphan && self.has_readers(ino));
         result
+    }
+
+    /// `--write-back`: leave the upload of `file` (its last descriptor just closed) to a task of
+    /// its own, started after [`WRITE_BACK_SETTLE`] so that what tools do right after close
+    /// (tar's and cp -p's chown, chmod and utimens) folds into the upload instead of costing a
+    /// copy each. False when there is nothing to upload, or when the bound on queued uploads
+    /// is reached (then the caller commits, and the writer waits as without write-back).
+    async fn queue_write_back(&self, file: &Arc<OpenFile>) -> bool {
+        if !file.state.lock().await.dirty() {
+            return false;
+        }
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
+            return false;
+        };
+        let Some(token) = self.write_back.start() else {
+            return false;
+        };
+        let file = file.clone();
+        tokio::spawn(async move {
+            let _token = token;
+            tokio::time::sleep(WRITE_BACK_SETTLE).await;
+            let mut st = file.state.lock().await;
+            let result = if st.dirty() {
+                me.commit(&mut st).await
+            } else {
+                Ok(())
+            };
+            let (key, ino, orphan) = (st.key.clone(), st.ino, st.orphan());
+            drop(st);
+            if result.is_err() {
+                tracing::error!(key = %key, "background upload (--write-back) failed; the next fsync reports it");
+                me.write_back.failed(key);
+            }
+            me.open_files
+                .drop_if_unused(&file, || orphan && me.has_readers(ino));
+        });
+        true
     }
 
     /// The open-file state of an inode, if any (setattr from utimensat/chmod carries no handle).
