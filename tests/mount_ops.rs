@@ -97,10 +97,11 @@ fn metrics_move_by_what_was_read_and_written() {
             - metric(&after_read, "s3_bytes_uploaded", ""),
         (2 << 20) as f64
     );
-    assert_eq!(
-        metric(&after_write, "upload_commits", "") - metric(&after_read, "upload_commits", ""),
-        1.0
-    );
+    // One commit at close; a child another test thread forks may hold a copy of the
+    // descriptor and close it first (every close commits: an empty object, no bytes).
+    let commits =
+        metric(&after_write, "upload_commits", "") - metric(&after_read, "upload_commits", "");
+    assert!((1.0..=2.0).contains(&commits), "{commits} commits");
 
     // The page cache dropped, a re-read comes from the daemon's memory cache, not the store.
     std::fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
