@@ -1029,3 +1029,46 @@ fn write_back_uploads_after_close_and_before_the_daemon_exits() {
         "{log}"
     );
 }
+
+/// `--write-back` queues a closed file with its bytes on local disk: a daemon killed before the
+/// upload leaves them there, and the next mount of the source reports them with their key.
+#[test]
+fn write_back_bytes_survive_a_killed_daemon_for_recovery() {
+    let server = garage();
+    let bucket = server.new_bucket();
+    let proxy = FaultProxy::start(server.port());
+    let staging = tempfile::tempdir().unwrap();
+    let st = staging.path().to_str().unwrap();
+    let m = Mount::via(
+        server,
+        &proxy.endpoint(),
+        &bucket,
+        &["--write-back", "--staging-dir", st],
+    );
+    let mut f = std::fs::File::create(m.join("queued.txt")).unwrap();
+    f.write_all(b"only here until uploaded").unwrap();
+    // The store goes away: the queued upload keeps retrying while the daemon is killed.
+    proxy.down();
+    drop(f);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pid = m.daemon_pid().expect("daemon");
+    // SAFETY: kill(2) of the daemon this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let _ = Command::new("umount").arg("-l").arg(m.path()).status();
+    assert_eq!(server.get(&bucket, "queued.txt"), None, "never uploaded");
+    // The same source (endpoint, bucket) finds its state directory again.
+    proxy.up();
+    let m2 = Mount::via(server, &proxy.endpoint(), &bucket, &["--staging-dir", st]);
+    let log = std::fs::read_to_string(&m2.log).unwrap();
+    assert!(
+        log.contains("found data not uploaded by an earlier run")
+            && log.contains("key: queued.txt"),
+        "{log}"
+    );
+    let kept = std::fs::read_dir(state_dir(staging.path()).join("spool"))
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read(e.path()).is_ok_and(|b| b == b"only here until uploaded"));
+    assert!(kept, "the bytes are in the spool");
+}

@@ -73,6 +73,8 @@ pub struct StreamUpload {
     /// 8 MiB buffer per part costs the kernel a page fault and a zeroed page per 4 KiB (about
     /// a sixth of the daemon's CPU while writing). At most one is kept.
     spare: Arc<parking_lot::Mutex<Option<BytesMut>>>,
+    /// Bytes at the start of `buf` that [`Self::persist`] already wrote to the spool.
+    spooled_ahead: u64,
     started: std::time::Instant,
     /// The metadata the multipart upload was created with: changed later (chmod, touch,
     /// setxattr on the open file), it is applied by a copy onto itself after completion.
@@ -137,6 +139,7 @@ impl StreamUpload {
             copied_bytes: 0,
             spill: None,
             spare: Arc::default(),
+            spooled_ahead: 0,
             started: std::time::Instant::now(),
             created_with: None,
             over_budget_part: None,
@@ -618,11 +621,41 @@ impl StreamUpload {
         result
     }
 
+    /// Copy shipped bytes to the local spool, leaving out the start that [`Self::persist`]
+    /// wrote there already.
+    async fn spool_append(&mut self, body: Bytes) {
+        let skip = (std::mem::take(&mut self.spooled_ahead) as usize).min(body.len());
+        self.spool_write(body.slice(skip..)).await;
+    }
+
+    /// Make every byte written so far local (`--write-back`, before close returns): the spool
+    /// holds the shipped parts, and the part still in memory is added to it. False when there
+    /// is no spool to hold them (past `--spool-limit`, a prefix copied server side, a part
+    /// spilled to disk, or the disk refused): then the caller uploads before returning.
+    pub async fn persist(&mut self) -> bool {
+        if self.spool_off || self.prefix.is_some() || self.spill.is_some() {
+            return false;
+        }
+        let from = self.spooled_ahead as usize;
+        if self.buf.len() > from {
+            let tail = Bytes::copy_from_slice(&self.buf[from..]);
+            let before = self.spool.as_ref().map_or(0, |s| s.bytes);
+            let n = tail.len() as u64;
+            self.spool_write(tail).await;
+            if self.spool_off || self.spool.as_ref().map_or(0, |s| s.bytes) != before + n {
+                return false;
+            }
+            self.spooled_ahead = self.buf.len() as u64;
+        }
+        let spooled = self.spool.as_ref().map_or(0, |s| s.bytes);
+        spooled == self.total
+    }
+
     /// Copy shipped bytes to the local spool while the file is within the spool limit. The
     /// write runs on the blocking pool (a slow or throttled local disk must not stall a runtime
     /// worker, which also serves FUSE requests and the network) and is awaited, so the spool
     /// never has a hole.
-    async fn spool_append(&mut self, body: Bytes) {
+    async fn spool_write(&mut self, body: Bytes) {
         use std::os::unix::fs::{FileExt, OpenOptionsExt};
         if self.spool_off || self.prefix.is_some() || body.is_empty() {
             return;

@@ -2654,6 +2654,12 @@ async fn write_back_uploads_after_close_and_fsync_reports_failures() {
     );
     assert!(store.get_bytes("wb.txt").is_none(), "not uploaded yet");
     assert_eq!(fs.write_back_pending(), 1);
+    // Queued with its bytes on local disk (the spool), where a crash would leave them.
+    let spooled = std::fs::read_dir(fs.cfg.staging_dir.join("spool"))
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read(e.path()).is_ok_and(|b| b == b"written back"));
+    assert!(spooled, "the queued bytes are in the spool");
     let a = fs.lookup(ROOT_INO, b"wb.txt").await.unwrap();
     assert_eq!(a.size, 12);
     fs.setattr(

@@ -908,8 +908,18 @@ impl Fs {
     /// copy each. False when there is nothing to upload, or when the bound on queued uploads
     /// is reached (then the caller commits, and the writer waits as without write-back).
     async fn queue_write_back(&self, file: &Arc<OpenFile>) -> bool {
-        if !file.state.lock().await.dirty() {
-            return false;
+        {
+            let mut st = file.state.lock().await;
+            // Queued only with every byte on local disk: a staged file is; a stream puts
+            // what it holds in memory into its spool (a crash then leaves it to recover).
+            let local = match &mut st.body {
+                Body::Staged(_) => true,
+                Body::Streaming(u) => u.persist().await,
+                _ => false,
+            };
+            if !local {
+                return false;
+            }
         }
         let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
             return false;
