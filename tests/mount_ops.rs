@@ -88,8 +88,18 @@ fn metrics_move_by_what_was_read_and_written() {
     );
     assert!(metric(&after_read, "fuse_request_latency_count", "op=\"read\"") >= 1.0);
 
+    // Written by a process of its own: a descriptor this test process held could be copied
+    // into a child another test thread forks, whose close would commit half the file.
     let written = pattern(2 << 20, 9);
-    std::fs::write(m.join("written"), &written).unwrap();
+    let src = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(src.path(), &written).unwrap();
+    let out = Command::new("dd")
+        .arg(format!("if={}", src.path().display()))
+        .arg(format!("of={}", m.join("written").display()))
+        .args(["bs=4M", "status=none"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
     assert!(server.get(&bucket, "written").unwrap() == written);
     let after_write = scrape(port);
     assert_eq!(
