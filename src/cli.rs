@@ -208,8 +208,9 @@ pub struct Cli {
     /// Return from close once the bytes are on local disk; upload in the background
     ///
     /// Off by default: close and fsync return only once the bucket holds the data. With it,
-    /// close returns at once and uploads run in the background (up to 256 files at a time,
-    /// then close waits); fsync waits for its file's upload and reports an earlier background
+    /// close returns once the bytes are on local disk and uploads run in the background (up to
+    /// 256 files and --spool-limit bytes queued; beyond that close uploads before it returns,
+    /// as without the option); fsync waits for its file's upload and reports an earlier background
     /// upload that failed (its data kept in the recovery folder); the daemon uploads
     /// everything before it exits after an unmount or SIGTERM. `sync` cannot wait for it (the
     /// kernel sends FUSE servers no syncfs): use fsync, or `s3mount status` to see what is

@@ -2710,3 +2710,31 @@ async fn write_back_uploads_after_close_and_fsync_reports_failures() {
     assert_eq!(store.get_bytes("other.txt").unwrap().as_ref(), b"y");
     fs.release(other).await.unwrap();
 }
+
+/// `--write-back` queues at most --spool-limit bytes: a close that would pass it uploads
+/// before it returns.
+#[tokio::test]
+async fn write_back_queues_at_most_the_spool_limit_in_bytes() {
+    let store = Arc::new(MockStore::new());
+    let mut cfg = test_config("");
+    cfg.write_back = true;
+    cfg.upload.spool_limit = 1 << 20;
+    let fs = Arc::new(Fs::new(store.clone(), cfg));
+    fs.attach();
+    store.set_latency(Some(std::time::Duration::from_millis(20)));
+    let body = vec![7u8; 400 << 10];
+    for name in ["a", "b", "c"] {
+        let fh = new_file(&fs, name).await;
+        fs.write(fh, 0, &body).await.unwrap();
+        fs.flush(fh).await.unwrap();
+        fs.release(fh).await.unwrap();
+    }
+    // a and b (800 KiB) wait; c would pass 1 MiB: it was uploaded by its close.
+    assert_eq!(fs.write_back_pending(), 2);
+    assert!(store.get_bytes("c").is_some());
+    assert!(store.get_bytes("a").is_none());
+    fs.drain_write_back().await;
+    for name in ["a", "b", "c"] {
+        assert_eq!(store.get_bytes(name).unwrap().len(), 400 << 10, "{name}");
+    }
+}

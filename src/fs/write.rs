@@ -33,13 +33,16 @@ pub(super) const COPY_CHUNK: u64 = 6 << 20;
 /// How long a closed file waits before its background upload starts (`--write-back`): long
 /// enough for the chown, chmod and utimens that tar and cp -p send right after close.
 const WRITE_BACK_SETTLE: std::time::Duration = std::time::Duration::from_millis(50);
-/// Uploads queued after close at most; the next close then uploads before it returns.
+/// Uploads queued after close at most; the next close then uploads before it returns (as it
+/// does when the queued files' bytes would pass --spool-limit).
 const WRITE_BACK_MAX: usize = 256;
 
 /// The uploads `--write-back` left to run after close: how many, and which failed since the
 /// last fsync reported them.
 pub(super) struct WriteBack {
     slots: Arc<tokio::sync::Semaphore>,
+    /// Bytes of the queued files (on local disk while they wait).
+    bytes: Arc<std::sync::atomic::AtomicU64>,
     running: Arc<std::sync::atomic::AtomicUsize>,
     idle: Arc<tokio::sync::Notify>,
     failures: parking_lot::Mutex<Vec<String>>,
@@ -49,6 +52,7 @@ impl Default for WriteBack {
     fn default() -> Self {
         WriteBack {
             slots: Arc::new(tokio::sync::Semaphore::new(WRITE_BACK_MAX)),
+            bytes: Arc::default(),
             running: Arc::default(),
             idle: Arc::default(),
             failures: parking_lot::Mutex::default(),
@@ -59,12 +63,15 @@ impl Default for WriteBack {
 /// One queued upload; its end (drop) may make the queue idle.
 pub(super) struct WriteBackToken {
     _slot: tokio::sync::OwnedSemaphorePermit,
+    size: u64,
+    bytes: Arc<std::sync::atomic::AtomicU64>,
     running: Arc<std::sync::atomic::AtomicUsize>,
     idle: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for WriteBackToken {
     fn drop(&mut self) {
+        self.bytes.fetch_sub(self.size, Ordering::AcqRel);
         if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.idle.notify_waiters();
         }
@@ -72,11 +79,24 @@ impl Drop for WriteBackToken {
 }
 
 impl WriteBack {
-    fn start(&self) -> Option<WriteBackToken> {
-        let slot = self.slots.clone().try_acquire_owned().ok()?;
+    /// A place in the queue for a file of `size` bytes: none when 256 files wait already, or
+    /// when the file would take the queued bytes past `limit` (a file alone is always let in,
+    /// as it is on disk anyway).
+    fn start(&self, size: u64, limit: u64) -> Option<WriteBackToken> {
+        let queued = self.bytes.fetch_add(size, Ordering::AcqRel);
+        if queued > 0 && queued + size > limit {
+            self.bytes.fetch_sub(size, Ordering::AcqRel);
+            return None;
+        }
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            self.bytes.fetch_sub(size, Ordering::AcqRel);
+            return None;
+        };
         self.running.fetch_add(1, Ordering::AcqRel);
         Some(WriteBackToken {
             _slot: slot,
+            size,
+            bytes: self.bytes.clone(),
             running: self.running.clone(),
             idle: self.idle.clone(),
         })
@@ -908,23 +928,28 @@ impl Fs {
     /// copy each. False when there is nothing to upload, or when the bound on queued uploads
     /// is reached (then the caller commits, and the writer waits as without write-back).
     async fn queue_write_back(&self, file: &Arc<OpenFile>) -> bool {
+        let size;
         {
             let mut st = file.state.lock().await;
             // Queued only with every byte on local disk: a staged file is; a stream puts
             // what it holds in memory into its spool (a crash then leaves it to recover).
-            let local = match &mut st.body {
-                Body::Staged(_) => true,
-                Body::Streaming(u) => u.persist().await,
-                _ => false,
+            // What waits on local disk: a stream's bytes, a staged file's changed ranges.
+            size = match &mut st.body {
+                Body::Staged(f) => f.changed_bytes(),
+                Body::Streaming(u) => {
+                    if !u.persist().await {
+                        return false;
+                    }
+                    u.progress().0
+                }
+                _ => return false,
             };
-            if !local {
-                return false;
-            }
         }
         let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
             return false;
         };
-        let Some(token) = self.write_back.start() else {
+        // Queued bytes wait on local disk: at most --spool-limit of them (1 GiB by default).
+        let Some(token) = self.write_back.start(size, self.cfg.upload.spool_limit) else {
             return false;
         };
         let file = file.clone();
