@@ -287,6 +287,22 @@ impl StreamUpload {
         )
     }
 
+    /// Bytes `start..end` of what was written, when all of it is still in memory (nothing
+    /// shipped yet, no committed prefix): a file being written, or queued by `--write-back`,
+    /// reads back without an upload first.
+    pub fn read_buffered(&self, start: u64, end: u64) -> Option<Bytes> {
+        if self.upload_id.is_some()
+            || self.prefix.is_some()
+            || self.spill.is_some()
+            || self.total != self.buf.len() as u64
+        {
+            return None;
+        }
+        let end = end.min(self.total) as usize;
+        let start = (start as usize).min(end);
+        Some(Bytes::copy_from_slice(&self.buf[start..end]))
+    }
+
     pub fn multipart_started(&self) -> bool {
         self.upload_id.is_some()
     }

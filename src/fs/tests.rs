@@ -2689,6 +2689,26 @@ async fn write_back_uploads_after_close_and_fsync_reports_failures() {
     );
     assert_eq!(read_all(&fs, a.ino).await, b"written back");
 
+    // Read back while still queued: from memory, no upload first, one PUT in the end.
+    store.reset_counters();
+    let fh = new_file(&fs, "queued.o").await;
+    fs.write(fh, 0, b"object code").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let q = fs.lookup(ROOT_INO, b"queued.o").await.unwrap();
+    assert_eq!(read_all(&fs, q.ino).await, b"object code");
+    assert_eq!(
+        store.counters.put.load(Ordering::Relaxed),
+        0,
+        "nothing uploaded to read it"
+    );
+    fs.drain_write_back().await;
+    assert_eq!(store.counters.put.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        store.get_bytes("queued.o").unwrap().as_ref(),
+        b"object code"
+    );
+
     // A background upload the store refuses: the next fsync (of any file) says EIO, once.
     store.set_latency(None);
     store.inject_fault(

@@ -631,7 +631,12 @@ impl Fs {
         if offset >= end {
             return Ok(bytes::Bytes::new());
         }
-        if let Body::Streaming(_) = st.body {
+        if let Body::Streaming(u) = &st.body {
+            // A small file still wholly in memory reads from there; otherwise it is uploaded
+            // and staged, and read from the staging file.
+            if let Some(bytes) = u.read_buffered(offset, end) {
+                return Ok(bytes);
+            }
             self.ensure_staged(&mut st).await?;
         }
         match st.staged_mut() {
