@@ -442,6 +442,26 @@ impl Fs {
             i.attr = attr;
             return Ok(attr);
         }
+        // The marker as this mount last wrote or read it, within the metadata TTL: no HEAD
+        // (tar sets a directory's owner, mode and times one call each). Its copy is
+        // conditional on that ETag; a marker changed elsewhere meanwhile is read again.
+        let known = inode
+            .meta
+            .as_ref()
+            .filter(|m| m.has_metadata && m.etag.is_some() && self.fresh(inode.fetched))
+            .cloned();
+        if let Some(marker) = known {
+            let written = self
+                .write_dir_marker(inode, Some(marker), |md| {
+                    apply(md);
+                    Ok(())
+                })
+                .await;
+            match written {
+                Err(Errno::ESTALE) | Err(Errno::ENOENT) => {}
+                done => return done,
+            }
+        }
         self.rewrite_dir_marker(inode, |md| {
             apply(md);
             Ok(())
@@ -461,6 +481,16 @@ impl Fs {
             Err(StoreError::NotFound(_)) => None,
             Err(e) => return Err(errno_of(&e, "setattr")),
         };
+        self.write_dir_marker(inode, marker, edit).await
+    }
+
+    /// Write `marker`'s metadata as `edit` changes it: a copy onto itself, or a new marker.
+    async fn write_dir_marker(
+        &self,
+        inode: &Inode,
+        marker: Option<ObjectMeta>,
+        edit: impl FnOnce(&mut UserMetadata) -> FsResult<()>,
+    ) -> FsResult<Attr> {
         let mut md = marker
             .as_ref()
             .map(|m| m.metadata.clone())

@@ -2758,3 +2758,44 @@ async fn write_back_queues_at_most_the_spool_limit_in_bytes() {
         assert_eq!(store.get_bytes(name).unwrap().len(), 400 << 10, "{name}");
     }
 }
+
+/// tar sets a directory's owner, mode and times in three calls: the marker this mount just
+/// wrote is not read back before each copy.
+#[tokio::test]
+async fn directory_attribute_changes_in_a_row_need_no_head_each() {
+    let (store, fs) = setup("");
+    let d = fs.mkdir(ROOT_INO, b"d", 0o755, ME).await.unwrap();
+    store.reset_counters();
+    let set = |mode: Option<u32>, uid: Option<u32>, mtime: Option<std::time::SystemTime>| SetAttr {
+        mode,
+        uid,
+        gid: None,
+        size: None,
+        mtime,
+        atime: None,
+        kill_suid_sgid: false,
+    };
+    fs.setattr(d.ino, None, set(None, Some(1000), None))
+        .await
+        .unwrap();
+    fs.setattr(d.ino, None, set(Some(0o700), None, None))
+        .await
+        .unwrap();
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+    let a = fs
+        .setattr(d.ino, None, set(None, None, Some(t)))
+        .await
+        .unwrap();
+    assert_eq!((a.perm, a.uid, a.mtime), (0o700, 1000, t));
+    assert!(
+        store.counters.head.load(Ordering::Relaxed) <= 1,
+        "HEADs: {}",
+        store.counters.head.load(Ordering::Relaxed)
+    );
+    let meta = store.head("d/").await.unwrap();
+    assert_eq!(meta.metadata.get("uid").map(String::as_str), Some("1000"));
+    assert_eq!(
+        meta.metadata.get("mode").map(String::as_str),
+        Some(&*(0o40700u32).to_string())
+    );
+}
