@@ -6,7 +6,6 @@
 //! directory keeps two live mounts of the same source apart: the second one takes the next
 //! free `NAME.2`, `NAME.3`, ... so no mount ever reports another one's live files as left over.
 
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -132,20 +131,9 @@ impl StateDir {
                 base.join(format!("{}.{n}", id.0))
             };
             private_dir(&path)?;
-            let lock = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .mode(0o600)
-                .open(path.join("lock"))?;
-            // SAFETY: flock on a descriptor we own; LOCK_NB never blocks.
-            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                let err = std::io::Error::last_os_error();
-                if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                    continue;
-                }
-                return Err(err);
-            }
+            let Some(lock) = crate::data::staging::lock_dir(&path)? else {
+                continue;
+            };
             let mut info = std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(true)

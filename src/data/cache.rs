@@ -416,20 +416,12 @@ impl DiskCache {
         let dir = namespace_dir(cfg);
         super::staging::prepare_dir(&cfg.dir)?;
         super::staging::prepare_dir(&dir)?;
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(dir.join("lock"))?;
-        use std::os::fd::AsRawFd;
-        // SAFETY: flock on a descriptor this function owns; LOCK_NB never blocks.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let Some(lock) = super::staging::lock_dir(&dir)? else {
             return Err(std::io::Error::other(format!(
                 "cache directory {} is in use by another s3mount (give each mount its own --cache-dir)",
                 cfg.dir.display()
             )));
-        }
+        };
         let cache = DiskCache {
             index: Mutex::new(DiskIndex {
                 lru: LruCache::unbounded(),

@@ -26,6 +26,28 @@ use crate::store::{
 /// when the bytes went through this machine.
 type PartDone = (CompletedPart, Option<(u32, u64)>);
 
+/// Lock `dir` for this process: `dir/lock` (0600) held with flock for as long as the returned
+/// file is open. `None` when another process (or another open of it here) holds it.
+pub fn lock_dir(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(dir.join("lock"))?;
+    // SAFETY: flock on a descriptor this function owns; LOCK_NB never blocks.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(Some(lock));
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(None)
+    } else {
+        Err(err)
+    }
+}
+
 /// Create the staging directory (0700) if needed.
 pub fn prepare_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};

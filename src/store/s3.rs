@@ -159,6 +159,44 @@ impl S3Store {
         self.payload_signing.unsigned(self.tls, crc32.is_some())
     }
 
+    /// One UploadPart of `len` bytes, counted; `unsigned` sends it as UNSIGNED-PAYLOAD.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        part_number: i32,
+        body: ByteStream,
+        len: u64,
+        crc32: Option<u32>,
+        unsigned: bool,
+    ) -> StoreResult<CompletedPart> {
+        count(&self.traffic.puts, 1);
+        count(&self.traffic.bytes_up, len);
+        crate::metrics::bytes_uploaded(len);
+        let req = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(part_number)
+            .set_checksum_crc32(crc32.map(crc32_header))
+            .content_length(len as i64)
+            .body(body);
+        let out = if unsigned {
+            req.customize().disable_payload_signing().send().await
+        } else {
+            req.send().await
+        }
+        .map_err(|e| map_err(e, &format!("{key} part {part_number}")))?;
+        Ok(CompletedPart {
+            part_number,
+            etag: out.e_tag().unwrap_or_default().to_string(),
+            checksum_crc32: crc32.map(crc32_header),
+        })
+    }
+
     /// Requests and bytes so far (shared: keep it to report after the store is handed on).
     pub fn traffic(&self) -> Arc<Traffic> {
         self.traffic.clone()
@@ -716,29 +754,10 @@ impl ObjectStore for S3Store {
         body: Bytes,
         crc32: Option<u32>,
     ) -> StoreResult<CompletedPart> {
-        count(&self.traffic.puts, 1);
-        count(&self.traffic.bytes_up, body.len() as u64);
-        crate::metrics::bytes_uploaded(body.len() as u64);
-        let req = self
-            .client
-            .upload_part()
-            .bucket(&self.bucket)
-            .key(key)
-            .upload_id(upload_id)
-            .part_number(part_number)
-            .set_checksum_crc32(crc32.map(crc32_header))
-            .body(ByteStream::from(body));
-        let out = if self.unsigned(crc32) {
-            req.customize().disable_payload_signing().send().await
-        } else {
-            req.send().await
-        }
-        .map_err(|e| map_err(e, &format!("{key} part {part_number}")))?;
-        Ok(CompletedPart {
-            part_number,
-            etag: out.e_tag().unwrap_or_default().to_string(),
-            checksum_crc32: crc32.map(crc32_header),
-        })
+        let (len, unsigned) = (body.len() as u64, self.unsigned(crc32));
+        let body = ByteStream::from(body);
+        self.send_part(key, upload_id, part_number, body, len, crc32, unsigned)
+            .await
     }
 
     async fn upload_part_file(
@@ -750,9 +769,6 @@ impl ObjectStore for S3Store {
         len: u64,
         crc32: Option<u32>,
     ) -> StoreResult<CompletedPart> {
-        count(&self.traffic.puts, 1);
-        count(&self.traffic.bytes_up, len);
-        crate::metrics::bytes_uploaded(len);
         // Read from the file as it is sent (and again on a retry): the part never sits in
         // memory. A body that is not in memory goes as UNSIGNED-PAYLOAD; its CRC32 guards it.
         let body = ByteStream::read_from()
@@ -761,26 +777,8 @@ impl ObjectStore for S3Store {
             .build()
             .await
             .map_err(|e| StoreError::Other(format!("{}: {e}", path.display())))?;
-        let out = self
-            .client
-            .upload_part()
-            .bucket(&self.bucket)
-            .key(key)
-            .upload_id(upload_id)
-            .part_number(part_number)
-            .set_checksum_crc32(crc32.map(crc32_header))
-            .content_length(len as i64)
-            .body(body)
-            .customize()
-            .disable_payload_signing()
-            .send()
+        self.send_part(key, upload_id, part_number, body, len, crc32, true)
             .await
-            .map_err(|e| map_err(e, &format!("{key} part {part_number}")))?;
-        Ok(CompletedPart {
-            part_number,
-            etag: out.e_tag().unwrap_or_default().to_string(),
-            checksum_crc32: crc32.map(crc32_header),
-        })
     }
 
     async fn upload_part_copy(
