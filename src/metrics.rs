@@ -1,7 +1,7 @@
 //! Metrics: what the daemon counts, and the Prometheus/OpenMetrics endpoint that serves them
 //! (`--metrics-addr`). Every layer records through the functions and names here (the `metrics`
-//! crate's macros underneath); without `--metrics-addr` no recorder is installed, the macros
-//! do nothing, and the request timers are not even started ([`enabled`]).
+//! crate's macros underneath); without `--metrics-addr` every function returns after one
+//! relaxed load ([`enabled`]), on hot paths too (a cache lookup, a body chunk).
 //!
 //! Names follow Mountpoint for S3's where it has one (`fuse.request_latency`,
 //! `s3.request_count`, ...; Prometheus shows the dots as underscores), latencies in
@@ -202,15 +202,24 @@ pub fn s3_request(
 }
 
 pub fn bytes_fetched(n: u64) {
+    if !enabled() {
+        return;
+    }
     counter!(S3_BYTES_FETCHED).increment(n);
 }
 
 pub fn bytes_uploaded(n: u64) {
+    if !enabled() {
+        return;
+    }
     counter!(S3_BYTES_UPLOADED).increment(n);
 }
 
 /// A block cache lookup: `cache` is "memory" or "disk"; `bytes` served on a hit.
 pub fn cache_lookup(cache: &'static str, hit: bool, bytes: u64) {
+    if !enabled() {
+        return;
+    }
     if hit {
         counter!(CACHE_HITS, "cache" => cache).increment(1);
         counter!(CACHE_BYTES, "cache" => cache).increment(bytes);
@@ -220,14 +229,23 @@ pub fn cache_lookup(cache: &'static str, hit: bool, bytes: u64) {
 }
 
 pub fn cache_evicted(cache: &'static str, blocks: u64) {
+    if !enabled() {
+        return;
+    }
     counter!(CACHE_EVICTIONS, "cache" => cache).increment(blocks);
 }
 
 pub fn prefetch_reset() {
+    if !enabled() {
+        return;
+    }
     counter!(PREFETCH_RESETS).increment(1);
 }
 
 pub fn count(name: &'static str) {
+    if !enabled() {
+        return;
+    }
     counter!(name).increment(1);
 }
 

@@ -362,8 +362,6 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
         crc32: Option<u32>,
     ) -> StoreResult<CompletedPart>;
 
-    /// Make `range` of the existing object `source_key` (which must still have `source_etag`)
-    /// a part of the upload, server side.
     /// Upload part `part_number` from `len` bytes of a local file (a part spilled to disk).
     /// The default reads the file and sends it as [`ObjectStore::upload_part`] does; the S3
     /// store streams it from the file.
@@ -390,6 +388,8 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
             .await
     }
 
+    /// Make `range` of the existing object `source_key` (which must still have `source_etag`)
+    /// a part of the upload, server side.
     async fn upload_part_copy(
         &self,
         key: &str,

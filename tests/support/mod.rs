@@ -65,7 +65,7 @@ fn clean_up_at_exit_of(pid: u32, dir: &Path) {
         .push((pid, dir.to_path_buf()));
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .expect("bind a free port")
         .local_addr()
