@@ -31,7 +31,7 @@ pub struct MountStatus {
     pub uptime_seconds: u64,
     pub rss_bytes: u64,
     /// The filesystem's own report (open files, failed commits, memory, caches).
-    pub fs: serde_json::Value,
+    pub fs: FsStatus,
 }
 
 /// What is fixed for the life of a mount.
@@ -63,7 +63,7 @@ fn snapshot(info: &MountInfo, fs: &Fs) -> MountStatus {
             .map_or(0, |d| d.as_secs()),
         uptime_seconds: info.started.elapsed().map_or(0, |d| d.as_secs()),
         rss_bytes: crate::metrics::rss_bytes(),
-        fs: serde_json::to_value(fs_status).unwrap_or_default(),
+        fs: fs_status,
     }
 }
 
@@ -238,11 +238,7 @@ pub fn status_command(args: &[String]) -> i32 {
         eprintln!("s3mount: {} is not an s3mount mount point", w.display());
         return 2;
     }
-    let failed = reports.iter().any(|r| {
-        r.fs.get("failed_commits")
-            .and_then(|f| f.as_array())
-            .is_some_and(|a| !a.is_empty())
-    });
+    let failed = reports.iter().any(|r| !r.fs.failed_commits.is_empty());
     if cli.json {
         let out = serde_json::json!({ "mounts": reports, "dead": dead, "others": others });
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
@@ -289,103 +285,80 @@ fn human(bytes: u64) -> String {
 
 fn print_report(r: &MountStatus) {
     let fs = &r.fs;
-    let num = |k: &str| fs.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-    let yes = |k: &str| fs.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
     println!(
         "{} on {} (pid {}, up {} s)",
         r.source, r.mountpoint, r.pid, r.uptime_seconds
     );
+    let prefix = if r.prefix.is_empty() {
+        "(none)"
+    } else {
+        &r.prefix
+    };
     println!(
-        "  endpoint:  {}  bucket: {}  prefix: {}",
-        r.endpoint,
-        r.bucket,
-        if r.prefix.is_empty() {
-            "(none)"
-        } else {
-            &r.prefix
-        }
+        "  endpoint:  {}  bucket: {}  prefix: {prefix}",
+        r.endpoint, r.bucket
     );
     if !r.options.is_empty() {
         println!("  options:   {}", r.options.join(" "));
     }
     println!(
         "  store:     checksums {}, conditional writes {}",
-        if yes("checksums") {
+        if fs.checksums {
             "on"
         } else {
             "off (refused by the store)"
         },
-        if yes("conditional_writes") {
-            "on"
-        } else {
-            "off"
-        }
+        if fs.conditional_writes { "on" } else { "off" }
     );
     println!(
         "  memory:    {} of {} budget in use, {} cached; RSS {}",
-        human(num("budget_used")),
-        human(num("budget_limit")),
-        human(num("memory_cache_bytes")),
+        human(fs.budget_used),
+        human(fs.budget_limit),
+        human(fs.memory_cache_bytes),
         human(r.rss_bytes)
     );
-    if let Some(b) = fs.get("disk_cache_bytes").and_then(|v| v.as_u64()) {
+    if let Some(b) = fs.disk_cache_bytes {
         println!(
             "  disk cache: {} in {} blocks",
             human(b),
-            num("disk_cache_blocks")
+            fs.disk_cache_blocks.unwrap_or(0)
         );
     }
     println!(
         "  staging:   {} files, {} in {}",
-        num("staged_files"),
-        human(num("staged_bytes")),
-        fs.get("staging_dir").and_then(|v| v.as_str()).unwrap_or("")
+        fs.staged_files,
+        human(fs.staged_bytes),
+        fs.staging_dir
     );
-    if num("write_back_pending") > 0 {
+    if fs.write_back_pending > 0 {
         println!(
             "  write-back: {} uploads queued after close",
-            num("write_back_pending")
+            fs.write_back_pending
         );
     }
-    let open = fs
-        .get("open_files")
-        .and_then(|v| v.as_array())
-        .cloned()
-        .unwrap_or_default();
-    if open.is_empty() {
+    if fs.open_files.is_empty() {
         println!("  open files: none being written");
     }
-    for f in &open {
-        let s = |k: &str| f.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
-        let n = |k: &str| f.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-        let rate = match n("upload_rate") {
+    for f in &fs.open_files {
+        let rate = match f.upload_rate {
             0 => String::new(),
             r => format!(" at {}/s", human(r)),
         };
         println!(
             "  open:      {} [{}] {} written, {} uploaded{rate}, {} descriptor(s)",
-            s("key"),
-            s("state"),
-            human(n("pending_bytes")),
-            human(n("uploaded_bytes")),
-            n("descriptors")
+            f.key,
+            f.state,
+            human(f.pending_bytes),
+            human(f.uploaded_bytes),
+            f.descriptors
         );
     }
-    for f in fs
-        .get("failed_commits")
-        .and_then(|v| v.as_array())
-        .cloned()
-        .unwrap_or_default()
-    {
-        let s = |k: &str| f.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
-        println!(
-            "  FAILED:    {}: {}{}",
-            s("key"),
-            s("error"),
-            f.get("kept")
-                .and_then(|v| v.as_str())
-                .map(|k| format!(" (data kept at {k})"))
-                .unwrap_or_default()
-        );
+    for f in &fs.failed_commits {
+        let kept = f
+            .kept
+            .as_ref()
+            .map(|k| format!(" (data kept at {k})"))
+            .unwrap_or_default();
+        println!("  FAILED:    {}: {}{kept}", f.key, f.error);
     }
 }

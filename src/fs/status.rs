@@ -5,35 +5,41 @@
 
 use std::time::SystemTime;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::write::Body;
 use super::Fs;
 
 /// A commit that failed for good (its data is kept locally, as the log said).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FailedCommit {
     pub key: String,
     pub error: String,
     /// Where the bytes written are kept, when that is known here.
     pub kept: Option<String>,
-    #[serde(serialize_with = "unix_seconds")]
-    pub at: SystemTime,
+    /// When, in seconds since the epoch.
+    pub at: u64,
 }
 
-fn unix_seconds<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(
-        t.duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-    )
+impl FailedCommit {
+    pub fn now(key: &str, error: String, kept: Option<String>) -> FailedCommit {
+        FailedCommit {
+            key: key.to_string(),
+            error,
+            kept,
+            at: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
 }
 
 /// One file open for writing.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct OpenFileStatus {
     pub key: String,
     /// clean, streaming, staged, orphan, failed, or busy (a write or commit held it).
-    pub state: &'static str,
+    pub state: String,
     pub descriptors: usize,
     /// Bytes written through the mount and not yet committed (streaming and staged files).
     pub pending_bytes: u64,
@@ -43,7 +49,7 @@ pub struct OpenFileStatus {
     pub upload_rate: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FsStatus {
     pub open_files: Vec<OpenFileStatus>,
     pub failed_commits: Vec<FailedCommit>,
@@ -78,7 +84,7 @@ impl Fs {
                 let Ok(st) = file.state.try_lock() else {
                     return OpenFileStatus {
                         key,
-                        state: "busy",
+                        state: "busy".into(),
                         descriptors,
                         pending_bytes: 0,
                         uploaded_bytes: 0,
@@ -102,7 +108,7 @@ impl Fs {
                 };
                 OpenFileStatus {
                     key: st.key.clone(),
-                    state,
+                    state: state.into(),
                     descriptors,
                     pending_bytes,
                     uploaded_bytes,

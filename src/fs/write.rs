@@ -764,12 +764,9 @@ impl Fs {
         if matches!(e, StoreError::PreconditionFailed(_)) {
             m::count(m::CONFLICTS);
         }
-        self.failures.lock().push(super::status::FailedCommit {
-            key: key.to_string(),
-            error: e.to_string(),
-            kept,
-            at: std::time::SystemTime::now(),
-        });
+        self.failures
+            .lock()
+            .push(super::status::FailedCommit::now(key, e.to_string(), kept));
     }
 
     /// The bucket now holds everything written through `st`, as `res` says.
