@@ -5,7 +5,9 @@
 //! when the server finds it corrupted ([`send_with_checksum`]); single PUTs and multipart
 //! completions that fall back when a condition is refused and compare the checksum the store
 //! reports with the data ([`put_checked`], [`complete_checked`]); server-side copies of any
-//! size ([`copy_any_size`]); aborts retried in the background ([`abort_upload`]).
+//! size ([`copy_any_size`]); aborts retried in the background ([`abort_upload`]). A commit
+//! nobody waits for (a `--write-back` upload) runs [`patiently`]: a transient failure is tried
+//! again for a while, beyond the SDK's own attempts, before the commit fails for good.
 //!
 //! `upload.rs` (streaming) and `staging.rs` (in-place changes) build on this module and not on
 //! each other.
@@ -132,6 +134,58 @@ impl Capabilities {
     }
 }
 
+tokio::task_local! {
+    /// How long the commit running in this task keeps retrying transient failures.
+    static PATIENCE: std::time::Duration;
+}
+
+/// Run `commit` retrying transient store failures (network, throttling, server errors) for up
+/// to `patience`, pausing 1 s, 2 s, 4 s, then 8 s between attempts. For commits that no
+/// caller waits on: a close that waits gets the SDK's attempts only, and its error promptly.
+pub async fn patiently<F: std::future::Future>(
+    patience: std::time::Duration,
+    commit: F,
+) -> F::Output {
+    PATIENCE.scope(patience, commit).await
+}
+
+/// `work` under the patience of the task that calls this (for work it spawns: a part upload
+/// started by a patient commit is patient too).
+pub fn carry_patience<F: std::future::Future>(
+    work: F,
+) -> impl std::future::Future<Output = F::Output> {
+    let patience = PATIENCE.try_with(|p| *p).ok();
+    async move {
+        match patience {
+            Some(p) => PATIENCE.scope(p, work).await,
+            None => work.await,
+        }
+    }
+}
+
+/// `send()`, and again after a pause while it fails transiently and the task's patience lasts.
+async fn retry_transient<T, F, Fut>(send: F) -> StoreResult<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = StoreResult<T>>,
+{
+    let Ok(patience) = PATIENCE.try_with(|p| *p) else {
+        return send().await;
+    };
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_secs(1);
+    loop {
+        match send().await {
+            Err(e) if e.is_transient() && started.elapsed() + pause < patience => {
+                tracing::warn!(error = %e, retry_in = ?pause, "background upload request failed; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(8));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Attempts at one body when the server reports a checksum mismatch (corruption in transit).
 const CHECKSUM_ATTEMPTS: u32 = 3;
 
@@ -215,14 +269,16 @@ pub async fn complete_checked(
     } else {
         PutCondition::Overwrite
     };
-    let res = match store
-        .complete_multipart(key, id, parts.clone(), &condition)
-        .await
-    {
+    let complete = |condition: PutCondition| {
+        let parts = parts.clone();
+        retry_transient(move || {
+            let (parts, condition) = (parts.clone(), condition.clone());
+            async move { store.complete_multipart(key, id, parts, &condition).await }
+        })
+    };
+    let res = match complete(condition.clone()).await {
         Err(e) if condition != PutCondition::Overwrite && caps.learn_conditional(&e) => {
-            store
-                .complete_multipart(key, id, parts, &PutCondition::Overwrite)
-                .await
+            complete(PutCondition::Overwrite).await
         }
         other => other,
     }?;
@@ -341,7 +397,7 @@ where
     loop {
         attempt += 1;
         let with = caps.checksums();
-        match send(with).await {
+        match retry_transient(|| send(with)).await {
             Ok(v) => return Ok(v),
             Err(e) if with && caps.learn(&e) => continue,
             Err(StoreError::Checksum(m)) if attempt < CHECKSUM_ATTEMPTS => {

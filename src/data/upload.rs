@@ -16,8 +16,8 @@ use tokio::task::JoinSet;
 
 use super::budget::{Budget, Reservation};
 use super::commit::{
-    abort_upload, complete_checked, copy_any_size, copy_pieces, put_checked, send_with_checksum,
-    Capabilities, PartCrcs, UploadConfig, MAX_PART, MAX_PARTS, MIN_PART,
+    abort_upload, carry_patience, complete_checked, copy_any_size, copy_pieces, put_checked,
+    send_with_checksum, Capabilities, PartCrcs, UploadConfig, MAX_PART, MAX_PARTS, MIN_PART,
 };
 use crate::store::{
     ByteRange, CompletedPart, ObjectStore, PutCondition, PutOptions, PutResult, StoreError,
@@ -475,7 +475,7 @@ impl StreamUpload {
         self.next_part += 1;
         let (store, key, caps) = (self.store.clone(), self.key.clone(), self.caps.clone());
         let acked = self.acked.clone();
-        self.inflight.spawn(async move {
+        self.inflight.spawn(carry_patience(async move {
             let Spill { file, path, len } = spill;
             drop(file);
             let part = send_with_checksum(&caps, |c| {
@@ -491,7 +491,7 @@ impl StreamUpload {
             let part = part?;
             acked.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
             Ok((part, crc, len))
-        });
+        }));
         Ok(())
     }
 
@@ -601,7 +601,7 @@ impl StreamUpload {
         let (store, key, caps) = (self.store.clone(), self.key.clone(), self.caps.clone());
         let acked = self.acked.clone();
         let spare = self.spare.clone();
-        self.inflight.spawn(async move {
+        self.inflight.spawn(carry_patience(async move {
             let _reservation = reservation;
             let len = body.len() as u64;
             let part = send_with_checksum(&caps, |c| {
@@ -620,7 +620,7 @@ impl StreamUpload {
                 *spare.lock() = Some(buf);
             }
             Ok((part, crc, len))
-        });
+        }));
         Ok(())
     }
 

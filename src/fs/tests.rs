@@ -2731,6 +2731,56 @@ async fn write_back_uploads_after_close_and_fsync_reports_failures() {
     fs.release(other).await.unwrap();
 }
 
+/// `--write-back`: a background upload that fails transiently (the store unreachable twice) is
+/// tried again after a pause and lands; nothing is reported to fsync. A refusal (403) is not
+/// retried.
+#[tokio::test]
+async fn write_back_retries_transient_failures() {
+    let store = Arc::new(MockStore::new());
+    let mut cfg = test_config("");
+    cfg.write_back = true;
+    let fs = Arc::new(Fs::new(store.clone(), cfg));
+    fs.attach();
+    store.inject_fault(
+        Op::Put,
+        "flaky",
+        StoreError::Unreachable("connection reset".into()),
+        2,
+    );
+    let fh = new_file(&fs, "flaky.txt").await;
+    fs.write(fh, 0, b"eventually").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    let t = std::time::Instant::now();
+    fs.drain_write_back().await;
+    assert!(
+        t.elapsed() >= std::time::Duration::from_secs(3),
+        "paused 1 s, then 2 s"
+    );
+    assert_eq!(
+        store.get_bytes("flaky.txt").unwrap().as_ref(),
+        b"eventually"
+    );
+    assert_eq!(store.counters.put.load(Ordering::Relaxed), 3);
+    let other = new_file(&fs, "other.txt").await;
+    fs.fsync(other).await.unwrap();
+    fs.release(other).await.unwrap();
+
+    store.reset_counters();
+    store.inject_fault(Op::Put, "denied", StoreError::AccessDenied("no".into()), 1);
+    let fh = new_file(&fs, "denied.txt").await;
+    fs.write(fh, 0, b"x").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    fs.drain_write_back().await;
+    assert_eq!(
+        store.counters.put.load(Ordering::Relaxed),
+        1,
+        "a refusal is final"
+    );
+    assert!(store.get_bytes("denied.txt").is_none());
+}
+
 /// `--write-back` queues at most --spool-limit bytes: a close that would pass it uploads
 /// before it returns.
 #[tokio::test]

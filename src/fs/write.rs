@@ -33,6 +33,10 @@ pub(super) const COPY_CHUNK: u64 = 6 << 20;
 /// How long a closed file waits before its background upload starts (`--write-back`): long
 /// enough for the chown, chmod and utimens that tar and cp -p send right after close.
 const WRITE_BACK_SETTLE: std::time::Duration = std::time::Duration::from_millis(50);
+/// How long a background upload (`--write-back`) keeps retrying a transient failure (network,
+/// throttling, server errors) before it fails for good, its data kept and the next fsync
+/// failing with EIO.
+const WRITE_BACK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 /// Uploads queued after close at most; the next close then uploads before it returns (as it
 /// does when the queued files' bytes would pass --spool-limit).
 const WRITE_BACK_MAX: usize = 256;
@@ -960,7 +964,8 @@ impl Fs {
             tokio::time::sleep(WRITE_BACK_SETTLE).await;
             let mut st = file.state.lock().await;
             let result = if st.dirty() {
-                me.commit(&mut st).await
+                // Nobody waits for this commit: transient failures are tried again for a while.
+                crate::data::commit::patiently(WRITE_BACK_PATIENCE, me.commit(&mut st)).await
             } else {
                 Ok(())
             };
