@@ -30,6 +30,9 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 use futures::StreamExt;
 
+mod report;
+mod workloads;
+
 const KEY: &str = "GK31c2f218a2e44f485b94239e";
 const SECRET: &str = "b892c0665f0ada8a4755dae98baa3b133590e11dae3bcc1f9d769d67f16c3835";
 
@@ -376,6 +379,8 @@ impl Traffic {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Daemon {
     S3mount,
+    /// s3mount with `--write-back` (close returns once the bytes are on local disk).
+    S3mountWriteBack,
     S3fs,
     Rclone,
 }
@@ -384,16 +389,25 @@ impl Daemon {
     fn name(self) -> &'static str {
         match self {
             Daemon::S3mount => "s3mount",
+            Daemon::S3mountWriteBack => "s3mount --write-back",
             Daemon::S3fs => "s3fs",
             Daemon::Rclone => "rclone",
         }
     }
 
+    /// s3mount, with or without --write-back.
+    fn is_s3mount(self) -> bool {
+        matches!(self, Daemon::S3mount | Daemon::S3mountWriteBack)
+    }
+
     /// The command that mounts the bench bucket on `dir` in the foreground.
     fn command(self, endpoint: &str, dir: &Path, log: &Path, work: &Path) -> Command {
         match self {
-            Daemon::S3mount => {
+            Daemon::S3mount | Daemon::S3mountWriteBack => {
                 let mut c = Command::new(s3mount_bin());
+                if self == Daemon::S3mountWriteBack {
+                    c.arg("--write-back");
+                }
                 c.args([
                     "bench",
                     dir.to_str().unwrap(),
@@ -549,11 +563,11 @@ impl Mounted {
     ) -> Result<Mounted, String> {
         let bin = s3mount_bin();
         assert!(
-            daemon != Daemon::S3mount || bin.exists(),
+            !daemon.is_s3mount() || bin.exists(),
             "{} is missing: build the release binary first (cargo build --release)",
             bin.display()
         );
-        if daemon != Daemon::S3mount && !extra.is_empty() {
+        if !daemon.is_s3mount() && !extra.is_empty() {
             return Err(format!("{extra:?} are s3mount options"));
         }
         let stderr = std::fs::OpenOptions::new()
@@ -889,6 +903,7 @@ fn header(daemon: Daemon) {
 
 /// One figure: label, plain client, s3mount, and s3mount speed / plain speed.
 fn row(label: &str, plain: &str, mount: &str, ratio: Option<f64>) {
+    report::record(label, plain, mount, ratio);
     let ratio = ratio.map(|r| format!("{r:.2}x")).unwrap_or_default();
     println!("{label:<LABEL$} {plain:>14} {mount:>14} {ratio:>8}");
 }
@@ -938,8 +953,11 @@ struct Options {
     skip_listings: bool,
     skip_readers: bool,
     skip_disk_cache: bool,
+    skip_metadata: bool,
+    skip_mountpoint: bool,
+    ls_max: usize,
     rtt_ms: u64,
-    daemon: Daemon,
+    daemons: Vec<Daemon>,
 }
 
 impl Options {
@@ -955,8 +973,20 @@ impl Options {
             skip_listings: false,
             skip_readers: false,
             skip_disk_cache: false,
+            skip_metadata: false,
+            skip_mountpoint: false,
+            ls_max: 10_000,
             rtt_ms: 0,
-            daemon: Daemon::S3mount,
+            daemons: vec![Daemon::S3mount],
+        };
+        let daemon = |name: &str| match name {
+            "s3mount" => Daemon::S3mount,
+            "s3mount-wb" => Daemon::S3mountWriteBack,
+            "s3fs" => Daemon::S3fs,
+            "rclone" => Daemon::Rclone,
+            other => panic!(
+                "daemons are s3mount, s3mount-wb (--write-back), s3fs and rclone, not {other:?}"
+            ),
         };
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
@@ -971,15 +1001,21 @@ impl Options {
                 "--skip-listings" => o.skip_listings = true,
                 "--skip-readers" => o.skip_readers = true,
                 "--skip-disk-cache" => o.skip_disk_cache = true,
+                "--skip-metadata" => o.skip_metadata = true,
+                "--skip-mountpoint" => o.skip_mountpoint = true,
+                // The largest directory `ls -f` lists (100, 1,000, ... up to this).
+                "--ls-max" => o.ls_max = value(&a, args.next()),
                 // Round-trip time added between the clients and the server (a delay line).
                 "--rtt-ms" => o.rtt_ms = value(&a, args.next()),
-                "--daemon" => {
-                    o.daemon = match args.next().as_deref() {
-                        Some("s3mount") => Daemon::S3mount,
-                        Some("s3fs") => Daemon::S3fs,
-                        Some("rclone") => Daemon::Rclone,
-                        other => panic!("--daemon s3mount|s3fs|rclone, not {other:?}"),
-                    }
+                "--daemon" => o.daemons = vec![daemon(&args.next().unwrap_or_default())],
+                // Several daemons in one run, one pass each on a fresh server, then one table.
+                "--daemons" => {
+                    o.daemons = args
+                        .next()
+                        .unwrap_or_default()
+                        .split(',')
+                        .map(daemon)
+                        .collect()
                 }
                 // `cargo bench` passes --bench; ignore what we don't know.
                 _ => {}
@@ -991,6 +1027,27 @@ impl Options {
 
 fn main() {
     let o = Options::parse();
+    let size = o.size_mib << 20;
+    let data: Vec<u8> = (0..size)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let src = Path::new("/dev/shm").join(format!("s3mount-bench-{}", std::process::id()));
+    std::fs::write(&src, &data).unwrap();
+    for &daemon in &o.daemons {
+        report::set_daemon(daemon);
+        pass(&o, daemon, &data, &src);
+    }
+    let _ = std::fs::remove_file(&src);
+    if o.daemons.len() > 1 {
+        println!(
+            "\nAll passes (each figure with its ratio to the plain client of its own pass):\n\n{}",
+            report::comparison(&o.daemons)
+        );
+    }
+}
+
+/// Every workload on one daemon, against a fresh Garage (and delay line).
+fn pass(o: &Options, daemon: Daemon, data: &[u8], src: &Path) {
     let work = tempfile::tempdir().unwrap();
     let shim = work.path().join("nodelay.so");
     run(Command::new("cc")
@@ -1011,22 +1068,16 @@ fn main() {
         c: client(&endpoint),
         rt,
         endpoint,
-        daemon: o.daemon,
+        daemon,
         garage_pid: garage.child.id(),
         work: work.path().to_path_buf(),
         mnt,
         mounts: AtomicUsize::new(0),
     };
-
-    let size = o.size_mib << 20;
-    let data: Vec<u8> = (0..size)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    let src = Path::new("/dev/shm").join(format!("s3mount-bench-{}", std::process::id()));
-    std::fs::write(&src, &data).unwrap();
+    let size = data.len();
 
     println!(
-        "s3mount benchmark: {} MiB object, {} small files, Garage on {}{}, daemon {}",
+        "\ns3mount benchmark: {} MiB object, {} small files, Garage on {}{}, daemon {}",
         o.size_mib,
         o.files,
         garage.endpoint,
@@ -1038,19 +1089,23 @@ fn main() {
         } else {
             String::new()
         },
-        match o.daemon {
-            Daemon::S3mount => s3mount_bin().display().to_string(),
+        match daemon {
+            d if d.is_s3mount() => format!("{} {}", s3mount_bin().display(), d.name()),
             d => d.name().to_string(),
         }
     );
-    header(o.daemon);
-    let plain_read = sequential_and_small(&b, &data, &src, o.files, o.cold_repeats);
+    header(daemon);
+    let plain_read = sequential_and_small(&b, data, src, o.files, o.cold_repeats);
     copy_within(&b, size);
-    let _ = std::fs::remove_file(&src);
-    if !o.skip_random {
-        random_reads(&b, &data, o.random_reads);
+    if !o.skip_metadata {
+        workloads::metadata(&b, o.files);
     }
-    drop(data);
+    if !o.skip_mountpoint {
+        workloads::mountpoint(&b, data, o.ls_max);
+    }
+    if !o.skip_random {
+        random_reads(&b, data, o.random_reads);
+    }
     if !o.skip_ttfb {
         time_to_first_byte(&b);
     }
@@ -1060,10 +1115,10 @@ fn main() {
     if !o.skip_readers {
         concurrent_readers(&b);
     }
-    if !o.skip_disk_cache && o.daemon == Daemon::S3mount {
+    if !o.skip_disk_cache && daemon.is_s3mount() {
         disk_cache(&b, size, plain_read);
     }
-    if o.soak_secs > 0 {
+    if o.soak_secs > 0 && daemon.is_s3mount() {
         soak(&b, o.soak_secs);
     }
 }
@@ -1078,22 +1133,37 @@ fn sequential_and_small(
     cold_repeats: usize,
 ) -> f64 {
     let (c, mnt, size) = (&b.c, b.mnt.display(), data.len());
+    let me = std::process::id();
+    let plain_cpu0 = cpu_seconds(me);
     let plain_w = b.rt.block_on(plain_put(c, "plain.bin", data));
+    let plain_cpu = cpu_seconds(me) - plain_cpu0;
     let m = b.mount();
     let cpu0 = cpu_seconds(m.child.id());
-    let mount_w = timed_sh(&format!(
+    let t = Instant::now();
+    timed_sh(&format!(
         "dd if={} of={mnt}/mount.bin bs=1M 2>/dev/null",
         src.display()
     ));
+    let mount_w = t.elapsed();
+    // A peer's close may return before its upload ends: durable is when the bucket has it.
+    workloads::wait_for_object(b, "mount.bin", size);
+    let durable_w = t.elapsed();
     let cpu = cpu_seconds(m.child.id()) - cpu0;
     row_mbps(
         "sequential write (dd bs=1M)",
         mbps(size, plain_w),
         mbps(size, mount_w),
     );
-    println!(
-        "  (write: daemon {cpu:.1} CPU-s, {:.2} CPU-s per GiB)",
-        cpu / (size as f64 / (1u64 << 30) as f64)
+    row_mbps(
+        "sequential write, durable in the bucket",
+        mbps(size, plain_w),
+        mbps(size, durable_w),
+    );
+    workloads::cpu_row(
+        "CPU-s per GiB written (vs the plain client)",
+        size,
+        plain_cpu,
+        cpu,
     );
     let rss_write = m.peak_rss_mib();
     drop(m);
@@ -1111,6 +1181,12 @@ fn sequential_and_small(
     ));
     let pr = mbps(size, first.plain);
     row_mbps("cold sequential read (dd)", pr, mbps(size, first.mount));
+    workloads::cpu_row(
+        "CPU-s per GiB read, cold (vs the plain client)",
+        size,
+        first.client_cpu,
+        first.daemon_cpu,
+    );
     row_mbps("warm re-read (page cache)", pr, mbps(size, warm));
     row_mbps(
         "re-read, half of it dropped from the page cache",
@@ -1142,7 +1218,11 @@ fn sequential_and_small(
     for i in 0..files {
         std::fs::write(local.join(i.to_string()), &small).unwrap();
     }
-    let mount_small = timed_sh(&format!("cp -r {} {mnt}/small", local.display()));
+    let t = Instant::now();
+    timed_sh(&format!("cp -r {} {mnt}/small", local.display()));
+    let mount_small = t.elapsed();
+    workloads::wait_for_keys(b, "small/", files);
+    let durable_small = t.elapsed();
     let (ps, ms) = (
         files as f64 / plain_small.as_secs_f64(),
         files as f64 / mount_small.as_secs_f64(),
@@ -1152,6 +1232,11 @@ fn sequential_and_small(
         &format!("{ps:.0} /s"),
         &format!("{ms:.0} /s"),
         Some(ms / ps),
+    );
+    row_times(
+        "create 4 KiB files, durable in the bucket",
+        plain_small,
+        durable_small,
     );
     // cp copies one file after the other and each close returns once its PUT is stored, so
     // the bound for an honest close is one PUT at a time.
@@ -1211,7 +1296,7 @@ fn copy_within(b: &Bench, size: usize) {
     ] {
         let m = match b.try_mount(args) {
             Ok(m) => m,
-            Err(e) if b.daemon != Daemon::S3mount => {
+            Err(e) if !b.daemon.is_s3mount() => {
                 println!("{label:<LABEL$} (skipped for {}: {e})", b.daemon.name());
                 continue;
             }
