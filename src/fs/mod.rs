@@ -1107,6 +1107,8 @@ impl Fs {
         // Set when the listing was fetched (or joined) for this lookup: it may have begun before
         // the name was created elsewhere, so a name it lacks is probed.
         let mut refreshed = false;
+        // Set when this lookup started the listing (joined ones leave it to the first).
+        let mut started = false;
         let stale_len = cached
             .as_ref()
             .filter(|(at, _)| !self.fresh(*at))
@@ -1123,7 +1125,6 @@ impl Fs {
                 // Listed before, stale now: list it again, once for all the lookups behind this
                 // one (`stat` of every file, `make` checking its sources), instead of a HEAD and
                 // a LIST per name. Started now, it is authoritative: a name it lacks is absent.
-                let mut started = false;
                 if under_way.is_none()
                     && !self.cfg.list_metadata
                     && !self.cfg.metadata_ttl.is_zero()
@@ -1155,6 +1156,9 @@ impl Fs {
                 }
             }
         };
+        // This lookup started a listing because names of a never-listed directory were being
+        // probed one by one.
+        let storm = started && stale_len.is_none();
         let entry = match cached {
             Some((listed_at, listing)) if !refreshed || listing.entries.contains_key(name) => {
                 let entry = listing.entries.get(name).cloned();
@@ -1169,7 +1173,20 @@ impl Fs {
                     // The listing names no stored mode, owner or times, nor a symlink, FIFO or
                     // s3fs's old-style directory: one HEAD per object version tells (joining
                     // one readdirplus started), remembered after.
-                    Some(e) if self.unconfirmed(&e) => Some(self.confirmed(e).await),
+                    Some(e) if self.unconfirmed(&e) => {
+                        if storm {
+                            // Names probed one after the other (`xargs stat`, a build checking
+                            // its files): the names behind this one are confirmed too, 16 at a
+                            // time, instead of one HEAD per stat. This name goes first.
+                            self.confirm_ahead(&e);
+                            for other in listing.entries.values().take(RELIST_MAX_ENTRIES) {
+                                if other.kind == Kind::File && self.unconfirmed(other) {
+                                    self.confirm_ahead(other);
+                                }
+                            }
+                        }
+                        Some(self.confirmed(e).await)
+                    }
                     e => e,
                 }
             }
