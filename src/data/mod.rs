@@ -4,6 +4,7 @@
 pub mod budget;
 pub mod cache;
 pub mod commit;
+pub mod direct;
 pub mod prefetch;
 pub mod staging;
 pub mod upload;

@@ -19,6 +19,7 @@ use super::commit::{
     abort_upload, carry_patience, complete_checked, copy_any_size, copy_pieces, put_checked,
     send_with_checksum, Capabilities, PartCrcs, UploadConfig, MAX_PART, MAX_PARTS, MIN_PART,
 };
+use super::direct::DirectAppender;
 use crate::store::{
     ByteRange, CompletedPart, ObjectStore, PutCondition, PutOptions, PutResult, StoreError,
     StoreResult,
@@ -93,16 +94,38 @@ pub struct StreamUpload {
 /// The bytes of a streamed upload, on local disk until the object is complete.
 /// A part written to a local file as it arrives (see [`UploadConfig::spill_above`]).
 struct Spill {
-    file: Arc<std::fs::File>,
+    /// Out (None) only while a blocking-pool thread appends to it.
+    file: Option<DirectAppender>,
     path: std::path::PathBuf,
     len: u64,
 }
 
 struct Spool {
-    /// Written at `bytes` by a blocking-pool thread, one part at a time.
-    file: Arc<std::fs::File>,
+    /// Appended to by a blocking-pool thread, one part at a time (out, None, meanwhile).
+    file: Option<DirectAppender>,
     path: std::path::PathBuf,
     bytes: u64,
+}
+
+/// Append `body` on the blocking pool (a slow or throttled local disk must not stall a runtime
+/// worker, which also serves FUSE requests and the network), then, if `flush`, write the last
+/// partial block too. The appender comes back unless its thread panicked.
+async fn append_blocking(
+    mut file: DirectAppender,
+    body: Bytes,
+    flush: bool,
+) -> (Option<DirectAppender>, std::io::Result<()>) {
+    match tokio::task::spawn_blocking(move || {
+        let r = file
+            .append(&body)
+            .and_then(|()| if flush { file.flush_tail() } else { Ok(()) });
+        (file, r)
+    })
+    .await
+    {
+        Ok((file, r)) => (Some(file), r),
+        Err(e) => (None, Err(std::io::Error::other(e))),
+    }
 }
 
 impl StreamUpload {
@@ -394,7 +417,6 @@ impl StreamUpload {
 
     /// Append to the spilled part (made on first use, in `spool/` of the staging directory).
     async fn spill_write(&mut self, data: &[u8]) -> StoreResult<()> {
-        use std::os::unix::fs::{FileExt, OpenOptionsExt};
         if self.spill.is_none() {
             // Parts this large come long after --spool-limit; a spool still kept (a small
             // --part-size and a small budget) stops here rather than hold a second copy.
@@ -420,31 +442,28 @@ impl StreamUpload {
                 self.next_part
             ));
             let file = super::staging::prepare_dir(&dir)
-                .and_then(|_| {
-                    std::fs::OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(&path)
-                })
+                .and_then(|_| DirectAppender::create(&path))
                 .map_err(|e| {
                     self.fail(format!("cannot spill a part to {}: {e}", path.display()))
                 })?;
             tracing::debug!(key = %self.key, part = self.next_part, path = %path.display(), "part spilled to disk as it is written");
             self.spill = Some(Spill {
-                file: Arc::new(file),
+                file: Some(file),
                 path,
                 len: 0,
             });
         }
         let spill = self.spill.as_mut().expect("spill opened above");
-        let (file, at) = (spill.file.clone(), spill.len);
-        let body = data.to_vec();
+        let body = Bytes::copy_from_slice(data);
         let n = body.len() as u64;
-        let written = tokio::task::spawn_blocking(move || file.write_all_at(&body, at))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let written = match spill.file.take() {
+            Some(file) => {
+                let (file, r) = append_blocking(file, body, false).await;
+                spill.file = file;
+                r
+            }
+            None => Err(std::io::Error::other("spill file lost")),
+        };
         match written {
             Ok(()) => {
                 spill.len += n;
@@ -477,7 +496,18 @@ impl StreamUpload {
         let acked = self.acked.clone();
         self.inflight.spawn(carry_patience(async move {
             let Spill { file, path, len } = spill;
-            drop(file);
+            // The last partial block goes to the file before it is read for the upload.
+            let flushed = match file {
+                Some(file) => append_blocking(file, Bytes::new(), true).await.1,
+                None => Err(std::io::Error::other("spill file lost")),
+            };
+            if let Err(e) = flushed {
+                let _ = std::fs::remove_file(&path);
+                return Err(StoreError::Other(format!(
+                    "{key}: cannot spill a part to {}: {e}",
+                    path.display()
+                )));
+            }
             let part = send_with_checksum(&caps, |c| {
                 let (store, key, id, path) = (store.clone(), key.clone(), id.clone(), path.clone());
                 async move {
@@ -668,11 +698,10 @@ impl StreamUpload {
     }
 
     /// Copy shipped bytes to the local spool while the file is within the spool limit. The
-    /// write runs on the blocking pool (a slow or throttled local disk must not stall a runtime
-    /// worker, which also serves FUSE requests and the network) and is awaited, so the spool
-    /// never has a hole.
+    /// write runs on the blocking pool, bypassing the page cache ([`DirectAppender`]), and is
+    /// awaited, so the spool never has a hole.
     async fn spool_write(&mut self, body: Bytes) {
-        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        use std::os::unix::fs::OpenOptionsExt;
         if self.spool_off || self.prefix.is_some() || body.is_empty() {
             return;
         }
@@ -708,16 +737,12 @@ impl StreamUpload {
                     )
                     .as_bytes(),
                 )?;
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)
+                DirectAppender::create(&path)
             });
             match opened {
                 Ok(file) => {
                     self.spool = Some(Spool {
-                        file: Arc::new(file),
+                        file: Some(file),
                         path,
                         bytes: 0,
                     })
@@ -730,10 +755,16 @@ impl StreamUpload {
             }
         }
         let spool = self.spool.as_mut().expect("spool opened above");
-        let (file, at, len) = (spool.file.clone(), spool.bytes, body.len() as u64);
-        let written = tokio::task::spawn_blocking(move || file.write_all_at(&body, at))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let len = body.len() as u64;
+        // Every byte on disk when this returns (the tail block too): a crash leaves them all.
+        let written = match spool.file.take() {
+            Some(file) => {
+                let (file, r) = append_blocking(file, body, true).await;
+                spool.file = file;
+                r
+            }
+            None => Err(std::io::Error::other("spool file lost")),
+        };
         match written {
             Ok(()) => spool.bytes += len,
             Err(e) => {
