@@ -248,6 +248,21 @@ pub struct Cli {
     #[arg(short = 'f', long, help_heading = "Mount")]
     pub foreground: bool,
 
+    /// Keep the mount alive when the daemon crashes: a worker process serves it and is started
+    /// again if it dies
+    ///
+    /// The process that mounts keeps the kernel connection and does nothing else; a worker
+    /// (the same binary) serves it. A worker that dies (kill -9, panic, out of memory) is
+    /// started again within a second on the same connection: it takes back the kernel's node
+    /// ids and open handles from a journal in the state directory, and the kernel sends it
+    /// again the requests the dead one had not answered (Linux 6.9 or later; before, a worker
+    /// death unmounts, as a daemon crash does without this option). Files open for reading and
+    /// directories being listed go on; a file open for writing fails with EIO from then on
+    /// (what it had staged is reported as after a crash). Five deaths within a minute end the
+    /// mount
+    #[arg(long, help_heading = "Mount")]
+    pub supervise: bool,
+
     /// Log debug details (S3MOUNT_LOG takes a tracing filter for finer control)
     #[arg(short = 'd', long, help_heading = "Logging and metrics")]
     pub debug: bool,

@@ -443,7 +443,7 @@ impl Filesystem for FuseAdapter {
     fn read(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
+        ino: u64,
         fh: u64,
         offset: i64,
         size: u32,
@@ -453,6 +453,8 @@ impl Filesystem for FuseAdapter {
     ) {
         let t = Timed::start("read");
         let fs = self.fs.clone();
+        // A descriptor opened before a worker restart (`--supervise`) is taken over here.
+        fs.adopt_file(ino, fh);
         self.rt.spawn(async move {
             match fs.read(fh, offset, size).await {
                 Ok(data) => reply.data(&data),
@@ -561,7 +563,7 @@ impl Filesystem for FuseAdapter {
     fn readdir(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
+        ino: u64,
         fh: u64,
         offset: i64,
         mut reply: ReplyDirectory,
@@ -570,6 +572,9 @@ impl Filesystem for FuseAdapter {
         let fs = self.fs.clone();
         // Waits while a large directory's listing is still arriving.
         self.run(async move {
+            if let Err(Errno(e)) = fs.adopt_dir(ino, fh).await {
+                return fail!(t, reply, e);
+            }
             let filled = fill_dir(&fs, fh, offset, |item| {
                 Ok(reply.add(item.ino, item.next_offset, file_type(item.kind), &item.name))
             })
@@ -595,6 +600,9 @@ impl Filesystem for FuseAdapter {
         // Waits while a large directory's listing is still arriving.
         self.run(async move {
             let fs = &fs;
+            if let Err(Errno(e)) = fs.adopt_dir(ino, fh).await {
+                return fail!(t, reply, e);
+            }
             if offset == 0 {
                 fs.sample_before_listing(fh).await;
             }
@@ -837,13 +845,8 @@ pub struct MountedSession {
     session: fuser::Session<FuseAdapter>,
 }
 
-/// Mount `fs` on `mountpoint`: as root through mount(2) directly, otherwise through fusermount3.
-pub fn mount(
-    fs: Arc<Fs>,
-    rt: Handle,
-    mountpoint: &std::path::Path,
-    opts: &KernelMountOptions,
-) -> std::io::Result<MountedSession> {
+/// The kernel mount options for `opts`.
+fn mount_options(opts: &KernelMountOptions) -> Vec<fuser::MountOption> {
     use fuser::MountOption as M;
     let mut options = vec![
         M::FSName(opts.fsname.clone()),
@@ -867,7 +870,17 @@ pub fn mount(
     if opts.allow_root {
         options.push(M::AllowRoot);
     }
-    let session = fuser::Session::new(FuseAdapter::new(fs, rt), mountpoint, &options)?;
+    options
+}
+
+/// Mount `fs` on `mountpoint`: as root through mount(2) directly, otherwise through fusermount3.
+pub fn mount(
+    fs: Arc<Fs>,
+    rt: Handle,
+    mountpoint: &std::path::Path,
+    opts: &KernelMountOptions,
+) -> std::io::Result<MountedSession> {
+    let session = fuser::Session::new(FuseAdapter::new(fs, rt), mountpoint, &mount_options(opts))?;
     Ok(MountedSession { session })
 }
 
@@ -875,5 +888,81 @@ impl MountedSession {
     /// Serve kernel requests until the filesystem is unmounted.
     pub fn run(mut self) -> std::io::Result<()> {
         self.session.run()
+    }
+}
+
+/// A filesystem that is never asked anything: the supervisor's session is never run.
+struct Unserved;
+
+impl Filesystem for Unserved {}
+
+/// The supervisor's mount (`--supervise`): the kernel connection, held open and never read
+/// here; workers serve it through a duplicate of its descriptor. Dropping it unmounts.
+pub struct HeldMount {
+    session: fuser::Session<Unserved>,
+}
+
+impl HeldMount {
+    /// The connection's descriptor (`/dev/fuse`), for a worker to serve.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.session.as_fd()
+    }
+}
+
+/// Mount on `mountpoint` with the options a served mount gets, to be served by workers.
+pub fn mount_held(
+    mountpoint: &std::path::Path,
+    opts: &KernelMountOptions,
+) -> std::io::Result<HeldMount> {
+    let session = fuser::Session::new(Unserved, mountpoint, &mount_options(opts))?;
+    Ok(HeldMount { session })
+}
+
+/// Serve `fs` on a connection a supervisor holds (`fd`). The first worker answers the kernel's
+/// INIT; one started after a worker died (`resumed`) finds the connection initialized
+/// (vendor/fuser/PATCHED.md) and first asks the kernel to send again what the dead one had
+/// read and not answered.
+pub fn serve_held(
+    fs: Arc<Fs>,
+    rt: Handle,
+    fd: std::os::fd::OwnedFd,
+    opts: &KernelMountOptions,
+    resumed: bool,
+) -> std::io::Result<MountedSession> {
+    use std::os::fd::AsRawFd;
+    // fuser's own checks of who may use the mount, as its `Session::new` sets them up.
+    let acl = if opts.allow_root {
+        fuser::SessionACL::RootAndOwner
+    } else if opts.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
+    let adapter = FuseAdapter::new(fs, rt);
+    let session = if resumed {
+        notify_resend(fd.as_raw_fd())?;
+        fuser::Session::from_fd_initialized(adapter, fd, acl)
+    } else {
+        fuser::Session::from_fd(adapter, fd, acl)
+    };
+    Ok(MountedSession { session })
+}
+
+/// FUSE_NOTIFY_RESEND (Linux 6.9, fs/fuse/dev.c `fuse_notify_resend`): the kernel puts every
+/// request that was read from the connection and not answered back in the queue, marked
+/// `FUSE_UNIQUE_RESEND`, for whoever reads next. Older kernels refuse the unknown code.
+fn notify_resend(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    const FUSE_NOTIFY_RESEND: i32 = 7;
+    // struct fuse_out_header { u32 len; i32 error (the notify code); u64 unique (0) }.
+    let mut header = [0u8; 16];
+    header[0..4].copy_from_slice(&16u32.to_ne_bytes());
+    header[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+    // SAFETY: `fd` is an open /dev/fuse descriptor and the buffer is 16 readable bytes.
+    let n = unsafe { libc::write(fd, header.as_ptr().cast(), header.len()) };
+    if n == header.len() as isize {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod mount;
 pub mod paths;
 pub mod store;
+pub mod supervisor;
 
 #[cfg(test)]
 mod proptests;

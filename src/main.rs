@@ -54,6 +54,29 @@ fn main() {
         // mount -f: validate everything, mount nothing.
         std::process::exit(0);
     }
+    // A worker of a supervised mount (`--supervise`): serve what the supervisor mounted.
+    if let Some(worker) = s3mount::supervisor::WorkerEnv::from_env() {
+        let worker = worker.unwrap_or_else(|m| fail(&m, 2));
+        let target = if cfg.foreground {
+            LogTarget::Stderr
+        } else {
+            LogTarget::background(cfg.log_file.as_deref(), &cfg.id.0)
+        };
+        logging::init(&target, cfg.log_format, cfg.debug).unwrap_or_else(|m| fail(&m, 2));
+        let report = worker.report().ok();
+        let mountpoint = worker
+            .mountpoint
+            .clone()
+            .unwrap_or_else(|| cfg.mountpoint.clone());
+        if let Err(f) = mount::run(cfg, mountpoint, None, Some(worker)) {
+            tracing::error!("{}", f.message);
+            if let Some(r) = report {
+                r.failed(&f.message);
+            }
+            fail(&f.message, f.code);
+        }
+        return;
+    }
     let mountpoint = mount::check_local(&cfg).unwrap_or_else(|f| fail(&f.message, f.code));
     let ready = if cfg.foreground {
         logging::init(&LogTarget::Stderr, cfg.log_format, cfg.debug)
@@ -73,7 +96,12 @@ fn main() {
         logging::init(&target, cfg.log_format, cfg.debug).unwrap_or_else(|m| fail(&m, 2));
         Some(pipe)
     };
-    if let Err(f) = mount::run(cfg, mountpoint, ready) {
+    let served = if cfg.supervise {
+        s3mount::supervisor::run(&cfg, &mountpoint, ready, &args)
+    } else {
+        mount::run(cfg, mountpoint, ready, None)
+    };
+    if let Err(f) = served {
         tracing::error!("{}", f.message);
         fail(&f.message, f.code);
     }

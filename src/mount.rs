@@ -15,6 +15,7 @@ use crate::fuse::{self, KernelMountOptions};
 use crate::paths::StateDir;
 use crate::store::s3::S3Store;
 use crate::store::{ObjectStore, StoreError};
+use crate::supervisor::WorkerEnv;
 
 /// How long the bucket check may take before the endpoint counts as unreachable.
 const REACH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,7 +29,7 @@ pub struct Fatal {
 }
 
 impl Fatal {
-    fn new(message: impl Into<String>) -> Self {
+    pub(crate) fn new(message: impl Into<String>) -> Self {
         Fatal {
             message: message.into(),
             code: 1,
@@ -227,7 +228,7 @@ pub fn describe_store_error(err: &StoreError, cfg: &Config) -> String {
 pub struct ReadyPipe(OwnedFd);
 
 impl ReadyPipe {
-    fn send_ok(self) {
+    pub(crate) fn send_ok(self) {
         let mut f = std::fs::File::from(self.0);
         let _ = f.write_all(b"0");
     }
@@ -377,7 +378,7 @@ fn handle_log_signals(rt: &tokio::runtime::Runtime) {
 }
 
 /// Unmount `path`: umount2(2) as root, else fusermount3 -u; `lazy` detaches even when busy.
-fn unmount(path: &Path, lazy: bool) -> std::io::Result<()> {
+pub(crate) fn unmount(path: &Path, lazy: bool) -> std::io::Result<()> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
     // SAFETY: umount2 with a NUL-terminated path; it has no other preconditions.
     if unsafe { libc::umount2(c.as_ptr(), if lazy { libc::MNT_DETACH } else { 0 }) } == 0 {
@@ -483,8 +484,56 @@ fn mount_is_live(path: &Path) -> bool {
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == FUSE_SUPER_MAGIC }
 }
 
+/// Why mounting on `mountpoint` failed, in one line with what to do.
+pub(crate) fn mount_error(e: &std::io::Error, mountpoint: &Path) -> Fatal {
+    Fatal::new(match e.kind() {
+        std::io::ErrorKind::PermissionDenied => format!(
+            "not allowed to mount on {}: {e} (non-root users need fusermount3 from the fuse3 package, and \
+             user_allow_other in /etc/fuse.conf for --allow-other)",
+            mountpoint.display()
+        ),
+        std::io::ErrorKind::NotFound => format!(
+            "cannot mount on {}: {e} (install the fuse3 package for fusermount3)",
+            mountpoint.display()
+        ),
+        _ => format!("cannot mount on {}: {e}", mountpoint.display()),
+    })
+}
+
+/// The kernel mount options a configuration asks for.
+pub(crate) fn kernel_options(cfg: &Config) -> KernelMountOptions {
+    KernelMountOptions {
+        fsname: cfg.source.clone(),
+        read_only: cfg.read_only,
+        allow_other: cfg.allow_other,
+        allow_root: cfg.allow_root,
+    }
+}
+
+/// Is anything mounted on `path`?
+pub(crate) fn is_mounted(path: &Path) -> bool {
+    mounted_fstype(path).is_some()
+}
+
+/// The mount answers: tell whoever waits for it (systemd, the parent of a daemon started in
+/// the background) and let go of the terminal.
+pub(crate) fn report_ready(cfg: &Config, mountpoint: &Path, ready: Option<ReadyPipe>) {
+    raise_readahead(mountpoint, cfg.kernel_readahead_kb);
+    tracing::info!(source = %cfg.source, mountpoint = %mountpoint.display(), "mounted");
+    sd_notify("READY=1");
+    if let Some(ready) = ready {
+        ready.send_ok();
+        detach_stdio();
+    }
+}
+
 /// Connect, check, mount, report readiness, serve until unmounted.
-pub fn run(mut cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Result<(), Fatal> {
+pub fn run(
+    mut cfg: Config,
+    mountpoint: PathBuf,
+    ready: Option<ReadyPipe>,
+    worker: Option<WorkerEnv>,
+) -> Result<(), Fatal> {
     let about = format!(
         "endpoint: {}\nbucket: {}\nprefix: {}\nmountpoint: {}\n",
         endpoint_name(&cfg),
@@ -492,7 +541,13 @@ pub fn run(mut cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Re
         cfg.prefix,
         mountpoint.display()
     );
-    let state = StateDir::claim(&cfg.state_base, &cfg.id, &about).map_err(|e| {
+    let claimed = match worker.as_ref().and_then(|w| w.state.as_deref()) {
+        // A worker started again after a death: the same directory (its lock was the dead
+        // worker's, gone with it).
+        Some(path) => StateDir::reclaim(path, &about),
+        None => StateDir::claim(&cfg.state_base, &cfg.id, &about),
+    };
+    let state = claimed.map_err(|e| {
         Fatal::new(format!(
             "cannot use the state directory {}: {e} (choose another with --staging-dir)",
             cfg.state_base.join(&cfg.id.0).display()
@@ -528,6 +583,25 @@ pub fn run(mut cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Re
             .map_err(|e| Fatal::new(format!("cannot open the block cache: {e}")))?,
     );
     fs.attach();
+    if let Some(w) = &worker {
+        // In a directory of its own: the state directory's top is where leftovers are looked for.
+        let journal = state.path.join("journal").join("inodes");
+        let restored = crate::paths::private_dir(&state.path.join("journal"))
+            .and_then(|()| fs.start_journal(&journal, w.restart))
+            .map_err(|e| {
+                Fatal::new(format!(
+                    "cannot use the inode journal {}: {e}",
+                    journal.display()
+                ))
+            })?;
+        if w.restart > 0 {
+            tracing::info!(
+                inodes = restored,
+                restart = w.restart,
+                "took back the inodes the kernel holds from the journal"
+            );
+        }
+    }
     let info = crate::control::MountInfo {
         source: cfg.source.clone(),
         endpoint: endpoint_name(&cfg),
@@ -563,26 +637,25 @@ pub fn run(mut cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Re
             }
         });
     }
-    let opts = KernelMountOptions {
-        fsname: cfg.source.clone(),
-        read_only: cfg.read_only,
-        allow_other: cfg.allow_other,
-        allow_root: cfg.allow_root,
+    let opts = kernel_options(&cfg);
+    let session = match &worker {
+        None => fuse::mount(fs.clone(), rt.handle().clone(), &mountpoint, &opts)
+            .map_err(|e| mount_error(&e, &mountpoint))?,
+        Some(w) => {
+            let fd = w
+                .fuse_fd
+                .try_clone()
+                .map_err(|e| Fatal::new(format!("cannot use the supervisor's connection: {e}")))?;
+            fuse::serve_held(fs.clone(), rt.handle().clone(), fd, &opts, w.restart > 0).map_err(
+                |e| {
+                    Fatal::new(format!(
+                        "cannot take over the mount on {} (asking the kernel to resend requests: {e})",
+                        mountpoint.display()
+                    ))
+                },
+            )?
+        }
     };
-    let session = fuse::mount(fs.clone(), rt.handle().clone(), &mountpoint, &opts).map_err(|e| {
-        Fatal::new(match e.kind() {
-            std::io::ErrorKind::PermissionDenied => format!(
-                "not allowed to mount on {}: {e} (non-root users need fusermount3 from the fuse3 package, and \
-                 user_allow_other in /etc/fuse.conf for --allow-other)",
-                mountpoint.display()
-            ),
-            std::io::ErrorKind::NotFound => format!(
-                "cannot mount on {}: {e} (install the fuse3 package for fusermount3)",
-                mountpoint.display()
-            ),
-            _ => format!("cannot mount on {}: {e}", mountpoint.display()),
-        })
-    })?;
     let serving = std::thread::Builder::new()
         .name("s3mount-fuse".into())
         .spawn(move || session.run())
@@ -648,12 +721,20 @@ pub fn run(mut cfg: Config, mountpoint: PathBuf, ready: Option<ReadyPipe>) -> Re
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    raise_readahead(&mountpoint, cfg.kernel_readahead_kb);
-    tracing::info!(source = %cfg.source, mountpoint = %mountpoint.display(), "mounted");
-    sd_notify("READY=1");
-    if let Some(ready) = ready {
-        ready.send_ok();
-        detach_stdio();
+    match &worker {
+        None => report_ready(&cfg, &mountpoint, ready),
+        Some(w) => {
+            if w.restart == 0 {
+                raise_readahead(&mountpoint, cfg.kernel_readahead_kb);
+            }
+            tracing::info!(source = %cfg.source, mountpoint = %mountpoint.display(), restart = w.restart, "serving (worker)");
+            if let Ok(report) = w.report() {
+                report.ready(&state.path);
+            }
+            if !cfg.foreground {
+                detach_stdio();
+            }
+        }
     }
     let result = serving
         .join()

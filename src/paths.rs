@@ -150,6 +150,31 @@ impl StateDir {
     }
 }
 
+impl StateDir {
+    /// Take exactly `path` (a worker started again after a death takes its predecessor's
+    /// directory), waiting up to five seconds for the dead process's lock to go.
+    pub fn reclaim(path: &Path, about: &str) -> std::io::Result<StateDir> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            private_dir(path)?;
+            if let Some(lock) = crate::data::staging::lock_dir(path)? {
+                std::fs::write(path.join("mount.info"), about)?;
+                return Ok(StateDir {
+                    path: path.to_path_buf(),
+                    _lock: lock,
+                });
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(std::io::Error::other(format!(
+                    "{} is held by another live process",
+                    path.display()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

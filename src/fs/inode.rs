@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use super::attrs::{Attr, Kind};
+use super::journal::{Journal, Named, Replayed};
 use crate::store::ObjectMeta;
 
 pub const ROOT_INO: u64 = 1;
@@ -35,7 +36,12 @@ pub struct InodeTable {
     inodes: HashMap<u64, Inode>,
     by_name: HashMap<(u64, String), u64>,
     next_ino: u64,
+    /// `--supervise`: every change of names, for a worker started again (fs/journal.rs).
+    journal: Option<std::sync::Arc<Journal>>,
 }
+
+/// The lookup count of an inode read back from the journal: unknown, so no forget drops it.
+const RESTORED_LOOKUPS: u64 = 1 << 40;
 
 impl InodeTable {
     pub fn new(root: Inode) -> Self {
@@ -45,7 +51,43 @@ impl InodeTable {
             inodes,
             by_name: HashMap::new(),
             next_ino: ROOT_INO + 1,
+            journal: None,
         }
+    }
+
+    /// Journal every change of names from now on.
+    pub fn set_journal(&mut self, journal: std::sync::Arc<Journal>) {
+        self.journal = Some(journal);
+    }
+
+    /// Take back the inodes a journal names (a worker started again on a live mount): numbered
+    /// and named as the kernel knows them, their attributes from `make_attr` (placeholders,
+    /// `fetched` at `stale`, so the first getattr asks the bucket).
+    pub fn restore(&mut self, r: Replayed, stale: Instant, make_attr: impl Fn(&Named) -> Attr) {
+        for n in r.inodes.values() {
+            if n.ino == ROOT_INO {
+                continue;
+            }
+            self.inodes.insert(
+                n.ino,
+                Inode {
+                    ino: n.ino,
+                    parent: n.parent,
+                    name: n.name.clone(),
+                    kind: n.kind,
+                    key: n.key.clone(),
+                    attr: make_attr(n),
+                    meta: None,
+                    fetched: stale,
+                    lookups: RESTORED_LOOKUPS,
+                    page_cache_etag: None,
+                    written_etag: None,
+                    unlinked: false,
+                },
+            );
+        }
+        self.by_name = r.names;
+        self.next_ino = self.next_ino.max(r.next_ino);
     }
 
     pub fn get(&self, ino: u64) -> Option<&Inode> {
@@ -112,6 +154,15 @@ impl InodeTable {
                 let ino = self.next_ino;
                 self.next_ino += 1;
                 self.by_name.insert((parent, name.to_string()), ino);
+                if let Some(j) = &self.journal {
+                    j.new_inode(&Named {
+                        ino,
+                        parent,
+                        kind,
+                        name: name.to_string(),
+                        key: key.clone(),
+                    });
+                }
                 ino
             }
         };
@@ -141,7 +192,11 @@ impl InodeTable {
     /// `parent/name` no longer exists: later lookups must not find the old inode (the kernel
     /// may still hold it until it forgets).
     pub fn remove_name(&mut self, parent: u64, name: &str) {
-        self.by_name.remove(&(parent, name.to_string()));
+        if self.by_name.remove(&(parent, name.to_string())).is_some() {
+            if let Some(j) = &self.journal {
+                j.unnamed(parent, name);
+            }
+        }
     }
 
     /// The inode `ino` is now `newparent/newname` (same inode number, as rename(2) requires).
@@ -161,10 +216,16 @@ impl InodeTable {
             i.parent = newparent;
             i.name = newname.to_string();
         }
+        if let Some(j) = &self.journal {
+            j.moved(ino, newparent, newname);
+        }
     }
 
     /// Keys below a renamed directory: `old_prefix...` becomes `new_prefix...` everywhere.
     pub fn rekey(&mut self, old_prefix: &str, new_prefix: &str) {
+        if let Some(j) = &self.journal {
+            j.rekeyed(old_prefix, new_prefix);
+        }
         for i in self.inodes.values_mut() {
             if let Some(rest) = i.key.strip_prefix(old_prefix) {
                 i.key = format!("{new_prefix}{rest}");
@@ -189,6 +250,9 @@ impl InodeTable {
             self.inodes.remove(&ino);
             if self.by_name.get(&key) == Some(&ino) {
                 self.by_name.remove(&key);
+            }
+            if let Some(j) = &self.journal {
+                j.dropped(ino);
             }
         }
     }

@@ -19,11 +19,13 @@
 pub mod attrs;
 pub mod dir;
 pub mod inode;
+pub mod journal;
 mod known;
 mod mime;
 mod namespace;
 mod open_file;
 mod rename;
+mod restart;
 mod setattr;
 pub mod status;
 mod write;
@@ -291,6 +293,10 @@ pub struct Fs {
     files: Mutex<HashMap<u64, Arc<FileHandle>>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
+    /// `--supervise`: where inodes and handles are journaled (see [`restart`]).
+    journal: std::sync::OnceLock<Arc<journal::Journal>>,
+    /// Handles the kernel holds from a worker that died, not taken over yet.
+    adopted: Mutex<std::collections::BTreeMap<u64, (u64, journal::Opened)>>,
     budget: Arc<Budget>,
     cache: Arc<BlockCache>,
     caps: Arc<Capabilities>,
@@ -725,6 +731,8 @@ impl Fs {
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            journal: std::sync::OnceLock::new(),
+            adopted: Mutex::default(),
             budget,
             cache,
             caps,
@@ -1347,6 +1355,7 @@ impl Fs {
             keep
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.journal_opened(fh, ino, journal::Opened::Read);
         let handle = ReadHandle {
             ino,
             reader: Mutex::new(reader),
@@ -1395,7 +1404,8 @@ impl Fs {
     }
 
     pub async fn read(&self, fh: u64, offset: i64, size: u32) -> FsResult<Bytes> {
-        let handle = self.files.lock().get(&fh).cloned().ok_or(Errno::EBADF)?;
+        let handle = self.files.lock().get(&fh).cloned();
+        let handle = handle.ok_or_else(|| self.unknown_handle(fh))?;
         let offset = u64::try_from(offset).map_err(|_| Errno::EINVAL)?;
         match &*handle {
             FileHandle::Read(h) => {
@@ -1474,6 +1484,7 @@ impl Fs {
             }
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.journal_opened(fh, ino, journal::Opened::Dir);
         self.dirs.lock().insert(fh, Arc::new(handle));
         Ok(fh)
     }
@@ -1685,7 +1696,11 @@ impl Fs {
     }
 
     pub fn releasedir(&self, fh: u64) {
-        self.dirs.lock().remove(&fh);
+        if self.dirs.lock().remove(&fh).is_some() {
+            self.journal_closed(fh);
+        } else {
+            self.release_adopted(fh);
+        }
     }
 
     pub fn statfs(&self) -> StatFs {

@@ -2886,3 +2886,69 @@ async fn directory_attribute_changes_in_a_row_need_no_head_each() {
         Some(&*(0o40700u32).to_string())
     );
 }
+
+/// `--supervise`: a worker started again on a live mount takes back, from the journal the dead
+/// one wrote, the node ids and handles the kernel holds: getattr and lookups under restored
+/// inodes work, a read handle and a directory handle go on, a write handle fails with EIO, new
+/// handles are numbered above the old ones, and renames and unlinks before the death count.
+#[tokio::test]
+async fn a_restarted_worker_answers_the_node_ids_and_handles_of_the_dead_one() {
+    let store = Arc::new(MockStore::new());
+    store.insert("src/a.c", "int a;");
+    store.insert("src/b.c", "int b;");
+    store.insert("src/sub/c.c", "int c;");
+    store.insert("top.txt", "top");
+    let state = tempfile::tempdir().unwrap();
+    let path = state.path().join("inodes.journal");
+    let old = Fs::new(store.clone(), test_config(""));
+    old.start_journal(&path, 0).unwrap();
+    let src = old.lookup(ROOT_INO, b"src").await.unwrap();
+    let a = old.lookup(src.ino, b"a.c").await.unwrap();
+    let sub = old.lookup(src.ino, b"sub").await.unwrap();
+    let top = old.lookup(ROOT_INO, b"top.txt").await.unwrap();
+    let (read_fh, _) = old.open(a.ino, libc::O_RDONLY).await.unwrap();
+    let dir_fh = old.opendir(src.ino).await.unwrap();
+    let first = old.readdir(dir_fh, 0, 3, true).await.unwrap();
+    let names: Vec<String> = first.iter().map(|i| i.name.clone()).collect();
+    let write_fh = new_file(&old, "new.txt").await;
+    old.write(write_fh, 0, b"lost").await.unwrap();
+    old.rename(ROOT_INO, b"top.txt", src.ino, b"moved.txt", 0)
+        .await
+        .unwrap();
+    // The worker dies here: nothing is released or flushed.
+    drop(old);
+
+    let new = Fs::new(store.clone(), test_config(""));
+    assert!(new.start_journal(&path, 1).unwrap() >= 5);
+    assert_eq!(new.getattr(a.ino).await.unwrap().size, 6);
+    assert_eq!(new.getattr(sub.ino).await.unwrap().kind, Kind::Dir);
+    let c = new.lookup(sub.ino, b"c.c").await.unwrap();
+    assert!(
+        c.ino > top.ino,
+        "new inodes are numbered after the old ones"
+    );
+    assert_eq!(
+        new.lookup(src.ino, b"moved.txt").await.unwrap().ino,
+        top.ino
+    );
+    assert_eq!(store.get_bytes("src/moved.txt").unwrap().as_ref(), b"top");
+    // The read handle goes on (a close that comes before any read is fine too).
+    new.flush(read_fh).await.unwrap();
+    new.adopt_file(a.ino, read_fh);
+    assert_eq!(new.read(read_fh, 0, 100).await.unwrap().as_ref(), b"int a;");
+    // The directory handle goes on from where the kernel is.
+    new.adopt_dir(src.ino, dir_fh).await.unwrap();
+    let rest = new.readdir(dir_fh, 3, 100, true).await.unwrap();
+    let mut all: Vec<String> = names;
+    all.extend(rest.iter().map(|i| i.name.clone()));
+    all.sort();
+    assert_eq!(all, [".", "..", "a.c", "b.c", "moved.txt", "sub"]);
+    // The write handle cannot go on.
+    assert_eq!(new.write(write_fh, 4, b"x").await.unwrap_err(), Errno::EIO);
+    assert_eq!(new.flush(write_fh).await.unwrap_err(), Errno::EIO);
+    new.release(write_fh).await.unwrap();
+    assert_eq!(new.flush(write_fh).await.unwrap_err(), Errno::EBADF);
+    // Handles made now are numbered above every old one.
+    let (fh, _) = new.open(a.ino, libc::O_RDONLY).await.unwrap();
+    assert!(fh > write_fh.max(dir_fh).max(read_fh));
+}

@@ -249,6 +249,7 @@ impl Fs {
     /// A new write descriptor on `file` (already counted in `open_files`).
     pub(super) fn new_handle(&self, file: Arc<OpenFile>) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.journal_opened(fh, file.ino, super::journal::Opened::Write);
         self.files
             .lock()
             .insert(fh, Arc::new(FileHandle::Write(file)));
@@ -421,7 +422,8 @@ impl Fs {
     }
 
     pub(super) fn write_handle(&self, fh: u64) -> FsResult<Arc<OpenFile>> {
-        let h = self.files.lock().get(&fh).cloned().ok_or(Errno::EBADF)?;
+        let h = self.files.lock().get(&fh).cloned();
+        let h = h.ok_or_else(|| self.unknown_handle(fh))?;
         match &*h {
             FileHandle::Write(file) => Ok(file.clone()),
             FileHandle::Read(..) => Err(Errno::EBADF),
@@ -828,7 +830,7 @@ impl Fs {
     /// descriptor of the file shares its state, so this commits what any of them wrote.
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
         let Some(h) = self.files.lock().get(&fh).cloned() else {
-            return Err(Errno::EBADF);
+            return self.sync_unknown(fh);
         };
         match &*h {
             FileHandle::Read(..) => Ok(()),
@@ -854,7 +856,7 @@ impl Fs {
             return Err(Errno::EIO);
         }
         let Some(h) = self.files.lock().get(&fh).cloned() else {
-            return Err(Errno::EBADF);
+            return self.sync_unknown(fh);
         };
         let file = match &*h {
             FileHandle::Write(file) => file.clone(),
@@ -888,8 +890,10 @@ impl Fs {
     /// no reader is left).
     pub async fn release(&self, fh: u64) -> FsResult<()> {
         let Some(h) = self.files.lock().remove(&fh) else {
+            self.release_adopted(fh);
             return Ok(());
         };
+        self.journal_closed(fh);
         match &*h {
             FileHandle::Write(file) => self.release_writer(file).await,
             FileHandle::Read(r) => {

@@ -1,0 +1,365 @@
+//! A mount that outlives its worker (`--supervise`).
+//!
+//! Without it, the daemon that mounts also serves: when it dies (kill -9, a panic, the OOM
+//! killer), every process using the mount gets "Transport endpoint is not connected" until
+//! someone unmounts by hand. With it, two processes share the work:
+//!
+//! - the **supervisor** ([`run`]) mounts and keeps the kernel connection (the `/dev/fuse`
+//!   descriptor, [`crate::fuse::HeldMount`]) and nothing else: no S3 client, no async runtime,
+//!   a few MB. It starts a worker, reports the mount ready once the worker says it serves, and
+//!   forwards SIGTERM, SIGINT, SIGHUP and SIGUSR2 to it. A worker that exits 0 was unmounted:
+//!   the supervisor exits 0 too. One that dies any other way while the mount is still there is
+//!   started again on the same connection, unless five died within a minute (then it gives
+//!   up, logs why and unmounts) or the kernel cannot resend requests (before Linux 6.9: it
+//!   unmounts, which is what a crash did before).
+//! - the **worker** is this binary again, with the same arguments and [`WorkerEnv`] in its
+//!   environment: `mount::run` does everything a daemon does except mount. It serves the held
+//!   descriptor (`fuse::serve_held`) and journals its inodes and handles in the state
+//!   directory (`fs/journal.rs`); a worker started after a death takes the same state
+//!   directory, replays the journal, and asks the kernel for the requests its predecessor had
+//!   read and not answered.
+//!
+//! Worker and supervisor talk over one pipe, a line per message: `ready\tSTATE_DIR` once the
+//! worker serves, `fail\tMESSAGE` if it cannot start (the supervisor then fails with that
+//! message, as a daemon that cannot mount does).
+
+use std::io::{BufRead, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::fuse::HeldMount;
+use crate::mount::{Fatal, ReadyPipe};
+
+const ENV_FD: &str = "S3MOUNT_WORKER_FD";
+const ENV_REPORT: &str = "S3MOUNT_WORKER_REPORT_FD";
+const ENV_RESTART: &str = "S3MOUNT_WORKER_RESTART";
+const ENV_STATE: &str = "S3MOUNT_WORKER_STATE";
+const ENV_MOUNTPOINT: &str = "S3MOUNT_WORKER_MOUNTPOINT";
+
+/// Deaths within [`DEATH_WINDOW`] after which the supervisor gives up.
+const MAX_DEATHS: usize = 5;
+const DEATH_WINDOW: Duration = Duration::from_secs(60);
+/// How long a worker may take to start serving.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a worker process got from its supervisor.
+pub struct WorkerEnv {
+    /// The kernel connection to serve.
+    pub fuse_fd: OwnedFd,
+    /// 0 for the first worker of a mount, then 1, 2, ... after each death.
+    pub restart: u32,
+    /// The state directory the first worker took (every later one takes the same).
+    pub state: Option<PathBuf>,
+    /// The mount point, as the supervisor resolved it.
+    pub mountpoint: Option<PathBuf>,
+    report: WorkerReport,
+}
+
+/// The worker's side of the pipe to its supervisor.
+pub struct WorkerReport(std::fs::File);
+
+impl WorkerReport {
+    /// The worker serves; its state directory is `state`.
+    pub fn ready(&self, state: &Path) {
+        self.say(&format!("ready\t{}", state.display()));
+    }
+
+    /// The worker cannot start: the supervisor fails with `message`.
+    pub fn failed(&self, message: &str) {
+        self.say(&format!("fail\t{}", message.replace('\n', " ")));
+    }
+
+    fn say(&self, line: &str) {
+        let _ = (&self.0).write_all(format!("{line}\n").as_bytes());
+    }
+}
+
+impl WorkerEnv {
+    /// In a worker process: what the supervisor passed (taken out of the environment, so
+    /// nothing this process starts inherits it). `None` in any other process.
+    pub fn from_env() -> Option<Result<WorkerEnv, String>> {
+        let fd = std::env::var(ENV_FD).ok()?;
+        let take = |name: &str| {
+            let v = std::env::var(name).ok();
+            std::env::remove_var(name);
+            v
+        };
+        let (report, restart, state) = (take(ENV_REPORT), take(ENV_RESTART), take(ENV_STATE));
+        let mountpoint = take(ENV_MOUNTPOINT).map(PathBuf::from);
+        std::env::remove_var(ENV_FD);
+        Some((|| {
+            let fuse_fd = inherited_fd(&fd)?;
+            let report = inherited_fd(report.as_deref().unwrap_or(""))?;
+            Ok(WorkerEnv {
+                fuse_fd,
+                restart: restart.and_then(|r| r.parse().ok()).unwrap_or(0),
+                state: state.map(PathBuf::from),
+                mountpoint,
+                report: WorkerReport(std::fs::File::from(report)),
+            })
+        })())
+    }
+
+    /// A handle on the pipe to the supervisor, to report a failure after `self` is used.
+    pub fn report(&self) -> std::io::Result<WorkerReport> {
+        Ok(WorkerReport(self.report.0.try_clone()?))
+    }
+}
+
+/// A descriptor the supervisor left open across exec, by number.
+fn inherited_fd(number: &str) -> Result<OwnedFd, String> {
+    let fd: i32 = number
+        .parse()
+        .map_err(|_| format!("worker: bad descriptor number {number:?}"))?;
+    // SAFETY: F_GETFD only reads the descriptor's flags; any number may be asked.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(format!("worker: descriptor {fd} is not open"));
+    }
+    // SAFETY: the supervisor opened this descriptor for this process and nothing else in it
+    // owns it (it is taken out of the environment once, here); checked open above.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Not to be inherited by what the worker starts.
+    // SAFETY: F_SETFD on a descriptor this process owns.
+    unsafe { libc::fcntl(owned.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(owned)
+}
+
+/// Signals received and not forwarded yet, one bit each.
+static PENDING: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    PENDING.fetch_or(1 << sig, Ordering::Relaxed);
+}
+
+const FORWARDED: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR2];
+
+fn catch_signals() {
+    for sig in FORWARDED {
+        // SAFETY: a zeroed sigaction with a handler that only does an atomic or (which is
+        // async-signal-safe); the struct outlives the call.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Can this kernel resend requests a dead worker read (FUSE_NOTIFY_RESEND, Linux 6.9)?
+fn kernel_resends() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (6, 9)
+}
+
+/// One worker process and the lines it sends.
+struct Worker {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+fn spawn_worker(
+    held: &HeldMount,
+    mountpoint: &Path,
+    argv: &[String],
+    restart: u32,
+    state: Option<&Path>,
+) -> Result<Worker, Fatal> {
+    let fail = |e: std::io::Error| Fatal::new(format!("cannot start the worker: {e}"));
+    // Duplicates without close-on-exec: what the worker inherits.
+    // SAFETY: dup of a descriptor the held mount keeps open.
+    let fuse = unsafe { libc::dup(held.fd().as_raw_fd()) };
+    if fuse < 0 {
+        return Err(fail(std::io::Error::last_os_error()));
+    }
+    // SAFETY: dup just returned it; nothing else owns it.
+    let fuse = unsafe { OwnedFd::from_raw_fd(fuse) };
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(fail)?;
+    // SAFETY: dup of the pair's open end.
+    let report = unsafe { libc::dup(theirs.as_raw_fd()) };
+    if report < 0 {
+        return Err(fail(std::io::Error::last_os_error()));
+    }
+    // SAFETY: dup just returned it; nothing else owns it.
+    let report = unsafe { OwnedFd::from_raw_fd(report) };
+    drop(theirs);
+    let exe = std::env::current_exe().map_err(fail)?;
+    let mut cmd = Command::new(exe);
+    cmd.args(&argv[1..])
+        .env(ENV_FD, fuse.as_raw_fd().to_string())
+        .env(ENV_REPORT, report.as_raw_fd().to_string())
+        .env(ENV_RESTART, restart.to_string())
+        .env(ENV_MOUNTPOINT, mountpoint)
+        .stdin(std::process::Stdio::null());
+    if let Some(s) = state {
+        cmd.env(ENV_STATE, s);
+    }
+    let child = cmd.spawn().map_err(fail)?;
+    drop((fuse, report));
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(ours).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(Worker { child, lines })
+}
+
+/// Forward the signals received since the last call to the worker; true if one of them ends
+/// the mount (SIGTERM, SIGINT).
+fn forward_signals(worker: &Child) -> bool {
+    let pending = PENDING.swap(0, Ordering::Relaxed);
+    let mut ending = false;
+    for sig in FORWARDED {
+        if pending & (1 << sig) != 0 {
+            // SAFETY: kill with our own child's pid and a valid signal number.
+            unsafe { libc::kill(worker.id() as libc::pid_t, sig) };
+            ending |= sig == libc::SIGTERM || sig == libc::SIGINT;
+        }
+    }
+    ending
+}
+
+/// Wait for the worker to say it serves: Ok(its state directory), or why not.
+fn wait_ready(w: &mut Worker) -> Result<PathBuf, String> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        forward_signals(&w.child);
+        match w.lines.recv_timeout(Duration::from_millis(50)) {
+            Ok(line) => {
+                if let Some(state) = line.strip_prefix("ready\t") {
+                    return Ok(PathBuf::from(state));
+                }
+                if let Some(msg) = line.strip_prefix("fail\t") {
+                    let _ = w.child.wait();
+                    return Err(msg.to_string());
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let status = w.child.wait().ok();
+                return Err(format!(
+                    "the worker ended before it served the mount ({})",
+                    status.map_or("?".into(), |s| cause(&s))
+                ));
+            }
+        }
+        if Instant::now() > deadline {
+            let _ = w.child.kill();
+            let _ = w.child.wait();
+            return Err("the worker did not start serving within a minute".into());
+        }
+    }
+}
+
+/// "signal 9 (SIGKILL)", "exit status 101".
+fn cause(status: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("killed by signal {s}{}", signal_name(s)),
+        _ => "ended".into(),
+    }
+}
+
+fn signal_name(s: i32) -> &'static str {
+    match s {
+        libc::SIGKILL => " (SIGKILL: kill -9 or the OOM killer)",
+        libc::SIGABRT => " (SIGABRT)",
+        libc::SIGSEGV => " (SIGSEGV)",
+        libc::SIGTERM => " (SIGTERM)",
+        _ => "",
+    }
+}
+
+/// Mount, then keep a worker serving the mount until it is unmounted.
+pub fn run(
+    cfg: &Config,
+    mountpoint: &Path,
+    ready: Option<ReadyPipe>,
+    argv: &[String],
+) -> Result<(), Fatal> {
+    catch_signals();
+    let opts = crate::mount::kernel_options(cfg);
+    let held = crate::fuse::mount_held(mountpoint, &opts)
+        .map_err(|e| crate::mount::mount_error(&e, mountpoint))?;
+    let resends = kernel_resends();
+    if !resends {
+        tracing::warn!("this kernel cannot resend the requests a dead worker was serving (Linux 6.9 or later can): a worker that dies unmounts, as a daemon crash does");
+    }
+    let mut worker = spawn_worker(&held, mountpoint, argv, 0, None)?;
+    let state = wait_ready(&mut worker).map_err(Fatal::new)?;
+    crate::mount::report_ready(cfg, mountpoint, ready);
+    tracing::info!(
+        pid = worker.child.id(),
+        "supervising the worker serving {}",
+        mountpoint.display()
+    );
+    let mut deaths: Vec<Instant> = Vec::new();
+    let mut restarts = 0u32;
+    loop {
+        let ending = forward_signals(&worker.child);
+        match worker.child.try_wait() {
+            Ok(Some(status)) if status.success() => {
+                tracing::info!("the worker ended after the unmount");
+                return Ok(());
+            }
+            Ok(Some(status)) => {
+                let why = cause(&status);
+                if ending || !crate::mount::is_mounted(mountpoint) {
+                    return Err(Fatal::new(format!("the worker ended ({why})")));
+                }
+                let died = Instant::now();
+                deaths.retain(|t| died.duration_since(*t) < DEATH_WINDOW);
+                deaths.push(died);
+                if !resends || deaths.len() >= MAX_DEATHS {
+                    let reason = if resends {
+                        format!("{MAX_DEATHS} workers died within a minute")
+                    } else {
+                        "this kernel cannot hand a dead worker's requests to a new one".into()
+                    };
+                    tracing::error!(cause = %why, "the worker died; {reason}: unmounting {}", mountpoint.display());
+                    let _ = crate::mount::unmount(mountpoint, true);
+                    return Err(Fatal::new(format!("the worker died ({why}); {reason}")));
+                }
+                restarts += 1;
+                tracing::warn!(cause = %why, restart = restarts, "the worker died; starting a new one on the same mount");
+                worker = spawn_worker(&held, mountpoint, argv, restarts, Some(&state))?;
+                match wait_ready(&mut worker) {
+                    Ok(_) => tracing::warn!(
+                        restart = restarts,
+                        cause = %why,
+                        pause_ms = died.elapsed().as_millis() as u64,
+                        "worker restarted: the mount paused for {} ms",
+                        died.elapsed().as_millis()
+                    ),
+                    Err(e) => {
+                        tracing::error!(
+                            "the new worker did not start ({e}): unmounting {}",
+                            mountpoint.display()
+                        );
+                        let _ = crate::mount::unmount(mountpoint, true);
+                        return Err(Fatal::new(format!(
+                            "the worker died ({why}) and a new one did not start: {e}"
+                        )));
+                    }
+                }
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(Fatal::new(format!("cannot watch the worker: {e}"))),
+        }
+    }
+}
