@@ -318,45 +318,42 @@ pub fn run(
                 return Ok(());
             }
             Ok(Some(status)) => {
-                let why = cause(&status);
+                let mut why = cause(&status);
                 if ending || !crate::mount::is_mounted(mountpoint) {
                     return Err(Fatal::new(format!("the worker ended ({why})")));
                 }
                 let died = Instant::now();
-                deaths.retain(|t| died.duration_since(*t) < DEATH_WINDOW);
-                deaths.push(died);
-                if !resends || deaths.len() >= MAX_DEATHS {
-                    let reason = if resends {
-                        format!("{MAX_DEATHS} workers died within a minute")
-                    } else {
-                        "this kernel cannot hand a dead worker's requests to a new one".into()
-                    };
-                    tracing::error!(cause = %why, "the worker died; {reason}: unmounting {}", mountpoint.display());
-                    let _ = crate::mount::unmount(mountpoint, true);
-                    return Err(Fatal::new(format!("the worker died ({why}); {reason}")));
-                }
-                restarts += 1;
-                tracing::warn!(cause = %why, restart = restarts, "the worker died; starting a new one on the same mount");
-                worker = spawn_worker(&held, mountpoint, argv, restarts, Some(&state))?;
-                match wait_ready(&mut worker) {
-                    Ok(_) => tracing::warn!(
-                        restart = restarts,
-                        cause = %why,
-                        pause_ms = died.elapsed().as_millis() as u64,
-                        "worker restarted: the mount paused for {} ms",
-                        died.elapsed().as_millis()
-                    ),
-                    Err(e) => {
-                        tracing::error!(
-                            "the new worker did not start ({e}): unmounting {}",
-                            mountpoint.display()
-                        );
+                // Start a new worker; one that dies before it serves counts as another death.
+                loop {
+                    let now = Instant::now();
+                    deaths.retain(|t| now.duration_since(*t) < DEATH_WINDOW);
+                    deaths.push(now);
+                    if !resends || deaths.len() >= MAX_DEATHS {
+                        let reason = if resends {
+                            format!("{MAX_DEATHS} workers died within a minute")
+                        } else {
+                            "this kernel cannot hand a dead worker's requests to a new one".into()
+                        };
+                        tracing::error!(cause = %why, "the worker died; {reason}: unmounting {}", mountpoint.display());
                         let _ = crate::mount::unmount(mountpoint, true);
-                        return Err(Fatal::new(format!(
-                            "the worker died ({why}) and a new one did not start: {e}"
-                        )));
+                        return Err(Fatal::new(format!("the worker died ({why}); {reason}")));
+                    }
+                    restarts += 1;
+                    tracing::warn!(cause = %why, restart = restarts, "the worker died; starting a new one on the same mount");
+                    worker = spawn_worker(&held, mountpoint, argv, restarts, Some(&state))?;
+                    match wait_ready(&mut worker) {
+                        Ok(_) => break,
+                        Err(e) => why = format!("a new worker did not start: {e}"),
                     }
                 }
+                let pause = died.elapsed();
+                tracing::warn!(
+                    restart = restarts,
+                    cause = %why,
+                    pause_ms = pause.as_millis() as u64,
+                    "worker restarted: the mount paused for {} ms",
+                    pause.as_millis()
+                );
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(50)),
             Err(e) => return Err(Fatal::new(format!("cannot watch the worker: {e}"))),

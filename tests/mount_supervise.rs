@@ -1,0 +1,222 @@
+//! `--supervise`: the worker serving a mount is killed (kill -9) while tools use the mount, and
+//! a new one takes over without them seeing an error; SIGTERM to the supervisor unmounts; a
+//! worker that keeps dying ends the mount. Real binary over FUSE, checked against the server.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// The processes serving the mount on `dir`: (supervisor, worker). The worker is the one whose
+/// parent is the other.
+fn processes(dir: &Path) -> (Option<u32>, Option<u32>) {
+    let dir = dir.display().to_string();
+    let ours: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            if !(args.first()?.ends_with(b"s3mount") && args.contains(&dir.as_bytes())) {
+                return None;
+            }
+            let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+            let ppid = status
+                .lines()
+                .find_map(|l| l.strip_prefix("PPid:"))?
+                .trim()
+                .parse()
+                .ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let worker = ours
+        .iter()
+        .find(|(_, ppid)| ours.iter().any(|(p, _)| p == ppid))
+        .map(|(p, _)| *p);
+    let supervisor = ours
+        .iter()
+        .find(|(p, _)| Some(*p) != worker)
+        .map(|(p, _)| *p);
+    (supervisor, worker)
+}
+
+/// SIGKILL to `pid`, without starting a process: a fork and exec here would close (and so
+/// flush, which commits) every descriptor the test holds open on the mount.
+fn kill9(pid: u32) {
+    // SAFETY: kill(2) with a pid and a valid signal; no memory is involved.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+}
+
+/// Kill the worker with SIGKILL and wait (10 s at most) until another one serves.
+fn kill_worker(m: &Mount) -> u32 {
+    let restarts = |m: &Mount| {
+        std::fs::read_to_string(&m.log)
+            .unwrap_or_default()
+            .matches("worker restarted")
+            .count()
+    };
+    let before = restarts(m);
+    let (_, worker) = processes(m.path());
+    let old = worker.expect("a worker process");
+    kill9(old);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let (_, Some(new)) = processes(m.path()) {
+            if new != old && restarts(m) > before {
+                return new;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new worker after killing {old}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_killed_worker_is_replaced_while_listings_and_reads_go_on() {
+    let s = server();
+    let bucket = s.new_bucket();
+    for d in 0..4 {
+        for f in 0..10 {
+            s.put(&bucket, &format!("tree/d{d}/f{f}"), format!("{d}-{f}"));
+        }
+    }
+    let big = pattern(48 << 20, 16);
+    s.put(&bucket, "big.bin", big.clone());
+    let m = Mount::new(s, &bucket, &["--supervise"]);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        // `ls -lR` over and over: every run lists everything, none fails.
+        let lister = scope.spawn(|| {
+            let mut runs = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = sh(&format!("ls -lR {}", m.join("tree").display()));
+                assert!(
+                    out.status.success(),
+                    "ls -lR failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let listed = String::from_utf8_lossy(&out.stdout);
+                assert_eq!(listed.matches(" f").count(), 40, "{listed}");
+                runs += 1;
+            }
+            runs
+        });
+        // One descriptor reads the big file slowly from start to end, across the deaths.
+        let reader = scope.spawn(|| {
+            let f = std::fs::File::open(m.join("big.bin")).unwrap();
+            let mut got = vec![0u8; big.len()];
+            for (i, chunk) in got.chunks_mut(1 << 20).enumerate() {
+                f.read_exact_at(chunk, (i << 20) as u64)
+                    .unwrap_or_else(|e| panic!("read at {} MiB: {e}", i));
+                std::thread::sleep(Duration::from_millis(60));
+            }
+            sha256(&got)
+        });
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(700));
+            kill_worker(&m);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let runs = lister.join().expect("lister");
+        assert!(runs >= 3, "{runs} listings");
+        assert_eq!(reader.join().expect("reader"), sha256(&big));
+    });
+    // The new worker serves writes, and the bucket has them.
+    std::fs::write(m.join("after.txt"), b"written after the restarts").unwrap();
+    assert_eq!(
+        s.get(&bucket, "after.txt").as_deref(),
+        Some(&b"written after the restarts"[..])
+    );
+    let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+    assert_eq!(log.matches("worker restarted").count(), 3, "{log}");
+    assert!(log.contains("SIGKILL"), "the cause is logged");
+}
+
+/// A file open for writing when its worker dies: later writes fail with EIO (its bytes were in
+/// the dead worker), and the object it was replacing stays as it was.
+#[test]
+fn a_file_being_written_when_the_worker_dies_fails_and_leaves_the_object_intact() {
+    let s = server();
+    let bucket = s.new_bucket();
+    s.put(&bucket, "doc.txt", "the original");
+    let m = Mount::new(s, &bucket, &["--supervise"]);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.join("doc.txt"))
+        .unwrap();
+    f.write_all(b"half of a new ").unwrap();
+    kill_worker(&m);
+    let err = f
+        .write_all(b"version")
+        .and_then(|()| f.sync_all())
+        .expect_err("a write through the lost descriptor");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    drop(f);
+    assert_eq!(
+        s.get(&bucket, "doc.txt").as_deref(),
+        Some(&b"the original"[..])
+    );
+    let mut text = String::new();
+    std::fs::File::open(m.join("doc.txt"))
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    assert_eq!(text, "the original");
+}
+
+/// SIGTERM to the supervisor unmounts (the worker finishes), and both processes end.
+#[test]
+fn sigterm_to_the_supervisor_unmounts_and_both_processes_end() {
+    let s = server();
+    let bucket = s.new_bucket();
+    let m = Mount::new(s, &bucket, &["--supervise"]);
+    std::fs::write(m.join("kept.txt"), b"kept").unwrap();
+    let (supervisor, worker) = processes(m.path());
+    let (supervisor, worker) = (supervisor.unwrap(), worker.unwrap());
+    Command::new("kill")
+        .args(["-TERM", &supervisor.to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Path::new(&format!("/proc/{supervisor}")).exists()
+        || Path::new(&format!("/proc/{worker}")).exists()
+    {
+        assert!(Instant::now() < deadline, "processes still running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!is_mounted(m.path()));
+    assert_eq!(s.get(&bucket, "kept.txt").as_deref(), Some(&b"kept"[..]));
+}
+
+/// Five deaths within a minute: the supervisor gives up, says why, and unmounts.
+#[test]
+fn a_worker_that_keeps_dying_ends_the_mount() {
+    let s = server();
+    let bucket = s.new_bucket();
+    let m = Mount::new(s, &bucket, &["--supervise"]);
+    for _ in 0..4 {
+        kill_worker(&m);
+    }
+    let (supervisor, worker) = processes(m.path());
+    kill9(worker.unwrap());
+    let supervisor = supervisor.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{supervisor}")).exists() || is_mounted(m.path()) {
+        assert!(Instant::now() < deadline, "still mounted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+    assert!(log.contains("5 workers died within a minute"), "{log}");
+}
