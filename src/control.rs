@@ -30,6 +30,9 @@ pub struct MountStatus {
     pub started_unix: u64,
     pub uptime_seconds: u64,
     pub rss_bytes: u64,
+    /// `--supervise`: the workers of this mount that died and were replaced.
+    #[serde(default)]
+    pub worker_restarts: Vec<crate::supervisor::Restart>,
     /// The filesystem's own report (open files, failed commits, memory, caches).
     pub fs: FsStatus,
 }
@@ -44,6 +47,7 @@ pub struct MountInfo {
     pub mountpoint: PathBuf,
     pub options: Vec<String>,
     pub started: SystemTime,
+    pub restarts: Vec<crate::supervisor::Restart>,
 }
 
 fn snapshot(info: &MountInfo, fs: &Fs) -> MountStatus {
@@ -63,6 +67,7 @@ fn snapshot(info: &MountInfo, fs: &Fs) -> MountStatus {
             .map_or(0, |d| d.as_secs()),
         uptime_seconds: info.started.elapsed().map_or(0, |d| d.as_secs()),
         rss_bytes: crate::metrics::rss_bytes(),
+        worker_restarts: info.restarts.clone(),
         fs: fs_status,
     }
 }
@@ -300,6 +305,20 @@ fn print_report(r: &MountStatus) {
     );
     if !r.options.is_empty() {
         println!("  options:   {}", r.options.join(" "));
+    }
+    if let Some(last) = r.worker_restarts.last() {
+        let ago = std::time::SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+            .saturating_sub(last.died_unix_ms)
+            / 1000;
+        println!(
+            "  worker:    restarted {} times; last {} s ago ({}), the mount paused {} ms",
+            r.worker_restarts.len(),
+            ago,
+            last.cause,
+            last.pause_ms
+        );
     }
     println!(
         "  store:     checksums {}, conditional writes {}",

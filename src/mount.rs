@@ -532,7 +532,7 @@ pub fn run(
     mut cfg: Config,
     mountpoint: PathBuf,
     ready: Option<ReadyPipe>,
-    worker: Option<WorkerEnv>,
+    mut worker: Option<WorkerEnv>,
 ) -> Result<(), Fatal> {
     let about = format!(
         "endpoint: {}\nbucket: {}\nprefix: {}\nmountpoint: {}\n",
@@ -610,6 +610,11 @@ pub fn run(
         mountpoint: mountpoint.clone(),
         options: cfg.given_options.clone(),
         started: std::time::SystemTime::now(),
+        // The pause ends about now: what is left to do before serving takes milliseconds.
+        restarts: worker.as_mut().map_or(Vec::new(), |w| {
+            w.served();
+            w.restarts.clone()
+        }),
     };
     let _control = crate::control::serve(
         rt.handle(),

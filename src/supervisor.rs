@@ -39,6 +39,25 @@ const ENV_REPORT: &str = "S3MOUNT_WORKER_REPORT_FD";
 const ENV_RESTART: &str = "S3MOUNT_WORKER_RESTART";
 const ENV_STATE: &str = "S3MOUNT_WORKER_STATE";
 const ENV_MOUNTPOINT: &str = "S3MOUNT_WORKER_MOUNTPOINT";
+const ENV_HISTORY: &str = "S3MOUNT_WORKER_HISTORY";
+
+/// One worker death of this mount, for `s3mount status`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Restart {
+    /// When the worker was found dead (Unix time, milliseconds).
+    pub died_unix_ms: u64,
+    /// How long the mount waited for the next worker; 0 until the worker that replaced it
+    /// serves.
+    pub pause_ms: u64,
+    /// "killed by signal 9 (SIGKILL: ...)", "exit status 101".
+    pub cause: String,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// Deaths within [`DEATH_WINDOW`] after which the supervisor gives up.
 const MAX_DEATHS: usize = 5;
@@ -56,6 +75,8 @@ pub struct WorkerEnv {
     pub state: Option<PathBuf>,
     /// The mount point, as the supervisor resolved it.
     pub mountpoint: Option<PathBuf>,
+    /// The deaths of earlier workers of this mount, the last one this worker's reason to be.
+    pub restarts: Vec<Restart>,
     report: WorkerReport,
 }
 
@@ -90,6 +111,18 @@ impl WorkerEnv {
         };
         let (report, restart, state) = (take(ENV_REPORT), take(ENV_RESTART), take(ENV_STATE));
         let mountpoint = take(ENV_MOUNTPOINT).map(PathBuf::from);
+        let restarts = take(ENV_HISTORY)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.splitn(3, '\t');
+                Some(Restart {
+                    died_unix_ms: f.next()?.parse().ok()?,
+                    pause_ms: f.next()?.parse().ok()?,
+                    cause: f.next()?.to_string(),
+                })
+            })
+            .collect();
         std::env::remove_var(ENV_FD);
         Some((|| {
             let fuse_fd = inherited_fd(&fd)?;
@@ -99,9 +132,19 @@ impl WorkerEnv {
                 restart: restart.and_then(|r| r.parse().ok()).unwrap_or(0),
                 state: state.map(PathBuf::from),
                 mountpoint,
+                restarts,
                 report: WorkerReport(std::fs::File::from(report)),
             })
         })())
+    }
+
+    /// This worker serves now: the pause its predecessor's death caused is known.
+    pub fn served(&mut self) {
+        if let Some(last) = self.restarts.last_mut() {
+            if last.pause_ms == 0 {
+                last.pause_ms = unix_ms().saturating_sub(last.died_unix_ms);
+            }
+        }
     }
 
     /// A handle on the pipe to the supervisor, to report a failure after `self` is used.
@@ -174,6 +217,7 @@ fn spawn_worker(
     argv: &[String],
     restart: u32,
     state: Option<&Path>,
+    history: &[Restart],
 ) -> Result<Worker, Fatal> {
     let fail = |e: std::io::Error| Fatal::new(format!("cannot start the worker: {e}"));
     // Duplicates without close-on-exec: what the worker inherits.
@@ -200,6 +244,13 @@ fn spawn_worker(
         .env(ENV_REPORT, report.as_raw_fd().to_string())
         .env(ENV_RESTART, restart.to_string())
         .env(ENV_MOUNTPOINT, mountpoint)
+        .env(
+            ENV_HISTORY,
+            history
+                .iter()
+                .map(|r| format!("{}\t{}\t{}\n", r.died_unix_ms, r.pause_ms, r.cause))
+                .collect::<String>(),
+        )
         .stdin(std::process::Stdio::null());
     if let Some(s) = state {
         cmd.env(ENV_STATE, s);
@@ -300,7 +351,7 @@ pub fn run(
     if !resends {
         tracing::warn!("this kernel cannot resend the requests a dead worker was serving (Linux 6.9 or later can): a worker that dies unmounts, as a daemon crash does");
     }
-    let mut worker = spawn_worker(&held, mountpoint, argv, 0, None)?;
+    let mut worker = spawn_worker(&held, mountpoint, argv, 0, None, &[])?;
     let state = wait_ready(&mut worker).map_err(Fatal::new)?;
     crate::mount::report_ready(cfg, mountpoint, ready);
     tracing::info!(
@@ -309,6 +360,7 @@ pub fn run(
         mountpoint.display()
     );
     let mut deaths: Vec<Instant> = Vec::new();
+    let mut history: Vec<Restart> = Vec::new();
     let mut restarts = 0u32;
     loop {
         let ending = forward_signals(&worker.child);
@@ -323,6 +375,11 @@ pub fn run(
                     return Err(Fatal::new(format!("the worker ended ({why})")));
                 }
                 let died = Instant::now();
+                history.push(Restart {
+                    died_unix_ms: unix_ms(),
+                    pause_ms: 0,
+                    cause: why.clone(),
+                });
                 // Start a new worker; one that dies before it serves counts as another death.
                 loop {
                     let now = Instant::now();
@@ -340,13 +397,18 @@ pub fn run(
                     }
                     restarts += 1;
                     tracing::warn!(cause = %why, restart = restarts, "the worker died; starting a new one on the same mount");
-                    worker = spawn_worker(&held, mountpoint, argv, restarts, Some(&state))?;
+                    worker =
+                        spawn_worker(&held, mountpoint, argv, restarts, Some(&state), &history)?;
                     match wait_ready(&mut worker) {
                         Ok(_) => break,
                         Err(e) => why = format!("a new worker did not start: {e}"),
                     }
                 }
                 let pause = died.elapsed();
+                if let Some(last) = history.last_mut() {
+                    last.pause_ms = pause.as_millis() as u64;
+                    last.cause = why.clone();
+                }
                 tracing::warn!(
                     restart = restarts,
                     cause = %why,

@@ -92,7 +92,15 @@ fn a_killed_worker_is_replaced_while_listings_and_reads_go_on() {
     }
     let big = pattern(48 << 20, 16);
     s.put(&bucket, "big.bin", big.clone());
-    let m = Mount::new(s, &bucket, &["--supervise"]);
+    let runtime = tempfile::tempdir().unwrap();
+    let rt = runtime.path().to_str().unwrap();
+    let m = Mount::with_env(
+        s,
+        &s.endpoint,
+        &bucket,
+        &["--supervise"],
+        &[("S3MOUNT_RUNTIME_DIR", Some(rt))],
+    );
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
         // `ls -lR` over and over: every run lists everything, none fails.
@@ -141,6 +149,16 @@ fn a_killed_worker_is_replaced_while_listings_and_reads_go_on() {
     let log = std::fs::read_to_string(&m.log).unwrap_or_default();
     assert_eq!(log.matches("worker restarted").count(), 3, "{log}");
     assert!(log.contains("SIGKILL"), "the cause is logged");
+    // `s3mount status` tells the restarts, their cause and the pause.
+    let out = Command::new(s3mount_bin())
+        .args(["status", m.path().to_str().unwrap()])
+        .env("S3MOUNT_RUNTIME_DIR", rt)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("restarted 3 times"), "{text}");
+    assert!(text.contains("SIGKILL"), "{text}");
 }
 
 /// A file open for writing when its worker dies: later writes fail with EIO (its bytes were in
