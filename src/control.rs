@@ -33,6 +33,9 @@ pub struct MountStatus {
     /// `--supervise`: the workers of this mount that died and were replaced.
     #[serde(default)]
     pub worker_restarts: Vec<crate::supervisor::Restart>,
+    /// `--supervise`: the process holding the mount (`pid` is the worker serving it).
+    #[serde(default)]
+    pub supervisor_pid: Option<u32>,
     /// The filesystem's own report (open files, failed commits, memory, caches).
     pub fs: FsStatus,
 }
@@ -48,6 +51,8 @@ pub struct MountInfo {
     pub options: Vec<String>,
     pub started: SystemTime,
     pub restarts: Vec<crate::supervisor::Restart>,
+    /// The supervisor's pid when this process is a worker of a supervised mount.
+    pub supervisor: Option<u32>,
 }
 
 fn snapshot(info: &MountInfo, fs: &Fs) -> MountStatus {
@@ -68,6 +73,7 @@ fn snapshot(info: &MountInfo, fs: &Fs) -> MountStatus {
         uptime_seconds: info.started.elapsed().map_or(0, |d| d.as_secs()),
         rss_bytes: crate::metrics::rss_bytes(),
         worker_restarts: info.restarts.clone(),
+        supervisor_pid: info.supervisor,
         fs: fs_status,
     }
 }
@@ -271,6 +277,90 @@ pub fn status_command(args: &[String]) -> i32 {
     } else {
         0
     }
+}
+
+/// The report of the live mount on `mountpoint` (canonical), if one of this user's answers.
+fn report_of(mountpoint: &Path) -> Option<MountStatus> {
+    let dir = crate::paths::runtime_base();
+    std::fs::read_dir(&dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+        .filter_map(|sock| ask(&sock).ok())
+        .find(|s| Path::new(&s.mountpoint) == mountpoint)
+}
+
+/// The `upgrade` subcommand's options.
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "s3mount upgrade",
+    about = "Hand a mount made with --supervise to a worker started from the s3mount binary installed now, without unmounting",
+    after_help = "The worker serving the mount hands over once no file is open for writing; requests in flight are resent to the new one (Linux 6.9 or later). Exit status: 0 handed over, 1 it did not happen within the time, 2 not a supervised s3mount mount."
+)]
+pub struct UpgradeCli {
+    /// The mount point
+    pub mountpoint: PathBuf,
+    /// Seconds to wait for the hand-over (files being written delay it)
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+}
+
+/// Run `s3mount upgrade`; returns the exit status.
+pub fn upgrade_command(args: &[String]) -> i32 {
+    use clap::Parser;
+    let argv = std::iter::once("s3mount upgrade".to_string()).chain(args.iter().skip(1).cloned());
+    let cli = match UpgradeCli::try_parse_from(argv) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let mp = std::fs::canonicalize(&cli.mountpoint).unwrap_or(cli.mountpoint.clone());
+    let Some(before) = report_of(&mp) else {
+        eprintln!(
+            "s3mount: {} is not a live s3mount mount of this user",
+            mp.display()
+        );
+        return 2;
+    };
+    let Some(supervisor) = before.supervisor_pid else {
+        eprintln!(
+            "s3mount: {} was mounted without --supervise: unmount it and mount it again to run the new binary",
+            mp.display()
+        );
+        return 2;
+    };
+    // SAFETY: kill(2) with a pid and a valid signal; no memory is involved.
+    if unsafe { libc::kill(supervisor as libc::pid_t, libc::SIGUSR1) } != 0 {
+        eprintln!(
+            "s3mount: cannot signal the supervisor (pid {supervisor}): {}",
+            std::io::Error::last_os_error()
+        );
+        return 2;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(cli.timeout);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some(now) = report_of(&mp) {
+            if now.pid != before.pid && now.worker_restarts.len() > before.worker_restarts.len() {
+                let pause = now.worker_restarts.last().map_or(0, |r| r.pause_ms);
+                println!(
+                    "{}: worker {} ({}) handed over to {} ({}); the mount paused {pause} ms",
+                    mp.display(),
+                    before.pid,
+                    before.version,
+                    now.pid,
+                    now.version
+                );
+                return 0;
+            }
+        }
+    }
+    eprintln!(
+        "s3mount: {} was not handed over within {} s (files still being written? see `s3mount status`)",
+        mp.display(),
+        cli.timeout
+    );
+    1
 }
 
 fn human(bytes: u64) -> String {

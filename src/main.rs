@@ -37,6 +37,9 @@ fn main() {
     if args.get(1).map(String::as_str) == Some("status") {
         std::process::exit(s3mount::control::status_command(&args[1..]));
     }
+    if args.get(1).map(String::as_str) == Some("upgrade") {
+        std::process::exit(s3mount::control::upgrade_command(&args[1..]));
+    }
     let mut fake = false;
     if args.first().is_some_and(|a| is_mount_helper(a)) {
         let (a, f) = helper_args(&args);

@@ -377,6 +377,47 @@ fn handle_log_signals(rt: &tokio::runtime::Runtime) {
     });
 }
 
+/// SIGUSR1 (`s3mount upgrade`, passed on by the supervisor): once no file is open for writing
+/// and no upload is queued, end this worker with [`EXIT_UPGRADE`] and leave the mount to the
+/// one the supervisor starts from the binary on disk (requests read and not answered are
+/// resent to it). A mount without `--supervise` ignores the signal, saying why.
+fn handle_upgrade_signal(rt: &tokio::runtime::Runtime, fs: Arc<Fs>, supervised: bool) {
+    use tokio::signal::unix::{signal, SignalKind};
+    rt.spawn(async move {
+        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+            return;
+        };
+        loop {
+            usr1.recv().await;
+            if !supervised {
+                tracing::warn!(
+                    "SIGUSR1 ignored: handing a mount to a new binary needs --supervise"
+                );
+                continue;
+            }
+            tracing::info!(
+                "upgrade asked: handing the mount over once no file is open for writing"
+            );
+            let mut told = std::time::Instant::now();
+            loop {
+                let writing = fs.open_keys();
+                if writing.is_empty() && fs.write_back_pending() == 0 {
+                    tracing::info!("handing the mount over to a new worker");
+                    std::process::exit(crate::supervisor::EXIT_UPGRADE);
+                }
+                if told.elapsed() > Duration::from_secs(10) {
+                    tracing::info!(
+                        files = writing.len(),
+                        "the upgrade waits for files being written"
+                    );
+                    told = std::time::Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+}
+
 /// Unmount `path`: umount2(2) as root, else fusermount3 -u; `lazy` detaches even when busy.
 pub(crate) fn unmount(path: &Path, lazy: bool) -> std::io::Result<()> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
@@ -615,6 +656,8 @@ pub fn run(
             w.served();
             w.restarts.clone()
         }),
+        // SAFETY: getppid has no preconditions and cannot fail.
+        supervisor: worker.is_some().then(|| unsafe { libc::getppid() } as u32),
     };
     let _control = crate::control::serve(
         rt.handle(),
@@ -666,6 +709,7 @@ pub fn run(
         .spawn(move || session.run())
         .map_err(|e| Fatal::new(format!("cannot start the request loop: {e}")))?;
 
+    handle_upgrade_signal(&rt, fs.clone(), worker.is_some());
     // Unmount cleanly on SIGTERM/SIGINT once open files are closed (their uploads finish on
     // close); a second signal detaches at once. The request loop then ends by itself.
     let mp = mountpoint.clone();

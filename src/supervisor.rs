@@ -178,7 +178,18 @@ extern "C" fn on_signal(sig: libc::c_int) {
     PENDING.fetch_or(1 << sig, Ordering::Relaxed);
 }
 
-const FORWARDED: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR2];
+const FORWARDED: [libc::c_int; 5] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGUSR2,
+    // `s3mount upgrade`: the worker hands over to one started from the binary on disk now.
+    libc::SIGUSR1,
+];
+
+/// The exit status of a worker that handed the mount over for an upgrade (SIGUSR1): start
+/// the binary on disk now in its place, not counted as a death.
+pub const EXIT_UPGRADE: i32 = 75;
 
 fn catch_signals() {
     for sig in FORWARDED {
@@ -212,6 +223,7 @@ struct Worker {
 }
 
 fn spawn_worker(
+    exe: &Path,
     held: &HeldMount,
     mountpoint: &Path,
     argv: &[String],
@@ -237,7 +249,6 @@ fn spawn_worker(
     // SAFETY: dup just returned it; nothing else owns it.
     let report = unsafe { OwnedFd::from_raw_fd(report) };
     drop(theirs);
-    let exe = std::env::current_exe().map_err(fail)?;
     let mut cmd = Command::new(exe);
     cmd.args(&argv[1..])
         .env(ENV_FD, fuse.as_raw_fd().to_string())
@@ -344,6 +355,10 @@ pub fn run(
     argv: &[String],
 ) -> Result<(), Fatal> {
     catch_signals();
+    // The binary's path now: a package upgrade replaces the file there, and `s3mount upgrade`
+    // starts what is there then (the running binary's own link reads "(deleted)" by then).
+    let exe = std::env::current_exe()
+        .map_err(|e| Fatal::new(format!("cannot find this binary to start workers: {e}")))?;
     let opts = crate::mount::kernel_options(cfg);
     let held = crate::fuse::mount_held(mountpoint, &opts)
         .map_err(|e| crate::mount::mount_error(&e, mountpoint))?;
@@ -351,7 +366,7 @@ pub fn run(
     if !resends {
         tracing::warn!("this kernel cannot resend the requests a dead worker was serving (Linux 6.9 or later can): a worker that dies unmounts, as a daemon crash does");
     }
-    let mut worker = spawn_worker(&held, mountpoint, argv, 0, None, &[])?;
+    let mut worker = spawn_worker(&exe, &held, mountpoint, argv, 0, None, &[])?;
     let state = wait_ready(&mut worker).map_err(Fatal::new)?;
     crate::mount::report_ready(cfg, mountpoint, ready);
     tracing::info!(
@@ -368,6 +383,43 @@ pub fn run(
             Ok(Some(status)) if status.success() => {
                 tracing::info!("the worker ended after the unmount");
                 return Ok(());
+            }
+            Ok(Some(status)) if status.code() == Some(EXIT_UPGRADE) => {
+                let handed = Instant::now();
+                history.push(Restart {
+                    died_unix_ms: unix_ms(),
+                    pause_ms: 0,
+                    cause: "upgrade (handed over on request)".into(),
+                });
+                restarts += 1;
+                worker = spawn_worker(
+                    &exe,
+                    &held,
+                    mountpoint,
+                    argv,
+                    restarts,
+                    Some(&state),
+                    &history,
+                )?;
+                match wait_ready(&mut worker) {
+                    Ok(_) => {
+                        let pause = handed.elapsed().as_millis() as u64;
+                        if let Some(last) = history.last_mut() {
+                            last.pause_ms = pause;
+                        }
+                        tracing::warn!(restart = restarts, pause_ms = pause, "worker restarted from {} for an upgrade: the mount paused for {pause} ms", exe.display());
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            "the upgraded worker did not start ({e}): unmounting {}",
+                            mountpoint.display()
+                        );
+                        let _ = crate::mount::unmount(mountpoint, true);
+                        return Err(Fatal::new(format!(
+                            "the upgraded worker did not start: {e}"
+                        )));
+                    }
+                }
             }
             Ok(Some(status)) => {
                 let mut why = cause(&status);
@@ -397,8 +449,15 @@ pub fn run(
                     }
                     restarts += 1;
                     tracing::warn!(cause = %why, restart = restarts, "the worker died; starting a new one on the same mount");
-                    worker =
-                        spawn_worker(&held, mountpoint, argv, restarts, Some(&state), &history)?;
+                    worker = spawn_worker(
+                        &exe,
+                        &held,
+                        mountpoint,
+                        argv,
+                        restarts,
+                        Some(&state),
+                        &history,
+                    )?;
                     match wait_ready(&mut worker) {
                         Ok(_) => break,
                         Err(e) => why = format!("a new worker did not start: {e}"),

@@ -238,3 +238,78 @@ fn a_worker_that_keeps_dying_ends_the_mount() {
     let log = std::fs::read_to_string(&m.log).unwrap_or_default();
     assert!(log.contains("5 workers died within a minute"), "{log}");
 }
+
+/// `s3mount upgrade`: the worker hands the mount to a new one once no file is open for
+/// writing; a descriptor open for reading reads on through the new worker.
+#[test]
+fn upgrade_waits_for_files_being_written_then_hands_over() {
+    let s = server();
+    let bucket = s.new_bucket();
+    s.put(&bucket, "read.txt", "read before and after");
+    let runtime = tempfile::tempdir().unwrap();
+    let rt = runtime.path().to_str().unwrap();
+    let m = Mount::with_env(
+        s,
+        &s.endpoint,
+        &bucket,
+        &["--supervise"],
+        &[("S3MOUNT_RUNTIME_DIR", Some(rt))],
+    );
+    let reader = std::fs::File::open(m.join("read.txt")).unwrap();
+    let mut head = [0u8; 4];
+    reader.read_exact_at(&mut head, 0).unwrap();
+    let mut writer = std::fs::File::create(m.join("new.txt")).unwrap();
+    writer.write_all(b"written during the upgrade").unwrap();
+    let (_, before) = processes(m.path());
+    let mut upgrade = Command::new(s3mount_bin())
+        .args(["upgrade", m.path().to_str().unwrap(), "--timeout", "30"])
+        .env("S3MOUNT_RUNTIME_DIR", rt)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        upgrade.try_wait().unwrap().is_none(),
+        "handed over with a file open for writing"
+    );
+    assert_eq!(processes(m.path()).1, before);
+    drop(writer);
+    let out = upgrade.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("handed over"), "{said}");
+    assert_ne!(processes(m.path()).1, before, "a new worker serves");
+    let mut rest = [0u8; 17];
+    reader.read_exact_at(&mut rest, 4).unwrap();
+    assert_eq!(&rest, b" before and after");
+    assert_eq!(
+        s.get(&bucket, "new.txt").as_deref(),
+        Some(&b"written during the upgrade"[..])
+    );
+}
+
+/// Without --supervise there is nothing to hand over to: `s3mount upgrade` says so (exit 2)
+/// and the mount (which ignores the signal) goes on.
+#[test]
+fn upgrade_of_an_unsupervised_mount_says_how_to_get_the_new_binary() {
+    let s = server();
+    let bucket = s.new_bucket();
+    let runtime = tempfile::tempdir().unwrap();
+    let rt = runtime.path().to_str().unwrap();
+    let m = Mount::with_env(
+        s,
+        &s.endpoint,
+        &bucket,
+        &[],
+        &[("S3MOUNT_RUNTIME_DIR", Some(rt))],
+    );
+    let out = Command::new(s3mount_bin())
+        .args(["upgrade", m.path().to_str().unwrap()])
+        .env("S3MOUNT_RUNTIME_DIR", rt)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("without --supervise"));
+    std::fs::write(m.join("still.txt"), b"here").unwrap();
+    assert_eq!(s.get(&bucket, "still.txt").as_deref(), Some(&b"here"[..]));
+}
