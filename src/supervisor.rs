@@ -59,7 +59,8 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Deaths within [`DEATH_WINDOW`] after which the supervisor gives up.
+/// Deaths within [`DEATH_WINDOW`] after which the supervisor gives up
+/// (`S3MOUNT_MAX_WORKER_DEATHS` changes it, for tests and benchmarks that kill workers).
 const MAX_DEATHS: usize = 5;
 const DEATH_WINDOW: Duration = Duration::from_secs(60);
 /// How long a worker may take to start serving.
@@ -374,6 +375,11 @@ pub fn run(
         "supervising the worker serving {}",
         mountpoint.display()
     );
+    let max_deaths = std::env::var("S3MOUNT_MAX_WORKER_DEATHS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(MAX_DEATHS)
+        .max(1);
     let mut deaths: Vec<Instant> = Vec::new();
     let mut history: Vec<Restart> = Vec::new();
     let mut restarts = 0u32;
@@ -437,9 +443,9 @@ pub fn run(
                     let now = Instant::now();
                     deaths.retain(|t| now.duration_since(*t) < DEATH_WINDOW);
                     deaths.push(now);
-                    if !resends || deaths.len() >= MAX_DEATHS {
+                    if !resends || deaths.len() >= max_deaths {
                         let reason = if resends {
-                            format!("{MAX_DEATHS} workers died within a minute")
+                            format!("{max_deaths} workers died within a minute")
                         } else {
                             "this kernel cannot hand a dead worker's requests to a new one".into()
                         };
@@ -476,7 +482,8 @@ pub fn run(
                     pause.as_millis()
                 );
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            // A death is seen within 20 ms (part of the pause an application sees).
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(Fatal::new(format!("cannot watch the worker: {e}"))),
         }
     }

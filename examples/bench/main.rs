@@ -956,6 +956,7 @@ struct Options {
     skip_metadata: bool,
     skip_mountpoint: bool,
     ls_max: usize,
+    restarts: usize,
     rtt_ms: u64,
     daemons: Vec<Daemon>,
 }
@@ -976,6 +977,7 @@ impl Options {
             skip_metadata: false,
             skip_mountpoint: false,
             ls_max: 10_000,
+            restarts: 20,
             rtt_ms: 0,
             daemons: vec![Daemon::S3mount],
         };
@@ -1005,6 +1007,8 @@ impl Options {
                 "--skip-mountpoint" => o.skip_mountpoint = true,
                 // The largest directory `ls -f` lists (100, 1,000, ... up to this).
                 "--ls-max" => o.ls_max = value(&a, args.next()),
+                // Worker kills for the --supervise pause (0: none).
+                "--restarts" => o.restarts = value(&a, args.next()),
                 // Round-trip time added between the clients and the server (a delay line).
                 "--rtt-ms" => o.rtt_ms = value(&a, args.next()),
                 "--daemon" => o.daemons = vec![daemon(&args.next().unwrap_or_default())],
@@ -1103,6 +1107,7 @@ fn pass(o: &Options, daemon: Daemon, data: &[u8], src: &Path) {
     if !o.skip_mountpoint {
         workloads::mountpoint(&b, data, o.ls_max);
     }
+    workloads::restarts(&b, o.restarts);
     if !o.skip_random {
         random_reads(&b, data, o.random_reads);
     }

@@ -322,3 +322,116 @@ pub fn mountpoint(b: &Bench, data: &[u8], ls_max: usize) {
         n *= 10;
     }
 }
+
+/// The worker (child of the supervisor `supervisor`), if one serves.
+fn worker_of(supervisor: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+        let ppid: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        (ppid == supervisor).then_some(pid)
+    })
+}
+
+/// `--supervise`: kill -9 the worker `kills` times while a thread lists a directory of 100
+/// files over and over (every listing goes to the filesystem); the pause an application sees
+/// is the longest listing around each kill. Prints p50 and p99 (the worst of 20), the errors
+/// the listings saw (none expected), and the supervisor's own count of the pause.
+pub fn restarts(b: &Bench, kills: usize) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if kills == 0 || !b.daemon.is_s3mount() {
+        return;
+    }
+    // The supervisor gives up after five deaths a minute; this kills more on purpose.
+    std::env::set_var("S3MOUNT_MAX_WORKER_DEATHS", "100000");
+    let keys = (0..100).map(|i| format!("restarts/f{i:03}")).collect();
+    b.rt.block_on(plain_put_many(&b.c, keys, b"x", 64));
+    let m = match b.try_mount(&["--supervise"]) {
+        Ok(m) => m,
+        Err(e) => return failed_row("worker restart", "", &e),
+    };
+    let supervisor = m.child.id();
+    let dir = b.mnt.join("restarts");
+    let stop = AtomicBool::new(false);
+    let calls: std::sync::Mutex<Vec<(Instant, Duration)>> = Default::default();
+    let errors = std::sync::atomic::AtomicUsize::new(0);
+    let mut killed_at = Vec::new();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                match std::fs::read_dir(&dir).map(|d| d.count()) {
+                    Ok(100) => {}
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                calls.lock().unwrap().push((t, t.elapsed()));
+            }
+        });
+        for _ in 0..kills {
+            std::thread::sleep(Duration::from_millis(300));
+            let Some(w) = worker_of(supervisor) else {
+                break;
+            };
+            killed_at.push(Instant::now());
+            // SAFETY: kill(2) with a pid and a valid signal; no memory is involved.
+            unsafe { libc::kill(w as libc::pid_t, libc::SIGKILL) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while worker_of(supervisor).is_none_or(|n| n == w) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let calls = calls.into_inner().unwrap();
+    let mut pauses: Vec<Duration> = killed_at
+        .iter()
+        .map(|&k| {
+            calls
+                .iter()
+                .filter(|(t, d)| *t + *d >= k && *t <= k + Duration::from_secs(2))
+                .map(|(_, d)| *d)
+                .max()
+                .unwrap_or_default()
+        })
+        .collect();
+    let log = m.finish();
+    let logged: Vec<u64> = log
+        .lines()
+        .filter_map(|l| {
+            l.split("pause_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let n = pauses.len();
+    row(
+        &format!("worker killed {n} times: pause seen by ls, p50"),
+        "",
+        &fmt_ms(percentile(&mut pauses, 50.0)),
+        None,
+    );
+    row(
+        "  p99 (the worst)",
+        "",
+        &fmt_ms(percentile(&mut pauses, 99.0)),
+        None,
+    );
+    println!(
+        "    ({} listings, {} failed; the supervisor counted {}-{} ms from death to a serving worker)",
+        calls.len(),
+        errors.into_inner(),
+        logged.iter().min().unwrap_or(&0),
+        logged.iter().max().unwrap_or(&0)
+    );
+}
