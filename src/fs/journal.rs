@@ -11,7 +11,8 @@
 //! `N ino parent kind name key` (a new inode), `M ino parent name` (renamed), `K old new`
 //! (keys under a renamed directory), `X parent name` (the name no longer leads to its inode),
 //! `D ino` (the kernel forgot it), `O fh ino r|w|d` (a file opened for reading, for writing, a
-//! directory opened), `C fh` (released). What is kept of an inode is what names it; its attributes
+//! directory opened), `P fh etag size` (the object version a read handle reads), `C fh`
+//! (released). What is kept of an inode is what names it; its attributes
 //! are read from the bucket again, its lookup count is unknown (restored inodes are never
 //! dropped by a forget: a leak bounded by what the kernel held, instead of an ESTALE).
 
@@ -45,6 +46,8 @@ pub struct Replayed {
     pub next_ino: u64,
     /// Open handles: fh -> (ino, how opened).
     pub handles: std::collections::BTreeMap<u64, (u64, Opened)>,
+    /// The object version (ETag, size) each read handle reads.
+    pub pinned: std::collections::HashMap<u64, (String, u64)>,
 }
 
 /// How a handle was opened.
@@ -109,6 +112,10 @@ impl Journal {
             Opened::Dir => 'd',
         };
         self.append(format!("O\t{fh}\t{ino}\t{c}\n"));
+    }
+
+    pub fn pinned(&self, fh: u64, etag: &str, size: u64) {
+        self.append(format!("P\t{fh}\t{}\t{size}\n", escape(etag)));
     }
 
     pub fn closed(&self, fh: u64) {
@@ -198,9 +205,15 @@ impl Journal {
                         r.handles.insert(fh, (ino, how));
                     }
                 }
+                (Some("P"), 4) => {
+                    if let (Some(fh), Some(size)) = (num(1), num(3)) {
+                        r.pinned.insert(fh, (unescape(f[2]), size));
+                    }
+                }
                 (Some("C"), 2) => {
                     if let Some(fh) = num(1) {
                         r.handles.remove(&fh);
+                        r.pinned.remove(&fh);
                     }
                 }
                 (Some("D"), 2) => {
@@ -230,6 +243,9 @@ impl Journal {
             }
             for (fh, (ino, how)) in &r.handles {
                 j.opened(*fh, *ino, *how);
+                if let Some((etag, size)) = r.pinned.get(fh) {
+                    j.pinned(*fh, etag, *size);
+                }
             }
             // Names that lead nowhere now (unlinked while the kernel still holds the inode).
             for n in r.inodes.values() {
@@ -326,6 +342,9 @@ mod tests {
         j.dropped(6);
         j.unnamed(1, "link");
         j.opened(10, 3, Opened::Read);
+        j.pinned(10, "\"e1\"", 6);
+        j.opened(13, 3, Opened::Read);
+        j.pinned(13, "\"e2\"", 7);
         j.opened(11, 3, Opened::Write);
         j.opened(12, 2, Opened::Dir);
         j.closed(10);
@@ -354,8 +373,14 @@ mod tests {
         assert_eq!(r.next_ino, 7);
         assert_eq!(
             r.handles.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>(),
-            vec![(11, (3, Opened::Write)), (12, (2, Opened::Dir))]
+            vec![
+                (11, (3, Opened::Write)),
+                (12, (2, Opened::Dir)),
+                (13, (3, Opened::Read))
+            ]
         );
+        assert_eq!(r.pinned.len(), 1);
+        assert_eq!(r.pinned[&13], ("\"e2\"".to_string(), 7));
 
         // Compacted, it replays to the same.
         let j = Journal::rewrite(&path, &r).unwrap();
@@ -368,5 +393,6 @@ mod tests {
         assert_eq!(again.names.get(&(2, "new".into())), Some(&8));
         assert_eq!(again.next_ino, 9);
         assert_eq!(again.handles, r.handles);
+        assert_eq!(again.pinned, r.pinned);
     }
 }

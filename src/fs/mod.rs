@@ -297,6 +297,8 @@ pub struct Fs {
     journal: std::sync::OnceLock<Arc<journal::Journal>>,
     /// Handles the kernel holds from a worker that died, not taken over yet.
     adopted: Mutex<std::collections::BTreeMap<u64, (u64, journal::Opened)>>,
+    /// The object versions their read handles read (ETag, size).
+    adopted_pins: Mutex<HashMap<u64, (String, u64)>>,
     budget: Arc<Budget>,
     cache: Arc<BlockCache>,
     caps: Arc<Capabilities>,
@@ -733,6 +735,7 @@ impl Fs {
             next_fh: AtomicU64::new(1),
             journal: std::sync::OnceLock::new(),
             adopted: Mutex::default(),
+            adopted_pins: Mutex::default(),
             budget,
             cache,
             caps,
@@ -1356,6 +1359,11 @@ impl Fs {
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.journal_opened(fh, ino, journal::Opened::Read);
+        if let (Some(j), Some(r)) = (self.journal.get(), reader.as_ref()) {
+            if let Some(etag) = r.etag() {
+                j.pinned(fh, etag, r.size());
+            }
+        }
         let handle = ReadHandle {
             ino,
             reader: Mutex::new(reader),

@@ -2,9 +2,9 @@
 //! src/supervisor.rs): the kernel still holds the node ids and file handles the dead worker
 //! gave it. Every change of names and every open and release go to the journal
 //! ([`journal`](super::journal)); a restarted worker replays it ([`Fs::start_journal`]), and
-//! takes the handles the kernel goes on using as they come: a read handle or a directory
-//! handle is opened again on its inode (the current version of the object: the version pinned
-//! by the first open is not kept yet), a write handle fails with EIO (what the dead worker held
+//! takes the handles the kernel goes on using as they come: a read handle reads on the object
+//! version it was opened on (a changed object then fails its reads as ESTALE, never mixing
+//! two versions), a directory handle is opened again on its inode, a write handle fails with EIO (what the dead worker held
 //! of it is reported from the staging directory at the restart, as after any crash).
 
 use std::path::Path;
@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 
 use super::journal::{Journal, Opened};
 use super::{attrs, DirHandle, Errno, FileHandle, Fs, FsResult, ReadHandle};
+use crate::data::prefetch::ObjectReader;
 
 impl Fs {
     /// Journal this mount's inodes and handles in `path` from now on. After a worker restart
@@ -36,6 +37,7 @@ impl Fs {
                 std::sync::atomic::Ordering::Relaxed,
             );
             *self.adopted.lock() = replayed.handles.clone();
+            *self.adopted_pins.lock() = replayed.pinned.clone();
             self.inodes.lock().restore(replayed, stale, |n| {
                 attrs::attr_from_meta(n.ino, n.kind, None, &self.cfg.defaults)
             });
@@ -75,9 +77,24 @@ impl Fs {
         }
         adopted.remove(&fh);
         drop(adopted);
+        // The version it was reading, without a HEAD; else the current one at its first read.
+        let pinned = self.adopted_pins.lock().remove(&fh);
+        let reader = pinned.and_then(|(etag, size)| {
+            let key = self.inodes.lock().get(ino)?.key.clone();
+            Some(Arc::new(ObjectReader::new(
+                self.store.clone(),
+                key,
+                Some(etag),
+                size,
+                None,
+                self.cfg.prefetch,
+                self.budget.clone(),
+                self.cache.clone(),
+            )))
+        });
         let handle = ReadHandle {
             ino,
-            reader: Mutex::new(None),
+            reader: Mutex::new(reader),
         };
         self.files
             .lock()
@@ -132,6 +149,7 @@ impl Fs {
 
     /// A handle of the dead worker released by the kernel.
     pub(super) fn release_adopted(&self, fh: u64) {
+        self.adopted_pins.lock().remove(&fh);
         if self.adopted.lock().remove(&fh).is_some() {
             self.journal_closed(fh);
         }

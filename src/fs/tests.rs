@@ -2907,6 +2907,8 @@ async fn a_restarted_worker_answers_the_node_ids_and_handles_of_the_dead_one() {
     let sub = old.lookup(src.ino, b"sub").await.unwrap();
     let top = old.lookup(ROOT_INO, b"top.txt").await.unwrap();
     let (read_fh, _) = old.open(a.ino, libc::O_RDONLY).await.unwrap();
+    let b = old.lookup(src.ino, b"b.c").await.unwrap();
+    let (b_fh, _) = old.open(b.ino, libc::O_RDONLY).await.unwrap();
     let dir_fh = old.opendir(src.ino).await.unwrap();
     let first = old.readdir(dir_fh, 0, 3, true).await.unwrap();
     let names: Vec<String> = first.iter().map(|i| i.name.clone()).collect();
@@ -2915,8 +2917,9 @@ async fn a_restarted_worker_answers_the_node_ids_and_handles_of_the_dead_one() {
     old.rename(ROOT_INO, b"top.txt", src.ino, b"moved.txt", 0)
         .await
         .unwrap();
-    // The worker dies here: nothing is released or flushed.
+    // The worker dies here: nothing is released or flushed. Another client then replaces b.c.
     drop(old);
+    store.insert("src/b.c", "int b = 2;");
 
     let new = Fs::new(store.clone(), test_config(""));
     assert!(new.start_journal(&path, 1).unwrap() >= 5);
@@ -2935,7 +2938,16 @@ async fn a_restarted_worker_answers_the_node_ids_and_handles_of_the_dead_one() {
     // The read handle goes on (a close that comes before any read is fine too).
     new.flush(read_fh).await.unwrap();
     new.adopt_file(a.ino, read_fh);
+    store.reset_counters();
     assert_eq!(new.read(read_fh, 0, 100).await.unwrap().as_ref(), b"int a;");
+    assert_eq!(
+        store.counters.head.load(Ordering::Relaxed),
+        0,
+        "the version read is in the journal"
+    );
+    // A descriptor of a version replaced since fails, rather than mix two versions.
+    new.adopt_file(b.ino, b_fh);
+    assert_eq!(new.read(b_fh, 0, 100).await.unwrap_err(), Errno::ESTALE);
     // The directory handle goes on from where the kernel is.
     new.adopt_dir(src.ino, dir_fh).await.unwrap();
     let rest = new.readdir(dir_fh, 3, 100, true).await.unwrap();
