@@ -288,6 +288,11 @@ fn forward_signals(worker: &Child) -> bool {
     let mut ending = false;
     for sig in FORWARDED {
         if pending & (1 << sig) != 0 {
+            if sig == libc::SIGUSR1 && !kernel_resends() {
+                // The new worker could not take the requests in flight: it would not start.
+                tracing::warn!("upgrade refused: handing a mount to a new worker needs Linux 6.9 or later (FUSE_NOTIFY_RESEND); unmount and mount again instead");
+                continue;
+            }
             // SAFETY: kill with our own child's pid and a valid signal number.
             unsafe { libc::kill(worker.id() as libc::pid_t, sig) };
             ending |= sig == libc::SIGTERM || sig == libc::SIGINT;
