@@ -53,6 +53,7 @@ impl DirectAppender {
                     .read(true)
                     .write(true)
                     .create(true)
+                    .truncate(true)
                     .mode(0o600)
                     .open(path)?;
                 (f, false)
