@@ -388,6 +388,25 @@ pub fn run(
     let mut deaths: Vec<Instant> = Vec::new();
     let mut history: Vec<Restart> = Vec::new();
     let mut restarts = 0u32;
+    // The next worker, serving: Err(why not) if it did not start.
+    let next_worker = |restarts: u32, history: &[Restart]| -> Result<Worker, String> {
+        let mut w = spawn_worker(
+            &exe,
+            &held,
+            mountpoint,
+            argv,
+            restarts,
+            Some(&state),
+            history,
+        )
+        .map_err(|f| f.message)?;
+        wait_ready(&mut w).map(|_| w)
+    };
+    let give_up = |why: &str, reason: &str| {
+        tracing::error!(cause = %why, "the worker died; {reason}: unmounting {}", mountpoint.display());
+        let _ = crate::mount::unmount(mountpoint, true);
+        Err(Fatal::new(format!("the worker died ({why}); {reason}")))
+    };
     loop {
         let ending = forward_signals(&worker.child);
         match worker.child.try_wait() {
@@ -395,46 +414,15 @@ pub fn run(
                 tracing::info!("the worker ended after the unmount");
                 return Ok(());
             }
-            Ok(Some(status)) if status.code() == Some(EXIT_UPGRADE) => {
-                let handed = Instant::now();
-                history.push(Restart {
-                    died_unix_ms: unix_ms(),
-                    pause_ms: 0,
-                    cause: "upgrade (handed over on request)".into(),
-                });
-                restarts += 1;
-                worker = spawn_worker(
-                    &exe,
-                    &held,
-                    mountpoint,
-                    argv,
-                    restarts,
-                    Some(&state),
-                    &history,
-                )?;
-                match wait_ready(&mut worker) {
-                    Ok(_) => {
-                        let pause = handed.elapsed().as_millis() as u64;
-                        if let Some(last) = history.last_mut() {
-                            last.pause_ms = pause;
-                        }
-                        tracing::warn!(restart = restarts, pause_ms = pause, "worker restarted from {} for an upgrade: the mount paused for {pause} ms", exe.display());
-                    }
-                    Err(e) => {
-                        tracing::error!(
-                            "the upgraded worker did not start ({e}): unmounting {}",
-                            mountpoint.display()
-                        );
-                        let _ = crate::mount::unmount(mountpoint, true);
-                        return Err(Fatal::new(format!(
-                            "the upgraded worker did not start: {e}"
-                        )));
-                    }
-                }
-            }
             Ok(Some(status)) => {
-                let mut why = cause(&status);
-                if ending || !crate::mount::is_mounted(mountpoint) {
+                // Handed over for `s3mount upgrade`, or died.
+                let upgrade = status.code() == Some(EXIT_UPGRADE);
+                let mut why = if upgrade {
+                    "upgrade (handed over on request)".to_string()
+                } else {
+                    cause(&status)
+                };
+                if !upgrade && (ending || !crate::mount::is_mounted(mountpoint)) {
                     return Err(Fatal::new(format!("the worker ended ({why})")));
                 }
                 let died = Instant::now();
@@ -443,48 +431,52 @@ pub fn run(
                     pause_ms: 0,
                     cause: why.clone(),
                 });
-                // Start a new worker; one that dies before it serves counts as another death.
+                // A new worker; one that dies before it serves counts as another death.
                 loop {
-                    let now = Instant::now();
-                    deaths.retain(|t| now.duration_since(*t) < DEATH_WINDOW);
-                    deaths.push(now);
-                    if !resends || deaths.len() >= max_deaths {
-                        let reason = if resends {
-                            format!("{max_deaths} workers died within a minute")
-                        } else {
-                            "this kernel cannot hand a dead worker's requests to a new one".into()
-                        };
-                        tracing::error!(cause = %why, "the worker died; {reason}: unmounting {}", mountpoint.display());
-                        let _ = crate::mount::unmount(mountpoint, true);
-                        return Err(Fatal::new(format!("the worker died ({why}); {reason}")));
+                    if !upgrade {
+                        let now = Instant::now();
+                        deaths.retain(|t| now.duration_since(*t) < DEATH_WINDOW);
+                        deaths.push(now);
+                        if !resends {
+                            return give_up(
+                                &why,
+                                "this kernel cannot hand a dead worker's requests to a new one",
+                            );
+                        }
+                        if deaths.len() >= max_deaths {
+                            return give_up(
+                                &why,
+                                &format!("{max_deaths} workers died within a minute"),
+                            );
+                        }
+                        tracing::warn!(cause = %why, restart = restarts + 1, "the worker died; starting a new one on the same mount");
                     }
                     restarts += 1;
-                    tracing::warn!(cause = %why, restart = restarts, "the worker died; starting a new one on the same mount");
-                    worker = spawn_worker(
-                        &exe,
-                        &held,
-                        mountpoint,
-                        argv,
-                        restarts,
-                        Some(&state),
-                        &history,
-                    )?;
-                    match wait_ready(&mut worker) {
-                        Ok(_) => break,
+                    match next_worker(restarts, &history) {
+                        Ok(w) => {
+                            worker = w;
+                            break;
+                        }
+                        Err(e) if upgrade => {
+                            return give_up(
+                                &why,
+                                &format!("the upgraded worker did not start: {e}"),
+                            )
+                        }
                         Err(e) => why = format!("a new worker did not start: {e}"),
                     }
                 }
-                let pause = died.elapsed();
+                let pause = died.elapsed().as_millis() as u64;
                 if let Some(last) = history.last_mut() {
-                    last.pause_ms = pause.as_millis() as u64;
+                    last.pause_ms = pause;
                     last.cause = why.clone();
                 }
                 tracing::warn!(
                     restart = restarts,
                     cause = %why,
-                    pause_ms = pause.as_millis() as u64,
-                    "worker restarted: the mount paused for {} ms",
-                    pause.as_millis()
+                    pause_ms = pause,
+                    "worker restarted{}: the mount paused for {pause} ms",
+                    if upgrade { format!(" from {}", exe.display()) } else { String::new() }
                 );
             }
             // A death is seen within 20 ms (part of the pause an application sees).

@@ -1364,6 +1364,12 @@ impl Fs {
                 j.pinned(fh, etag, r.size());
             }
         }
+        self.insert_read_handle(fh, ino, reader);
+        Ok((fh, keep_cache))
+    }
+
+    /// Register read descriptor `fh` of `ino` (its reader made at the first read if `None`).
+    fn insert_read_handle(&self, fh: u64, ino: u64, reader: Option<Arc<ObjectReader>>) {
         let handle = ReadHandle {
             ino,
             reader: Mutex::new(reader),
@@ -1371,7 +1377,6 @@ impl Fs {
         self.files
             .lock()
             .insert(fh, Arc::new(FileHandle::Read(handle)));
-        Ok((fh, keep_cache))
     }
 
     /// A reader of the object `ino` names now: its metadata from within --metadata-ttl (with an

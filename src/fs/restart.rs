@@ -11,10 +11,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
-
 use super::journal::{Journal, Opened};
-use super::{attrs, DirHandle, Errno, FileHandle, Fs, FsResult, ReadHandle};
+use super::{attrs, DirHandle, Errno, Fs, FsResult};
 use crate::data::prefetch::ObjectReader;
 
 impl Fs {
@@ -92,13 +90,7 @@ impl Fs {
                 self.cache.clone(),
             )))
         });
-        let handle = ReadHandle {
-            ino,
-            reader: Mutex::new(reader),
-        };
-        self.files
-            .lock()
-            .insert(fh, Arc::new(FileHandle::Read(handle)));
+        self.insert_read_handle(fh, ino, reader);
         tracing::debug!(fh, ino, "read handle of the previous worker taken over");
     }
 
