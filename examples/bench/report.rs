@@ -1,9 +1,9 @@
 //! Every figure the benchmark prints is also kept here, under the daemon whose pass printed it,
 //! so that a run over several daemons (`--daemons s3mount,s3fs,rclone`) ends with one table:
 //! each workload a row, each daemon a column with its figure and its ratio to the plain client
-//! of the same pass, and each s3mount variant's ratio over the best peer's. Ratios are always "higher is
-//! better" (speed over plain speed, or plain time over time), so they compare across passes
-//! on a noisy machine better than raw figures do.
+//! of the same pass, and, for each s3mount variant, its figure against the best peer's
+//! ("higher is better": speed over speed, time of the peer over time of s3mount; a figure in
+//! ms or CPU-s is better lower, one in MB/s or /s better higher).
 
 use std::sync::Mutex;
 
@@ -79,21 +79,40 @@ pub fn comparison(daemons: &[Daemon]) -> String {
                 None => out += " — |",
             }
         }
+        // The best peer's figure, and how each s3mount variant compares with it.
+        let value = |d: Daemon| find(d, label).and_then(|f| figure_value(label, &f.mount));
         let best_peer = daemons
             .iter()
             .filter(|d| !d.is_s3mount())
-            .filter_map(|&d| find(d, label).and_then(|f| f.ratio))
-            .filter(|r| r.is_finite() && *r > 0.0)
-            .fold(None, |best: Option<f64>, r| {
-                Some(best.map_or(r, |b| b.max(r)))
+            .filter_map(|&d| value(d))
+            .fold(None, |best: Option<(f64, bool)>, (v, higher)| {
+                Some(match best {
+                    Some((b, _)) if (higher && b >= v) || (!higher && b <= v) => (b, higher),
+                    _ => (v, higher),
+                })
             });
         for &d in ours.iter() {
-            match (find(d, label).and_then(|f| f.ratio), best_peer) {
-                (Some(o), Some(p)) => out += &format!(" **{:.2}x** |", o / p),
+            match (value(d), best_peer) {
+                (Some((o, true)), Some((p, _))) if p > 0.0 => {
+                    out += &format!(" **{:.2}x** |", o / p)
+                }
+                (Some((o, false)), Some((p, _))) if o > 0.0 => {
+                    out += &format!(" **{:.2}x** |", p / o)
+                }
                 _ => out += " |",
             }
         }
         out += "\n";
     }
     out
+}
+
+/// The number a figure starts with, and whether more is better: times ("12.3 ms"), CPU
+/// seconds and bytes fetched per byte are better lower; speeds ("MB/s", "/s") higher.
+fn figure_value(label: &str, figure: &str) -> Option<(f64, bool)> {
+    let v: f64 = figure.split_whitespace().next()?.parse().ok()?;
+    let lower = figure.ends_with(" ms")
+        || label.contains("CPU-s")
+        || label.contains("bytes fetched");
+    Some((v, !lower))
 }
