@@ -111,8 +111,7 @@ pub fn comparison(daemons: &[Daemon]) -> String {
 /// seconds and bytes fetched per byte are better lower; speeds ("MB/s", "/s") higher.
 fn figure_value(label: &str, figure: &str) -> Option<(f64, bool)> {
     let v: f64 = figure.split_whitespace().next()?.parse().ok()?;
-    let lower = figure.ends_with(" ms")
-        || label.contains("CPU-s")
-        || label.contains("bytes fetched");
+    let lower =
+        figure.ends_with(" ms") || label.contains("CPU-s") || label.contains("bytes fetched");
     Some((v, !lower))
 }
