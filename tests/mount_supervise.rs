@@ -313,3 +313,84 @@ fn upgrade_of_an_unsupervised_mount_says_how_to_get_the_new_binary() {
     std::fs::write(m.join("still.txt"), b"here").unwrap();
     assert_eq!(s.get(&bucket, "still.txt").as_deref(), Some(&b"here"[..]));
 }
+
+/// Random-offset preads of one descriptor across three worker deaths, every byte checked.
+#[test]
+fn random_preads_go_on_across_worker_deaths_byte_exact() {
+    let s = server();
+    let bucket = s.new_bucket();
+    let data = pattern(32 << 20, 31);
+    s.put(&bucket, "random.bin", data.clone());
+    let m = Mount::new(s, &bucket, &["--supervise"]);
+    let f = std::fs::File::open(m.join("random.bin")).unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+            let mut reads = 0u32;
+            let mut buf = vec![0u8; 64 << 10];
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let len = 1 + (x % (64 << 10)) as usize;
+                let off = (x >> 20) as usize % (data.len() - len);
+                f.read_exact_at(&mut buf[..len], off as u64)
+                    .unwrap_or_else(|e| panic!("pread of {len} at {off}: {e}"));
+                assert!(buf[..len] == data[off..off + len], "bytes at {off}");
+                reads += 1;
+            }
+            reads
+        });
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(500));
+            kill_worker(&m);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let reads = reader.join().expect("reader");
+        assert!(reads > 20, "{reads} reads");
+    });
+}
+
+/// kill -9 of the supervisor itself is not recovered, but nothing is worse than a crash: the
+/// worker goes on serving until it ends, then the mount is dead and `s3mount status` says so.
+#[test]
+fn a_killed_supervisor_leaves_the_worker_serving_then_a_dead_mount() {
+    let s = server();
+    let bucket = s.new_bucket();
+    let runtime = tempfile::tempdir().unwrap();
+    let rt = runtime.path().to_str().unwrap();
+    let m = Mount::with_env(
+        s,
+        &s.endpoint,
+        &bucket,
+        &["--supervise"],
+        &[("S3MOUNT_RUNTIME_DIR", Some(rt))],
+    );
+    let (supervisor, worker) = processes(m.path());
+    kill9(supervisor.unwrap());
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::write(m.join("still.txt"), b"served by the worker").unwrap();
+    assert_eq!(
+        s.get(&bucket, "still.txt").as_deref(),
+        Some(&b"served by the worker"[..])
+    );
+    kill9(worker.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let err = std::fs::metadata(m.join("still.txt")).err();
+        if err.as_ref().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "mount not dead: {err:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = Command::new(s3mount_bin())
+        .args(["status", m.path().to_str().unwrap()])
+        .env("S3MOUNT_RUNTIME_DIR", rt)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{:?}", out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("DEAD"));
+}
