@@ -57,6 +57,10 @@ fn debian_package_ships_the_helper_link_units_docs_and_careful_scripts() {
     );
     assert!(script("postinst").contains("daemon-reload"));
     assert!(
+        script("postinst").contains("s3mount upgrade"),
+        "supervised mounts move to the new binary on an upgrade"
+    );
+    assert!(
         script("preinst").contains("dpkg-divert"),
         "an administrator's own link is kept"
     );
