@@ -251,6 +251,9 @@ fn spawn_worker(
     let report = unsafe { OwnedFd::from_raw_fd(report) };
     drop(theirs);
     let mut cmd = Command::new(exe);
+    // A process group of its own: Ctrl-C in a terminal (`-f`) reaches the supervisor only, which
+    // passes it on once; the worker getting it twice would take the second as "detach now".
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     cmd.args(&argv[1..])
         .env(ENV_FD, fuse.as_raw_fd().to_string())
         .env(ENV_REPORT, report.as_raw_fd().to_string())
