@@ -24,9 +24,27 @@ use super::attrs::Kind;
 /// The journal file of one mount, open for appending.
 #[derive(Debug)]
 pub struct Journal {
-    file: parking_lot::Mutex<Option<std::fs::File>>,
+    inner: parking_lot::Mutex<Inner>,
     path: PathBuf,
+    /// Compacted when it grows (the mount's own journal; not a compaction's temporary file).
+    compacts: bool,
 }
+
+#[derive(Debug)]
+struct Inner {
+    /// None once a write failed (given up).
+    file: Option<std::fs::File>,
+    /// Bytes appended since the file was last started or compacted.
+    written: u64,
+    /// Its size then.
+    base: u64,
+}
+
+/// The journal is compacted (read back and written again with what is still live) once this
+/// much was appended, or four times its compacted size if that is more: an inode costs two
+/// records over its life (made, forgotten), so a `find` over a million files would otherwise
+/// leave ~100 MB behind.
+const COMPACT_AFTER: u64 = 8 << 20;
 
 /// An inode as the journal knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,10 +86,19 @@ impl Journal {
             .truncate(true)
             .mode(0o600)
             .open(path)?;
-        Ok(Journal {
-            file: parking_lot::Mutex::new(Some(file)),
+        Ok(Journal::with_file(path, file, 0, true))
+    }
+
+    fn with_file(path: &Path, file: std::fs::File, base: u64, compacts: bool) -> Journal {
+        Journal {
+            inner: parking_lot::Mutex::new(Inner {
+                file: Some(file),
+                written: 0,
+                base,
+            }),
             path: path.to_path_buf(),
-        })
+            compacts,
+        }
     }
 
     pub fn new_inode(&self, n: &Named) {
@@ -125,11 +152,29 @@ impl Journal {
     /// One record, one write. A journal that cannot be written is given up (logged once): the
     /// mount goes on, only a worker restart would then fail the kernel's older node ids.
     fn append(&self, line: String) {
-        let mut file = self.file.lock();
-        let Some(f) = file.as_mut() else { return };
+        let mut inner = self.inner.lock();
+        let Some(f) = inner.file.as_mut() else { return };
         if let Err(e) = f.write_all(line.as_bytes()) {
             tracing::error!(path = %self.path.display(), "cannot write the inode journal ({e}): a worker restart will not find the inodes the kernel holds");
-            *file = None;
+            inner.file = None;
+            return;
+        }
+        inner.written += line.len() as u64;
+        if self.compacts && inner.written > COMPACT_AFTER.max(4 * inner.base) {
+            // Appends wait meanwhile (this lock), so none is lost between the read and the
+            // rename: the file read back holds every record written so far.
+            match Self::replay(&self.path).and_then(|r| Self::write_compacted(&self.path, &r)) {
+                Ok((file, size)) => {
+                    tracing::debug!(path = %self.path.display(), bytes = size, "inode journal compacted");
+                    inner.file = Some(file);
+                    inner.base = size;
+                }
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), "cannot compact the inode journal: {e}");
+                    inner.base = inner.base.saturating_add(inner.written);
+                }
+            }
+            inner.written = 0;
         }
     }
 
@@ -233,11 +278,18 @@ impl Journal {
     }
 
     /// Start the journal again with just `r` (after a replay: it does not grow without end
-    /// over many restarts). Written beside it and renamed over it.
+    /// over many restarts).
     pub fn rewrite(path: &Path, r: &Replayed) -> std::io::Result<Journal> {
+        let (file, size) = Self::write_compacted(path, r)?;
+        Ok(Journal::with_file(path, file, size, true))
+    }
+
+    /// Write `r` beside `path`, sync it and rename it over `path`; returns the new file open
+    /// for appending, and its size.
+    fn write_compacted(path: &Path, r: &Replayed) -> std::io::Result<(std::fs::File, u64)> {
         let tmp = path.with_extension("new");
         {
-            let j = Journal::create(&tmp)?;
+            let j = Journal::with_file(&tmp, Journal::create(&tmp)?.take_file()?, 0, false);
             for n in r.inodes.values() {
                 j.new_inode(n);
             }
@@ -253,20 +305,21 @@ impl Journal {
                     j.unnamed(n.parent, &n.name);
                 }
             }
-            let synced = match j.file.lock().as_ref() {
-                Some(f) => f.sync_data(),
-                None => Err(std::io::Error::other(
-                    "the new journal could not be written",
-                )),
-            };
-            synced?;
+            j.take_file()?.sync_data()?;
         }
         std::fs::rename(&tmp, path)?;
         let file = std::fs::OpenOptions::new().append(true).open(path)?;
-        Ok(Journal {
-            file: parking_lot::Mutex::new(Some(file)),
-            path: path.to_path_buf(),
-        })
+        let size = file.metadata()?.len();
+        Ok((file, size))
+    }
+
+    /// The file, if every write to it succeeded.
+    fn take_file(&self) -> std::io::Result<std::fs::File> {
+        self.inner
+            .lock()
+            .file
+            .take()
+            .ok_or_else(|| std::io::Error::other("the journal could not be written"))
     }
 }
 
@@ -327,6 +380,41 @@ mod tests {
     }
 
     /// Every record kind, awkward names, and a last line cut short by a crash.
+    /// Inodes made and forgotten by the hundred thousand (a `find` over a big tree): the file
+    /// is compacted as it goes and stays small, and replays to what is live.
+    #[test]
+    fn a_long_lived_journal_is_compacted_as_it_grows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inodes");
+        let j = Journal::create(&path).unwrap();
+        for ino in 2..12 {
+            j.new_inode(&named(ino, 1, Kind::File, &format!("keep{ino}"), "k"));
+        }
+        j.opened(5, 3, Opened::Read);
+        for ino in 100..250_100u64 {
+            j.new_inode(&named(
+                ino,
+                1,
+                Kind::File,
+                "passing-through-a-long-name",
+                "key",
+            ));
+            j.dropped(ino);
+        }
+        // About 20 MB were appended; what is left is at most what came after the last
+        // compaction.
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size <= COMPACT_AFTER + 4096, "{size} bytes");
+        j.new_inode(&named(300_000, 1, Kind::Dir, "last", "last/"));
+        drop(j);
+        let r = Journal::replay(&path).unwrap();
+        assert_eq!(r.inodes.len(), 11);
+        assert_eq!(r.names.get(&(1, "keep7".into())), Some(&7));
+        assert_eq!(r.names.get(&(1, "last".into())), Some(&300_000));
+        assert_eq!(r.handles.get(&5), Some(&(3, Opened::Read)));
+        assert_eq!(r.next_ino, 300_001);
+    }
+
     #[test]
     fn a_replay_gives_back_what_was_journaled() {
         let dir = tempfile::tempdir().unwrap();
