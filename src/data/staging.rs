@@ -222,17 +222,55 @@ impl StagedFile {
 
     /// Set the size: bytes beyond it are dropped; growing adds zeros.
     pub fn truncate(&mut self, size: u64) -> std::io::Result<()> {
+        if size != self.size {
+            self.file.set_len(size)?;
+        }
+        self.resized(size);
+        Ok(())
+    }
+
+    /// What a truncation to `size` changes in the bookkeeping (the file itself is already cut).
+    fn resized(&mut self, size: u64) {
         if size < self.size {
             self.dirty.truncate(size);
             self.base_valid = self.base_valid.min(size);
-            self.file.set_len(size)?;
         } else if size > self.size {
             // The gap reads as zeros: mark it dirty so it is never taken from the old object.
-            self.file.set_len(size)?;
             self.dirty.insert(self.size, size);
         }
         self.size = size;
-        Ok(())
+    }
+
+    /// Take over a staging file a process that died left (a worker restarted on a live mount,
+    /// `--supervise`): the file at `path` over `base`, with the writes and truncations it saw
+    /// in order (`Some(len)` at an offset: a write; `None`: a truncation to the offset).
+    pub fn adopt(
+        path: PathBuf,
+        base: Base,
+        changes: &[(u64, Option<u64>)],
+    ) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        let mut staged = StagedFile {
+            file,
+            path,
+            dirty: RangeSet::default(),
+            size: base.size,
+            base_valid: base.size,
+            base,
+        };
+        for &(offset, len) in changes {
+            match len {
+                Some(len) => {
+                    staged.dirty.insert(offset, offset + len);
+                    staged.size = staged.size.max(offset + len);
+                }
+                None => staged.resized(offset),
+            }
+        }
+        Ok(staged)
     }
 
     /// Copy every byte still taken from the original object into the local file, so the file

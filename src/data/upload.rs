@@ -674,6 +674,16 @@ impl StreamUpload {
         self.spool_write(body.slice(skip..)).await;
     }
 
+    /// The local copy of the bytes written (the spool), while one is kept.
+    pub fn spool_path(&self) -> Option<&std::path::Path> {
+        self.spool.as_ref().map(|s| s.path.as_path())
+    }
+
+    /// The multipart upload under way, once one was created.
+    pub fn upload_id(&self) -> Option<&str> {
+        self.upload_id.as_deref()
+    }
+
     /// Make every byte written so far local (`--write-back`, before close returns): the spool
     /// holds the shipped parts, and the part still in memory is added to it. False when there
     /// is no spool to hold them (past `--spool-limit`, a prefix copied server side, a part

@@ -12,7 +12,11 @@
 //! (keys under a renamed directory), `X parent name` (the name no longer leads to its inode),
 //! `D ino` (the kernel forgot it), `O fh ino r|w|d` (a file opened for reading, for writing, a
 //! directory opened), `P fh etag size` (the object version a read handle reads), `C fh`
-//! (released). What is kept of an inode is what names it; its attributes
+//! (released). A file open for writing keeps its bytes on local disk where a new worker finds
+//! them: `G ino s|t PATH BASE_ETAG BASE_SIZE COND` (staged over the object, or a stream whose
+//! every byte is in its local copy PATH; `-` for none yet), `A ino JSON` (its metadata),
+//! `W ino off len` and `Z ino size` (writes and truncations of a staged file), `U ino ID` (the
+//! stream's multipart upload), `E ino` (committed: nothing to take over). What is kept of an inode is what names it; its attributes
 //! are read from the bucket again, its lookup count is unknown (restored inodes are never
 //! dropped by a forget: a leak bounded by what the kernel held, instead of an ESTALE).
 
@@ -66,6 +70,29 @@ pub struct Replayed {
     pub handles: std::collections::BTreeMap<u64, (u64, Opened)>,
     /// The object version (ETag, size) each read handle reads.
     pub pinned: std::collections::HashMap<u64, (String, u64)>,
+    /// Files open for writing whose bytes are on local disk, by inode.
+    pub files: std::collections::BTreeMap<u64, OpenWrite>,
+}
+
+/// Where a file open for writing keeps its bytes, as journaled.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OpenWrite {
+    /// Staged over the committed object (else a stream: every byte in `path` from offset 0).
+    pub staged: bool,
+    /// The local file; None for a stream nothing was written to yet.
+    pub path: Option<String>,
+    pub base_etag: String,
+    pub base_size: u64,
+    /// The commit's condition: `n` (If-None-Match), `o` (none), `m:ETAG` (If-Match).
+    pub condition: String,
+    /// Its metadata as JSON.
+    pub metadata: Option<String>,
+    /// A staged file's writes (offset, Some(len)) and truncations (size, None), in order.
+    pub changes: Vec<(u64, Option<u64>)>,
+    pub upload_id: Option<String>,
+    /// Its bytes are not all on local disk (past --spool-limit, or a write failed): a new
+    /// worker cannot go on with it.
+    pub lost: bool,
 }
 
 /// How a handle was opened.
@@ -147,6 +174,61 @@ impl Journal {
 
     pub fn closed(&self, fh: u64) {
         self.append(format!("C\t{fh}\n"));
+    }
+
+    /// The bytes of `ino` (open for writing) are in local file `w.path`, as `w` says.
+    pub fn writing(&self, ino: u64, w: &OpenWrite) {
+        let opt = |v: &Option<String>| v.as_deref().map_or("-".to_string(), escape);
+        let mut line = format!(
+            "G\t{ino}\t{}\t{}\t{}\t{}\t{}\n",
+            if w.staged { 's' } else { 't' },
+            opt(&w.path),
+            if w.base_etag.is_empty() {
+                "-".to_string()
+            } else {
+                escape(&w.base_etag)
+            },
+            w.base_size,
+            escape(&w.condition)
+        );
+        if let Some(m) = &w.metadata {
+            line += &format!("A\t{ino}\t{}\n", escape(m));
+        }
+        for (off, len) in &w.changes {
+            match len {
+                Some(len) => line += &format!("W\t{ino}\t{off}\t{len}\n"),
+                None => line += &format!("Z\t{ino}\t{off}\n"),
+            }
+        }
+        if let Some(id) = &w.upload_id {
+            line += &format!("U\t{ino}\t{}\n", escape(id));
+        }
+        if w.lost {
+            line += &format!("L\t{ino}\n");
+        }
+        self.append(line);
+    }
+
+    pub fn wrote(&self, ino: u64, offset: u64, len: u64) {
+        self.append(format!("W\t{ino}\t{offset}\t{len}\n"));
+    }
+
+    pub fn resized(&self, ino: u64, size: u64) {
+        self.append(format!("Z\t{ino}\t{size}\n"));
+    }
+
+    pub fn uploading(&self, ino: u64, upload_id: &str) {
+        self.append(format!("U\t{ino}\t{}\n", escape(upload_id)));
+    }
+
+    /// `ino` is committed: nothing to take over.
+    pub fn committed(&self, ino: u64) {
+        self.append(format!("E\t{ino}\n"));
+    }
+
+    /// The bytes written to `ino` are not all on local disk any more.
+    pub fn lost(&self, ino: u64) {
+        self.append(format!("L\t{ino}\n"));
     }
 
     /// One record, one write. A journal that cannot be written is given up (logged once): the
@@ -255,6 +337,57 @@ impl Journal {
                         r.pinned.insert(fh, (unescape(f[2]), size));
                     }
                 }
+                (Some("G"), 7) => {
+                    let (Some(ino), Some(base_size)) = (num(1), num(5)) else {
+                        continue;
+                    };
+                    let field = |v: &str| (v != "-").then(|| unescape(v));
+                    r.files.insert(
+                        ino,
+                        OpenWrite {
+                            staged: f[2] == "s",
+                            path: field(f[3]),
+                            base_etag: field(f[4]).unwrap_or_default(),
+                            base_size,
+                            condition: unescape(f[6]),
+                            ..OpenWrite::default()
+                        },
+                    );
+                }
+                (Some("A"), 3) => {
+                    if let Some(w) = num(1).and_then(|ino| r.files.get_mut(&ino)) {
+                        w.metadata = Some(unescape(f[2]));
+                    }
+                }
+                (Some("W"), 4) => {
+                    if let (Some(w), Some(off), Some(len)) =
+                        (num(1).and_then(|ino| r.files.get_mut(&ino)), num(2), num(3))
+                    {
+                        w.changes.push((off, Some(len)));
+                    }
+                }
+                (Some("Z"), 3) => {
+                    if let (Some(w), Some(size)) =
+                        (num(1).and_then(|ino| r.files.get_mut(&ino)), num(2))
+                    {
+                        w.changes.push((size, None));
+                    }
+                }
+                (Some("U"), 3) => {
+                    if let Some(w) = num(1).and_then(|ino| r.files.get_mut(&ino)) {
+                        w.upload_id = Some(unescape(f[2]));
+                    }
+                }
+                (Some("E"), 2) => {
+                    if let Some(ino) = num(1) {
+                        r.files.remove(&ino);
+                    }
+                }
+                (Some("L"), 2) => {
+                    if let Some(ino) = num(1) {
+                        r.files.entry(ino).or_default().lost = true;
+                    }
+                }
                 (Some("C"), 2) => {
                     if let Some(fh) = num(1) {
                         r.handles.remove(&fh);
@@ -298,6 +431,9 @@ impl Journal {
                 if let Some((etag, size)) = r.pinned.get(fh) {
                     j.pinned(*fh, etag, *size);
                 }
+            }
+            for (ino, w) in &r.files {
+                j.writing(*ino, w);
             }
             // Names that lead nowhere now (unlinked while the kernel still holds the inode).
             for n in r.inodes.values() {

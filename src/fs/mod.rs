@@ -299,6 +299,8 @@ pub struct Fs {
     adopted: Mutex<std::collections::BTreeMap<u64, (u64, journal::Opened)>>,
     /// The object versions their read handles read (ETag, size).
     adopted_pins: Mutex<HashMap<u64, (String, u64)>>,
+    /// Where the dead worker kept the bytes of the files it had open for writing, by inode.
+    adopted_writes: Mutex<std::collections::BTreeMap<u64, journal::OpenWrite>>,
     budget: Arc<Budget>,
     cache: Arc<BlockCache>,
     caps: Arc<Capabilities>,
@@ -736,6 +738,7 @@ impl Fs {
             journal: std::sync::OnceLock::new(),
             adopted: Mutex::default(),
             adopted_pins: Mutex::default(),
+            adopted_writes: Mutex::default(),
             budget,
             cache,
             caps,

@@ -11,9 +11,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::journal::{Journal, Opened};
-use super::{attrs, DirHandle, Errno, Fs, FsResult};
+use super::journal::{Journal, OpenWrite, Opened};
+use super::write::{Body, WriteState};
+use super::{attrs, DirHandle, Errno, FileHandle, Fs, FsResult, Inode};
 use crate::data::prefetch::ObjectReader;
+use crate::data::staging::{Base, StagedFile};
+use crate::data::upload::CommittedPrefix;
+use crate::store::PutCondition;
 
 impl Fs {
     /// Journal this mount's inodes and handles in `path` from now on. After a worker restart
@@ -36,6 +40,7 @@ impl Fs {
             );
             *self.adopted.lock() = replayed.handles.clone();
             *self.adopted_pins.lock() = replayed.pinned.clone();
+            *self.adopted_writes.lock() = replayed.files.clone();
             self.inodes.lock().restore(replayed, stale, |n| {
                 attrs::attr_from_meta(n.ino, n.kind, None, &self.cfg.defaults)
             });
@@ -145,5 +150,226 @@ impl Fs {
         if self.adopted.lock().remove(&fh).is_some() {
             self.journal_closed(fh);
         }
+    }
+}
+
+/// How a commit condition is journaled.
+fn condition_code(c: &PutCondition) -> String {
+    match c {
+        PutCondition::IfNoneMatch => "n".into(),
+        PutCondition::IfMatch(etag) => format!("m:{etag}"),
+        PutCondition::Overwrite => "o".into(),
+    }
+}
+
+fn condition_of(code: &str) -> PutCondition {
+    match code.strip_prefix("m:") {
+        Some(etag) => PutCondition::IfMatch(etag.to_string()),
+        None if code == "n" => PutCondition::IfNoneMatch,
+        None => PutCondition::Overwrite,
+    }
+}
+
+impl Fs {
+    /// Journal where the bytes of an open file are now (a stream just started, a file just
+    /// staged, a stream grown), so that a worker started after a death goes on with it.
+    pub(super) fn journal_writing(&self, st: &WriteState) {
+        let Some(j) = self.journal.get() else { return };
+        let (staged, path, upload_id) = match &st.body {
+            Body::Staged(f) => (true, Some(f.path().display().to_string()), None),
+            Body::Streaming(u) => (
+                false,
+                u.spool_path().map(|p| p.display().to_string()),
+                u.upload_id().map(str::to_string),
+            ),
+            _ => return,
+        };
+        j.writing(
+            st.ino,
+            &OpenWrite {
+                staged,
+                path,
+                base_etag: st.base.etag.clone(),
+                base_size: st.base.size,
+                condition: condition_code(&st.expect),
+                metadata: serde_json::to_string(&st.metadata).ok(),
+                changes: Vec::new(),
+                upload_id,
+                lost: false,
+            },
+        );
+    }
+
+    /// After a write to a stream (`--supervise`): every byte goes to its local copy before the
+    /// write returns, so a new worker can go on with the file; past --spool-limit it cannot.
+    pub(super) async fn keep_stream_local(&self, st: &mut WriteState) {
+        if self.journal.get().is_none() {
+            return;
+        }
+        let kept = match st.upload_mut() {
+            Some(u) => u.persist().await,
+            None => return,
+        };
+        if kept {
+            self.journal_writing(st);
+        } else {
+            self.journal_lost(st.ino);
+        }
+    }
+
+    pub(super) fn journal_wrote(&self, ino: u64, offset: u64, len: u64) {
+        if let Some(j) = self.journal.get() {
+            j.wrote(ino, offset, len);
+        }
+    }
+
+    /// A staged file's new size.
+    pub(super) fn journal_resized(&self, st: &WriteState) {
+        if let Some(j) = self.journal.get() {
+            j.resized(st.ino, st.size);
+        }
+    }
+
+    pub(super) fn journal_committed(&self, ino: u64) {
+        if let Some(j) = self.journal.get() {
+            j.committed(ino);
+        }
+    }
+
+    pub(super) fn journal_lost(&self, ino: u64) {
+        if let Some(j) = self.journal.get() {
+            j.lost(ino);
+        }
+    }
+
+    /// A write, flush, fsync or release of `fh` on `ino`: if `fh` is a descriptor the dead
+    /// worker had open for writing, take it over: the file's state is rebuilt from its local
+    /// bytes (a staged file with its changes, a stream from its local copy, which becomes a
+    /// staged new object; the dead worker's multipart upload is aborted), or from the object if
+    /// everything was committed. A file whose bytes were not all local stays EIO.
+    pub async fn adopt_writer(&self, ino: u64, fh: u64) -> FsResult<()> {
+        if self.files.lock().contains_key(&fh)
+            || self.adopted.lock().get(&fh) != Some(&(ino, Opened::Write))
+        {
+            return Ok(());
+        }
+        let file = match self.open_files.join(ino) {
+            Some(file) => file,
+            None => {
+                let inode = self.inode(ino)?;
+                // Unlinked meanwhile: nothing to go on with (it gets EIO).
+                let linked = self.inodes.lock().find(inode.parent, &inode.name) == Some(ino);
+                let rec = self.adopted_writes.lock().get(&ino).cloned();
+                let state = match rec {
+                    _ if !linked => return Ok(()),
+                    Some(w) if w.lost => return Ok(()),
+                    None => self.clean_state(&inode, false).await?,
+                    Some(w) => match self.state_from_journal(&inode, &w).await {
+                        Ok(st) => st,
+                        Err(e) => {
+                            tracing::error!(fh, ino, key = %inode.key, error = %e, "cannot go on with a file the previous worker was writing");
+                            return Ok(());
+                        }
+                    },
+                };
+                self.open_files.insert_or_join(state).0
+            }
+        };
+        self.adopted.lock().remove(&fh);
+        self.files
+            .lock()
+            .insert(fh, Arc::new(FileHandle::Write(file)));
+        tracing::info!(
+            fh,
+            ino,
+            "file being written by the previous worker taken over"
+        );
+        Ok(())
+    }
+
+    /// The state of a file open for writing, from what the journal says of it.
+    async fn state_from_journal(
+        &self,
+        inode: &Inode,
+        w: &OpenWrite,
+    ) -> std::io::Result<WriteState> {
+        let metadata = match w
+            .metadata
+            .as_deref()
+            .and_then(|m| serde_json::from_str(m).ok())
+        {
+            Some(m) => m,
+            None => self
+                .metadata_of(inode)
+                .await
+                .map(|(m, _)| m)
+                .unwrap_or_default(),
+        };
+        let expect = condition_of(&w.condition);
+        if let Some(id) = &w.upload_id {
+            let (store, key, id) = (self.store.clone(), inode.key.clone(), id.clone());
+            tokio::spawn(async move { crate::data::commit::abort_upload(&store, &key, &id).await });
+        }
+        let (body, base) = match (&w.path, w.staged) {
+            (Some(path), true) => {
+                let base = Base {
+                    key: inode.key.clone(),
+                    etag: w.base_etag.clone(),
+                    size: w.base_size,
+                };
+                let staged = StagedFile::adopt(path.into(), base, &w.changes)?;
+                (
+                    Body::Staged(staged),
+                    CommittedPrefix {
+                        etag: w.base_etag.clone(),
+                        size: w.base_size,
+                    },
+                )
+            }
+            // Every byte of the stream is in its local copy: it goes on as a staged new object.
+            (Some(path), false) => {
+                let len = std::fs::metadata(path)?.len();
+                let base = Base {
+                    key: inode.key.clone(),
+                    etag: String::new(),
+                    size: 0,
+                };
+                let staged = StagedFile::adopt(path.into(), base, &[(0, Some(len))])?;
+                (
+                    Body::Staged(staged),
+                    CommittedPrefix {
+                        etag: String::new(),
+                        size: 0,
+                    },
+                )
+            }
+            // A stream nothing was written to yet.
+            (None, _) => (
+                Body::Streaming(self.start_upload(&inode.key, &metadata, &expect)),
+                CommittedPrefix {
+                    etag: String::new(),
+                    size: 0,
+                },
+            ),
+        };
+        let size = match &body {
+            Body::Staged(f) => f.size(),
+            _ => 0,
+        };
+        let unlinked = self.mark_pending(&inode.key, inode.ino);
+        self.set_local_size(inode.ino, size);
+        let st = WriteState {
+            ino: inode.ino,
+            key: inode.key.clone(),
+            body,
+            base,
+            size,
+            metadata,
+            unlinked,
+            expect,
+            last_write: Some(std::time::SystemTime::now()),
+        };
+        self.journal_writing(&st);
+        Ok(st)
     }
 }

@@ -2955,7 +2955,8 @@ async fn a_restarted_worker_answers_the_node_ids_and_handles_of_the_dead_one() {
     all.extend(rest.iter().map(|i| i.name.clone()));
     all.sort();
     assert_eq!(all, [".", "..", "a.c", "b.c", "moved.txt", "sub"]);
-    // The write handle cannot go on.
+    // A write handle whose local bytes are gone (the dead worker's files were removed here,
+    // as a crash would not) cannot go on.
     assert_eq!(new.write(write_fh, 4, b"x").await.unwrap_err(), Errno::EIO);
     assert_eq!(new.flush(write_fh).await.unwrap_err(), Errno::EIO);
     new.release(write_fh).await.unwrap();
@@ -2963,4 +2964,75 @@ async fn a_restarted_worker_answers_the_node_ids_and_handles_of_the_dead_one() {
     // Handles made now are numbered above every old one.
     let (fh, _) = new.open(a.ino, libc::O_RDONLY).await.unwrap();
     assert!(fh > write_fh.max(dir_fh).max(read_fh));
+}
+
+/// `--supervise`: files open for writing when the worker dies go on in the next one, from
+/// their local bytes: a streamed new file (every byte in its local copy before each write
+/// returns) and an object modified in place (its staging file and the journaled changes). Both
+/// end byte-exact at close; the dead worker's multipart upload is aborted.
+#[tokio::test]
+async fn a_restarted_worker_goes_on_with_files_being_written() {
+    let store = Arc::new(MockStore::new());
+    let original: Vec<u8> = (0..(2 << 20)).map(|i| (i % 251) as u8).collect();
+    store.insert("doc.bin", original.clone());
+    let state = tempfile::tempdir().unwrap();
+    let path = state.path().join("inodes");
+    let mut cfg = test_config("");
+    cfg.upload.min_part_size = 5 << 20;
+    let old = Fs::new(store.clone(), cfg.clone());
+    old.start_journal(&path, 0).unwrap();
+    // A stream: 7 MiB in 1 MiB writes (a multipart upload has started).
+    let chunk = |i: usize| vec![i as u8 + 1; 1 << 20];
+    let s_fh = new_file(&old, "stream.bin").await;
+    for i in 0..7 {
+        old.write(s_fh, (i << 20) as i64, &chunk(i)).await.unwrap();
+    }
+    let s_ino = old.lookup(ROOT_INO, b"stream.bin").await.unwrap().ino;
+    // An object modified in place.
+    let d = old.lookup(ROOT_INO, b"doc.bin").await.unwrap();
+    let (d_fh, _) = old.open(d.ino, libc::O_RDWR).await.unwrap();
+    old.write(d_fh, 1000, b"XXXX").await.unwrap();
+    old.setattr(
+        d.ino,
+        Some(d_fh),
+        SetAttr {
+            mode: None,
+            uid: None,
+            gid: None,
+            size: Some(1_800_000),
+            mtime: None,
+            atime: None,
+            kill_suid_sgid: false,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(store.open_uploads(), 1, "the stream's multipart upload");
+    // The worker dies: no destructor runs (its local files stay, as after kill -9).
+    std::mem::forget(old);
+
+    let new = Fs::new(store.clone(), cfg);
+    new.start_journal(&path, 1).unwrap();
+    new.adopt_writer(s_ino, s_fh).await.unwrap();
+    new.write(s_fh, 7 << 20, &chunk(7)).await.unwrap();
+    new.flush(s_fh).await.unwrap();
+    new.release(s_fh).await.unwrap();
+    let want: Vec<u8> = (0..8).flat_map(chunk).collect();
+    assert!(store.get_bytes("stream.bin").unwrap() == want, "stream.bin");
+
+    new.adopt_writer(d.ino, d_fh).await.unwrap();
+    new.write(d_fh, 1_500_000, b"YY").await.unwrap();
+    new.flush(d_fh).await.unwrap();
+    new.release(d_fh).await.unwrap();
+    let mut want = original.clone();
+    want[1000..1004].copy_from_slice(b"XXXX");
+    want.truncate(1_800_000);
+    want[1_500_000..1_500_002].copy_from_slice(b"YY");
+    assert!(store.get_bytes("doc.bin").unwrap() == want, "doc.bin");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert_eq!(
+        store.open_uploads(),
+        0,
+        "the dead worker's upload is aborted"
+    );
 }

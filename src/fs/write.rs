@@ -380,6 +380,7 @@ impl Fs {
                 Body::Streaming(self.start_upload(&inode.key, &state.metadata, &state.expect));
             state.unlinked = self.mark_pending(&inode.key, inode.ino);
             self.set_local_size(inode.ino, 0);
+            self.journal_writing(&state);
         }
         Ok(state)
     }
@@ -418,6 +419,12 @@ impl Fs {
             }
         }
         st.touched();
+        // Where the bytes are now, for a worker started after a death (--supervise).
+        if st.staged_mut().is_some() {
+            self.journal_resized(st);
+        } else {
+            self.keep_stream_local(st).await;
+        }
         Ok(())
     }
 
@@ -462,6 +469,7 @@ impl Fs {
             }
             st.body = Body::Failed(Errno::EIO);
             self.pending.lock().remove(&st.key);
+            self.journal_lost(st.ino);
             return Err(Errno::EIO);
         }
         st.size += data.len() as u64;
@@ -502,10 +510,12 @@ impl Fs {
             })?;
             st.size = staged.size();
             self.set_local_size(st.ino, st.size);
+            self.journal_wrote(st.ino, offset, data.len() as u64);
             return Ok(data.len() as u32);
         }
         self.fill_zeros(&mut st, offset).await?;
         self.append(&mut st, data).await?;
+        self.keep_stream_local(&mut st).await;
         Ok(data.len() as u32)
     }
 
@@ -619,6 +629,7 @@ impl Fs {
         })?;
         st.body = Body::Staged(staged);
         st.unlinked = self.mark_pending(&st.key, st.ino);
+        self.journal_writing(st);
         Ok(())
     }
 
@@ -732,6 +743,7 @@ impl Fs {
                 );
                 st.body = Body::Failed(Errno::EIO);
                 self.pending.lock().remove(&st.key);
+                self.journal_lost(st.ino);
                 Err(Errno::EIO)
             }
         }
@@ -758,6 +770,7 @@ impl Fs {
                 tracing::error!(key = %st.key, error = %e, "upload failed; the previous object (if any) is unchanged");
                 st.body = Body::Failed(Errno::EIO);
                 self.pending.lock().remove(&st.key);
+                self.journal_lost(st.ino);
                 Err(Errno::EIO)
             }
         }
@@ -783,6 +796,7 @@ impl Fs {
             checksum_crc32,
         } = res;
         st.body = Body::Clean;
+        self.journal_committed(st.ino);
         st.expect = match &etag {
             Some(tag) => PutCondition::IfMatch(tag.clone()),
             None => PutCondition::Overwrite,
