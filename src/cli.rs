@@ -256,10 +256,10 @@ pub struct Cli {
     /// started again within a second on the same connection: it takes back the kernel's node
     /// ids and open handles from a journal in the state directory, and the kernel sends it
     /// again the requests the dead one had not answered (Linux 6.9 or later; before, a worker
-    /// death unmounts, as a daemon crash does without this option). Files open for reading and
-    /// directories being listed go on; a file open for writing fails with EIO from then on
-    /// (what it had staged is reported as after a crash). Five deaths within a minute end the
-    /// mount
+    /// death unmounts, as a daemon crash does without this option). Files open for reading,
+    /// directories being listed and files being written go on (a written file's bytes are kept
+    /// on local disk before each write returns; one past --spool-limit, or committed and then
+    /// appended to, fails with EIO instead). Five deaths within a minute end the mount
     #[arg(long, help_heading = "Mount")]
     pub supervise: bool,
 

@@ -23,9 +23,10 @@ mount made with \fB\-\-supervise\fR.
 .SH "SUPERVISED MOUNTS AND UPGRADE"
 With \fB\-\-supervise\fR the process that mounts keeps the kernel connection and a worker
 process serves it; a worker that dies is replaced within about 0.1 s, and the requests it was
-serving are sent again to the new one (Linux 6.9 or later). Files open for reading and
-directories being listed go on; a file open for writing fails with EIO. Five deaths within a
-minute unmount. \fBs3mount upgrade\fR \fIMOUNTPOINT\fR hands such a mount to a worker started
+serving are sent again to the new one (Linux 6.9 or later). Files open for reading,
+directories being listed and files being written go on (a written file's bytes are kept on
+local disk before each write returns; one past \fB\-\-spool\-limit\fR fails with EIO instead).
+Five deaths within a minute unmount. \fBs3mount upgrade\fR \fIMOUNTPOINT\fR hands such a mount to a worker started
 from the binary installed now, once no file is open for writing (exit status 0 handed over, 1
 not within \fB\-\-timeout\fR seconds, 2 not a supervised mount).
 .SH "SIGNALS"
