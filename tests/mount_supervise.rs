@@ -433,3 +433,54 @@ fn a_killed_supervisor_leaves_the_worker_serving_then_a_dead_mount() {
     assert_eq!(out.status.code(), Some(2), "{:?}", out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("DEAD"));
 }
+
+/// `cp -r` of 500 small files into the mount, the worker killed three times meanwhile: `cp`
+/// exits 0, and the mount (read back through a new worker) and the bucket hold exactly what
+/// was copied, with no upload left open.
+#[test]
+fn cp_into_the_mount_survives_worker_deaths() {
+    let s = server();
+    let bucket = s.new_bucket();
+    let m = Mount::with_env(
+        s,
+        &s.endpoint,
+        &bucket,
+        &["--supervise"],
+        &[("S3MOUNT_MAX_WORKER_DEATHS", Some("100"))],
+    );
+    let src = tempfile::tempdir().unwrap();
+    let files = src.path().join("files");
+    std::fs::create_dir(&files).unwrap();
+    for i in 0..500u64 {
+        std::fs::write(
+            files.join(format!("f{i}")),
+            pattern(100 + i as usize * 13, i),
+        )
+        .unwrap();
+    }
+    let cmd = format!("cp -r {} {}", files.display(), m.join("copied").display());
+    let mut child = Command::new("sh").arg("-c").arg(&cmd).spawn().unwrap();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        kill_worker(&m);
+    }
+    assert!(child.wait().unwrap().success(), "{cmd} failed");
+    let diff = sh(&format!(
+        "diff -r {} {}",
+        files.display(),
+        m.join("copied").display()
+    ));
+    assert!(
+        diff.status.success(),
+        "{}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
+    assert_eq!(
+        s.get(&bucket, "copied/f499").as_deref(),
+        Some(&pattern(100 + 499 * 13, 499)[..])
+    );
+    assert!(s.open_uploads(&bucket).is_empty());
+}

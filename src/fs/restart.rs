@@ -264,8 +264,22 @@ impl Fs {
                     _ if !linked => return Ok(()),
                     Some(w) if w.lost => return Ok(()),
                     None => self.clean_state(&inode, false).await?,
+                    // The dead worker's own commit landed just before it died (it journals
+                    // the commit right after): the object is the stream's bytes.
+                    Some(w) if self.stream_already_committed(&inode, &w).await => {
+                        self.clean_state(&inode, false).await?
+                    }
                     Some(w) => match self.state_from_journal(&inode, &w).await {
                         Ok(st) => st,
+                        // Its local bytes are gone: the dead worker removes them once the
+                        // object is committed, just before it journals that. An object that
+                        // is not the one the file was opened on is that commit.
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::NotFound
+                                && self.committed_meanwhile(&inode, &w).await =>
+                        {
+                            self.clean_state(&inode, false).await?
+                        }
                         Err(e) => {
                             tracing::error!(fh, ino, key = %inode.key, error = %e, "cannot go on with a file the previous worker was writing");
                             return Ok(());
@@ -285,6 +299,50 @@ impl Fs {
             "file being written by the previous worker taken over"
         );
         Ok(())
+    }
+
+    /// Is the object `inode` names the stream `w` kept locally, committed by the dead worker
+    /// before it could journal so? A new version whose size and CRC32 are the local copy's.
+    async fn stream_already_committed(&self, inode: &Inode, w: &OpenWrite) -> bool {
+        let (false, Some(path)) = (w.staged, w.path.as_deref()) else {
+            return false;
+        };
+        let Ok(m) = self.store.head(&inode.key).await else {
+            return false;
+        };
+        if m.etag.as_deref().is_none_or(|e| e == w.base_etag) {
+            return false;
+        }
+        let path = std::path::PathBuf::from(path);
+        let local = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, u32)> {
+            use std::io::Read;
+            let mut f = std::fs::File::open(path)?;
+            let (mut crc, mut len, mut buf) = (crc32fast::Hasher::new(), 0u64, vec![0u8; 1 << 20]);
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    return Ok((len, crc.finalize()));
+                }
+                crc.update(&buf[..n]);
+                len += n as u64;
+            }
+        })
+        .await;
+        match (local, m.checksum_crc32.as_deref()) {
+            (Ok(Ok((len, crc))), Some(stored)) => {
+                len == m.size && stored == crate::store::crc32_header(crc)
+            }
+            (Ok(Ok((len, _))), None) => len == m.size,
+            _ => false,
+        }
+    }
+
+    /// Does the bucket hold a version of `inode` other than the one `w` was written over?
+    async fn committed_meanwhile(&self, inode: &Inode, w: &OpenWrite) -> bool {
+        match self.store.head(&inode.key).await {
+            Ok(m) => m.etag.as_deref().is_some_and(|e| e != w.base_etag),
+            Err(_) => false,
+        }
     }
 
     /// The state of a file open for writing, from what the journal says of it.
@@ -357,6 +415,9 @@ impl Fs {
             _ => 0,
         };
         let unlinked = self.mark_pending(&inode.key, inode.ino);
+        // A listing under way (lookups after the restart start them) was taken before this
+        // file is pending here: it must not answer for the file's directory.
+        self.listings_changed();
         self.set_local_size(inode.ino, size);
         let st = WriteState {
             ino: inode.ino,
