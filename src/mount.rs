@@ -636,10 +636,12 @@ pub fn run(
                 ))
             })?;
         if w.restart > 0 {
+            let writers = rt.block_on(fs.take_over_writers());
             tracing::info!(
                 inodes = restored,
+                files_being_written = writers,
                 restart = w.restart,
-                "took back the inodes the kernel holds from the journal"
+                "took back the inodes and open files the kernel holds from the journal"
             );
         }
     }

@@ -484,3 +484,72 @@ fn cp_into_the_mount_survives_worker_deaths() {
     );
     assert!(s.open_uploads(&bucket).is_empty());
 }
+
+/// `tar xpf` of a tree of 600 files (modes restored) into the mount, the worker killed three
+/// times meanwhile: tar exits 0 (its chmod, chown and utime of the file being written at each
+/// death find it) and the mount holds exactly the tree, modes included.
+#[test]
+fn tar_into_the_mount_survives_worker_deaths() {
+    let s = server();
+    let bucket = s.new_bucket();
+    let m = Mount::with_env(
+        s,
+        &s.endpoint,
+        &bucket,
+        &["--supervise"],
+        &[("S3MOUNT_MAX_WORKER_DEATHS", Some("100"))],
+    );
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("tree");
+    for d in 0..3u64 {
+        let dir = tree.join(format!("d{d}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..200u64 {
+            let p = dir.join(format!("f{i}"));
+            std::fs::write(&p, pattern(50 + i as usize * 29, d * 1000 + i)).unwrap();
+            let mode = if i % 2 == 0 { 0o640 } else { 0o600 };
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                .unwrap();
+        }
+    }
+    let tarball = src.path().join("tree.tar");
+    assert!(sh(&format!(
+        "tar cf {} -C {} .",
+        tarball.display(),
+        tree.display()
+    ))
+    .status
+    .success());
+    std::fs::create_dir(m.join("untar")).unwrap();
+    let cmd = format!(
+        "tar xpf {} -C {}",
+        tarball.display(),
+        m.join("untar").display()
+    );
+    let mut child = Command::new("sh").arg("-c").arg(&cmd).spawn().unwrap();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        kill_worker(&m);
+    }
+    assert!(child.wait().unwrap().success(), "{cmd} failed");
+    let diff = sh(&format!(
+        "diff -r {} {}",
+        tree.display(),
+        m.join("untar").display()
+    ));
+    assert!(
+        diff.status.success(),
+        "{}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
+    let mode = std::fs::metadata(m.join("untar/d2/f7"))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+}

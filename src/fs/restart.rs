@@ -345,6 +345,25 @@ impl Fs {
         }
     }
 
+    /// Take over, before serving, every descriptor the dead worker had open for writing, so
+    /// that its files are there at once for lookups, `stat` and `chmod` (pending, with their
+    /// size), not only once their descriptor is used. Returns how many.
+    pub async fn take_over_writers(&self) -> usize {
+        let writers: Vec<(u64, u64)> = self
+            .adopted
+            .lock()
+            .iter()
+            .filter(|(_, (_, how))| *how == Opened::Write)
+            .map(|(fh, (ino, _))| (*fh, *ino))
+            .collect();
+        for &(fh, ino) in &writers {
+            if let Err(e) = self.adopt_writer(ino, fh).await {
+                tracing::warn!(fh, ino, error = ?e, "cannot take over a file being written");
+            }
+        }
+        writers.len()
+    }
+
     /// The state of a file open for writing, from what the journal says of it.
     async fn state_from_journal(
         &self,
