@@ -957,6 +957,7 @@ struct Options {
     skip_mountpoint: bool,
     ls_max: usize,
     restarts: usize,
+    soak_kill_every: u64,
     rtt_ms: u64,
     daemons: Vec<Daemon>,
 }
@@ -978,6 +979,7 @@ impl Options {
             skip_mountpoint: false,
             ls_max: 10_000,
             restarts: 20,
+            soak_kill_every: 0,
             rtt_ms: 0,
             daemons: vec![Daemon::S3mount],
         };
@@ -1009,6 +1011,8 @@ impl Options {
                 "--ls-max" => o.ls_max = value(&a, args.next()),
                 // Worker kills for the --supervise pause (0: none).
                 "--restarts" => o.restarts = value(&a, args.next()),
+                // The soak on a supervised mount whose worker is killed every N seconds.
+                "--soak-kill-every" => o.soak_kill_every = value(&a, args.next()),
                 // Round-trip time added between the clients and the server (a delay line).
                 "--rtt-ms" => o.rtt_ms = value(&a, args.next()),
                 "--daemon" => o.daemons = vec![daemon(&args.next().unwrap_or_default())],
@@ -1124,7 +1128,7 @@ fn pass(o: &Options, daemon: Daemon, data: &[u8], src: &Path) {
         disk_cache(&b, size, plain_read);
     }
     if o.soak_secs > 0 && daemon.is_s3mount() {
-        soak(&b, o.soak_secs);
+        soak(&b, o.soak_secs, o.soak_kill_every);
     }
 }
 
@@ -1677,10 +1681,19 @@ fn soak_bytes(name: u64, len: usize) -> Vec<u8> {
 
 /// 64 threads, half writing and half reading mixed small and large files, for `secs` seconds;
 /// reports operations, errors, peak RSS, and descriptors and threads before/after.
-fn soak(b: &Bench, secs: u64) {
+fn soak(b: &Bench, secs: u64, kill_every: u64) {
     use std::sync::atomic::{AtomicBool, AtomicU64};
     use std::sync::Arc;
-    let m = b.mount();
+    // --soak-kill-every N: a supervised mount whose worker is killed (-9) every N seconds.
+    let m = if kill_every > 0 {
+        std::env::set_var("S3MOUNT_MAX_WORKER_DEATHS", "100000");
+        b.try_mount(&["--supervise"])
+            .unwrap_or_else(|e| panic!("{e}"))
+    } else {
+        b.mount()
+    };
+    let mut kills = 0;
+    let mut last_kill = Instant::now();
     let mnt = &b.mnt;
     let pid = m.child.id();
     let dir = mnt.join("soak");
@@ -1802,6 +1815,14 @@ fn soak(b: &Bench, secs: u64) {
     while t0.elapsed() < Duration::from_secs(secs) {
         std::thread::sleep(Duration::from_millis(500));
         peak = peak.max(m.peak_rss_mib());
+        if kill_every > 0 && last_kill.elapsed() >= Duration::from_secs(kill_every) {
+            if let Some(w) = workloads::worker_of(pid) {
+                // SAFETY: kill(2) with a pid and a valid signal; no memory is involved.
+                unsafe { libc::kill(w as libc::pid_t, libc::SIGKILL) };
+                kills += 1;
+            }
+            last_kill = Instant::now();
+        }
     }
     stop.store(true, Ordering::Relaxed);
     for h in handles {
@@ -1810,8 +1831,13 @@ fn soak(b: &Bench, secs: u64) {
     let elapsed = t0.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(2));
     let (fds1, threads1) = (proc_count(pid, "fds"), proc_count(pid, "threads"));
+    let killed = if kill_every > 0 {
+        format!(" (the worker killed {kills} times, every {kill_every} s: RSS, fds and threads are the supervisor's)")
+    } else {
+        String::new()
+    };
     println!(
-        "soak {secs} s, 64 threads (32 writers, 32 verifying readers): {} ops, {} errors, {:.0} MB/s, peak RSS {:.0} MiB, fds {fds0}->{fds1}, threads {threads0}->{threads1}",
+        "soak {secs} s, 64 threads (32 writers, 32 verifying readers): {} ops, {} errors, {:.0} MB/s, peak RSS {:.0} MiB, fds {fds0}->{fds1}, threads {threads0}->{threads1}{killed}",
         ops.load(Ordering::Relaxed),
         errors.load(Ordering::Relaxed),
         bytes.load(Ordering::Relaxed) as f64 / 1e6 / elapsed,

@@ -324,7 +324,7 @@ pub fn mountpoint(b: &Bench, data: &[u8], ls_max: usize) {
 }
 
 /// The worker (child of the supervisor `supervisor`), if one serves.
-fn worker_of(supervisor: u32) -> Option<u32> {
+pub fn worker_of(supervisor: u32) -> Option<u32> {
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;
         let status = std::fs::read_to_string(e.path().join("status")).ok()?;
