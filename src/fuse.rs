@@ -443,7 +443,7 @@ impl Filesystem for FuseAdapter {
     fn read(
         &mut self,
         _req: &Request<'_>,
-        ino: u64,
+        _ino: u64,
         fh: u64,
         offset: i64,
         size: u32,
@@ -453,8 +453,6 @@ impl Filesystem for FuseAdapter {
     ) {
         let t = Timed::start("read");
         let fs = self.fs.clone();
-        // A descriptor opened before a worker restart (`--supervise`) is taken over here.
-        fs.adopt_file(ino, fh);
         self.rt.spawn(async move {
             match fs.read(fh, offset, size).await {
                 Ok(data) => reply.data(&data),
@@ -480,10 +478,6 @@ impl Filesystem for FuseAdapter {
         let data = data.to_vec();
         let kill = write_flags & FUSE_WRITE_KILL_SUIDGID != 0;
         self.rt.spawn(async move {
-            // A descriptor the previous worker had open for writing (`--supervise`).
-            if let Err(Errno(e)) = fs.adopt_writer(ino, fh).await {
-                return fail!(t, reply, e);
-            }
             let mut res = fs.write(fh, offset, &data).await;
             if kill && res.is_ok() {
                 if let Err(e) = fs.kill_suid_sgid(ino, fh).await {
@@ -500,7 +494,7 @@ impl Filesystem for FuseAdapter {
     fn flush(
         &mut self,
         _req: &Request<'_>,
-        ino: u64,
+        _ino: u64,
         fh: u64,
         _lock_owner: u64,
         reply: ReplyEmpty,
@@ -508,10 +502,6 @@ impl Filesystem for FuseAdapter {
         let t = Timed::start("flush");
         let fs = self.fs.clone();
         self.rt.spawn(async move {
-            // A descriptor the previous worker had open for writing (`--supervise`).
-            if let Err(Errno(e)) = fs.adopt_writer(ino, fh).await {
-                return fail!(t, reply, e);
-            }
             match fs.flush(fh).await {
                 Ok(()) => reply.ok(),
                 Err(Errno(e)) => fail!(t, reply, e),
@@ -522,7 +512,7 @@ impl Filesystem for FuseAdapter {
     fn release(
         &mut self,
         _req: &Request<'_>,
-        ino: u64,
+        _ino: u64,
         fh: u64,
         _flags: i32,
         _lock_owner: Option<u64>,
@@ -532,10 +522,6 @@ impl Filesystem for FuseAdapter {
         let t = Timed::start("release");
         let fs = self.fs.clone();
         self.rt.spawn(async move {
-            // A descriptor the previous worker had open for writing (`--supervise`).
-            if let Err(Errno(e)) = fs.adopt_writer(ino, fh).await {
-                return fail!(t, reply, e);
-            }
             match fs.release(fh).await {
                 Ok(()) => reply.ok(),
                 Err(Errno(e)) => fail!(t, reply, e),
@@ -543,14 +529,17 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn fsync(&mut self, _req: &Request<'_>, ino: u64, fh: u64, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let t = Timed::start("fsync");
         let fs = self.fs.clone();
         self.rt.spawn(async move {
-            // A descriptor the previous worker had open for writing (`--supervise`).
-            if let Err(Errno(e)) = fs.adopt_writer(ino, fh).await {
-                return fail!(t, reply, e);
-            }
             match fs.fsync(fh).await {
                 Ok(()) => reply.ok(),
                 Err(Errno(e)) => fail!(t, reply, e),

@@ -636,7 +636,7 @@ pub fn run(
                 ))
             })?;
         if w.restart > 0 {
-            let writers = rt.block_on(fs.take_over_writers());
+            let writers = rt.block_on(fs.take_over_handles());
             tracing::info!(
                 inodes = restored,
                 files_being_written = writers,

@@ -185,6 +185,7 @@ impl Fs {
             unlinked,
             expect: PutCondition::IfNoneMatch,
             last_write: None,
+            journaled_copy: None,
         };
         let (file, fresh) = self.open_files.insert_or_join(state);
         if !fresh {

@@ -1,11 +1,12 @@
 //! What a worker started again on a live mount needs from the filesystem (`--supervise`,
 //! src/supervisor.rs): the kernel still holds the node ids and file handles the dead worker
 //! gave it. Every change of names and every open and release go to the journal
-//! ([`journal`](super::journal)); a restarted worker replays it ([`Fs::start_journal`]), and
-//! takes the handles the kernel goes on using as they come: a read handle reads on the object
-//! version it was opened on (a changed object then fails its reads as ESTALE, never mixing
-//! two versions), a directory handle is opened again on its inode, a write handle fails with EIO (what the dead worker held
-//! of it is reported from the staging directory at the restart, as after any crash).
+//! ([`journal`](super::journal)); a restarted worker replays it ([`Fs::start_journal`]) and
+//! takes the dead worker's handles over before it serves ([`Fs::take_over_handles`]): a read
+//! handle reads on the object version it was opened on (a changed object then fails its reads
+//! as ESTALE, never mixing two versions); a write handle goes on from the file's local bytes
+//! (its staging file and journaled changes, or a stream's local copy), or fails with EIO when
+//! they are not all local. A directory handle is opened again at its first readdir.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -68,8 +69,7 @@ impl Fs {
         }
     }
 
-    /// A read of `fh` on `ino`: if `fh` is a read handle the dead worker gave out, open it
-    /// again here (its reader is made at the first read).
+    /// If `fh` is a read handle the dead worker gave out on `ino`, open it again here.
     pub fn adopt_file(&self, ino: u64, fh: u64) {
         if self.files.lock().contains_key(&fh) {
             return;
@@ -206,14 +206,21 @@ impl Fs {
         if self.journal.get().is_none() {
             return;
         }
-        let kept = match st.upload_mut() {
-            Some(u) => u.persist().await,
-            None => return,
-        };
-        if kept {
-            self.journal_writing(st);
-        } else {
-            self.journal_lost(st.ino);
+        let Some(u) = st.upload_mut() else { return };
+        let copy = u.persist().await.then(|| {
+            (
+                u.spool_path().map(std::path::Path::to_path_buf),
+                u.upload_id().map(str::to_string),
+            )
+        });
+        match copy {
+            // Journaled again only when the local copy or the upload changed, not per write.
+            Some(copy) if st.journaled_copy.as_ref() != Some(&copy) => {
+                self.journal_writing(st);
+                st.journaled_copy = Some(copy);
+            }
+            Some(_) => {}
+            None => self.journal_lost(st.ino),
         }
     }
 
@@ -242,8 +249,7 @@ impl Fs {
         }
     }
 
-    /// A write, flush, fsync or release of `fh` on `ino`: if `fh` is a descriptor the dead
-    /// worker had open for writing, take it over: the file's state is rebuilt from its local
+    /// If `fh` is a descriptor the dead worker had open for writing on `ino`, take it over: the file's state is rebuilt from its local
     /// bytes (a staged file with its changes, a stream from its local copy, which becomes a
     /// staged new object; the dead worker's multipart upload is aborted), or from the object if
     /// everything was committed. A file whose bytes were not all local stays EIO.
@@ -345,23 +351,32 @@ impl Fs {
         }
     }
 
-    /// Take over, before serving, every descriptor the dead worker had open for writing, so
-    /// that its files are there at once for lookups, `stat` and `chmod` (pending, with their
-    /// size), not only once their descriptor is used. Returns how many.
-    pub async fn take_over_writers(&self) -> usize {
-        let writers: Vec<(u64, u64)> = self
+    /// Take over, before serving, every descriptor the dead worker had open for reading or
+    /// writing: files being written are there at once for lookups, `stat` and `chmod`
+    /// (pending, with their size), and no read or write has to look for its descriptor among
+    /// the dead worker's. Directory handles are taken at their first readdir (that lists the
+    /// directory again). Returns how many files being written were taken over.
+    pub async fn take_over_handles(&self) -> usize {
+        let handles: Vec<(u64, u64, Opened)> = self
             .adopted
             .lock()
             .iter()
-            .filter(|(_, (_, how))| *how == Opened::Write)
-            .map(|(fh, (ino, _))| (*fh, *ino))
+            .map(|(fh, (ino, how))| (*fh, *ino, *how))
             .collect();
-        for &(fh, ino) in &writers {
-            if let Err(e) = self.adopt_writer(ino, fh).await {
-                tracing::warn!(fh, ino, error = ?e, "cannot take over a file being written");
+        let mut writers = 0;
+        for (fh, ino, how) in handles {
+            match how {
+                Opened::Read => self.adopt_file(ino, fh),
+                Opened::Write => {
+                    writers += 1;
+                    if let Err(e) = self.adopt_writer(ino, fh).await {
+                        tracing::warn!(fh, ino, error = ?e, "cannot take over a file being written");
+                    }
+                }
+                Opened::Dir => {}
             }
         }
-        writers.len()
+        writers
     }
 
     /// The state of a file open for writing, from what the journal says of it.
@@ -448,6 +463,7 @@ impl Fs {
             unlinked,
             expect,
             last_write: Some(std::time::SystemTime::now()),
+            journaled_copy: None,
         };
         self.journal_writing(&st);
         Ok(st)

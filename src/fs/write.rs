@@ -161,6 +161,9 @@ pub(super) struct WriteState {
     pub(super) expect: PutCondition,
     /// When the bytes were last changed and the stored mtime not yet set to it.
     pub(super) last_write: Option<SystemTime>,
+    /// `--supervise`: the stream's local copy and multipart upload as last journaled, so each
+    /// write journals them only when they change.
+    pub(super) journaled_copy: Option<(Option<std::path::PathBuf>, Option<String>)>,
 }
 
 impl WriteState {
@@ -374,6 +377,7 @@ impl Fs {
                 None => PutCondition::IfNoneMatch,
             },
             last_write: None,
+            journaled_copy: None,
         };
         if truncate || meta.is_none() {
             state.body =
