@@ -47,6 +47,20 @@ fn processes(dir: &Path) -> (Option<u32>, Option<u32>) {
     (supervisor, worker)
 }
 
+/// Run `cmd` (a shell command), killing the worker three times 300 ms apart while it runs; it
+/// must exit 0.
+fn run_while_killing_workers(m: &Mount, cmd: &str) {
+    let mut child = Command::new("sh").arg("-c").arg(cmd).spawn().unwrap();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        kill_worker(m);
+    }
+    assert!(child.wait().unwrap().success(), "{cmd} failed");
+}
+
 /// SIGKILL to `pid`, without starting a process: a fork and exec here would close (and so
 /// flush, which commits) every descriptor the test holds open on the mount.
 fn kill9(pid: u32) {
@@ -459,15 +473,7 @@ fn cp_into_the_mount_survives_worker_deaths() {
         .unwrap();
     }
     let cmd = format!("cp -r {} {}", files.display(), m.join("copied").display());
-    let mut child = Command::new("sh").arg("-c").arg(&cmd).spawn().unwrap();
-    for _ in 0..3 {
-        std::thread::sleep(Duration::from_millis(300));
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        kill_worker(&m);
-    }
-    assert!(child.wait().unwrap().success(), "{cmd} failed");
+    run_while_killing_workers(&m, &cmd);
     let diff = sh(&format!(
         "diff -r {} {}",
         files.display(),
@@ -526,15 +532,7 @@ fn tar_into_the_mount_survives_worker_deaths() {
         tarball.display(),
         m.join("untar").display()
     );
-    let mut child = Command::new("sh").arg("-c").arg(&cmd).spawn().unwrap();
-    for _ in 0..3 {
-        std::thread::sleep(Duration::from_millis(300));
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        kill_worker(&m);
-    }
-    assert!(child.wait().unwrap().success(), "{cmd} failed");
+    run_while_killing_workers(&m, &cmd);
     let diff = sh(&format!(
         "diff -r {} {}",
         tree.display(),

@@ -32,6 +32,8 @@ pub struct DirectAppender {
     tail: Vec<u8>,
     /// The tail as it is in the file: written since it last changed.
     tail_flushed: bool,
+    /// Room for an aligned bounce buffer, kept from one append to the next.
+    bounce: Vec<u8>,
 }
 
 impl DirectAppender {
@@ -67,6 +69,7 @@ impl DirectAppender {
             len: 0,
             tail: Vec::new(),
             tail_flushed: true,
+            bounce: Vec::new(),
         })
     }
 
@@ -93,8 +96,12 @@ impl DirectAppender {
         let start = self.len - self.tail.len() as u64;
         let total = self.tail.len() + data.len();
         let whole = total / BLOCK * BLOCK;
-        // One aligned bounce buffer for this call, no larger than it needs.
-        let mut raw = vec![0u8; whole.clamp(BLOCK, CHUNK) + BLOCK];
+        // An aligned bounce buffer, grown to what this call needs and kept for the next.
+        let want = whole.clamp(BLOCK, CHUNK) + BLOCK;
+        if self.bounce.len() < want {
+            self.bounce = vec![0u8; want];
+        }
+        let mut raw = std::mem::take(&mut self.bounce);
         let off = raw.as_ptr().align_offset(BLOCK);
         let bounce = &mut raw[off..off + whole.clamp(BLOCK, CHUNK)];
         let mut done = 0;
@@ -113,6 +120,7 @@ impl DirectAppender {
             }
             done += n;
         }
+        self.bounce = raw;
         let rest = self.joined(data, whole);
         self.tail = rest;
         self.len = start + total as u64;
@@ -127,10 +135,14 @@ impl DirectAppender {
             return Ok(());
         }
         let at = self.len - self.tail.len() as u64;
-        let mut raw = vec![0u8; 2 * BLOCK];
-        let off = raw.as_ptr().align_offset(BLOCK);
-        raw[off..off + self.tail.len()].copy_from_slice(&self.tail);
-        match self.file.write_all_at(&raw[off..off + BLOCK], at) {
+        if self.bounce.len() < 2 * BLOCK {
+            self.bounce = vec![0u8; 2 * BLOCK];
+        }
+        let off = self.bounce.as_ptr().align_offset(BLOCK);
+        let block = &mut self.bounce[off..off + BLOCK];
+        block[..self.tail.len()].copy_from_slice(&self.tail);
+        block[self.tail.len()..].fill(0);
+        match self.file.write_all_at(block, at) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 let tail = std::mem::take(&mut self.tail);

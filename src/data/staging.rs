@@ -195,14 +195,19 @@ impl StagedFile {
                     .as_bytes(),
                 )
             })?;
-        Ok(StagedFile {
+        Ok(StagedFile::over(file, path, base))
+    }
+
+    /// `file` at `path` holding no change yet over `base`.
+    fn over(file: std::fs::File, path: PathBuf, base: Base) -> StagedFile {
+        StagedFile {
             file,
             path,
             dirty: RangeSet::default(),
             size: base.size,
             base_valid: base.size,
             base,
-        })
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -253,14 +258,7 @@ impl StagedFile {
             .read(true)
             .write(true)
             .open(&path)?;
-        let mut staged = StagedFile {
-            file,
-            path,
-            dirty: RangeSet::default(),
-            size: base.size,
-            base_valid: base.size,
-            base,
-        };
+        let mut staged = StagedFile::over(file, path, base);
         for &(offset, len) in changes {
             match len {
                 Some(len) => {
