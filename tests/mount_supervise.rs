@@ -51,8 +51,12 @@ fn processes(dir: &Path) -> (Option<u32>, Option<u32>) {
 /// must exit 0.
 fn run_while_killing_workers(m: &Mount, cmd: &str) {
     let mut child = Command::new("sh").arg("-c").arg(cmd).spawn().unwrap();
-    for _ in 0..3 {
-        std::thread::sleep(Duration::from_millis(300));
+    let kills: u32 = std::env::var("KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    for _ in 0..kills {
+        std::thread::sleep(Duration::from_millis(if kills > 3 { 120 } else { 300 }));
         if child.try_wait().unwrap().is_some() {
             break;
         }
