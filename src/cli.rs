@@ -248,19 +248,24 @@ pub struct Cli {
     #[arg(short = 'f', long, help_heading = "Mount")]
     pub foreground: bool,
 
-    /// Keep the mount alive when the daemon crashes: a worker process serves it and is started
-    /// again if it dies
+    /// Serve the mount from one process, with no supervisor: a daemon crash ends the mount
     ///
-    /// The process that mounts keeps the kernel connection and does nothing else; a worker
-    /// (the same binary) serves it. A worker that dies (kill -9, panic, out of memory) is
-    /// started again within a second on the same connection: it takes back the kernel's node
-    /// ids and open handles from a journal in the state directory, and the kernel sends it
-    /// again the requests the dead one had not answered (Linux 6.9 or later; before, a worker
-    /// death unmounts, as a daemon crash does without this option). Files open for reading,
+    /// By default the process that mounts keeps the kernel connection and does nothing else; a
+    /// worker (the same binary) serves it. A worker that dies (kill -9, panic, out of memory)
+    /// is started again within a second on the same connection: it takes back the kernel's
+    /// node ids and open handles from a journal in the state directory, and the kernel sends
+    /// it again the requests the dead one had not answered (Linux 6.9 or later; before, a
+    /// worker death unmounts, as a crash does with this option). Files open for reading,
     /// directories being listed and files being written go on (a written file's bytes are kept
     /// on local disk before each write returns; one past --spool-limit, or committed and then
-    /// appended to, fails with EIO instead). Five deaths within a minute end the mount
-    #[arg(long, help_heading = "Mount")]
+    /// appended to, fails with EIO instead). Five deaths within a minute end the mount. This
+    /// option saves the second process and the journal (about 5% more CPU on writes)
+    #[arg(long, help_heading = "Mount", conflicts_with = "supervise")]
+    pub no_supervise: bool,
+
+    /// The default (a supervisor keeps the mount alive across worker crashes); accepted so
+    /// that command lines and fstab entries naming it go on working
+    #[arg(long, help_heading = "Mount", hide = true)]
     pub supervise: bool,
 
     /// Log debug details (S3MOUNT_LOG takes a tracing filter for finer control)

@@ -20,7 +20,8 @@ pub struct Config {
     pub s3: S3Settings,
     pub fs: FsConfig,
     pub foreground: bool,
-    /// `--supervise`: a supervisor keeps the connection, a worker serves it (src/supervisor.rs).
+    /// A supervisor keeps the connection, a worker serves it (src/supervisor.rs); off with
+    /// `--no-supervise`.
     pub supervise: bool,
     pub debug: bool,
     pub log_file: Option<PathBuf>,
@@ -296,7 +297,7 @@ impl Config {
             s3,
             fs,
             foreground: cli.foreground,
-            supervise: cli.supervise,
+            supervise: !cli.no_supervise,
             debug: cli.debug,
             log_file: cli.log_file.clone(),
             log_format: cli.log_format,

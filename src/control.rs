@@ -295,7 +295,7 @@ fn report_of(mountpoint: &Path) -> Option<MountStatus> {
 #[derive(clap::Parser, Debug)]
 #[command(
     name = "s3mount upgrade",
-    about = "Hand a mount made with --supervise to a worker started from the s3mount binary installed now, without unmounting",
+    about = "Hand a supervised mount (the default) to a worker started from the s3mount binary installed now, without unmounting",
     after_help = "The worker serving the mount hands over once no file is open for writing; requests in flight are resent to the new one (Linux 6.9 or later). Exit status: 0 handed over, 1 it did not happen within the time, 2 not a supervised s3mount mount."
 )]
 pub struct UpgradeCli {
@@ -324,7 +324,7 @@ pub fn upgrade_command(args: &[String]) -> i32 {
     };
     let Some(supervisor) = before.supervisor_pid else {
         eprintln!(
-            "s3mount: {} was mounted without --supervise: unmount it and mount it again to run the new binary",
+            "s3mount: {} was mounted with --no-supervise: unmount it and mount it again to run the new binary",
             mp.display()
         );
         return 2;

@@ -59,6 +59,19 @@ macro_rules! fail {
     }};
 }
 
+/// FUSE_UNIQUE_RESEND (Linux 6.9): the kernel sets it on a request it sends again to a new
+/// worker because the dead one read it and did not answer.
+const RESENT: u64 = 1 << 63;
+
+/// The kernel's id of `req` (without the resend bit), and whether it is a resend. A request
+/// that changes names or attributes is journaled as carried out just before its answer
+/// ([`Fs::request_done`]); resent, it is answered from what was done instead of being carried
+/// out twice (a second mkdir would fail with EEXIST, a second unlink with ENOENT).
+fn request_of(req: &Request<'_>) -> (u64, bool) {
+    let u = req.unique();
+    (u & !RESENT, u & RESENT != 0)
+}
+
 /// One kernel request's latency and errors, recorded (only when metrics are on) when it is
 /// answered: the value moves into the request's task and is dropped with it.
 struct Timed {
@@ -314,9 +327,18 @@ impl Filesystem for FuseAdapter {
             gid: req.gid(),
         };
         let mode = (mode & crate::fs::attrs::S_IFMT) | (mode & 0o7777 & !umask);
+        let (id, resent) = request_of(req);
         self.run(async move {
-            match fs.mknod(parent, &name, mode, rdev, caller).await {
-                Ok(attr) => reply.entry(&fs.ttl(), &to_file_attr(&attr), 0),
+            let made = if resent && fs.was_done(id) {
+                fs.lookup(parent, &name).await
+            } else {
+                fs.mknod(parent, &name, mode, rdev, caller).await
+            };
+            match made {
+                Ok(attr) => {
+                    fs.request_done(id);
+                    reply.entry(&fs.ttl(), &to_file_attr(&attr), 0)
+                }
                 Err(Errno(e)) => fail!(t, reply, e),
             }
         });
@@ -338,33 +360,56 @@ impl Filesystem for FuseAdapter {
             uid: req.uid(),
             gid: req.gid(),
         };
+        let (id, resent) = request_of(req);
         self.run(async move {
-            match fs.mkdir(parent, &name, mode & !umask, caller).await {
-                Ok(attr) => reply.entry(&fs.ttl(), &to_file_attr(&attr), 0),
+            let made = if resent && fs.was_done(id) {
+                fs.lookup(parent, &name).await
+            } else {
+                fs.mkdir(parent, &name, mode & !umask, caller).await
+            };
+            match made {
+                Ok(attr) => {
+                    fs.request_done(id);
+                    reply.entry(&fs.ttl(), &to_file_attr(&attr), 0)
+                }
                 Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
 
-    fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         let t = Timed::start("unlink");
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
+        let (id, resent) = request_of(req);
         self.run(async move {
+            if resent && fs.was_done(id) {
+                return reply.ok();
+            }
             match fs.unlink(parent, &name).await {
-                Ok(()) => reply.ok(),
+                Ok(()) => {
+                    fs.request_done(id);
+                    reply.ok()
+                }
                 Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
 
-    fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         let t = Timed::start("rmdir");
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
+        let (id, resent) = request_of(req);
         self.run(async move {
+            if resent && fs.was_done(id) {
+                return reply.ok();
+            }
             match fs.rmdir(parent, &name).await {
-                Ok(()) => reply.ok(),
+                Ok(()) => {
+                    fs.request_done(id);
+                    reply.ok()
+                }
                 Err(Errno(e)) => fail!(t, reply, e),
             }
         });
@@ -388,9 +433,18 @@ impl Filesystem for FuseAdapter {
             uid: req.uid(),
             gid: req.gid(),
         };
+        let (id, resent) = request_of(req);
         self.run(async move {
-            match fs.symlink(parent, &name, &target, caller).await {
-                Ok(attr) => reply.entry(&fs.ttl(), &to_file_attr(&attr), 0),
+            let made = if resent && fs.was_done(id) {
+                fs.lookup(parent, &name).await
+            } else {
+                fs.symlink(parent, &name, &target, caller).await
+            };
+            match made {
+                Ok(attr) => {
+                    fs.request_done(id);
+                    reply.entry(&fs.ttl(), &to_file_attr(&attr), 0)
+                }
                 Err(Errno(e)) => fail!(t, reply, e),
             }
         });
@@ -398,7 +452,7 @@ impl Filesystem for FuseAdapter {
 
     fn rename(
         &mut self,
-        _req: &Request<'_>,
+        req: &Request<'_>,
         parent: u64,
         name: &OsStr,
         newparent: u64,
@@ -409,9 +463,16 @@ impl Filesystem for FuseAdapter {
         let t = Timed::start("rename");
         let fs = self.fs.clone();
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
+        let (id, resent) = request_of(req);
         self.rt.spawn(async move {
+            if resent && fs.was_done(id) {
+                return reply.ok();
+            }
             match fs.rename(parent, &name, newparent, &newname, flags).await {
-                Ok(()) => reply.ok(),
+                Ok(()) => {
+                    fs.request_done(id);
+                    reply.ok()
+                }
                 Err(Errno(e)) => fail!(t, reply, e),
             }
         });
@@ -422,11 +483,16 @@ impl Filesystem for FuseAdapter {
         fail!(t, reply, libc::EPERM);
     }
 
-    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+    fn open(&mut self, req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
         let t = Timed::start("open");
         let fs = self.fs.clone();
+        let (id, resent) = request_of(req);
         self.run(async move {
-            match fs.open(ino, flags).await {
+            // Resent after a worker death that came after the open: the handle it opened.
+            if let Some((fh, _)) = resent.then(|| fs.resent_open(id)).flatten() {
+                return reply.opened(fh, 0);
+            }
+            match Fs::serving(id, fs.open(ino, flags)).await {
                 Ok((fh, keep_cache)) => reply.opened(
                     fh,
                     if keep_cache {
@@ -547,11 +613,15 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+    fn opendir(&mut self, req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
         let t = Timed::start("opendir");
         let fs = self.fs.clone();
+        let (id, resent) = request_of(req);
         self.run(async move {
-            match fs.opendir(ino).await {
+            if let Some((fh, _)) = resent.then(|| fs.resent_open(id)).flatten() {
+                return reply.opened(fh, 0);
+            }
+            match Fs::serving(id, fs.opendir(ino)).await {
                 Ok(fh) => reply.opened(fh, 0),
                 Err(Errno(e)) => fail!(t, reply, e),
             }
@@ -697,7 +767,7 @@ impl Filesystem for FuseAdapter {
 
     fn setxattr(
         &mut self,
-        _req: &Request<'_>,
+        req: &Request<'_>,
         ino: u64,
         name: &OsStr,
         value: &[u8],
@@ -716,27 +786,41 @@ impl Filesystem for FuseAdapter {
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
         let value = value.to_vec();
+        let (id, resent) = request_of(req);
         self.run(async move {
+            if resent && fs.was_done(id) {
+                return reply.ok();
+            }
             match fs
                 .set_or_remove_xattr(ino, &name, Some(&value), flags)
                 .await
             {
-                Ok(()) => reply.ok(),
+                Ok(()) => {
+                    fs.request_done(id);
+                    reply.ok()
+                }
                 Err(Errno(e)) => fail!(t, reply, e),
             }
         });
     }
 
-    fn removexattr(&mut self, _req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
+    fn removexattr(&mut self, req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
         let t = Timed::start("removexattr");
         if !self.fs.config().xattrs {
             return fail!(t, reply, libc::ENOTSUP);
         }
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
+        let (id, resent) = request_of(req);
         self.run(async move {
+            if resent && fs.was_done(id) {
+                return reply.ok();
+            }
             match fs.set_or_remove_xattr(ino, &name, None, 0).await {
-                Ok(()) => reply.ok(),
+                Ok(()) => {
+                    fs.request_done(id);
+                    reply.ok()
+                }
                 Err(Errno(e)) => fail!(t, reply, e),
             }
         });
@@ -819,8 +903,22 @@ impl Filesystem for FuseAdapter {
             uid: req.uid(),
             gid: req.gid(),
         };
+        let (id, resent) = request_of(req);
         self.run(async move {
-            match fs.create(parent, &name, mode & !umask, flags, caller).await {
+            let created = match resent.then(|| fs.resent_open(id)).flatten() {
+                // The dead worker created the file and opened it: that handle, taken over.
+                Some((fh, ino)) => fs.lookup(parent, &name).await.and_then(|attr| {
+                    if attr.ino == ino {
+                        Ok((attr, fh))
+                    } else {
+                        Err(Errno(libc::EIO))
+                    }
+                }),
+                None => {
+                    Fs::serving(id, fs.create(parent, &name, mode & !umask, flags, caller)).await
+                }
+            };
+            match created {
                 Ok((attr, fh)) => reply.created(&fs.ttl(), &to_file_attr(&attr), 0, fh, 0),
                 Err(Errno(e)) => fail!(t, reply, e),
             }

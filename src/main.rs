@@ -73,10 +73,14 @@ fn main() {
             .unwrap_or_else(|| cfg.mountpoint.clone());
         if let Err(f) = mount::run(cfg, mountpoint, None, Some(worker)) {
             tracing::error!("{}", f.message);
-            if let Some(r) = report {
-                r.failed(&f.message);
+            match report {
+                // The supervisor says it, once, where the user sees it.
+                Some(r) => {
+                    r.failed(&f.message, f.code);
+                    std::process::exit(f.code);
+                }
+                None => fail(&f.message, f.code),
             }
-            fail(&f.message, f.code);
         }
         return;
     }

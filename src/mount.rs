@@ -377,10 +377,14 @@ fn handle_log_signals(rt: &tokio::runtime::Runtime) {
     });
 }
 
-/// SIGUSR1 (`s3mount upgrade`, passed on by the supervisor): once no file is open for writing
-/// and no upload is queued, end this worker with [`EXIT_UPGRADE`] and leave the mount to the
-/// one the supervisor starts from the binary on disk (requests read and not answered are
-/// resent to it). A mount without `--supervise` ignores the signal, saying why.
+/// SIGUSR1 (`s3mount upgrade`, passed on by the supervisor): once every file open for writing
+/// can be taken over (its bytes all local: [`Fs::writers_to_wait_for`]) and no upload is
+/// queued, end this worker with [`EXIT_UPGRADE`] and leave the mount to the one the supervisor
+/// starts from the binary on disk: it takes the files over from the journal as after a crash,
+/// and the kernel resends it the requests read and not answered. A mount made with
+/// `--no-supervise` ignores the signal, saying why.
+///
+/// [`EXIT_UPGRADE`]: crate::supervisor::EXIT_UPGRADE
 fn handle_upgrade_signal(rt: &tokio::runtime::Runtime, fs: Arc<Fs>, supervised: bool) {
     use tokio::signal::unix::{signal, SignalKind};
     rt.spawn(async move {
@@ -391,24 +395,29 @@ fn handle_upgrade_signal(rt: &tokio::runtime::Runtime, fs: Arc<Fs>, supervised: 
             usr1.recv().await;
             if !supervised {
                 tracing::warn!(
-                    "SIGUSR1 ignored: handing a mount to a new binary needs --supervise"
+                    "SIGUSR1 ignored: this mount was made with --no-supervise, and handing it to a new binary needs a supervisor"
                 );
                 continue;
             }
-            tracing::info!(
-                "upgrade asked: handing the mount over once no file is open for writing"
-            );
+            tracing::info!("upgrade asked: handing the mount over once every file being written can go on in the new worker");
             let mut told = std::time::Instant::now();
             loop {
-                let writing = fs.open_keys();
-                if writing.is_empty() && fs.write_back_pending() == 0 {
-                    tracing::info!("handing the mount over to a new worker");
+                let waiting = fs.writers_to_wait_for();
+                let queued = fs.write_back_pending();
+                if waiting.is_empty() && queued == 0 {
+                    let open = fs.open_keys().len();
+                    tracing::info!(
+                        files_being_written = open,
+                        "handing the mount over to a new worker"
+                    );
                     std::process::exit(crate::supervisor::EXIT_UPGRADE);
                 }
                 if told.elapsed() > Duration::from_secs(10) {
                     tracing::info!(
-                        files = writing.len(),
-                        "the upgrade waits for files being written"
+                        files = waiting.len(),
+                        first = waiting.first().map(String::as_str).unwrap_or(""),
+                        write_back_queued = queued,
+                        "the upgrade waits for files whose bytes are not all on local disk (past --spool-limit, appended to after a commit, or unlinked while open)"
                     );
                     told = std::time::Instant::now();
                 }

@@ -90,9 +90,9 @@ impl WorkerReport {
         self.say(&format!("ready\t{}", state.display()));
     }
 
-    /// The worker cannot start: the supervisor fails with `message`.
-    pub fn failed(&self, message: &str) {
-        self.say(&format!("fail\t{}", message.replace('\n', " ")));
+    /// The worker cannot start: the supervisor fails with `message` and exit status `code`.
+    pub fn failed(&self, message: &str, code: i32) {
+        self.say(&format!("fail\t{code}\t{}", message.replace('\n', " ")));
     }
 
     fn say(&self, line: &str) {
@@ -304,8 +304,9 @@ fn forward_signals(worker: &Child) -> bool {
     ending
 }
 
-/// Wait for the worker to say it serves: Ok(its state directory), or why not.
-fn wait_ready(w: &mut Worker) -> Result<PathBuf, String> {
+/// Wait for the worker to say it serves: Ok(its state directory), or why not (with the exit
+/// status the worker chose for it: 2 for bad input, as an unsupervised mount exits).
+fn wait_ready(w: &mut Worker) -> Result<PathBuf, Fatal> {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         forward_signals(&w.child);
@@ -314,24 +315,33 @@ fn wait_ready(w: &mut Worker) -> Result<PathBuf, String> {
                 if let Some(state) = line.strip_prefix("ready\t") {
                     return Ok(PathBuf::from(state));
                 }
-                if let Some(msg) = line.strip_prefix("fail\t") {
+                if let Some(rest) = line.strip_prefix("fail\t") {
                     let _ = w.child.wait();
-                    return Err(msg.to_string());
+                    let (code, message) = match rest.split_once('\t') {
+                        Some((c, m)) => (c.parse().unwrap_or(1), m),
+                        None => (1, rest),
+                    };
+                    return Err(Fatal {
+                        message: message.to_string(),
+                        code,
+                    });
                 }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 let status = w.child.wait().ok();
-                return Err(format!(
+                return Err(Fatal::new(format!(
                     "the worker ended before it served the mount ({})",
                     status.map_or("?".into(), |s| cause(&s))
-                ));
+                )));
             }
         }
         if Instant::now() > deadline {
             let _ = w.child.kill();
             let _ = w.child.wait();
-            return Err("the worker did not start serving within a minute".into());
+            return Err(Fatal::new(
+                "the worker did not start serving within a minute",
+            ));
         }
     }
 }
@@ -376,7 +386,7 @@ pub fn run(
         tracing::warn!("this kernel cannot resend the requests a dead worker was serving (Linux 6.9 or later can): a worker that dies unmounts, as a daemon crash does");
     }
     let mut worker = spawn_worker(&exe, &held, mountpoint, argv, 0, None, &[])?;
-    let state = wait_ready(&mut worker).map_err(Fatal::new)?;
+    let state = wait_ready(&mut worker)?;
     crate::mount::report_ready(cfg, mountpoint, ready);
     tracing::info!(
         pid = worker.child.id(),
@@ -403,7 +413,7 @@ pub fn run(
             history,
         )
         .map_err(|f| f.message)?;
-        wait_ready(&mut w).map(|_| w)
+        wait_ready(&mut w).map(|_| w).map_err(|f| f.message)
     };
     let give_up = |why: &str, reason: &str| {
         tracing::error!(cause = %why, "the worker died; {reason}: unmounting {}", mountpoint.display());

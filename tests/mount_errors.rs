@@ -220,19 +220,9 @@ fn already_mounted_and_stale_mounts() {
         "first mount still serves"
     );
 
-    // Kill the daemon: the mount goes stale, and the next attempt says how to clean it.
-    let pid = sh(&format!(
-        "pgrep -f '[s]3mount {bucket} {}'",
-        m.path().display()
-    ));
-    let pid = String::from_utf8_lossy(&pid.stdout)
-        .trim()
-        .lines()
-        .next()
-        .unwrap_or("")
-        .to_string();
-    assert!(!pid.is_empty(), "daemon pid");
-    sh(&format!("kill -9 {pid}"));
+    // Kill the daemon (supervisor and worker): the mount goes stale, and the next attempt says
+    // how to clean it.
+    assert!(m.kill_daemon() > 0, "no daemon");
     std::thread::sleep(Duration::from_millis(300));
     fails_with(server, &refs(&a), 1, "fusermount3 -u");
     let _ = Command::new("umount").arg("-l").arg(m.path()).status();

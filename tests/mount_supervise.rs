@@ -1,10 +1,10 @@
-//! `--supervise`: the worker serving a mount is killed (kill -9) while tools use the mount, and
-//! a new one takes over without them seeing an error; SIGTERM to the supervisor unmounts; a
+//! Supervised mounts (the default): the worker serving a mount is killed (kill -9) while tools
+//! use the mount, and a new one takes over without them seeing an error; SIGTERM to the supervisor unmounts; a
 //! worker that keeps dying ends the mount. Real binary over FUSE, checked against the server.
 
 mod support;
 
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
@@ -189,7 +189,7 @@ fn files_being_written_when_the_worker_dies_go_on_byte_exact() {
     let bucket = s.new_bucket();
     let original = pattern(3 << 20, 7);
     s.put(&bucket, "doc.bin", original.clone());
-    let m = Mount::new(s, &bucket, &["--supervise"]);
+    let m = Mount::new(s, &bucket, &[]);
     let data = pattern(40 << 20, 8);
     let src = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(src.path(), &data).unwrap();
@@ -256,7 +256,7 @@ print('done', flush=True)
 fn sigterm_to_the_supervisor_unmounts_and_both_processes_end() {
     let s = server();
     let bucket = s.new_bucket();
-    let m = Mount::new(s, &bucket, &["--supervise"]);
+    let m = Mount::new(s, &bucket, &[]);
     std::fs::write(m.join("kept.txt"), b"kept").unwrap();
     let (supervisor, worker) = processes(m.path());
     let (supervisor, worker) = (supervisor.unwrap(), worker.unwrap());
@@ -280,7 +280,7 @@ fn sigterm_to_the_supervisor_unmounts_and_both_processes_end() {
 fn a_worker_that_keeps_dying_ends_the_mount() {
     let s = server();
     let bucket = s.new_bucket();
-    let m = Mount::new(s, &bucket, &["--supervise"]);
+    let m = Mount::new(s, &bucket, &[]);
     for _ in 0..4 {
         kill_worker(&m);
     }
@@ -296,10 +296,11 @@ fn a_worker_that_keeps_dying_ends_the_mount() {
     assert!(log.contains("5 workers died within a minute"), "{log}");
 }
 
-/// `s3mount upgrade`: the worker hands the mount to a new one once no file is open for
-/// writing; a descriptor open for reading reads on through the new worker.
+/// `s3mount upgrade` with files open: the worker hands the mount over at once for a file being
+/// written whose bytes are all local (it goes on in the new worker, byte-exact), waits for one
+/// past --spool-limit to close, and a descriptor open for reading reads on.
 #[test]
-fn upgrade_waits_for_files_being_written_then_hands_over() {
+fn upgrade_hands_over_files_being_written_and_waits_for_ones_not_local() {
     let s = server();
     let bucket = s.new_bucket();
     s.put(&bucket, "read.txt", "read before and after");
@@ -309,14 +310,44 @@ fn upgrade_waits_for_files_being_written_then_hands_over() {
         s,
         &s.endpoint,
         &bucket,
-        &["--supervise"],
+        &["--spool-limit", "1MiB"],
         &[("S3MOUNT_RUNTIME_DIR", Some(rt))],
     );
     let reader = std::fs::File::open(m.join("read.txt")).unwrap();
     let mut head = [0u8; 4];
     reader.read_exact_at(&mut head, 0).unwrap();
-    let mut writer = std::fs::File::create(m.join("new.txt")).unwrap();
-    writer.write_all(b"written during the upgrade").unwrap();
+    // One process holds both files (a descriptor of this test would be flushed, so committed,
+    // by the fork of `s3mount upgrade`) and writes on command.
+    let script = r#"import os,sys
+new=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT|os.O_TRUNC)
+big=os.open(sys.argv[2], os.O_WRONLY|os.O_CREAT|os.O_TRUNC)
+os.write(new, b'written before the upgrade, ')
+os.write(big, bytes(range(256))*(3*4096))
+print('ready', flush=True)
+for line in sys.stdin:
+    if line.strip()=='close big':
+        os.close(big); print('closed', flush=True)
+    else:
+        os.write(new, b'and after it'); os.close(new); print('done', flush=True); break
+"#;
+    let mut writer = Command::new("python3")
+        .args([
+            "-c",
+            script,
+            m.join("new.txt").to_str().unwrap(),
+            m.join("big.bin").to_str().unwrap(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut to_writer = writer.stdin.take().unwrap();
+    let mut from_writer = std::io::BufReader::new(writer.stdout.take().unwrap()).lines();
+    let mut said = |what: &str| {
+        let line = from_writer.next().expect("writer output").unwrap();
+        assert_eq!(line, what);
+    };
+    said("ready");
     let (_, before) = processes(m.path());
     let mut upgrade = Command::new(s3mount_bin())
         .args(["upgrade", m.path().to_str().unwrap(), "--timeout", "30"])
@@ -324,28 +355,41 @@ fn upgrade_waits_for_files_being_written_then_hands_over() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // big.bin is past --spool-limit: not all local, so the upgrade waits for it.
     std::thread::sleep(Duration::from_millis(800));
     assert!(
         upgrade.try_wait().unwrap().is_none(),
-        "handed over with a file open for writing"
+        "handed over with a file that cannot go on"
     );
     assert_eq!(processes(m.path()).1, before);
-    drop(writer);
+    writeln!(to_writer, "close big").unwrap();
+    said("closed");
     let out = upgrade.wait_with_output().unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{said}");
-    assert!(said.contains("handed over"), "{said}");
+    let told = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{told}");
+    assert!(told.contains("handed over"), "{told}");
     assert_ne!(processes(m.path()).1, before, "a new worker serves");
+    // new.txt was still open: it goes on in the new worker.
+    assert_eq!(
+        s.get(&bucket, "new.txt"),
+        None,
+        "not committed before its close"
+    );
+    writeln!(to_writer, "finish").unwrap();
+    said("done");
+    assert!(writer.wait().unwrap().success());
+    assert_eq!(
+        s.get(&bucket, "new.txt").as_deref(),
+        Some(&b"written before the upgrade, and after it"[..])
+    );
+    assert_eq!(s.get(&bucket, "big.bin").map(|b| b.len()), Some(3 << 20));
     let mut rest = [0u8; 17];
     reader.read_exact_at(&mut rest, 4).unwrap();
     assert_eq!(&rest, b" before and after");
-    assert_eq!(
-        s.get(&bucket, "new.txt").as_deref(),
-        Some(&b"written during the upgrade"[..])
-    );
+    assert!(s.open_uploads(&bucket).is_empty());
 }
 
-/// Without --supervise there is nothing to hand over to: `s3mount upgrade` says so (exit 2)
+/// With --no-supervise there is nothing to hand over to: `s3mount upgrade` says so (exit 2)
 /// and the mount (which ignores the signal) goes on.
 #[test]
 fn upgrade_of_an_unsupervised_mount_says_how_to_get_the_new_binary() {
@@ -357,7 +401,7 @@ fn upgrade_of_an_unsupervised_mount_says_how_to_get_the_new_binary() {
         s,
         &s.endpoint,
         &bucket,
-        &[],
+        &["--no-supervise"],
         &[("S3MOUNT_RUNTIME_DIR", Some(rt))],
     );
     let out = Command::new(s3mount_bin())
@@ -366,7 +410,7 @@ fn upgrade_of_an_unsupervised_mount_says_how_to_get_the_new_binary() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("without --supervise"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("with --no-supervise"));
     std::fs::write(m.join("still.txt"), b"here").unwrap();
     assert_eq!(s.get(&bucket, "still.txt").as_deref(), Some(&b"here"[..]));
 }
@@ -378,7 +422,7 @@ fn random_preads_go_on_across_worker_deaths_byte_exact() {
     let bucket = s.new_bucket();
     let data = pattern(32 << 20, 31);
     s.put(&bucket, "random.bin", data.clone());
-    let m = Mount::new(s, &bucket, &["--supervise"]);
+    let m = Mount::new(s, &bucket, &[]);
     let f = std::fs::File::open(m.join("random.bin")).unwrap();
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
@@ -422,7 +466,7 @@ fn a_killed_supervisor_leaves_the_worker_serving_then_a_dead_mount() {
         s,
         &s.endpoint,
         &bucket,
-        &["--supervise"],
+        &[],
         &[("S3MOUNT_RUNTIME_DIR", Some(rt))],
     );
     let (supervisor, worker) = processes(m.path());
@@ -463,7 +507,7 @@ fn cp_into_the_mount_survives_worker_deaths() {
         s,
         &s.endpoint,
         &bucket,
-        &["--supervise"],
+        &[],
         &[("S3MOUNT_MAX_WORKER_DEATHS", Some("100"))],
     );
     let src = tempfile::tempdir().unwrap();
@@ -506,7 +550,7 @@ fn tar_into_the_mount_survives_worker_deaths() {
         s,
         &s.endpoint,
         &bucket,
-        &["--supervise"],
+        &[],
         &[("S3MOUNT_MAX_WORKER_DEATHS", Some("100"))],
     );
     let src = tempfile::tempdir().unwrap();

@@ -229,14 +229,10 @@ fn kill_9_keeps_the_old_object_and_reports_staged_changes_at_next_mount() {
     );
     // Find the daemon first: a fork+exec while files are open would close inherited copies of
     // their descriptors, and every close flushes (commits) a FUSE file.
-    let pid = sh(&format!("pgrep -f -- '[s]3mount.*{}'", m.path().display()));
-    let pid: i32 = String::from_utf8_lossy(&pid.stdout)
-        .trim()
-        .lines()
-        .next()
-        .unwrap_or("")
-        .parse()
-        .expect("daemon pid");
+    // Every process of the mount (supervisor and worker): the crash here is one no supervisor
+    // survives (both killed, as an OOM kill of the whole service).
+    let pids = m.daemon_pids();
+    assert!(!pids.is_empty(), "no daemon");
     // A replacement streaming in, and an in-place edit, both unfinished, held open by child
     // processes (descriptors of this test process would be flushed by other threads' forks).
     let src = tempfile::NamedTempFile::new().unwrap();
@@ -262,8 +258,10 @@ fn kill_9_keeps_the_old_object_and_reports_staged_changes_at_next_mount() {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: kill(2) of the daemon this test started.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    for pid in pids {
+        // SAFETY: kill(2) of a process this test started.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
     std::thread::sleep(Duration::from_millis(200));
     let _ = writer.kill();
     let _ = editor.kill();

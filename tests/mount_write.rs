@@ -1002,10 +1002,14 @@ fn write_back_uploads_after_close_and_before_the_daemon_exits() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(server.get(&bucket, "synced.txt").unwrap(), b"durable");
 
-    let pid = m.daemon_pid().expect("daemon");
+    let pids = m.daemon_pids();
+    assert!(!pids.is_empty(), "no daemon");
     m.unmount();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+    while pids
+        .iter()
+        .any(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+    {
         assert!(std::time::Instant::now() < deadline, "daemon still running");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -1051,9 +1055,7 @@ fn write_back_bytes_survive_a_killed_daemon_for_recovery() {
     proxy.down();
     drop(f);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let pid = m.daemon_pid().expect("daemon");
-    // SAFETY: kill(2) of the daemon this test started.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert!(m.kill_daemon() > 0, "no daemon");
     std::thread::sleep(std::time::Duration::from_millis(300));
     let _ = Command::new("umount").arg("-l").arg(m.path()).status();
     assert_eq!(server.get(&bucket, "queued.txt"), None, "never uploaded");

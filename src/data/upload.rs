@@ -679,6 +679,15 @@ impl StreamUpload {
         self.spool.as_ref().map(|s| s.path.as_path())
     }
 
+    /// Is every byte written so far in the local copy (after [`Self::persist`])? Then a new
+    /// process can go on with the file from it.
+    pub fn kept_locally(&self) -> bool {
+        !self.spool_off
+            && self.prefix.is_none()
+            && self.spill.is_none()
+            && self.spool.as_ref().map_or(0, |s| s.bytes) == self.total
+    }
+
     /// The multipart upload under way, once one was created.
     pub fn upload_id(&self) -> Option<&str> {
         self.upload_id.as_deref()
@@ -703,8 +712,7 @@ impl StreamUpload {
             }
             self.spooled_ahead = self.buf.len() as u64;
         }
-        let spooled = self.spool.as_ref().map_or(0, |s| s.bytes);
-        spooled == self.total
+        self.kept_locally()
     }
 
     /// Copy shipped bytes to the local spool while the file is within the spool limit. The

@@ -10,9 +10,11 @@
 //! One record per line, fields separated by tabs, names and keys escaped (`\t`, `\n`, `\\`):
 //! `N ino parent kind name key` (a new inode), `M ino parent name` (renamed), `K old new`
 //! (keys under a renamed directory), `X parent name` (the name no longer leads to its inode),
-//! `D ino` (the kernel forgot it), `O fh ino r|w|d` (a file opened for reading, for writing, a
-//! directory opened), `P fh etag size` (the object version a read handle reads), `C fh`
-//! (released). A file open for writing keeps its bytes on local disk where a new worker finds
+//! `D ino` (the kernel forgot it), `O fh ino r|w|d [REQ]` (a file opened for reading, for
+//! writing, a directory opened; REQ the kernel's request id of the open, when known), `P fh
+//! etag size` (the object version a read handle reads), `C fh` (released), `R REQ` (a request
+//! that changed names or attributes carried out, just before its answer: the kernel resends
+//! those the dead worker did not answer, and the new one must not carry them out twice). A file open for writing keeps its bytes on local disk where a new worker finds
 //! them: `G ino s|t PATH BASE_ETAG BASE_SIZE COND` (staged over the object, or a stream whose
 //! every byte is in its local copy PATH; `-` for none yet), `A ino JSON` (its metadata),
 //! `W ino off len` and `Z ino size` (writes and truncations of a staged file), `U ino ID` (the
@@ -72,7 +74,16 @@ pub struct Replayed {
     pub pinned: std::collections::HashMap<u64, (String, u64)>,
     /// Files open for writing whose bytes are on local disk, by inode.
     pub files: std::collections::BTreeMap<u64, OpenWrite>,
+    /// The request that opened each open handle, where known: fh -> request id.
+    pub opened_by: std::collections::HashMap<u64, u64>,
+    /// The latest requests carried out (at most [`DONE_KEPT`]).
+    pub done: std::collections::BTreeSet<u64>,
 }
+
+/// Requests carried out that the journal remembers: more than the kernel can have had in
+/// flight at a worker's death (its queue of background requests is 12 deep by default, plus
+/// one synchronous request per thread of the processes using the mount).
+pub const DONE_KEPT: usize = 4096;
 
 /// Where a file open for writing keeps its bytes, as journaled.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -159,13 +170,22 @@ impl Journal {
         self.append(format!("D\t{ino}\n"));
     }
 
-    pub fn opened(&self, fh: u64, ino: u64, how: Opened) {
+    /// `fh` opened on `ino`, by the kernel's request `request` if known.
+    pub fn opened(&self, fh: u64, ino: u64, how: Opened, request: Option<u64>) {
         let c = match how {
             Opened::Read => 'r',
             Opened::Write => 'w',
             Opened::Dir => 'd',
         };
-        self.append(format!("O\t{fh}\t{ino}\t{c}\n"));
+        self.append(match request {
+            Some(r) => format!("O\t{fh}\t{ino}\t{c}\t{r}\n"),
+            None => format!("O\t{fh}\t{ino}\t{c}\n"),
+        });
+    }
+
+    /// The kernel's request `request` was carried out (its answer goes out next).
+    pub fn done(&self, request: u64) {
+        self.append(format!("R\t{request}\n"));
     }
 
     pub fn pinned(&self, fh: u64, etag: &str, size: u64) {
@@ -321,7 +341,7 @@ impl Journal {
                         r.names.remove(&(parent, unescape(f[2])));
                     }
                 }
-                (Some("O"), 4) => {
+                (Some("O"), 4 | 5) => {
                     let how = match f[3] {
                         "r" => Opened::Read,
                         "w" => Opened::Write,
@@ -330,6 +350,17 @@ impl Journal {
                     };
                     if let (Some(fh), Some(ino)) = (num(1), num(2)) {
                         r.handles.insert(fh, (ino, how));
+                        if let Some(req) = num(4) {
+                            r.opened_by.insert(fh, req);
+                        }
+                    }
+                }
+                (Some("R"), 2) => {
+                    if let Some(req) = num(1) {
+                        r.done.insert(req);
+                        if r.done.len() > DONE_KEPT {
+                            r.done.pop_first();
+                        }
                     }
                 }
                 (Some("P"), 4) => {
@@ -392,6 +423,7 @@ impl Journal {
                     if let Some(fh) = num(1) {
                         r.handles.remove(&fh);
                         r.pinned.remove(&fh);
+                        r.opened_by.remove(&fh);
                     }
                 }
                 (Some("D"), 2) => {
@@ -426,8 +458,11 @@ impl Journal {
             for n in r.inodes.values() {
                 j.new_inode(n);
             }
+            for req in &r.done {
+                j.done(*req);
+            }
             for (fh, (ino, how)) in &r.handles {
-                j.opened(*fh, *ino, *how);
+                j.opened(*fh, *ino, *how, r.opened_by.get(fh).copied());
                 if let Some((etag, size)) = r.pinned.get(fh) {
                     j.pinned(*fh, etag, *size);
                 }
@@ -526,7 +561,7 @@ mod tests {
         for ino in 2..12 {
             j.new_inode(&named(ino, 1, Kind::File, &format!("keep{ino}"), "k"));
         }
-        j.opened(5, 3, Opened::Read);
+        j.opened(5, 3, Opened::Read, None);
         for ino in 100..250_100u64 {
             j.new_inode(&named(
                 ino,
@@ -565,13 +600,16 @@ mod tests {
         j.rekeyed("src/", "lib/");
         j.dropped(6);
         j.unnamed(1, "link");
-        j.opened(10, 3, Opened::Read);
+        j.opened(10, 3, Opened::Read, Some(40));
         j.pinned(10, "\"e1\"", 6);
-        j.opened(13, 3, Opened::Read);
+        j.opened(13, 3, Opened::Read, None);
         j.pinned(13, "\"e2\"", 7);
-        j.opened(11, 3, Opened::Write);
-        j.opened(12, 2, Opened::Dir);
+        j.opened(11, 3, Opened::Write, Some(44));
+        j.opened(12, 2, Opened::Dir, Some(45));
         j.closed(10);
+        for req in [41, 42, 43] {
+            j.done(req);
+        }
         drop(j);
         // A record cut short by the worker's death.
         let mut f = std::fs::OpenOptions::new()
@@ -605,6 +643,12 @@ mod tests {
         );
         assert_eq!(r.pinned.len(), 1);
         assert_eq!(r.pinned[&13], ("\"e2\"".to_string(), 7));
+        // The requests that opened the handles still open, and those carried out.
+        assert_eq!(
+            r.opened_by,
+            std::collections::HashMap::from([(11, 44), (12, 45)])
+        );
+        assert_eq!(r.done.iter().copied().collect::<Vec<_>>(), vec![41, 42, 43]);
 
         // Compacted, it replays to the same.
         let j = Journal::rewrite(&path, &r).unwrap();
@@ -618,5 +662,23 @@ mod tests {
         assert_eq!(again.next_ino, 9);
         assert_eq!(again.handles, r.handles);
         assert_eq!(again.pinned, r.pinned);
+        assert_eq!(again.opened_by, r.opened_by);
+        assert_eq!(again.done, r.done);
+    }
+
+    /// Only the latest requests carried out are remembered, however many were journaled.
+    #[test]
+    fn requests_carried_out_are_kept_up_to_a_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inodes");
+        let j = Journal::create(&path).unwrap();
+        for req in 1..=(DONE_KEPT as u64 + 100) {
+            j.done(req);
+        }
+        drop(j);
+        let r = Journal::replay(&path).unwrap();
+        assert_eq!(r.done.len(), DONE_KEPT);
+        assert_eq!(r.done.first(), Some(&101));
+        assert!(r.done.contains(&(DONE_KEPT as u64 + 100)));
     }
 }

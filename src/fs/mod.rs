@@ -301,6 +301,10 @@ pub struct Fs {
     adopted_pins: Mutex<HashMap<u64, (String, u64)>>,
     /// Where the dead worker kept the bytes of the files it had open for writing, by inode.
     adopted_writes: Mutex<std::collections::BTreeMap<u64, journal::OpenWrite>>,
+    /// The dead worker's open handles by the request that opened them, and the requests it
+    /// carried out: what a resent request finds done ([`restart`]).
+    adopted_requests: Mutex<HashMap<u64, (u64, u64)>>,
+    requests_done: Mutex<std::collections::BTreeSet<u64>>,
     budget: Arc<Budget>,
     cache: Arc<BlockCache>,
     caps: Arc<Capabilities>,
@@ -739,6 +743,8 @@ impl Fs {
             adopted: Mutex::default(),
             adopted_pins: Mutex::default(),
             adopted_writes: Mutex::default(),
+            adopted_requests: Mutex::default(),
+            requests_done: Mutex::default(),
             budget,
             cache,
             caps,

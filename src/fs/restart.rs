@@ -1,4 +1,4 @@
-//! What a worker started again on a live mount needs from the filesystem (`--supervise`,
+//! What a worker started again on a live mount needs from the filesystem (a supervised mount,
 //! src/supervisor.rs): the kernel still holds the node ids and file handles the dead worker
 //! gave it. Every change of names and every open and release go to the journal
 //! ([`journal`](super::journal)); a restarted worker replays it ([`Fs::start_journal`]) and
@@ -19,6 +19,11 @@ use crate::data::prefetch::ObjectReader;
 use crate::data::staging::{Base, StagedFile};
 use crate::data::upload::CommittedPrefix;
 use crate::store::PutCondition;
+
+tokio::task_local! {
+    /// The kernel's request an open, create or opendir serves ([`Fs::serving`]).
+    static REQUEST: u64;
+}
 
 impl Fs {
     /// Journal this mount's inodes and handles in `path` from now on. After a worker restart
@@ -42,6 +47,12 @@ impl Fs {
             *self.adopted.lock() = replayed.handles.clone();
             *self.adopted_pins.lock() = replayed.pinned.clone();
             *self.adopted_writes.lock() = replayed.files.clone();
+            *self.adopted_requests.lock() = replayed
+                .opened_by
+                .iter()
+                .filter_map(|(fh, req)| Some((*req, (*fh, replayed.handles.get(fh)?.0))))
+                .collect();
+            *self.requests_done.lock() = replayed.done.clone();
             self.inodes.lock().restore(replayed, stale, |n| {
                 attrs::attr_from_meta(n.ino, n.kind, None, &self.cfg.defaults)
             });
@@ -59,8 +70,37 @@ impl Fs {
 
     pub(super) fn journal_opened(&self, fh: u64, ino: u64, how: Opened) {
         if let Some(j) = self.journal.get() {
-            j.opened(fh, ino, how);
+            j.opened(fh, ino, how, REQUEST.try_with(|r| *r).ok());
         }
+    }
+
+    /// Run `f`, an open, create or opendir serving the kernel's request `request`: the handle
+    /// it opens is journaled with the request, so that the request resent to a new worker
+    /// gets that handle back ([`Self::resent_open`]) instead of a second one the kernel would
+    /// never release.
+    pub async fn serving<F: std::future::Future>(request: u64, f: F) -> F::Output {
+        REQUEST.scope(request, f).await
+    }
+
+    /// The kernel's request `request` (one that changes names or attributes) was carried out;
+    /// its answer goes out next.
+    pub fn request_done(&self, request: u64) {
+        if let Some(j) = self.journal.get() {
+            j.done(request);
+        }
+    }
+
+    /// A request the kernel resent after a worker death: did the dead worker carry it out
+    /// (and die before answering)? Then it must not be carried out again: a second mkdir
+    /// would fail with EEXIST, a second unlink with ENOENT.
+    pub fn was_done(&self, request: u64) -> bool {
+        self.requests_done.lock().contains(&request)
+    }
+
+    /// An open or create the kernel resent after a worker death, if the dead worker had
+    /// carried it out: the handle it opened (fh, inode), now this worker's.
+    pub fn resent_open(&self, request: u64) -> Option<(u64, u64)> {
+        self.adopted_requests.lock().remove(&request)
     }
 
     pub(super) fn journal_closed(&self, fh: u64) {
@@ -305,6 +345,36 @@ impl Fs {
             "file being written by the previous worker taken over"
         );
         Ok(())
+    }
+
+    /// Keys of the files open for writing that a worker started now could not go on with, so
+    /// that `s3mount upgrade` waits for them: a stream whose bytes are not all in its local
+    /// copy (past --spool-limit, or appended to after a commit), a file unlinked while open,
+    /// and one in the middle of a call right now (asked again a moment later). A staged file,
+    /// a stream kept locally and a clean file are taken over as after a crash.
+    pub fn writers_to_wait_for(&self) -> Vec<String> {
+        self.open_files
+            .all()
+            .into_iter()
+            .filter_map(|(file, _)| {
+                let key = || {
+                    self.inodes
+                        .lock()
+                        .get(file.ino)
+                        .map(|i| i.key.clone())
+                        .unwrap_or_default()
+                };
+                let Ok(st) = file.state.try_lock() else {
+                    return Some(key());
+                };
+                let local = match &st.body {
+                    Body::Clean | Body::Staged(_) | Body::Failed(_) => true,
+                    Body::Streaming(u) => u.kept_locally(),
+                    Body::Orphan(_) => false,
+                };
+                (!local).then(key)
+            })
+            .collect()
     }
 
     /// Is the object `inode` names the stream `w` kept locally, committed by the dead worker

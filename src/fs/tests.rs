@@ -3036,3 +3036,60 @@ async fn a_restarted_worker_goes_on_with_files_being_written() {
         "the dead worker's upload is aborted"
     );
 }
+
+/// Requests the kernel resends after a worker death, which the dead worker had carried out
+/// before it died: the new worker finds them done (a resent mkdir or unlink is not carried out
+/// twice) and hands a resent create or open the handle the dead one opened for it, taken over,
+/// so that the kernel's close of it commits the file (a second handle would never be released).
+#[tokio::test]
+async fn a_restarted_worker_finds_the_resent_requests_the_dead_one_carried_out() {
+    let store = Arc::new(MockStore::new());
+    store.insert("old.txt", "old");
+    let state = tempfile::tempdir().unwrap();
+    let path = state.path().join("inodes");
+    let old = Fs::new(store.clone(), test_config(""));
+    old.start_journal(&path, 0).unwrap();
+    // Request 7: create (the answer never left); 8: mkdir; 9: unlink; 10: an open.
+    let (made, fh) = Fs::serving(
+        7,
+        old.create(ROOT_INO, b"new.txt", 0o644, libc::O_WRONLY, ME),
+    )
+    .await
+    .unwrap();
+    old.write(fh, 0, b"written by the dead worker")
+        .await
+        .unwrap();
+    old.mkdir(ROOT_INO, b"dir", 0o755, ME).await.unwrap();
+    old.request_done(8);
+    old.unlink(ROOT_INO, b"old.txt").await.unwrap();
+    old.request_done(9);
+    let dir = old.lookup(ROOT_INO, b"dir").await.unwrap();
+    let dir_fh = Fs::serving(10, old.opendir(dir.ino)).await.unwrap();
+    std::mem::forget(old);
+
+    let new = Fs::new(store.clone(), test_config(""));
+    new.start_journal(&path, 1).unwrap();
+    assert_eq!(new.take_over_handles().await, 1);
+    assert!(new.was_done(8) && new.was_done(9));
+    assert!(
+        !new.was_done(7) && !new.was_done(11),
+        "not journaled as done"
+    );
+    assert_eq!(new.resent_open(7), Some((fh, made.ino)));
+    assert_eq!(new.resent_open(7), None, "handed out once");
+    assert_eq!(new.resent_open(10), Some((dir_fh, dir.ino)));
+    // The kernel goes on with the handle it now knows: its close commits.
+    new.write(fh, 26, b", and by the new one").await.unwrap();
+    new.flush(fh).await.unwrap();
+    new.release(fh).await.unwrap();
+    assert_eq!(
+        store.get_bytes("new.txt").unwrap().as_ref(),
+        b"written by the dead worker, and by the new one"
+    );
+    assert!(store.get_bytes("old.txt").is_none());
+    // A worker that dies again before the resend is answered: the third one knows too.
+    drop(new);
+    let third = Fs::new(store.clone(), test_config(""));
+    third.start_journal(&path, 2).unwrap();
+    assert!(third.was_done(8) && third.was_done(9));
+}

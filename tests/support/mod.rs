@@ -618,16 +618,52 @@ impl Mount {
         self.dir.path().join(p)
     }
 
-    /// Process id of the daemon serving this mount.
-    pub fn daemon_pid(&self) -> Option<u32> {
+    /// Process ids of this mount's s3mount processes, the supervisor (if any) first.
+    pub fn daemon_pids(&self) -> Vec<u32> {
         let dir = self.dir.path().display().to_string();
-        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            let ours = args.first()?.ends_with(b"s3mount") && args.contains(&dir.as_bytes());
-            ours.then_some(pid)
-        })
+        let mut found: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+                let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+                let ours = args.first()?.ends_with(b"s3mount") && args.contains(&dir.as_bytes());
+                let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+                // "pid (comm) state ppid ...": the comm may hold spaces, the ")" ends it.
+                let ppid = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()?;
+                ours.then_some((pid, ppid))
+            })
+            .collect();
+        let pids: Vec<u32> = found.iter().map(|(p, _)| *p).collect();
+        // A worker's parent is its supervisor: parents first.
+        found.sort_by_key(|(_, ppid)| pids.contains(ppid));
+        found.into_iter().map(|(p, _)| p).collect()
+    }
+
+    /// Process id of the process serving this mount: the worker of a supervised mount, else
+    /// the one daemon.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon_pids().last().copied()
+    }
+
+    /// A daemon crash beyond what a supervisor survives (both processes killed, as an OOM
+    /// kill of the whole service or a `--no-supervise` daemon's crash): SIGKILL to every
+    /// s3mount process of this mount, the supervisor first. Returns how many were killed.
+    pub fn kill_daemon(&self) -> usize {
+        let pids = self.daemon_pids();
+        for pid in &pids {
+            // SAFETY: kill(2) of a process this test started; no memory is involved.
+            unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
+        }
+        pids.len()
     }
 
     /// Peak resident memory of the daemon so far, in bytes.
