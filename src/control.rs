@@ -30,10 +30,10 @@ pub struct MountStatus {
     pub started_unix: u64,
     pub uptime_seconds: u64,
     pub rss_bytes: u64,
-    /// `--supervise`: the workers of this mount that died and were replaced.
+    /// A supervised mount: the workers of this mount that died and were replaced.
     #[serde(default)]
     pub worker_restarts: Vec<crate::supervisor::Restart>,
-    /// `--supervise`: the process holding the mount (`pid` is the worker serving it).
+    /// A supervised mount: the process holding the mount (`pid` is the worker serving it).
     #[serde(default)]
     pub supervisor_pid: Option<u32>,
     /// The filesystem's own report (open files, failed commits, memory, caches).
@@ -296,7 +296,7 @@ fn report_of(mountpoint: &Path) -> Option<MountStatus> {
 #[command(
     name = "s3mount upgrade",
     about = "Hand a supervised mount (the default) to a worker started from the s3mount binary installed now, without unmounting",
-    after_help = "The worker serving the mount hands over once no file is open for writing; requests in flight are resent to the new one (Linux 6.9 or later). Exit status: 0 handed over, 1 it did not happen within the time, 2 not a supervised s3mount mount."
+    after_help = "The worker serving the mount hands over once every file open for writing can go on in the new one (its bytes all on local disk; it waits for the others and for queued --write-back uploads); requests in flight are resent to the new one (Linux 6.9 or later). Exit status: 0 handed over, 1 it did not happen within the time, 2 not a supervised s3mount mount."
 )]
 pub struct UpgradeCli {
     /// The mount point

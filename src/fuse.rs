@@ -995,14 +995,33 @@ impl Filesystem for Unserved {}
 /// The supervisor's mount (`--supervise`): the kernel connection, held open and never read
 /// here; workers serve it through a duplicate of its descriptor. Dropping it unmounts.
 pub struct HeldMount {
-    session: fuser::Session<Unserved>,
+    held: Held,
+}
+
+enum Held {
+    /// Mounted by this process (dropped: unmounted).
+    Mounted(fuser::Session<Unserved>),
+    /// A live connection handed over by another process (systemd's file descriptor store,
+    /// after the service was started again): dropped, only this descriptor is closed.
+    Inherited(std::os::fd::OwnedFd),
 }
 
 impl HeldMount {
     /// The connection's descriptor (`/dev/fuse`), for a worker to serve.
     pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd;
-        self.session.as_fd()
+        match &self.held {
+            Held::Mounted(session) => session.as_fd(),
+            Held::Inherited(fd) => fd.as_fd(),
+        }
+    }
+
+    /// A connection already mounted and initialized, kept open elsewhere while no process
+    /// served it: the next worker starts on it as after a worker death.
+    pub fn inherited(fd: std::os::fd::OwnedFd) -> HeldMount {
+        HeldMount {
+            held: Held::Inherited(fd),
+        }
     }
 }
 
@@ -1012,7 +1031,9 @@ pub fn mount_held(
     opts: &KernelMountOptions,
 ) -> std::io::Result<HeldMount> {
     let session = fuser::Session::new(Unserved, mountpoint, &mount_options(opts))?;
-    Ok(HeldMount { session })
+    Ok(HeldMount {
+        held: Held::Mounted(session),
+    })
 }
 
 /// Serve `fs` on a connection a supervisor holds (`fd`). The first worker answers the kernel's

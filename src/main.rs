@@ -84,7 +84,17 @@ fn main() {
         }
         return;
     }
-    let mountpoint = mount::check_local(&cfg).unwrap_or_else(|f| fail(&f.message, f.code));
+    // A mount systemd kept alive across a restart of the service: not checked (a stat of a
+    // mount nobody serves yet would wait forever), served again.
+    let stored = if cfg.supervise {
+        s3mount::supervisor::stored_connection(&cfg.mountpoint)
+    } else {
+        None
+    };
+    let mountpoint = match stored {
+        Some(_) => cfg.mountpoint.clone(),
+        None => mount::check_local(&cfg).unwrap_or_else(|f| fail(&f.message, f.code)),
+    };
     let ready = if cfg.foreground {
         logging::init(&LogTarget::Stderr, cfg.log_format, cfg.debug)
             .unwrap_or_else(|m| fail(&m, 2));
@@ -104,7 +114,7 @@ fn main() {
         Some(pipe)
     };
     let served = if cfg.supervise {
-        s3mount::supervisor::run(&cfg, &mountpoint, ready, &args)
+        s3mount::supervisor::run(&cfg, &mountpoint, ready, &args, stored)
     } else {
         mount::run(cfg, mountpoint, ready, None)
     };

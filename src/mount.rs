@@ -79,6 +79,18 @@ pub fn check_local(cfg: &Config) -> Result<PathBuf, Fatal> {
     let shown = mp.display();
     let meta = match std::fs::metadata(mp) {
         Ok(m) => m,
+        // Under systemd the unit owns its mount point: its own previous run's dead mount
+        // (a crash with --no-supervise, or a store that did not keep the connection) is
+        // cleared, as the unit's ExecStop used to do after every crash.
+        Err(e)
+            if e.raw_os_error() == Some(libc::ENOTCONN)
+                && std::env::var_os("NOTIFY_SOCKET").is_some()
+                && unmount(mp, true).is_ok() =>
+        {
+            eprintln!("s3mount: cleared the stale mount on {shown} left by the service's previous run");
+            std::fs::metadata(mp)
+                .map_err(|e| Fatal::new(format!("cannot use mount point {shown}: {e}")))?
+        }
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             return Err(Fatal::new(format!(
                 "mount point {shown} is a stale FUSE mount whose daemon died (\"transport endpoint is not connected\"); \
@@ -503,10 +515,18 @@ fn raise_readahead(path: &Path, kb: u32) {
 /// Tell systemd (a `Type=notify` unit: `$NOTIFY_SOCKET`) how the mount is doing, so that
 /// units ordered after it start only once it answers. Without the variable, nothing.
 fn sd_notify(state: &str) {
+    let Some(sock) = notify_socket() else { return };
+    match sock.and_then(|s| s.send(state.as_bytes())) {
+        Ok(_) => tracing::debug!(state, "told systemd"),
+        Err(e) => tracing::warn!(state, error = %e, "cannot notify systemd"),
+    }
+}
+
+/// A datagram socket connected to `$NOTIFY_SOCKET` (a path, or `@name` for an abstract
+/// socket); None without the variable.
+fn notify_socket() -> Option<std::io::Result<std::os::unix::net::UnixDatagram>> {
     use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
+    let path = std::env::var_os("NOTIFY_SOCKET")?;
     let bytes = path.as_bytes();
     let addr = match bytes.strip_prefix(b"@") {
         Some(name) => {
@@ -515,11 +535,61 @@ fn sd_notify(state: &str) {
         }
         None => SocketAddr::from_pathname(Path::new(&path)),
     };
-    let sent = UnixDatagram::unbound()
-        .and_then(|sock| addr.and_then(|a| sock.send_to_addr(state.as_bytes(), &a)));
-    match sent {
-        Ok(_) => tracing::debug!(state, "told systemd"),
-        Err(e) => tracing::warn!(state, socket = ?path, error = %e, "cannot notify systemd"),
+    Some(UnixDatagram::unbound().and_then(|sock| {
+        sock.connect_addr(&addr?)?;
+        Ok(sock)
+    }))
+}
+
+/// Send `state` to systemd with descriptor `fd` attached (`FDSTORE=1`: systemd keeps it for
+/// the service across its restarts). Ok(false) without `$NOTIFY_SOCKET`.
+pub(crate) fn sd_notify_with_fd(
+    state: &str,
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<bool> {
+    let Some(sock) = notify_socket() else {
+        return Ok(false);
+    };
+    let sock = sock?;
+    let raw = fd.as_raw_fd();
+    let mut iov = libc::iovec {
+        iov_base: state.as_ptr() as *mut libc::c_void,
+        iov_len: state.len(),
+    };
+    // Room for one SCM_RIGHTS message with one descriptor, aligned for cmsghdr.
+    let mut control = [0u64; 8];
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    assert!(space <= std::mem::size_of_val(&control));
+    // SAFETY: msghdr is plain old data; zeroed is a valid value, filled in below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = space;
+    // SAFETY: msg_control points at `space` bytes we own (checked above), so the first header
+    // and its data fit; CMSG_FIRSTHDR/CMSG_DATA stay inside that buffer.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut libc::c_int, raw);
+    }
+    // SAFETY: a connected socket we own and a msghdr whose pointers (iov, control) live until
+    // the call returns.
+    if unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(true)
+}
+
+/// Tell systemd something without a descriptor (`FDSTOREREMOVE=1`, ...); Ok(false) without
+/// `$NOTIFY_SOCKET`.
+pub(crate) fn sd_notify_checked(state: &str) -> std::io::Result<bool> {
+    match notify_socket() {
+        None => Ok(false),
+        Some(sock) => sock?.send(state.as_bytes()).map(|_| true),
     }
 }
 

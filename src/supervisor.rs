@@ -20,8 +20,14 @@
 //!   read and not answered.
 //!
 //! Worker and supervisor talk over one pipe, a line per message: `ready\tSTATE_DIR` once the
-//! worker serves, `fail\tMESSAGE` if it cannot start (the supervisor then fails with that
-//! message, as a daemon that cannot mount does).
+//! worker serves, `fail\tCODE\tMESSAGE` if it cannot start (the supervisor then fails with that
+//! message and exit status, as a daemon that cannot mount does).
+//!
+//! Under systemd (`$NOTIFY_SOCKET`), the supervisor also hands a copy of the connection to
+//! systemd's file descriptor store (`FDSTORE=1`, the unit's `FileDescriptorStoreMax=`): when
+//! the supervisor itself dies and systemd starts the service again, the new supervisor finds
+//! the connection in `$LISTEN_FDS` ([`stored_connection`]) and, instead of mounting, starts a
+//! worker on it as after a worker death. A clean end takes it out of the store again.
 
 use std::io::{BufRead, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -40,6 +46,90 @@ const ENV_RESTART: &str = "S3MOUNT_WORKER_RESTART";
 const ENV_STATE: &str = "S3MOUNT_WORKER_STATE";
 const ENV_MOUNTPOINT: &str = "S3MOUNT_WORKER_MOUNTPOINT";
 const ENV_HISTORY: &str = "S3MOUNT_WORKER_HISTORY";
+
+/// The name of the connection in systemd's file descriptor store: `s3mount-fuse`, then `.`
+/// and the state directory's name when it is a valid name there (no `:`, printable).
+const FDNAME: &str = "s3mount-fuse";
+
+/// A connection systemd kept for this service from its previous run.
+pub struct StoredConnection {
+    fd: OwnedFd,
+    /// Its name in the store.
+    name: String,
+    /// The state directory the previous run used, from the name.
+    state: Option<String>,
+}
+
+/// The connection systemd's file descriptor store passed this process (`$LISTEN_FDS`, named
+/// `s3mount-fuse...` in `$LISTEN_FDNAMES`), if `mountpoint` is still a FUSE mount: the mount
+/// survived the death of the previous supervisor and must be served again, not mounted. A
+/// stored connection whose mount is gone is closed and taken out of the store. Called before
+/// anything looks at the mount point: a `stat` of a mount nobody serves waits forever.
+pub fn stored_connection(mountpoint: &Path) -> Option<StoredConnection> {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() }.to_string();
+    if std::env::var("LISTEN_PID").ok()? != me {
+        return None;
+    }
+    let count: i32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
+    }
+    let (index, name) = names
+        .split(':')
+        .take(count.max(0) as usize)
+        .enumerate()
+        .find(|(_, n)| *n == FDNAME || n.starts_with(&format!("{FDNAME}.")))?;
+    // sd_listen_fds(3): the descriptors start at 3, in the order of the names.
+    let raw = 3 + index as i32;
+    // SAFETY: fcntl on a descriptor number only reads its flags.
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: systemd passed this descriptor to this process (LISTEN_PID is ours) and nothing
+    // else here owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: setting close-on-exec on a descriptor we own.
+    unsafe { libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let stored = StoredConnection {
+        fd,
+        name: name.to_string(),
+        state: name.strip_prefix(&format!("{FDNAME}.")).map(str::to_string),
+    };
+    let mounted = crate::mount::mounted_fstype(mountpoint).is_some_and(|t| t.starts_with("fuse"));
+    if !mounted {
+        tracing::info!(
+            "systemd kept the connection of a mount on {} that is gone: mounting again",
+            mountpoint.display()
+        );
+        let _ = crate::mount::sd_notify_checked(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
+        return None;
+    }
+    Some(stored)
+}
+
+/// Keep a copy of the connection in systemd's store (under systemd only), named after the
+/// state directory the workers use.
+fn store_in_systemd(held: &HeldMount, state: &Path) -> Option<String> {
+    let dir = state.file_name()?.to_str()?;
+    let name = if dir.len() <= 200 && dir.chars().all(|c| c.is_ascii_graphic() && c != ':') {
+        format!("{FDNAME}.{dir}")
+    } else {
+        FDNAME.to_string()
+    };
+    match crate::mount::sd_notify_with_fd(&format!("FDSTORE=1\nFDNAME={name}"), held.fd()) {
+        Ok(true) => {
+            tracing::debug!(name, "connection kept in systemd's file descriptor store");
+            Some(name)
+        }
+        Ok(false) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot hand the connection to systemd's file descriptor store: a restart of the service will mount again");
+            None
+        }
+    }
+}
 
 /// One worker death of this mount, for `s3mount status`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -366,28 +456,76 @@ fn signal_name(s: i32) -> &'static str {
     }
 }
 
+/// Takes the connection out of systemd's store when the supervisor ends (dropped).
+struct Unstore(Option<String>);
+
+impl Drop for Unstore {
+    fn drop(&mut self) {
+        if let Some(name) = &self.0 {
+            let _ = crate::mount::sd_notify_checked(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
+        }
+    }
+}
+
 /// Mount, then keep a worker serving the mount until it is unmounted.
 pub fn run(
     cfg: &Config,
     mountpoint: &Path,
     ready: Option<ReadyPipe>,
     argv: &[String],
+    stored: Option<StoredConnection>,
 ) -> Result<(), Fatal> {
     catch_signals();
     // The binary's path now: a package upgrade replaces the file there, and `s3mount upgrade`
     // starts what is there then (the running binary's own link reads "(deleted)" by then).
     let exe = std::env::current_exe()
         .map_err(|e| Fatal::new(format!("cannot find this binary to start workers: {e}")))?;
-    let opts = crate::mount::kernel_options(cfg);
-    let held = crate::fuse::mount_held(mountpoint, &opts)
-        .map_err(|e| crate::mount::mount_error(&e, mountpoint))?;
     let resends = kernel_resends();
     if !resends {
         tracing::warn!("this kernel cannot resend the requests a dead worker was serving (Linux 6.9 or later can): a worker that dies unmounts, as a daemon crash does");
     }
-    let mut worker = spawn_worker(&exe, &held, mountpoint, argv, 0, None, &[])?;
-    let state = wait_ready(&mut worker)?;
+    // The mount of the previous run, kept alive by systemd: served again, as after a worker
+    // death (the journal in its state directory names what the kernel holds).
+    let (held, first, state_hint, kept_as) = match stored {
+        Some(c) => {
+            tracing::warn!(name = %c.name, "the service was started again with the mount still in place (systemd kept its connection): serving it again");
+            let state = c.state.map(|s| cfg.state_base.join(s));
+            (HeldMount::inherited(c.fd), 1, state, Some(c.name))
+        }
+        None => {
+            let opts = crate::mount::kernel_options(cfg);
+            let held = crate::fuse::mount_held(mountpoint, &opts)
+                .map_err(|e| crate::mount::mount_error(&e, mountpoint))?;
+            (held, 0, None, None)
+        }
+    };
+    let started = spawn_worker(
+        &exe,
+        &held,
+        mountpoint,
+        argv,
+        first,
+        state_hint.as_deref(),
+        &[],
+    )
+    .and_then(|mut w| wait_ready(&mut w).map(|state| (w, state)));
+    let (mut worker, state) = match started {
+        Ok(w) => w,
+        // A kept mount that cannot be served again: out of the store and unmounted, so that
+        // the next start mounts afresh instead of failing the same way.
+        Err(f) if first > 0 => {
+            if let Some(name) = &kept_as {
+                let _ = crate::mount::sd_notify_checked(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
+            }
+            let _ = crate::mount::unmount(mountpoint, true);
+            return Err(f);
+        }
+        Err(f) => return Err(f),
+    };
     crate::mount::report_ready(cfg, mountpoint, ready);
+    let in_store = store_in_systemd(&held, &state);
+    // Out of systemd's store at the end: a stopped service must not keep a dead connection.
+    let _unstore = Unstore(in_store);
     tracing::info!(
         pid = worker.child.id(),
         "supervising the worker serving {}",
@@ -400,7 +538,7 @@ pub fn run(
         .max(1);
     let mut deaths: Vec<Instant> = Vec::new();
     let mut history: Vec<Restart> = Vec::new();
-    let mut restarts = 0u32;
+    let mut restarts = first;
     // The next worker, serving: Err(why not) if it did not start.
     let next_worker = |restarts: u32, history: &[Restart]| -> Result<Worker, String> {
         let mut w = spawn_worker(

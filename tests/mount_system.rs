@@ -112,8 +112,9 @@ fn foreground(
         .unwrap()
 }
 
-/// systemd's `Type=notify`: READY=1 only once the mount answers, STOPPING=1 when it ends.
-/// Both socket forms systemd uses: a path, and an abstract name (`@...`).
+/// systemd's `Type=notify`: READY=1 only once the mount answers, STOPPING=1 when it ends; the
+/// connection goes to systemd's file descriptor store in between (FDSTORE=1) and out of it at
+/// the end. Both socket forms systemd uses: a path, and an abstract name (`@...`).
 #[test]
 fn systemd_is_told_when_the_mount_is_ready_and_when_it_stops() {
     use std::os::linux::net::SocketAddrExt;
@@ -144,16 +145,177 @@ fn systemd_is_told_when_the_mount_is_ready_and_when_it_stops() {
         let dir = tempfile::tempdir().unwrap();
         let mut daemon = foreground(server, &bucket, dir.path(), &[("NOTIFY_SOCKET", &env)]);
         let mut buf = [0u8; 256];
-        let n = sock.recv(&mut buf).expect("no READY=1 from the daemon");
-        assert_eq!(&buf[..n], b"READY=1", "{env}");
+        let mut next = || {
+            let n = sock.recv(&mut buf).expect("nothing from the daemon");
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        };
+        assert_eq!(next(), "READY=1", "{env}");
         // Ready means answering: no waiting needed.
         assert!(is_mounted(dir.path()), "{env}");
         assert_eq!(std::fs::read(dir.path().join("hello.txt")).unwrap(), b"hi");
+        // Then the supervisor's copy of the connection for systemd's store.
+        let stored = next();
+        assert!(
+            stored.starts_with("FDSTORE=1\nFDNAME=s3mount-fuse"),
+            "{stored}"
+        );
         assert!(umount_patiently(dir.path()));
-        let n = sock.recv(&mut buf).expect("no STOPPING=1 from the daemon");
-        assert_eq!(&buf[..n], b"STOPPING=1", "{env}");
+        assert_eq!(next(), "STOPPING=1", "{env}");
+        // A clean end takes it out of the store.
+        assert_eq!(
+            next(),
+            stored.replace("FDSTORE=1", "FDSTOREREMOVE=1"),
+            "{env}"
+        );
         assert!(daemon.wait().unwrap().success());
     }
+}
+
+/// What systemd does with the unit's file descriptor store when the whole service dies (the
+/// supervisor too, as an OOM kill of the service), played by a small python program since
+/// systemd is not PID 1 here: it keeps the descriptor the supervisor stored (FDSTORE=1), kills
+/// every process of the service, and starts s3mount again with the descriptor in
+/// $LISTEN_FDS/$LISTEN_FDNAMES (sd_listen_fds(3)). The new one serves the same mount (same
+/// mount id, a descriptor opened before the crash reads on, no ENOTCONN), and a stop after
+/// that unmounts and takes the descriptor out of the store.
+#[test]
+fn a_service_restarted_by_systemd_serves_the_same_mount_again() {
+    require_fuse();
+    let server = server();
+    let bucket = server.new_bucket();
+    let data = pattern(4 << 20, 77);
+    server.put(&bucket, "data.bin", data.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let sockdir = tempfile::tempdir().unwrap();
+    let systemd = r#"
+import os, signal, socket, sys, time
+path, cmd = sys.argv[1], sys.argv[2:]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(path)
+s.settimeout(60)
+def start(fd=None, name=None):
+    pid = os.fork()
+    if pid == 0:
+        # Not the test's pipe: the test reads this program's stdout until it ends.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        env = dict(os.environ, NOTIFY_SOCKET=path)
+        if fd is not None:
+            os.dup2(fd, 3)
+            env.update(LISTEN_FDS='1', LISTEN_FDNAMES=name, LISTEN_PID=str(os.getpid()))
+        os.execvpe(cmd[0], cmd, env)
+    return pid
+def wait_for(prefix):
+    while True:
+        msg, fds, _, _ = socket.recv_fds(s, 4096, 4)
+        if msg.decode().startswith(prefix):
+            return msg.decode(), fds
+        for f in fds:
+            os.close(f)
+def children(pid):
+    out = []
+    for p in os.listdir('/proc'):
+        try:
+            if p.isdigit() and open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[1] == str(pid):
+                out.append(int(p))
+        except OSError:
+            pass
+    return out
+sup = start()
+wait_for('READY=1')
+text, fds = wait_for('FDSTORE=1')
+name = dict(l.split('=', 1) for l in text.split('\n') if '=' in l)['FDNAME']
+print('ready', name, len(fds), flush=True)
+sys.stdin.readline()
+workers = children(sup)
+os.kill(sup, signal.SIGKILL)
+for w in workers:
+    os.kill(w, signal.SIGKILL)
+os.waitpid(sup, 0)
+time.sleep(0.3)
+sup = start(fds[0], name)
+wait_for('READY=1')
+print('ready again', flush=True)
+sys.stdin.readline()
+os.kill(sup, signal.SIGTERM)
+text, _ = wait_for('FDSTOREREMOVE=1')
+_, status = os.waitpid(sup, 0)
+print('stopped', os.waitstatus_to_exitcode(status), text.split('\n')[1], flush=True)
+"#;
+    let log = sockdir.path().join("log");
+    let mut cmd = Command::new("python3");
+    cmd.arg("-c")
+        .arg(systemd)
+        .arg(sockdir.path().join("notify"))
+        .arg(s3mount_bin())
+        .arg(&bucket)
+        .arg(dir.path())
+        .arg("-f")
+        .args(server.args())
+        .envs(server.env())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut systemd = cmd.spawn().unwrap();
+    let mut tell = systemd.stdin.take().unwrap();
+    let mut hear = std::io::BufRead::lines(std::io::BufReader::new(systemd.stdout.take().unwrap()));
+    let mut next = || {
+        hear.next()
+            .unwrap_or_else(|| {
+                panic!(
+                    "systemd ended: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            })
+            .unwrap()
+    };
+    let ready = next();
+    assert!(
+        ready.starts_with("ready s3mount-fuse") && ready.ends_with(" 1"),
+        "{ready}"
+    );
+    let mount_id = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(dir.path().to_str().unwrap()))
+            .map(|l| l.split(' ').next().unwrap().to_string())
+    };
+    let before = mount_id().expect("mounted");
+    let f = std::fs::File::open(dir.path().join("data.bin")).unwrap();
+    let mut head = vec![0u8; 1 << 20];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0).unwrap();
+    assert!(head == data[..1 << 20]);
+
+    std::io::Write::write_all(&mut tell, b"crash\n").unwrap();
+    assert_eq!(next(), "ready again");
+    assert_eq!(
+        mount_id().as_deref(),
+        Some(&*before),
+        "the same mount, not a new one"
+    );
+    let mut rest = vec![0u8; data.len() - (1 << 20)];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut rest, 1 << 20).unwrap();
+    assert!(
+        rest == data[1 << 20..],
+        "read on through the descriptor opened before"
+    );
+    drop(f);
+    std::fs::write(dir.path().join("after.txt"), b"written after the restart").unwrap();
+    assert_eq!(
+        server.get(&bucket, "after.txt").as_deref(),
+        Some(&b"written after the restart"[..])
+    );
+
+    std::io::Write::write_all(&mut tell, b"stop\n").unwrap();
+    let stopped = next();
+    assert!(
+        stopped.starts_with("stopped 0 FDNAME=s3mount-fuse"),
+        "{stopped}: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(systemd.wait().unwrap().success());
+    assert!(mount_id().is_none(), "unmounted by the stop");
 }
 
 #[test]

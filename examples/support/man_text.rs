@@ -19,20 +19,22 @@ has the same thing and refused with the s3mount spelling otherwise. Mounts show 
 \fBs3mount status\fR [\fIMOUNTPOINT\fR] [\fB\-\-json\fR] reports each mount of the user:
 source, endpoint, options given, uptime, store capabilities, files being written, commits that
 failed (and where their data is kept), memory and cache use, and the worker restarts of a
-mount made with \fB\-\-supervise\fR.
+supervised mount.
 .SH "SUPERVISED MOUNTS AND UPGRADE"
-With \fB\-\-supervise\fR the process that mounts keeps the kernel connection and a worker
-process serves it; a worker that dies is replaced within about 0.1 s, and the requests it was
+Unless \fB\-\-no\-supervise\fR is given, the process that mounts keeps the kernel connection
+and a worker process serves it; a worker that dies is replaced within about 0.1 s, and the requests it was
 serving are sent again to the new one (Linux 6.9 or later). Files open for reading,
 directories being listed and files being written go on (a written file's bytes are kept on
 local disk before each write returns; one past \fB\-\-spool\-limit\fR fails with EIO instead).
 Five deaths within a minute unmount. \fBs3mount upgrade\fR \fIMOUNTPOINT\fR hands such a mount to a worker started
-from the binary installed now, once no file is open for writing (exit status 0 handed over, 1
-not within \fB\-\-timeout\fR seconds, 2 not a supervised mount).
+from the binary installed now, once every file being written can go on there (exit status 0
+handed over, 1 not within \fB\-\-timeout\fR seconds, 2 not a supervised mount). Under systemd
+the connection is also kept in the unit's file descriptor store, so a restart of the whole
+service serves the same mount again.
 .SH "SIGNALS"
 SIGTERM or SIGINT unmount once open files are closed (a second one detaches at once). SIGUSR2
 cycles the log level (default, debug, trace). SIGHUP reopens the log file. SIGUSR1 to the
-supervisor of a \fB\-\-supervise\fR mount is what \fBs3mount upgrade\fR sends.
+supervisor of a supervised mount is what \fBs3mount upgrade\fR sends.
 .SH "ENVIRONMENT"
 .TP
 \fBAWS_ACCESS_KEY_ID\fR, \fBAWS_SECRET_ACCESS_KEY\fR, \fBAWS_SESSION_TOKEN\fR, \fBAWS_PROFILE\fR, \fBAWS_REGION\fR
