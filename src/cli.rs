@@ -257,8 +257,8 @@ pub struct Cli {
     /// it again the requests the dead one had not answered (Linux 6.9 or later; before, a
     /// worker death unmounts, as a crash does with this option). Files open for reading,
     /// directories being listed and files being written go on (a written file's bytes are kept
-    /// on local disk before each write returns; one past --spool-limit, or committed and then
-    /// appended to, fails with EIO instead). Five deaths within a minute end the mount. This
+    /// on local disk before each write returns; one past --spool-limit, or whose start was
+    /// copied server side by `cp` within the mount, fails with EIO instead). Five deaths within a minute end the mount. This
     /// option saves the second process and the journal (6-8% less CPU on large writes)
     #[arg(long, help_heading = "Mount", conflicts_with = "supervise")]
     pub no_supervise: bool,

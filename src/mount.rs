@@ -429,7 +429,7 @@ fn handle_upgrade_signal(rt: &tokio::runtime::Runtime, fs: Arc<Fs>, supervised: 
                         files = waiting.len(),
                         first = waiting.first().map(String::as_str).unwrap_or(""),
                         write_back_queued = queued,
-                        "the upgrade waits for files whose bytes are not all on local disk (past --spool-limit, appended to after a commit, or unlinked while open)"
+                        "the upgrade waits for files whose bytes are not all on local disk (past --spool-limit, started by a server-side copy, or unlinked while open)"
                     );
                     told = std::time::Instant::now();
                 }

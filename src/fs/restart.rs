@@ -349,7 +349,7 @@ impl Fs {
 
     /// Keys of the files open for writing that a worker started now could not go on with, so
     /// that `s3mount upgrade` waits for them: a stream whose bytes are not all in its local
-    /// copy (past --spool-limit, or appended to after a commit), a file unlinked while open,
+    /// copy (past --spool-limit, or started by a server-side copy), a file unlinked while open,
     /// and one in the middle of a call right now (asked again a moment later). A staged file,
     /// a stream kept locally and a clean file are taken over as after a crash.
     pub fn writers_to_wait_for(&self) -> Vec<String> {

@@ -3093,3 +3093,38 @@ async fn a_restarted_worker_finds_the_resent_requests_the_dead_one_carried_out()
     third.start_journal(&path, 2).unwrap();
     assert!(third.was_done(8) && third.was_done(9));
 }
+
+/// A supervised mount appends to a committed object through a staging file: an appender that
+/// fsyncs (commits) and writes on, as a logger does, goes on after a worker death, and the
+/// object ends with every line (before, the append continued a stream whose start was copied
+/// server side, never local, and failed with EIO in the new worker).
+#[tokio::test]
+async fn an_append_after_fsync_goes_on_after_a_worker_death() {
+    let store = Arc::new(MockStore::new());
+    let state = tempfile::tempdir().unwrap();
+    let path = state.path().join("inodes");
+    let mut cfg = test_config("");
+    cfg.upload.min_part_size = 5 << 20;
+    let old = Fs::new(store.clone(), cfg.clone());
+    old.start_journal(&path, 0).unwrap();
+    let fh = new_file(&old, "app.log").await;
+    // Large enough that a stream continuing it copies its start server side.
+    let mut want = vec![b'.'; 6 << 20];
+    old.write(fh, 0, &want).await.unwrap();
+    old.fsync(fh).await.unwrap();
+    assert_eq!(store.get_bytes("app.log").unwrap().len(), 6 << 20);
+    old.write(fh, want.len() as i64, b"line 2\n").await.unwrap();
+    want.extend_from_slice(b"line 2\n");
+    let ino = old.lookup(ROOT_INO, b"app.log").await.unwrap().ino;
+    std::mem::forget(old);
+
+    let new = Fs::new(store.clone(), cfg);
+    new.start_journal(&path, 1).unwrap();
+    assert_eq!(new.take_over_handles().await, 1);
+    new.write(fh, want.len() as i64, b"line 3\n").await.unwrap();
+    want.extend_from_slice(b"line 3\n");
+    new.flush(fh).await.unwrap();
+    new.release(fh).await.unwrap();
+    assert!(store.get_bytes("app.log").unwrap() == want, "app.log");
+    assert_eq!(new.getattr(ino).await.unwrap().size, want.len() as u64);
+}

@@ -502,7 +502,13 @@ impl Fs {
             return Err(Errno::EFBIG);
         }
         st.touched();
-        if offset < st.size || st.staged_mut().is_some() {
+        // A supervised mount appends to a committed object through a staging file, not a
+        // stream continuing it (whose start is copied server side and never local): every
+        // byte written stays on local disk, so a new worker can go on with the file (an
+        // appender that fsyncs each line, then a worker death).
+        let append_locally =
+            self.journal.get().is_some() && matches!(st.body, Body::Clean) && st.base.size > 0;
+        if offset < st.size || st.staged_mut().is_some() || append_locally {
             self.ensure_staged(&mut st).await?;
             let key = st.key.clone();
             let Some(staged) = st.staged_mut() else {
