@@ -304,6 +304,9 @@ pub struct Fs {
     /// The dead worker's open handles by the request that opened them, and the requests it
     /// carried out: what a resent request finds done ([`restart`]).
     adopted_requests: Mutex<HashMap<u64, (u64, u64)>>,
+    /// Directories restored from the journal whose attributes are still the defaults: the
+    /// first getattr reads their marker.
+    restored_dirs: Mutex<std::collections::HashSet<u64>>,
     requests_done: Mutex<std::collections::BTreeSet<u64>>,
     budget: Arc<Budget>,
     cache: Arc<BlockCache>,
@@ -744,6 +747,7 @@ impl Fs {
             adopted_pins: Mutex::default(),
             adopted_writes: Mutex::default(),
             adopted_requests: Mutex::default(),
+            restored_dirs: Mutex::default(),
             requests_done: Mutex::default(),
             budget,
             cache,
@@ -1308,8 +1312,12 @@ impl Fs {
     }
 
     async fn getattr_inner(&self, ino: u64) -> FsResult<Attr> {
-        let inode = self.inode(ino)?;
+        let mut inode = self.inode(ino)?;
         if inode.kind == Kind::Dir {
+            if self.restored_dirs.lock().remove(&ino) {
+                self.refresh_restored_dir(&inode).await;
+                inode = self.inode(ino)?;
+            }
             return Ok(self.with_dir_links(inode.attr, &inode.key));
         }
         if inode.unlinked

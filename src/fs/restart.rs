@@ -53,6 +53,12 @@ impl Fs {
                 .filter_map(|(fh, req)| Some((*req, (*fh, replayed.handles.get(fh)?.0))))
                 .collect();
             *self.requests_done.lock() = replayed.done.clone();
+            *self.restored_dirs.lock() = replayed
+                .inodes
+                .values()
+                .filter(|n| n.kind == super::Kind::Dir)
+                .map(|n| n.ino)
+                .collect();
             self.inodes.lock().restore(replayed, stale, |n| {
                 attrs::attr_from_meta(n.ino, n.kind, None, &self.cfg.defaults)
             });
@@ -87,6 +93,21 @@ impl Fs {
     pub fn request_done(&self, request: u64) {
         if let Some(j) = self.journal.get() {
             j.done(request);
+        }
+    }
+
+    /// A directory restored from the journal: its attributes (mode, owner, times) from its
+    /// marker, as a lookup would have read them. An implicit directory (no marker) keeps the
+    /// defaults; a store that does not answer leaves them too (asked again at the next lookup).
+    pub(super) async fn refresh_restored_dir(&self, inode: &Inode) {
+        if inode.key.is_empty() || inode.meta.is_some() {
+            return;
+        }
+        match self.store.head(&inode.key).await {
+            Ok(meta) => self.remember_marker(inode.ino, meta),
+            Err(e) => {
+                tracing::debug!(key = %inode.key, error = %e, "restored directory: no marker read")
+            }
         }
     }
 

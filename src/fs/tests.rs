@@ -3128,3 +3128,39 @@ async fn an_append_after_fsync_goes_on_after_a_worker_death() {
     assert!(store.get_bytes("app.log").unwrap() == want, "app.log");
     assert_eq!(new.getattr(ino).await.unwrap().size, want.len() as u64);
 }
+
+/// A directory the kernel holds across a worker death answers getattr with the attributes on
+/// its marker (mode, owner), not the defaults the journal's names restore it with.
+#[tokio::test]
+async fn a_restored_directory_has_its_marker_attributes() {
+    let store = Arc::new(MockStore::new());
+    let state = tempfile::tempdir().unwrap();
+    let path = state.path().join("inodes");
+    let old = Fs::new(store.clone(), test_config(""));
+    old.start_journal(&path, 0).unwrap();
+    let d = old.mkdir(ROOT_INO, b"d", 0o700, ME).await.unwrap();
+    old.setattr(
+        d.ino,
+        None,
+        SetAttr {
+            uid: Some(1234),
+            gid: Some(1234),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    std::mem::forget(old);
+
+    let new = Fs::new(store.clone(), test_config(""));
+    new.start_journal(&path, 1).unwrap();
+    let a = new.getattr(d.ino).await.unwrap();
+    assert_eq!(
+        (a.kind, a.perm, a.uid, a.gid),
+        (Kind::Dir, 0o700, 1234, 1234)
+    );
+    // Read once: later getattrs are answered from memory.
+    store.reset_counters();
+    new.getattr(d.ino).await.unwrap();
+    assert_eq!(store.counters.head.load(Ordering::Relaxed), 0);
+}
