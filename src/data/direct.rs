@@ -7,8 +7,10 @@
 //! into a new ext4 file, 0.24 s with `oflag=direct`), more than the upload itself. A
 //! [`DirectAppender`] writes whole 4 KiB blocks with `O_DIRECT` from an aligned bounce buffer,
 //! keeps the last partial block in memory, and writes it through the page cache when asked
-//! ([`DirectAppender::flush_tail`]): the file only ever holds bytes that were appended, so a
-//! process killed at any point leaves a prefix of them. A filesystem that refuses `O_DIRECT`
+//! ([`DirectAppender::flush_tail`]); the first MiB of a file goes through the page cache too
+//! (for a small file, waiting for the device on every write costs more than the copy). The
+//! file only ever holds bytes that were appended, so a process killed at any point leaves a
+//! prefix of them. A filesystem that refuses `O_DIRECT`
 //! (at open or at the first write) gets ordinary writes, with the same results.
 
 use std::fs::File;
@@ -21,6 +23,11 @@ use std::path::{Path, PathBuf};
 const BLOCK: usize = 4096;
 /// Bytes copied into the bounce buffer per write at most.
 const CHUNK: usize = 1 << 20;
+/// The first bytes of a file go through the page cache: an `O_DIRECT` write waits for the
+/// device, which for small files (a supervised mount keeps each write local before it
+/// returns; `cp -r` of 4 KiB files) costs more than the copy it saves (measured: `cp -r` of
+/// 1,000 files of 4 KiB, 3.98-4.13 s all direct against 3.54-3.60 s unsupervised).
+const BUFFERED_UP_TO: u64 = 1 << 20;
 
 pub struct DirectAppender {
     file: File,
@@ -97,6 +104,16 @@ impl DirectAppender {
             self.len += data.len() as u64;
             return Ok(());
         }
+        if self.len + data.len() as u64 <= BUFFERED_UP_TO {
+            let at = self.len;
+            self.plain()?.write_all_at(data, at)?;
+            // The partial last block stays known: the first direct write rewrites it whole.
+            let total = self.tail.len() + data.len();
+            self.tail = self.joined(data, total / BLOCK * BLOCK);
+            self.len += data.len() as u64;
+            self.tail_flushed = true;
+            return Ok(());
+        }
         let start = self.len - self.tail.len() as u64;
         let total = self.tail.len() + data.len();
         let whole = total / BLOCK * BLOCK;
@@ -143,13 +160,20 @@ impl DirectAppender {
             return Ok(());
         }
         let at = self.len - self.tail.len() as u64;
+        let tail = std::mem::take(&mut self.tail);
+        let written = self.plain().and_then(|f| f.write_all_at(&tail, at));
+        self.tail = tail;
+        written?;
+        self.tail_flushed = true;
+        Ok(())
+    }
+
+    /// The file without `O_DIRECT` (opened at first use).
+    fn plain(&mut self) -> io::Result<&File> {
         if self.plain.is_none() {
             self.plain = Some(std::fs::OpenOptions::new().write(true).open(&self.path)?);
         }
-        let plain = self.plain.as_ref().expect("opened above");
-        plain.write_all_at(&self.tail, at)?;
-        self.tail_flushed = true;
-        Ok(())
+        Ok(self.plain.as_ref().expect("opened above"))
     }
 
     /// Bytes from `from` on of tail ++ data.
