@@ -258,9 +258,9 @@ pub struct Cli {
     /// worker death unmounts, as a crash does with this option). Files open for reading,
     /// directories being listed and files being written go on (a written file's bytes are kept
     /// on local disk before each write returns; one past --spool-limit, or whose start was
-    /// copied server side by `cp` within the mount, fails with EIO instead). Five deaths within a minute end the mount. This
-    /// option saves the second process and the journal (up to 6% less CPU on large writes,
-    /// 3-8% less time for `cp -r` of small files)
+    /// copied server side by `cp` within the mount, fails with EIO instead). Five deaths
+    /// within a minute end the mount. This option saves the second process and the journal
+    /// (up to 6% less CPU on large writes, 3-8% less time for `cp -r` of small files)
     #[arg(long, help_heading = "Mount", conflicts_with = "supervise")]
     pub no_supervise: bool,
 
