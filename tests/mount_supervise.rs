@@ -15,27 +15,7 @@ use support::*;
 /// The processes serving the mount on `dir`: (supervisor, worker). The worker is the one whose
 /// parent is the other.
 fn processes(dir: &Path) -> (Option<u32>, Option<u32>) {
-    let dir = dir.display().to_string();
-    let ours: Vec<(u32, u32)> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            if !(args.first()?.ends_with(b"s3mount") && args.contains(&dir.as_bytes())) {
-                return None;
-            }
-            let status = std::fs::read_to_string(e.path().join("status")).ok()?;
-            let ppid = status
-                .lines()
-                .find_map(|l| l.strip_prefix("PPid:"))?
-                .trim()
-                .parse()
-                .ok()?;
-            Some((pid, ppid))
-        })
-        .collect();
+    let ours = mount_processes(dir);
     let worker = ours
         .iter()
         .find(|(_, ppid)| ours.iter().any(|(p, _)| p == ppid))

@@ -516,6 +516,32 @@ pub fn s3mount_bin() -> &'static str {
     env!("CARGO_BIN_EXE_s3mount")
 }
 
+/// The s3mount processes with `dir` among their arguments: (pid, parent pid) each.
+pub fn mount_processes(dir: &Path) -> Vec<(u32, u32)> {
+    let dir = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let ours = args.first()?.ends_with(b"s3mount") && args.contains(&dir.as_bytes());
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // "pid (comm) state ppid ...": the comm may hold spaces, the ")" ends it.
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            ours.then_some((pid, ppid))
+        })
+        .collect()
+}
+
 /// Run s3mount to completion with this server's credentials (for failure cases).
 pub fn run_s3mount(server: &S3Server, args: &[&str]) -> Output {
     let mut cmd = Command::new(s3mount_bin());
@@ -620,28 +646,7 @@ impl Mount {
 
     /// Process ids of this mount's s3mount processes, the supervisor (if any) first.
     pub fn daemon_pids(&self) -> Vec<u32> {
-        let dir = self.dir.path().display().to_string();
-        let mut found: Vec<(u32, u32)> = std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-                let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-                let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-                let ours = args.first()?.ends_with(b"s3mount") && args.contains(&dir.as_bytes());
-                let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-                // "pid (comm) state ppid ...": the comm may hold spaces, the ")" ends it.
-                let ppid = stat
-                    .rsplit_once(')')?
-                    .1
-                    .split_whitespace()
-                    .nth(1)?
-                    .parse()
-                    .ok()?;
-                ours.then_some((pid, ppid))
-            })
-            .collect();
+        let mut found = mount_processes(self.dir.path());
         let pids: Vec<u32> = found.iter().map(|(p, _)| *p).collect();
         // A worker's parent is its supervisor: parents first.
         found.sort_by_key(|(_, ppid)| pids.contains(ppid));
