@@ -86,10 +86,13 @@ fn main() {
     }
     // A mount systemd kept alive across a restart of the service: not checked (a stat of a
     // mount nobody serves yet would wait forever), served again.
-    let stored = if cfg.supervise {
-        s3mount::supervisor::stored_connection(&cfg.mountpoint)
-    } else {
-        None
+    let stored = match s3mount::supervisor::stored_connection(&cfg.mountpoint) {
+        Some(c) if !cfg.supervise => {
+            // Only a supervisor can serve it: given up, so the mount point can be checked.
+            c.discard(&cfg.mountpoint);
+            None
+        }
+        stored => stored,
     };
     let mountpoint = match stored {
         Some(_) => cfg.mountpoint.clone(),

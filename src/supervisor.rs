@@ -109,6 +109,16 @@ pub fn stored_connection(mountpoint: &Path) -> Option<StoredConnection> {
     Some(stored)
 }
 
+impl StoredConnection {
+    /// Give the kept mount up (a start with `--no-supervise` cannot serve it): out of the
+    /// store, closed, and unmounted (lazily: nobody answers it).
+    pub fn discard(self, mountpoint: &Path) {
+        let _ = crate::mount::sd_notify_checked(&format!("FDSTOREREMOVE=1\nFDNAME={}", self.name));
+        drop(self.fd);
+        let _ = crate::mount::unmount(mountpoint, true);
+    }
+}
+
 /// Keep a copy of the connection in systemd's store (under systemd only), named after the
 /// state directory the workers use.
 fn store_in_systemd(held: &HeldMount, state: &Path) -> Option<String> {

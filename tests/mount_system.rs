@@ -171,6 +171,87 @@ fn systemd_is_told_when_the_mount_is_ready_and_when_it_stops() {
     }
 }
 
+/// systemd's side of a `Type=notify` unit with a file descriptor store, for the tests below
+/// (systemd is not PID 1 on the test machines): it starts the command with $NOTIFY_SOCKET,
+/// keeps the descriptor sent with FDSTORE=1, prints `ready NAME COUNT`; on a line from the
+/// test it kills every process of the service and starts it again with the descriptor in
+/// $LISTEN_FDS/$LISTEN_FDNAMES/$LISTEN_PID (sd_listen_fds(3); $RESTART_EXTRA appended to the
+/// arguments), prints `ready again` at its READY=1; on the next line it sends SIGTERM and
+/// prints `stopped STATUS LINE COUNT` with the second line of the FDSTOREREMOVE=1 message and
+/// the descriptors left in the store. FDSTOREREMOVE=1 closes a stored descriptor, as systemd
+/// does.
+const SYSTEMD: &str = r#"
+import os, signal, socket, sys, time
+path, cmd = sys.argv[1], sys.argv[2:]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(path)
+s.settimeout(60)
+def start(fd=None, name=None, extra=()):
+    pid = os.fork()
+    if pid == 0:
+        # Not the test's pipe: the test reads this program's stdout until it ends.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        env = dict(os.environ, NOTIFY_SOCKET=path)
+        if fd is not None:
+            os.dup2(fd, 3)
+            # Only descriptor 3, as systemd passes it (ours would be inherited too).
+            for f in store.values():
+                if f != 3:
+                    os.close(f)
+            env.update(LISTEN_FDS='1', LISTEN_FDNAMES=name, LISTEN_PID=str(os.getpid()))
+        os.execvpe(cmd[0], cmd + list(extra), env)
+    return pid
+store = {}
+def wait_for(prefix):
+    while True:
+        msg, fds, _, _ = socket.recv_fds(s, 4096, 4)
+        text = msg.decode()
+        fields = dict(l.split('=', 1) for l in text.split('\n') if '=' in l)
+        if fields.get('FDSTORE') == '1' and fds:
+            old = store.get(fields.get('FDNAME', 'stored'))
+            if old is not None:
+                os.close(old)
+            store[fields.get('FDNAME', 'stored')] = fds.pop(0)
+        if fields.get('FDSTOREREMOVE') == '1':
+            f = store.pop(fields.get('FDNAME'), None)
+            if f is not None:
+                os.close(f)
+        for f in fds:
+            os.close(f)
+        if text.startswith(prefix):
+            return text
+def children(pid):
+    out = []
+    for p in os.listdir('/proc'):
+        try:
+            if p.isdigit() and open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[1] == str(pid):
+                out.append(int(p))
+        except OSError:
+            pass
+    return out
+sup = start()
+wait_for('READY=1')
+wait_for('FDSTORE=1')
+(name, fd), = store.items()
+print('ready', name, len(store), flush=True)
+sys.stdin.readline()
+workers = children(sup)
+os.kill(sup, signal.SIGKILL)
+for w in workers:
+    os.kill(w, signal.SIGKILL)
+os.waitpid(sup, 0)
+time.sleep(0.3)
+sup = start(fd, name, os.environ.get('RESTART_EXTRA', '').split())
+wait_for('READY=1')
+print('ready again', flush=True)
+sys.stdin.readline()
+os.kill(sup, signal.SIGTERM)
+text = wait_for('FDSTOREREMOVE=1')
+_, status = os.waitpid(sup, 0)
+print('stopped', os.waitstatus_to_exitcode(status), text.split('\n')[1], len(store), flush=True)
+"#;
+
 /// What systemd does with the unit's file descriptor store when the whole service dies (the
 /// supervisor too, as an OOM kill of the service), played by a small python program since
 /// systemd is not PID 1 here: it keeps the descriptor the supervisor stored (FDSTORE=1), kills
@@ -187,65 +268,11 @@ fn a_service_restarted_by_systemd_serves_the_same_mount_again() {
     server.put(&bucket, "data.bin", data.clone());
     let dir = tempfile::tempdir().unwrap();
     let sockdir = tempfile::tempdir().unwrap();
-    let systemd = r#"
-import os, signal, socket, sys, time
-path, cmd = sys.argv[1], sys.argv[2:]
-s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-s.bind(path)
-s.settimeout(60)
-def start(fd=None, name=None):
-    pid = os.fork()
-    if pid == 0:
-        # Not the test's pipe: the test reads this program's stdout until it ends.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        env = dict(os.environ, NOTIFY_SOCKET=path)
-        if fd is not None:
-            os.dup2(fd, 3)
-            env.update(LISTEN_FDS='1', LISTEN_FDNAMES=name, LISTEN_PID=str(os.getpid()))
-        os.execvpe(cmd[0], cmd, env)
-    return pid
-def wait_for(prefix):
-    while True:
-        msg, fds, _, _ = socket.recv_fds(s, 4096, 4)
-        if msg.decode().startswith(prefix):
-            return msg.decode(), fds
-        for f in fds:
-            os.close(f)
-def children(pid):
-    out = []
-    for p in os.listdir('/proc'):
-        try:
-            if p.isdigit() and open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[1] == str(pid):
-                out.append(int(p))
-        except OSError:
-            pass
-    return out
-sup = start()
-wait_for('READY=1')
-text, fds = wait_for('FDSTORE=1')
-name = dict(l.split('=', 1) for l in text.split('\n') if '=' in l)['FDNAME']
-print('ready', name, len(fds), flush=True)
-sys.stdin.readline()
-workers = children(sup)
-os.kill(sup, signal.SIGKILL)
-for w in workers:
-    os.kill(w, signal.SIGKILL)
-os.waitpid(sup, 0)
-time.sleep(0.3)
-sup = start(fds[0], name)
-wait_for('READY=1')
-print('ready again', flush=True)
-sys.stdin.readline()
-os.kill(sup, signal.SIGTERM)
-text, _ = wait_for('FDSTOREREMOVE=1')
-_, status = os.waitpid(sup, 0)
-print('stopped', os.waitstatus_to_exitcode(status), text.split('\n')[1], flush=True)
-"#;
+
     let log = sockdir.path().join("log");
     let mut cmd = Command::new("python3");
     cmd.arg("-c")
-        .arg(systemd)
+        .arg(SYSTEMD)
         .arg(sockdir.path().join("notify"))
         .arg(s3mount_bin())
         .arg(&bucket)
@@ -310,12 +337,76 @@ print('stopped', os.waitstatus_to_exitcode(status), text.split('\n')[1], flush=T
     std::io::Write::write_all(&mut tell, b"stop\n").unwrap();
     let stopped = next();
     assert!(
-        stopped.starts_with("stopped 0 FDNAME=s3mount-fuse"),
+        stopped.starts_with("stopped 0 FDNAME=s3mount-fuse") && stopped.ends_with(" 0"),
         "{stopped}: {}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     assert!(systemd.wait().unwrap().success());
     assert!(mount_id().is_none(), "unmounted by the stop");
+}
+
+/// The same restart with `--no-supervise` added: such a daemon cannot serve the kept
+/// connection, so it gives it up (out of the store, unmounted) and mounts afresh, instead of
+/// hanging on the mount point nobody serves.
+#[test]
+fn a_restart_with_no_supervise_gives_the_kept_mount_up_and_mounts_again() {
+    require_fuse();
+    let server = server();
+    let bucket = server.new_bucket();
+    server.put(&bucket, "f.txt", "still here");
+    let dir = tempfile::tempdir().unwrap();
+    let sockdir = tempfile::tempdir().unwrap();
+    let log = sockdir.path().join("log");
+    let mut systemd = Command::new("python3")
+        .arg("-c")
+        .arg(SYSTEMD)
+        .arg(sockdir.path().join("notify"))
+        .arg(s3mount_bin())
+        .arg(&bucket)
+        .arg(dir.path())
+        .arg("-f")
+        .args(server.args())
+        .envs(server.env())
+        .env("RESTART_EXTRA", "--no-supervise")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut tell = systemd.stdin.take().unwrap();
+    let mut hear = std::io::BufRead::lines(std::io::BufReader::new(systemd.stdout.take().unwrap()));
+    let mut next = || {
+        hear.next()
+            .unwrap_or_else(|| {
+                panic!(
+                    "systemd ended: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            })
+            .unwrap()
+    };
+    assert!(next().starts_with("ready s3mount-fuse"));
+    let mount_id = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(dir.path().to_str().unwrap()))
+            .map(|l| l.split(' ').next().unwrap().to_string())
+    };
+    let old = std::fs::File::open(dir.path().join("f.txt")).unwrap();
+    std::io::Write::write_all(&mut tell, b"crash\n").unwrap();
+    assert_eq!(next(), "ready again");
+    assert!(mount_id().is_some(), "mounted again");
+    // A descriptor of the old mount is dead (its connection is gone); the new mount serves.
+    let mut buf = [0u8; 4];
+    assert!(std::os::unix::fs::FileExt::read_at(&old, &mut buf, 0).is_err());
+    assert_eq!(
+        std::fs::read(dir.path().join("f.txt")).unwrap(),
+        b"still here"
+    );
+    assert!(umount_patiently(dir.path()));
+    let _ = systemd.kill();
+    let _ = systemd.wait();
 }
 
 #[test]
