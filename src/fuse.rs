@@ -995,7 +995,9 @@ impl Filesystem for Unserved {}
 /// The supervisor's mount (`--supervise`): the kernel connection, held open and never read
 /// here; workers serve it through a duplicate of its descriptor. Dropping it unmounts.
 pub struct HeldMount {
-    held: Held,
+    held: Option<Held>,
+    /// The mount is gone (unmounted by someone else): dropped, nothing is unmounted.
+    gone: std::cell::Cell<bool>,
 }
 
 enum Held {
@@ -1010,17 +1012,34 @@ impl HeldMount {
     /// The connection's descriptor (`/dev/fuse`), for a worker to serve.
     pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd;
-        match &self.held {
+        match self.held.as_ref().expect("held until dropped") {
             Held::Mounted(session) => session.as_fd(),
             Held::Inherited(fd) => fd.as_fd(),
         }
+    }
+
+    /// The mount was unmounted (the worker ended after the unmount): when this is dropped,
+    /// do not unmount the mount point again, as fuser's session would. By then it may hold
+    /// another mount (`umount` then `mount` at once).
+    pub fn unmounted(&self) {
+        self.gone.set(true);
     }
 
     /// A connection already mounted and initialized, kept open elsewhere while no process
     /// served it: the next worker starts on it as after a worker death.
     pub fn inherited(fd: std::os::fd::OwnedFd) -> HeldMount {
         HeldMount {
-            held: Held::Inherited(fd),
+            held: Some(Held::Inherited(fd)),
+            gone: std::cell::Cell::new(false),
+        }
+    }
+}
+
+impl Drop for HeldMount {
+    fn drop(&mut self) {
+        if let (true, Some(Held::Mounted(session))) = (self.gone.get(), self.held.take()) {
+            // Its drop would unmount the path; the process ends right after, closing the fd.
+            std::mem::forget(session);
         }
     }
 }
@@ -1032,7 +1051,8 @@ pub fn mount_held(
 ) -> std::io::Result<HeldMount> {
     let session = fuser::Session::new(Unserved, mountpoint, &mount_options(opts))?;
     Ok(HeldMount {
-        held: Held::Mounted(session),
+        held: Some(Held::Mounted(session)),
+        gone: std::cell::Cell::new(false),
     })
 }
 

@@ -573,6 +573,7 @@ pub fn run(
         match worker.child.try_wait() {
             Ok(Some(status)) if status.success() => {
                 tracing::info!("the worker ended after the unmount");
+                held.unmounted();
                 return Ok(());
             }
             Ok(Some(status)) => {
@@ -584,6 +585,9 @@ pub fn run(
                     cause(&status)
                 };
                 if !upgrade && (ending || !crate::mount::is_mounted(mountpoint)) {
+                    if !crate::mount::is_mounted(mountpoint) {
+                        held.unmounted();
+                    }
                     return Err(Fatal::new(format!("the worker ended ({why})")));
                 }
                 let died = Instant::now();
