@@ -695,7 +695,11 @@ pub fn run(
         .block_on(S3Store::connect(&cfg.s3))
         .map_err(|e| Fatal::new(describe_store_error(&e, &cfg)))?;
     rt.block_on(check_bucket(&store, &cfg))?;
-    report_leftovers(&cfg, &rt, &store);
+    // A restarted worker takes the dead one's files over instead (reported, they would look
+    // like data left over); the first worker of the mount reported what earlier runs left.
+    if worker.as_ref().is_none_or(|w| w.restart == 0) {
+        report_leftovers(&cfg, &rt, &store);
+    }
     let traffic = store.traffic();
     let store: Arc<dyn ObjectStore> = Arc::new(store);
     let fs = Arc::new(

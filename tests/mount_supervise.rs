@@ -495,11 +495,12 @@ fn a_killed_supervisor_leaves_the_worker_serving_then_a_dead_mount() {
 fn cp_into_the_mount_survives_worker_deaths() {
     let s = server();
     let bucket = s.new_bucket();
+    let staging = tempfile::tempdir().unwrap();
     let m = Mount::with_env(
         s,
         &s.endpoint,
         &bucket,
-        &[],
+        &["--staging-dir", staging.path().to_str().unwrap()],
         &[("S3MOUNT_MAX_WORKER_DEATHS", Some("100"))],
     );
     let src = tempfile::tempdir().unwrap();
@@ -535,6 +536,14 @@ fn cp_into_the_mount_survives_worker_deaths() {
         );
     }
     assert!(s.open_uploads(&bucket).is_empty());
+    // No local copy is left behind (a later mount would report it as data not uploaded).
+    let spool = state_dir(staging.path()).join("spool");
+    assert_eq!(
+        files_in(&spool),
+        0,
+        "{:?}",
+        std::fs::read_dir(&spool).map(|d| d.count())
+    );
 }
 
 /// `tar xpf` of a tree of 600 files (modes restored) into the mount, the worker killed three
@@ -544,11 +553,12 @@ fn cp_into_the_mount_survives_worker_deaths() {
 fn tar_into_the_mount_survives_worker_deaths() {
     let s = server();
     let bucket = s.new_bucket();
+    let staging = tempfile::tempdir().unwrap();
     let m = Mount::with_env(
         s,
         &s.endpoint,
         &bucket,
-        &[],
+        &["--staging-dir", staging.path().to_str().unwrap()],
         &[("S3MOUNT_MAX_WORKER_DEATHS", Some("100"))],
     );
     let src = tempfile::tempdir().unwrap();
@@ -595,5 +605,12 @@ fn tar_into_the_mount_survives_worker_deaths() {
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
         0o600
+    );
+    let spool = state_dir(staging.path()).join("spool");
+    assert_eq!(
+        files_in(&spool),
+        0,
+        "local copies left in {}",
+        spool.display()
     );
 }

@@ -474,7 +474,7 @@ impl Drop for StagedFile {
 }
 
 /// The `.info` file beside a kept file, naming its key (reported by [`leftovers`]).
-pub(super) fn sidecar(path: &Path) -> PathBuf {
+pub(crate) fn sidecar(path: &Path) -> PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push(".info");
     PathBuf::from(p)

@@ -14,7 +14,8 @@
 //! writing, a directory opened; REQ the kernel's request id of the open, when known), `P fh
 //! etag size` (the object version a read handle reads), `C fh` (released), `R REQ` (a request
 //! that changed names or attributes carried out, just before its answer: the kernel resends
-//! those the dead worker did not answer, and the new one must not carry them out twice). A file open for writing keeps its bytes on local disk where a new worker finds
+//! those the dead worker did not answer, and the new one must not carry them out twice),
+//! `I pid` (a worker that journaled here: its local files are named after its pid). A file open for writing keeps its bytes on local disk where a new worker finds
 //! them: `G ino s|t PATH BASE_ETAG BASE_SIZE COND` (staged over the object, or a stream whose
 //! every byte is in its local copy PATH; `-` for none yet), `A ino JSON` (its metadata),
 //! `W ino off len` and `Z ino size` (writes and truncations of a staged file), `U ino ID` (the
@@ -78,6 +79,8 @@ pub struct Replayed {
     pub opened_by: std::collections::HashMap<u64, u64>,
     /// The latest requests carried out (at most [`DONE_KEPT`]).
     pub done: std::collections::BTreeSet<u64>,
+    /// The workers that journaled here, by pid.
+    pub workers: std::collections::BTreeSet<u32>,
 }
 
 /// Requests carried out that the journal remembers: more than the kernel can have had in
@@ -181,6 +184,11 @@ impl Journal {
             Some(r) => format!("O\t{fh}\t{ino}\t{c}\t{r}\n"),
             None => format!("O\t{fh}\t{ino}\t{c}\n"),
         });
+    }
+
+    /// Worker `pid` journals here from now on.
+    pub fn worker(&self, pid: u32) {
+        self.append(format!("I\t{pid}\n"));
     }
 
     /// The kernel's request `request` was carried out (its answer goes out next).
@@ -355,6 +363,11 @@ impl Journal {
                         }
                     }
                 }
+                (Some("I"), 2) => {
+                    if let Ok(pid) = f[1].parse() {
+                        r.workers.insert(pid);
+                    }
+                }
                 (Some("R"), 2) => {
                     if let Some(req) = num(1) {
                         r.done.insert(req);
@@ -460,6 +473,9 @@ impl Journal {
             }
             for req in &r.done {
                 j.done(*req);
+            }
+            for pid in &r.workers {
+                j.worker(*pid);
             }
             for (fh, (ino, how)) in &r.handles {
                 j.opened(*fh, *ino, *how, r.opened_by.get(fh).copied());

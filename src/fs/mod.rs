@@ -307,6 +307,8 @@ pub struct Fs {
     /// Directories restored from the journal whose attributes are still the defaults: the
     /// first getattr reads their marker.
     restored_dirs: Mutex<std::collections::HashSet<u64>>,
+    /// The pids of the workers that journaled before this one (their local files are theirs).
+    dead_workers: Mutex<std::collections::BTreeSet<u32>>,
     requests_done: Mutex<std::collections::BTreeSet<u64>>,
     budget: Arc<Budget>,
     cache: Arc<BlockCache>,
@@ -748,6 +750,7 @@ impl Fs {
             adopted_writes: Mutex::default(),
             adopted_requests: Mutex::default(),
             restored_dirs: Mutex::default(),
+            dead_workers: Mutex::default(),
             requests_done: Mutex::default(),
             budget,
             cache,

@@ -53,6 +53,7 @@ impl Fs {
                 .filter_map(|(fh, req)| Some((*req, (*fh, replayed.handles.get(fh)?.0))))
                 .collect();
             *self.requests_done.lock() = replayed.done.clone();
+            *self.dead_workers.lock() = replayed.workers.clone();
             *self.restored_dirs.lock() = replayed
                 .inodes
                 .values()
@@ -64,6 +65,7 @@ impl Fs {
             });
             journal
         };
+        journal.worker(std::process::id());
         let journal = Arc::new(journal);
         self.inodes.lock().set_journal(journal.clone());
         let _ = self.journal.set(journal);
@@ -214,6 +216,30 @@ impl Fs {
     }
 }
 
+/// The pid of the worker that made a local file, from its name: `PID-NANOS.staged` (a
+/// staging file) or `KEY.PID.SEQ` (a stream's local copy). None for anything else (`.info`
+/// files, the state directory's own files).
+fn maker_of(name: &str) -> Option<u32> {
+    if let Some(stem) = name.strip_suffix(".staged") {
+        return stem.split('-').next()?.parse().ok();
+    }
+    let mut parts = name.rsplitn(3, '.');
+    let _seq: u64 = parts.next()?.parse().ok()?;
+    let pid = parts.next()?.parse().ok()?;
+    parts.next()?;
+    Some(pid)
+}
+
+/// Remove the local copy of a stream (and the `.info` beside it) whose bytes the bucket holds.
+fn remove_local_copy(w: &OpenWrite) {
+    if let Some(path) = w.path.as_deref() {
+        let path = std::path::Path::new(path);
+        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(crate::data::staging::sidecar(path));
+        tracing::debug!(path = %path.display(), "local copy of a stream committed before the worker died removed");
+    }
+}
+
 /// How a commit condition is journaled.
 fn condition_code(c: &PutCondition) -> String {
     match c {
@@ -332,8 +358,10 @@ impl Fs {
                     Some(w) if w.lost => return Ok(()),
                     None => self.clean_state(&inode, false).await?,
                     // The dead worker's own commit landed just before it died (it journals
-                    // the commit right after): the object is the stream's bytes.
+                    // the commit right after): the object is the stream's bytes, and their
+                    // local copy is not needed any more.
                     Some(w) if self.stream_already_committed(&inode, &w).await => {
+                        remove_local_copy(&w);
                         self.clean_state(&inode, false).await?
                     }
                     Some(w) => match self.state_from_journal(&inode, &w).await {
@@ -455,11 +483,13 @@ impl Fs {
             .map(|(fh, (ino, how))| (*fh, *ino, *how))
             .collect();
         let mut writers = 0;
+        let mut held = std::collections::HashSet::new();
         for (fh, ino, how) in handles {
             match how {
                 Opened::Read => self.adopt_file(ino, fh),
                 Opened::Write => {
                     writers += 1;
+                    held.insert(ino);
                     if let Err(e) = self.adopt_writer(ino, fh).await {
                         tracing::warn!(fh, ino, error = ?e, "cannot take over a file being written");
                     }
@@ -467,7 +497,59 @@ impl Fs {
                 Opened::Dir => {}
             }
         }
+        // Streams no descriptor holds any more (closed, committed, then the death came before
+        // the commit was journaled): a local copy the bucket holds byte for byte is removed,
+        // else every later mount would report it as left over.
+        let unheld: Vec<(u64, OpenWrite)> = self
+            .adopted_writes
+            .lock()
+            .iter()
+            .filter(|(ino, w)| !held.contains(*ino) && !w.staged && w.path.is_some())
+            .map(|(ino, w)| (*ino, w.clone()))
+            .collect();
+        for (ino, w) in unheld {
+            let Ok(inode) = self.inode(ino) else { continue };
+            if self.stream_already_committed(&inode, &w).await {
+                remove_local_copy(&w);
+                self.journal_committed(ino);
+            }
+        }
+        self.remove_unjournaled_copies();
         writers
+    }
+
+    /// Local files a dead worker of this mount made and had not journaled yet: it died
+    /// between making the file (a stream's local copy, a staging file) and journaling it, so
+    /// the write that made it never returned and the kernel sent it again to this worker.
+    /// Removed; else every later mount reports them as data left over. Files of earlier runs
+    /// (other pids) are kept and reported as before, and so is everything under --write-back,
+    /// whose queued uploads are local files no journal names.
+    fn remove_unjournaled_copies(&self) {
+        let dead = self.dead_workers.lock().clone();
+        if self.cfg.write_back || dead.is_empty() {
+            return;
+        }
+        let journaled: std::collections::HashSet<std::path::PathBuf> = self
+            .adopted_writes
+            .lock()
+            .values()
+            .filter_map(|w| w.path.as_deref().map(std::path::PathBuf::from))
+            .collect();
+        let dir = &self.cfg.staging_dir;
+        for d in [dir.clone(), dir.join("spool")] {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                let made_by = e.file_name().to_str().and_then(maker_of);
+                if made_by.is_some_and(|pid| dead.contains(&pid)) && !journaled.contains(&path) {
+                    let _ = std::fs::remove_file(&path);
+                    let _ = std::fs::remove_file(crate::data::staging::sidecar(&path));
+                    tracing::debug!(path = %path.display(), "local file of a write the dead worker never answered removed");
+                }
+            }
+        }
     }
 
     /// The state of a file open for writing, from what the journal says of it.

@@ -3164,3 +3164,114 @@ async fn a_restored_directory_has_its_marker_attributes() {
     new.getattr(d.ino).await.unwrap();
     assert_eq!(store.counters.head.load(Ordering::Relaxed), 0);
 }
+
+/// A worker that dies after its commit of a stream landed, before it journaled the commit and
+/// removed the stream's local copy: the next worker finds the bucket holding those bytes,
+/// goes on with the file as committed, and removes the copy (else every later mount reports
+/// it as data left over). Both for a descriptor still open and for one already released.
+#[tokio::test]
+async fn a_local_copy_committed_before_the_death_is_removed_by_the_next_worker() {
+    for still_open in [true, false] {
+        let store = Arc::new(MockStore::new());
+        let state = tempfile::tempdir().unwrap();
+        let path = state.path().join("inodes");
+        let mut cfg = test_config("");
+        cfg.staging_dir = state.path().join("staging");
+        std::fs::create_dir_all(&cfg.staging_dir).unwrap();
+        let old = Fs::new(store.clone(), cfg.clone());
+        old.start_journal(&path, 0).unwrap();
+        let fh = new_file(&old, "f.bin").await;
+        old.write(fh, 0, b"the stream's bytes").await.unwrap();
+        // Its local copy, as the journal names it.
+        let journal = std::fs::read_to_string(&path).unwrap();
+        let copy = journal
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("G\t")?
+                    .split('\t')
+                    .nth(2)
+                    .map(str::to_string)
+            })
+            .expect("a G record with the local copy");
+        let kept = std::fs::read(&copy).unwrap();
+        let info = std::fs::read(crate::data::staging::sidecar(std::path::Path::new(&copy)));
+        old.flush(fh).await.unwrap();
+        if !still_open {
+            old.release(fh).await.unwrap();
+        }
+        std::mem::forget(old);
+        // As if it died after the PUT: no E record, the copy and its .info still there.
+        let cut: String = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("E\t"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&path, cut).unwrap();
+        std::fs::write(&copy, &kept).unwrap();
+        if let Ok(info) = info {
+            std::fs::write(
+                crate::data::staging::sidecar(std::path::Path::new(&copy)),
+                info,
+            )
+            .unwrap();
+        }
+
+        let new = Fs::new(store.clone(), cfg.clone());
+        new.start_journal(&path, 1).unwrap();
+        new.take_over_handles().await;
+        assert!(
+            !std::path::Path::new(&copy).exists(),
+            "copy left (still open: {still_open})"
+        );
+        assert!(crate::data::staging::leftovers(&cfg.staging_dir).is_empty());
+        if still_open {
+            new.release(fh).await.unwrap();
+        }
+        assert_eq!(
+            store.get_bytes("f.bin").unwrap().as_ref(),
+            b"the stream's bytes"
+        );
+    }
+}
+
+/// Local files the dead worker made and never journaled (it died between making the file and
+/// journaling it; the write never returned and comes again) are removed by the next worker;
+/// a journaled one is taken over, and files of earlier runs (another pid) are kept for the
+/// leftover report.
+#[tokio::test]
+async fn local_files_the_dead_worker_never_journaled_are_removed() {
+    let store = Arc::new(MockStore::new());
+    let state = tempfile::tempdir().unwrap();
+    let path = state.path().join("inodes");
+    let mut cfg = test_config("");
+    cfg.staging_dir = state.path().join("staging");
+    let spool = cfg.staging_dir.join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let old = Fs::new(store.clone(), cfg.clone());
+    old.start_journal(&path, 0).unwrap();
+    let fh = new_file(&old, "kept.bin").await;
+    old.write(fh, 0, b"journaled").await.unwrap();
+    std::mem::forget(old);
+    let me = std::process::id();
+    let unjournaled = spool.join(format!("half_made.{me}.999"));
+    let earlier = spool.join("from_an_earlier_run.1.7");
+    let staged = cfg.staging_dir.join(format!("{me}-123.staged"));
+    for f in [&unjournaled, &earlier, &staged] {
+        std::fs::write(f, b"x").unwrap();
+        std::fs::write(crate::data::staging::sidecar(f), b"key: k\n").unwrap();
+    }
+
+    let new = Fs::new(store.clone(), cfg.clone());
+    new.start_journal(&path, 1).unwrap();
+    assert_eq!(new.take_over_handles().await, 1);
+    assert!(!unjournaled.exists() && !crate::data::staging::sidecar(&unjournaled).exists());
+    assert!(!staged.exists());
+    assert!(earlier.exists() && crate::data::staging::sidecar(&earlier).exists());
+    new.write(fh, 9, b", then more").await.unwrap();
+    new.release(fh).await.unwrap();
+    assert_eq!(
+        store.get_bytes("kept.bin").unwrap().as_ref(),
+        b"journaled, then more"
+    );
+}
