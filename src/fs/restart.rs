@@ -541,8 +541,16 @@ impl Fs {
                 continue;
             };
             for e in entries.flatten() {
-                let path = e.path();
-                let made_by = e.file_name().to_str().and_then(maker_of);
+                // A `.info` alone counts too: it is written before the file it describes.
+                let Some(name) = e
+                    .file_name()
+                    .to_str()
+                    .map(|n| n.trim_end_matches(".info").to_string())
+                else {
+                    continue;
+                };
+                let path = d.join(&name);
+                let made_by = maker_of(&name);
                 if made_by.is_some_and(|pid| dead.contains(&pid)) && !journaled.contains(&path) {
                     let _ = std::fs::remove_file(&path);
                     let _ = std::fs::remove_file(crate::data::staging::sidecar(&path));

@@ -3261,12 +3261,16 @@ async fn local_files_the_dead_worker_never_journaled_are_removed() {
         std::fs::write(f, b"x").unwrap();
         std::fs::write(crate::data::staging::sidecar(f), b"key: k\n").unwrap();
     }
+    // Killed between writing the `.info` and making the file it describes.
+    let lone = crate::data::staging::sidecar(&spool.join(format!("lone.{me}.5")));
+    std::fs::write(&lone, b"key: lone\n").unwrap();
 
     let new = Fs::new(store.clone(), cfg.clone());
     new.start_journal(&path, 1).unwrap();
     assert_eq!(new.take_over_handles().await, 1);
     assert!(!unjournaled.exists() && !crate::data::staging::sidecar(&unjournaled).exists());
     assert!(!staged.exists());
+    assert!(!lone.exists(), "a lone .info");
     assert!(earlier.exists() && crate::data::staging::sidecar(&earlier).exists());
     new.write(fh, 9, b", then more").await.unwrap();
     new.release(fh).await.unwrap();
