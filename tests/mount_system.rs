@@ -252,6 +252,73 @@ _, status = os.waitpid(sup, 0)
 print('stopped', os.waitstatus_to_exitcode(status), text.split('\n')[1], len(store), flush=True)
 "#;
 
+/// [`SYSTEMD`] running s3mount on `dir`: what the tests tell it and hear from it.
+struct FakeSystemd {
+    child: std::process::Child,
+    tell: std::process::ChildStdin,
+    hear: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    log: std::path::PathBuf,
+    _sockdir: tempfile::TempDir,
+}
+
+impl FakeSystemd {
+    /// Start it on `bucket` mounted at `dir`; `restart_extra` is added to the arguments of
+    /// the start after the crash.
+    fn start(server: &S3Server, bucket: &str, dir: &std::path::Path, restart_extra: &str) -> Self {
+        let sockdir = tempfile::tempdir().unwrap();
+        let log = sockdir.path().join("log");
+        let mut child = Command::new("python3")
+            .arg("-c")
+            .arg(SYSTEMD)
+            .arg(sockdir.path().join("notify"))
+            .arg(s3mount_bin())
+            .arg(bucket)
+            .arg(dir)
+            .arg("-f")
+            .args(server.args())
+            .envs(server.env())
+            .env("RESTART_EXTRA", restart_extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let tell = child.stdin.take().unwrap();
+        let hear = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+        FakeSystemd {
+            child,
+            tell,
+            hear,
+            log,
+            _sockdir: sockdir,
+        }
+    }
+
+    /// Its next line (its log, s3mount's stderr included, if it ended).
+    fn next(&mut self) -> String {
+        match self.hear.next() {
+            Some(line) => line.unwrap(),
+            None => panic!(
+                "systemd ended: {}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            ),
+        }
+    }
+
+    fn say(&mut self, line: &str) {
+        std::io::Write::write_all(&mut self.tell, format!("{line}\n").as_bytes()).unwrap();
+    }
+}
+
+/// The id /proc/self/mountinfo gives the mount on `dir`, if any.
+fn mount_id(dir: &std::path::Path) -> Option<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.split(' ').nth(4) == dir.to_str())
+        .map(|l| l.split(' ').next().unwrap().to_string())
+}
+
 /// What systemd does with the unit's file descriptor store when the whole service dies (the
 /// supervisor too, as an OOM kill of the service), played by a small python program since
 /// systemd is not PID 1 here: it keeps the descriptor the supervisor stored (FDSTORE=1), kills
@@ -267,57 +334,22 @@ fn a_service_restarted_by_systemd_serves_the_same_mount_again() {
     let data = pattern(4 << 20, 77);
     server.put(&bucket, "data.bin", data.clone());
     let dir = tempfile::tempdir().unwrap();
-    let sockdir = tempfile::tempdir().unwrap();
-
-    let log = sockdir.path().join("log");
-    let mut cmd = Command::new("python3");
-    cmd.arg("-c")
-        .arg(SYSTEMD)
-        .arg(sockdir.path().join("notify"))
-        .arg(s3mount_bin())
-        .arg(&bucket)
-        .arg(dir.path())
-        .arg("-f")
-        .args(server.args())
-        .envs(server.env())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap());
-    let mut systemd = cmd.spawn().unwrap();
-    let mut tell = systemd.stdin.take().unwrap();
-    let mut hear = std::io::BufRead::lines(std::io::BufReader::new(systemd.stdout.take().unwrap()));
-    let mut next = || {
-        hear.next()
-            .unwrap_or_else(|| {
-                panic!(
-                    "systemd ended: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )
-            })
-            .unwrap()
-    };
-    let ready = next();
+    let mut systemd = FakeSystemd::start(server, &bucket, dir.path(), "");
+    let ready = systemd.next();
     assert!(
         ready.starts_with("ready s3mount-fuse") && ready.ends_with(" 1"),
         "{ready}"
     );
-    let mount_id = || {
-        std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-            .find(|l| l.split(' ').nth(4) == Some(dir.path().to_str().unwrap()))
-            .map(|l| l.split(' ').next().unwrap().to_string())
-    };
-    let before = mount_id().expect("mounted");
+    let before = mount_id(dir.path()).expect("mounted");
     let f = std::fs::File::open(dir.path().join("data.bin")).unwrap();
     let mut head = vec![0u8; 1 << 20];
     std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0).unwrap();
     assert!(head == data[..1 << 20]);
 
-    std::io::Write::write_all(&mut tell, b"crash\n").unwrap();
-    assert_eq!(next(), "ready again");
+    systemd.say("crash");
+    assert_eq!(systemd.next(), "ready again");
     assert_eq!(
-        mount_id().as_deref(),
+        mount_id(dir.path()).as_deref(),
         Some(&*before),
         "the same mount, not a new one"
     );
@@ -334,15 +366,15 @@ fn a_service_restarted_by_systemd_serves_the_same_mount_again() {
         Some(&b"written after the restart"[..])
     );
 
-    std::io::Write::write_all(&mut tell, b"stop\n").unwrap();
-    let stopped = next();
+    systemd.say("stop");
+    let stopped = systemd.next();
     assert!(
         stopped.starts_with("stopped 0 FDNAME=s3mount-fuse") && stopped.ends_with(" 0"),
         "{stopped}: {}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+        std::fs::read_to_string(&systemd.log).unwrap_or_default()
     );
-    assert!(systemd.wait().unwrap().success());
-    assert!(mount_id().is_none(), "unmounted by the stop");
+    assert!(systemd.child.wait().unwrap().success());
+    assert!(mount_id(dir.path()).is_none(), "unmounted by the stop");
 }
 
 /// The same restart with `--no-supervise` added: such a daemon cannot serve the kept
@@ -355,48 +387,12 @@ fn a_restart_with_no_supervise_gives_the_kept_mount_up_and_mounts_again() {
     let bucket = server.new_bucket();
     server.put(&bucket, "f.txt", "still here");
     let dir = tempfile::tempdir().unwrap();
-    let sockdir = tempfile::tempdir().unwrap();
-    let log = sockdir.path().join("log");
-    let mut systemd = Command::new("python3")
-        .arg("-c")
-        .arg(SYSTEMD)
-        .arg(sockdir.path().join("notify"))
-        .arg(s3mount_bin())
-        .arg(&bucket)
-        .arg(dir.path())
-        .arg("-f")
-        .args(server.args())
-        .envs(server.env())
-        .env("RESTART_EXTRA", "--no-supervise")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut tell = systemd.stdin.take().unwrap();
-    let mut hear = std::io::BufRead::lines(std::io::BufReader::new(systemd.stdout.take().unwrap()));
-    let mut next = || {
-        hear.next()
-            .unwrap_or_else(|| {
-                panic!(
-                    "systemd ended: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )
-            })
-            .unwrap()
-    };
-    assert!(next().starts_with("ready s3mount-fuse"));
-    let mount_id = || {
-        std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-            .find(|l| l.split(' ').nth(4) == Some(dir.path().to_str().unwrap()))
-            .map(|l| l.split(' ').next().unwrap().to_string())
-    };
+    let mut systemd = FakeSystemd::start(server, &bucket, dir.path(), "--no-supervise");
+    assert!(systemd.next().starts_with("ready s3mount-fuse"));
     let old = std::fs::File::open(dir.path().join("f.txt")).unwrap();
-    std::io::Write::write_all(&mut tell, b"crash\n").unwrap();
-    assert_eq!(next(), "ready again");
-    assert!(mount_id().is_some(), "mounted again");
+    systemd.say("crash");
+    assert_eq!(systemd.next(), "ready again");
+    assert!(mount_id(dir.path()).is_some(), "mounted again");
     // A descriptor of the old mount is dead (its connection is gone); the new mount serves.
     let mut buf = [0u8; 4];
     assert!(std::os::unix::fs::FileExt::read_at(&old, &mut buf, 0).is_err());
@@ -405,8 +401,8 @@ fn a_restart_with_no_supervise_gives_the_kept_mount_up_and_mounts_again() {
         b"still here"
     );
     assert!(umount_patiently(dir.path()));
-    let _ = systemd.kill();
-    let _ = systemd.wait();
+    let _ = systemd.child.kill();
+    let _ = systemd.child.wait();
 }
 
 #[test]

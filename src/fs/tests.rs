@@ -2297,9 +2297,8 @@ async fn rmdir_removes_an_s3fs_old_style_directory_object() {
     assert!(store.keys().is_empty(), "left: {:?}", store.keys());
 }
 
-#[tokio::test]
-async fn directory_attributes_come_from_the_marker_after_a_remount() {
-    let (store, fs) = setup("");
+/// Directory `d` at the root, mode 0700, chowned to 1234:1234 (written to its marker).
+async fn mkdir_owned_by_1234(fs: &Fs) -> Attr {
     let d = fs.mkdir(ROOT_INO, b"d", 0o700, ME).await.unwrap();
     fs.setattr(
         d.ino,
@@ -2311,7 +2310,13 @@ async fn directory_attributes_come_from_the_marker_after_a_remount() {
         },
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn directory_attributes_come_from_the_marker_after_a_remount() {
+    let (store, fs) = setup("");
+    mkdir_owned_by_1234(&fs).await;
     // A marker written by s3fs, with its metadata.
     let mut md = UserMetadata::new();
     md.insert("mode".into(), "16832".into()); // 040700
@@ -3138,18 +3143,7 @@ async fn a_restored_directory_has_its_marker_attributes() {
     let path = state.path().join("inodes");
     let old = Fs::new(store.clone(), test_config(""));
     old.start_journal(&path, 0).unwrap();
-    let d = old.mkdir(ROOT_INO, b"d", 0o700, ME).await.unwrap();
-    old.setattr(
-        d.ino,
-        None,
-        SetAttr {
-            uid: Some(1234),
-            gid: Some(1234),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let d = mkdir_owned_by_1234(&old).await;
     std::mem::forget(old);
 
     let new = Fs::new(store.clone(), test_config(""));
