@@ -584,8 +584,9 @@ pub fn run(
                 } else {
                     cause(&status)
                 };
-                if !upgrade && (ending || !crate::mount::is_mounted(mountpoint)) {
-                    if !crate::mount::is_mounted(mountpoint) {
+                let mounted = crate::mount::is_mounted(mountpoint);
+                if !upgrade && (ending || !mounted) {
+                    if !mounted {
                         held.unmounted();
                     }
                     return Err(Fatal::new(format!("the worker ended ({why})")));

@@ -467,10 +467,29 @@ impl StagedFile {
 impl Drop for StagedFile {
     fn drop(&mut self) {
         if !self.path.as_os_str().is_empty() {
-            let _ = std::fs::remove_file(&self.path);
-            let _ = std::fs::remove_file(sidecar(&self.path));
+            remove_with_sidecar(&self.path);
         }
     }
+}
+
+/// Remove a local file (staging file, stream's local copy) and the `.info` beside it.
+pub(crate) fn remove_with_sidecar(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(sidecar(path));
+}
+
+/// The pid of the process that made a local file, from its name: `PID-NANOS.staged` (a
+/// staging file, [`StagedFile::create`]) or `KEY.PID.SEQ` (a stream's local copy, made by
+/// the upload's spool). None for anything else (`.info` files, the state directory's own).
+pub(crate) fn maker_of(name: &str) -> Option<u32> {
+    if let Some(stem) = name.strip_suffix(".staged") {
+        return stem.split('-').next()?.parse().ok();
+    }
+    let mut parts = name.rsplitn(3, '.');
+    let _seq: u64 = parts.next()?.parse().ok()?;
+    let pid = parts.next()?.parse().ok()?;
+    parts.next()?;
+    Some(pid)
 }
 
 /// The `.info` file beside a kept file, naming its key (reported by [`leftovers`]).

@@ -818,8 +818,7 @@ impl StreamUpload {
 
     fn drop_spool(&mut self) {
         if let Some(spool) = self.spool.take() {
-            let _ = std::fs::remove_file(&spool.path);
-            let _ = std::fs::remove_file(super::staging::sidecar(&spool.path));
+            super::staging::remove_with_sidecar(&spool.path);
         }
     }
 

@@ -16,7 +16,7 @@ use super::journal::{Journal, OpenWrite, Opened};
 use super::write::{Body, WriteState};
 use super::{attrs, DirHandle, Errno, FileHandle, Fs, FsResult, Inode};
 use crate::data::prefetch::ObjectReader;
-use crate::data::staging::{Base, StagedFile};
+use crate::data::staging::{maker_of, remove_with_sidecar, Base, StagedFile};
 use crate::data::upload::CommittedPrefix;
 use crate::store::PutCondition;
 
@@ -216,26 +216,11 @@ impl Fs {
     }
 }
 
-/// The pid of the worker that made a local file, from its name: `PID-NANOS.staged` (a
-/// staging file) or `KEY.PID.SEQ` (a stream's local copy). None for anything else (`.info`
-/// files, the state directory's own files).
-fn maker_of(name: &str) -> Option<u32> {
-    if let Some(stem) = name.strip_suffix(".staged") {
-        return stem.split('-').next()?.parse().ok();
-    }
-    let mut parts = name.rsplitn(3, '.');
-    let _seq: u64 = parts.next()?.parse().ok()?;
-    let pid = parts.next()?.parse().ok()?;
-    parts.next()?;
-    Some(pid)
-}
-
 /// Remove the local copy of a stream (and the `.info` beside it) whose bytes the bucket holds.
 fn remove_local_copy(w: &OpenWrite) {
     if let Some(path) = w.path.as_deref() {
         let path = std::path::Path::new(path);
-        let _ = std::fs::remove_file(path);
-        let _ = std::fs::remove_file(crate::data::staging::sidecar(path));
+        remove_with_sidecar(path);
         tracing::debug!(path = %path.display(), "local copy of a stream committed before the worker died removed");
     }
 }
@@ -552,8 +537,7 @@ impl Fs {
                 let path = d.join(&name);
                 let made_by = maker_of(&name);
                 if made_by.is_some_and(|pid| dead.contains(&pid)) && !journaled.contains(&path) {
-                    let _ = std::fs::remove_file(&path);
-                    let _ = std::fs::remove_file(crate::data::staging::sidecar(&path));
+                    remove_with_sidecar(&path);
                     tracing::debug!(path = %path.display(), "local file of a write the dead worker never answered removed");
                 }
             }
