@@ -72,6 +72,26 @@ fn request_of(req: &Request<'_>) -> (u64, bool) {
     (u & !RESENT, u & RESENT != 0)
 }
 
+/// Carry out `op`, which serves the kernel's request `req` (from [`request_of`]) and changes
+/// names or attributes, once: a resend of a request the dead worker had carried out gets
+/// `if_done` instead (the entry looked up, or nothing), and a request carried out is journaled
+/// as done before its answer goes out.
+async fn once<T>(
+    fs: &Fs,
+    (id, resent): (u64, bool),
+    op: impl std::future::Future<Output = crate::fs::FsResult<T>>,
+    if_done: impl std::future::Future<Output = crate::fs::FsResult<T>>,
+) -> crate::fs::FsResult<T> {
+    if resent && fs.was_done(id) {
+        return if_done.await;
+    }
+    let result = op.await;
+    if result.is_ok() {
+        fs.request_done(id);
+    }
+    result
+}
+
 /// One kernel request's latency and errors, recorded (only when metrics are on) when it is
 /// answered: the value moves into the request's task and is dropped with it.
 struct Timed {
@@ -327,18 +347,17 @@ impl Filesystem for FuseAdapter {
             gid: req.gid(),
         };
         let mode = (mode & crate::fs::attrs::S_IFMT) | (mode & 0o7777 & !umask);
-        let (id, resent) = request_of(req);
+        let req = request_of(req);
         self.run(async move {
-            let made = if resent && fs.was_done(id) {
-                fs.lookup(parent, &name).await
-            } else {
-                fs.mknod(parent, &name, mode, rdev, caller).await
-            };
-            match made {
-                Ok(attr) => {
-                    fs.request_done(id);
-                    reply.entry(&fs.ttl(), &to_file_attr(&attr), 0)
-                }
+            match once(
+                &fs,
+                req,
+                fs.mknod(parent, &name, mode, rdev, caller),
+                fs.lookup(parent, &name),
+            )
+            .await
+            {
+                Ok(attr) => reply.entry(&fs.ttl(), &to_file_attr(&attr), 0),
                 Err(Errno(e)) => fail!(t, reply, e),
             }
         });
@@ -360,18 +379,17 @@ impl Filesystem for FuseAdapter {
             uid: req.uid(),
             gid: req.gid(),
         };
-        let (id, resent) = request_of(req);
+        let req = request_of(req);
         self.run(async move {
-            let made = if resent && fs.was_done(id) {
-                fs.lookup(parent, &name).await
-            } else {
-                fs.mkdir(parent, &name, mode & !umask, caller).await
-            };
-            match made {
-                Ok(attr) => {
-                    fs.request_done(id);
-                    reply.entry(&fs.ttl(), &to_file_attr(&attr), 0)
-                }
+            match once(
+                &fs,
+                req,
+                fs.mkdir(parent, &name, mode & !umask, caller),
+                fs.lookup(parent, &name),
+            )
+            .await
+            {
+                Ok(attr) => reply.entry(&fs.ttl(), &to_file_attr(&attr), 0),
                 Err(Errno(e)) => fail!(t, reply, e),
             }
         });
@@ -381,16 +399,10 @@ impl Filesystem for FuseAdapter {
         let t = Timed::start("unlink");
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
-        let (id, resent) = request_of(req);
+        let req = request_of(req);
         self.run(async move {
-            if resent && fs.was_done(id) {
-                return reply.ok();
-            }
-            match fs.unlink(parent, &name).await {
-                Ok(()) => {
-                    fs.request_done(id);
-                    reply.ok()
-                }
+            match once(&fs, req, fs.unlink(parent, &name), async { Ok(()) }).await {
+                Ok(()) => reply.ok(),
                 Err(Errno(e)) => fail!(t, reply, e),
             }
         });
@@ -400,16 +412,10 @@ impl Filesystem for FuseAdapter {
         let t = Timed::start("rmdir");
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
-        let (id, resent) = request_of(req);
+        let req = request_of(req);
         self.run(async move {
-            if resent && fs.was_done(id) {
-                return reply.ok();
-            }
-            match fs.rmdir(parent, &name).await {
-                Ok(()) => {
-                    fs.request_done(id);
-                    reply.ok()
-                }
+            match once(&fs, req, fs.rmdir(parent, &name), async { Ok(()) }).await {
+                Ok(()) => reply.ok(),
                 Err(Errno(e)) => fail!(t, reply, e),
             }
         });
@@ -433,18 +439,17 @@ impl Filesystem for FuseAdapter {
             uid: req.uid(),
             gid: req.gid(),
         };
-        let (id, resent) = request_of(req);
+        let req = request_of(req);
         self.run(async move {
-            let made = if resent && fs.was_done(id) {
-                fs.lookup(parent, &name).await
-            } else {
-                fs.symlink(parent, &name, &target, caller).await
-            };
-            match made {
-                Ok(attr) => {
-                    fs.request_done(id);
-                    reply.entry(&fs.ttl(), &to_file_attr(&attr), 0)
-                }
+            match once(
+                &fs,
+                req,
+                fs.symlink(parent, &name, &target, caller),
+                fs.lookup(parent, &name),
+            )
+            .await
+            {
+                Ok(attr) => reply.entry(&fs.ttl(), &to_file_attr(&attr), 0),
                 Err(Errno(e)) => fail!(t, reply, e),
             }
         });
@@ -463,16 +468,17 @@ impl Filesystem for FuseAdapter {
         let t = Timed::start("rename");
         let fs = self.fs.clone();
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
-        let (id, resent) = request_of(req);
+        let req = request_of(req);
         self.rt.spawn(async move {
-            if resent && fs.was_done(id) {
-                return reply.ok();
-            }
-            match fs.rename(parent, &name, newparent, &newname, flags).await {
-                Ok(()) => {
-                    fs.request_done(id);
-                    reply.ok()
-                }
+            match once(
+                &fs,
+                req,
+                fs.rename(parent, &name, newparent, &newname, flags),
+                async { Ok(()) },
+            )
+            .await
+            {
+                Ok(()) => reply.ok(),
                 Err(Errno(e)) => fail!(t, reply, e),
             }
         });
@@ -786,19 +792,17 @@ impl Filesystem for FuseAdapter {
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
         let value = value.to_vec();
-        let (id, resent) = request_of(req);
+        let req = request_of(req);
         self.run(async move {
-            if resent && fs.was_done(id) {
-                return reply.ok();
-            }
-            match fs
-                .set_or_remove_xattr(ino, &name, Some(&value), flags)
-                .await
+            match once(
+                &fs,
+                req,
+                fs.set_or_remove_xattr(ino, &name, Some(&value), flags),
+                async { Ok(()) },
+            )
+            .await
             {
-                Ok(()) => {
-                    fs.request_done(id);
-                    reply.ok()
-                }
+                Ok(()) => reply.ok(),
                 Err(Errno(e)) => fail!(t, reply, e),
             }
         });
@@ -811,16 +815,17 @@ impl Filesystem for FuseAdapter {
         }
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
-        let (id, resent) = request_of(req);
+        let req = request_of(req);
         self.run(async move {
-            if resent && fs.was_done(id) {
-                return reply.ok();
-            }
-            match fs.set_or_remove_xattr(ino, &name, None, 0).await {
-                Ok(()) => {
-                    fs.request_done(id);
-                    reply.ok()
-                }
+            match once(
+                &fs,
+                req,
+                fs.set_or_remove_xattr(ino, &name, None, 0),
+                async { Ok(()) },
+            )
+            .await
+            {
+                Ok(()) => reply.ok(),
                 Err(Errno(e)) => fail!(t, reply, e),
             }
         });
