@@ -71,6 +71,28 @@ fn assert_no_local_copies_left(staging: &Path) {
     assert!(left.is_empty(), "left in {}: {left:?}", state.display());
 }
 
+/// A mount whose workers the test kills at will (up to 100 deaths a minute), its state
+/// directory under `staging`.
+fn killable_mount(s: &S3Server, bucket: &str, staging: &Path) -> Mount {
+    Mount::with_env(
+        s,
+        &s.endpoint,
+        bucket,
+        &["--staging-dir", staging.to_str().unwrap()],
+        &[("S3MOUNT_MAX_WORKER_DEATHS", Some("100"))],
+    )
+}
+
+/// `diff -r a b` finds nothing.
+fn assert_same_tree(a: &Path, b: &Path) {
+    let diff = sh(&format!("diff -r {} {}", a.display(), b.display()));
+    assert!(
+        diff.status.success(),
+        "{}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
+}
+
 /// SIGKILL to `pid`, without starting a process: a fork and exec here would close (and so
 /// flush, which commits) every descriptor the test holds open on the mount.
 fn kill9(pid: u32) {
@@ -513,13 +535,7 @@ fn cp_into_the_mount_survives_worker_deaths() {
     let s = server();
     let bucket = s.new_bucket();
     let staging = tempfile::tempdir().unwrap();
-    let m = Mount::with_env(
-        s,
-        &s.endpoint,
-        &bucket,
-        &["--staging-dir", staging.path().to_str().unwrap()],
-        &[("S3MOUNT_MAX_WORKER_DEATHS", Some("100"))],
-    );
+    let m = killable_mount(s, &bucket, staging.path());
     let src = tempfile::tempdir().unwrap();
     let files = src.path().join("files");
     std::fs::create_dir(&files).unwrap();
@@ -533,16 +549,7 @@ fn cp_into_the_mount_survives_worker_deaths() {
     }
     let cmd = format!("cp -r {} {}", files.display(), m.join("copied").display());
     run_while_killing_workers(&m, &cmd);
-    let diff = sh(&format!(
-        "diff -r {} {}",
-        files.display(),
-        m.join("copied").display()
-    ));
-    assert!(
-        diff.status.success(),
-        "{}",
-        String::from_utf8_lossy(&diff.stdout)
-    );
+    assert_same_tree(&files, &m.join("copied"));
     // Every file is in the bucket too (a file whose close never reached the worker would be
     // served from memory by the mount and missing there).
     for i in 0..count {
@@ -565,13 +572,7 @@ fn tar_into_the_mount_survives_worker_deaths() {
     let s = server();
     let bucket = s.new_bucket();
     let staging = tempfile::tempdir().unwrap();
-    let m = Mount::with_env(
-        s,
-        &s.endpoint,
-        &bucket,
-        &["--staging-dir", staging.path().to_str().unwrap()],
-        &[("S3MOUNT_MAX_WORKER_DEATHS", Some("100"))],
-    );
+    let m = killable_mount(s, &bucket, staging.path());
     let src = tempfile::tempdir().unwrap();
     let tree = src.path().join("tree");
     for d in 0..3u64 {
@@ -600,16 +601,7 @@ fn tar_into_the_mount_survives_worker_deaths() {
         m.join("untar").display()
     );
     run_while_killing_workers(&m, &cmd);
-    let diff = sh(&format!(
-        "diff -r {} {}",
-        tree.display(),
-        m.join("untar").display()
-    ));
-    assert!(
-        diff.status.success(),
-        "{}",
-        String::from_utf8_lossy(&diff.stdout)
-    );
+    assert_same_tree(&tree, &m.join("untar"));
     let mode = std::fs::metadata(m.join("untar/d2/f7"))
         .unwrap()
         .permissions();

@@ -2892,6 +2892,14 @@ async fn directory_attribute_changes_in_a_row_need_no_head_each() {
     );
 }
 
+/// A worker of a supervised mount over `store`: an `Fs` journaling in `journal`, the first
+/// (`restart` 0) or one started after `restart` deaths (it replays the journal first).
+fn worker(store: &Arc<MockStore>, cfg: FsConfig, journal: &std::path::Path, restart: u32) -> Fs {
+    let fs = Fs::new(store.clone(), cfg);
+    fs.start_journal(journal, restart).unwrap();
+    fs
+}
+
 /// `--supervise`: a worker started again on a live mount takes back, from the journal the dead
 /// one wrote, the node ids and handles the kernel holds: getattr and lookups under restored
 /// inodes work, a read handle and a directory handle go on, a write handle fails with EIO, new
@@ -2905,8 +2913,7 @@ async fn a_restarted_worker_answers_the_node_ids_and_handles_of_the_dead_one() {
     store.insert("top.txt", "top");
     let state = tempfile::tempdir().unwrap();
     let path = state.path().join("inodes.journal");
-    let old = Fs::new(store.clone(), test_config(""));
-    old.start_journal(&path, 0).unwrap();
+    let old = worker(&store, test_config(""), &path, 0);
     let src = old.lookup(ROOT_INO, b"src").await.unwrap();
     let a = old.lookup(src.ino, b"a.c").await.unwrap();
     let sub = old.lookup(src.ino, b"sub").await.unwrap();
@@ -2984,8 +2991,7 @@ async fn a_restarted_worker_goes_on_with_files_being_written() {
     let path = state.path().join("inodes");
     let mut cfg = test_config("");
     cfg.upload.min_part_size = 5 << 20;
-    let old = Fs::new(store.clone(), cfg.clone());
-    old.start_journal(&path, 0).unwrap();
+    let old = worker(&store, cfg.clone(), &path, 0);
     // A stream: 7 MiB in 1 MiB writes (a multipart upload has started).
     let chunk = |i: usize| vec![i as u8 + 1; 1 << 20];
     let s_fh = new_file(&old, "stream.bin").await;
@@ -3016,8 +3022,7 @@ async fn a_restarted_worker_goes_on_with_files_being_written() {
     // The worker dies: no destructor runs (its local files stay, as after kill -9).
     std::mem::forget(old);
 
-    let new = Fs::new(store.clone(), cfg);
-    new.start_journal(&path, 1).unwrap();
+    let new = worker(&store, cfg, &path, 1);
     new.adopt_writer(s_ino, s_fh).await.unwrap();
     new.write(s_fh, 7 << 20, &chunk(7)).await.unwrap();
     new.flush(s_fh).await.unwrap();
@@ -3052,8 +3057,7 @@ async fn a_restarted_worker_finds_the_resent_requests_the_dead_one_carried_out()
     store.insert("old.txt", "old");
     let state = tempfile::tempdir().unwrap();
     let path = state.path().join("inodes");
-    let old = Fs::new(store.clone(), test_config(""));
-    old.start_journal(&path, 0).unwrap();
+    let old = worker(&store, test_config(""), &path, 0);
     // Request 7: create (the answer never left); 8: mkdir; 9: unlink; 10: an open.
     let (made, fh) = Fs::serving(
         7,
@@ -3072,8 +3076,7 @@ async fn a_restarted_worker_finds_the_resent_requests_the_dead_one_carried_out()
     let dir_fh = Fs::serving(10, old.opendir(dir.ino)).await.unwrap();
     std::mem::forget(old);
 
-    let new = Fs::new(store.clone(), test_config(""));
-    new.start_journal(&path, 1).unwrap();
+    let new = worker(&store, test_config(""), &path, 1);
     assert_eq!(new.take_over_handles().await, 1);
     assert!(new.was_done(8) && new.was_done(9));
     assert!(
@@ -3094,8 +3097,7 @@ async fn a_restarted_worker_finds_the_resent_requests_the_dead_one_carried_out()
     assert!(store.get_bytes("old.txt").is_none());
     // A worker that dies again before the resend is answered: the third one knows too.
     drop(new);
-    let third = Fs::new(store.clone(), test_config(""));
-    third.start_journal(&path, 2).unwrap();
+    let third = worker(&store, test_config(""), &path, 2);
     assert!(third.was_done(8) && third.was_done(9));
 }
 
@@ -3110,8 +3112,7 @@ async fn an_append_after_fsync_goes_on_after_a_worker_death() {
     let path = state.path().join("inodes");
     let mut cfg = test_config("");
     cfg.upload.min_part_size = 5 << 20;
-    let old = Fs::new(store.clone(), cfg.clone());
-    old.start_journal(&path, 0).unwrap();
+    let old = worker(&store, cfg.clone(), &path, 0);
     let fh = new_file(&old, "app.log").await;
     // Large enough that a stream continuing it copies its start server side.
     let mut want = vec![b'.'; 6 << 20];
@@ -3123,8 +3124,7 @@ async fn an_append_after_fsync_goes_on_after_a_worker_death() {
     let ino = old.lookup(ROOT_INO, b"app.log").await.unwrap().ino;
     std::mem::forget(old);
 
-    let new = Fs::new(store.clone(), cfg);
-    new.start_journal(&path, 1).unwrap();
+    let new = worker(&store, cfg, &path, 1);
     assert_eq!(new.take_over_handles().await, 1);
     new.write(fh, want.len() as i64, b"line 3\n").await.unwrap();
     want.extend_from_slice(b"line 3\n");
@@ -3141,13 +3141,11 @@ async fn a_restored_directory_has_its_marker_attributes() {
     let store = Arc::new(MockStore::new());
     let state = tempfile::tempdir().unwrap();
     let path = state.path().join("inodes");
-    let old = Fs::new(store.clone(), test_config(""));
-    old.start_journal(&path, 0).unwrap();
+    let old = worker(&store, test_config(""), &path, 0);
     let d = mkdir_owned_by_1234(&old).await;
     std::mem::forget(old);
 
-    let new = Fs::new(store.clone(), test_config(""));
-    new.start_journal(&path, 1).unwrap();
+    let new = worker(&store, test_config(""), &path, 1);
     let a = new.getattr(d.ino).await.unwrap();
     assert_eq!(
         (a.kind, a.perm, a.uid, a.gid),
@@ -3172,8 +3170,7 @@ async fn a_local_copy_committed_before_the_death_is_removed_by_the_next_worker()
         let mut cfg = test_config("");
         cfg.staging_dir = state.path().join("staging");
         std::fs::create_dir_all(&cfg.staging_dir).unwrap();
-        let old = Fs::new(store.clone(), cfg.clone());
-        old.start_journal(&path, 0).unwrap();
+        let old = worker(&store, cfg.clone(), &path, 0);
         let fh = new_file(&old, "f.bin").await;
         old.write(fh, 0, b"the stream's bytes").await.unwrap();
         // Its local copy, as the journal names it.
@@ -3211,8 +3208,7 @@ async fn a_local_copy_committed_before_the_death_is_removed_by_the_next_worker()
             .unwrap();
         }
 
-        let new = Fs::new(store.clone(), cfg.clone());
-        new.start_journal(&path, 1).unwrap();
+        let new = worker(&store, cfg.clone(), &path, 1);
         new.take_over_handles().await;
         assert!(
             !std::path::Path::new(&copy).exists(),
@@ -3242,8 +3238,7 @@ async fn local_files_the_dead_worker_never_journaled_are_removed() {
     cfg.staging_dir = state.path().join("staging");
     let spool = cfg.staging_dir.join("spool");
     std::fs::create_dir_all(&spool).unwrap();
-    let old = Fs::new(store.clone(), cfg.clone());
-    old.start_journal(&path, 0).unwrap();
+    let old = worker(&store, cfg.clone(), &path, 0);
     let fh = new_file(&old, "kept.bin").await;
     old.write(fh, 0, b"journaled").await.unwrap();
     std::mem::forget(old);
@@ -3259,8 +3254,7 @@ async fn local_files_the_dead_worker_never_journaled_are_removed() {
     let lone = crate::data::staging::sidecar(&spool.join(format!("lone.{me}.5")));
     std::fs::write(&lone, b"key: lone\n").unwrap();
 
-    let new = Fs::new(store.clone(), cfg.clone());
-    new.start_journal(&path, 1).unwrap();
+    let new = worker(&store, cfg.clone(), &path, 1);
     assert_eq!(new.take_over_handles().await, 1);
     assert!(!unjournaled.exists() && !crate::data::staging::sidecar(&unjournaled).exists());
     assert!(!staged.exists());
