@@ -505,8 +505,9 @@ impl Fs {
 
     /// Local files a dead worker of this mount made and had not journaled yet: it died
     /// between making the file (a stream's local copy, a staging file) and journaling it, so
-    /// the write that made it never returned and the kernel sent it again to this worker.
-    /// Removed; else every later mount reports them as data left over. Files of earlier runs
+    /// the write that made it never returned and the kernel sent it again to this worker; and
+    /// the `.info` of a journaled file already removed. Removed; else every later mount
+    /// reports them as data left over. Files of earlier runs
     /// (other pids) are kept and reported as before, and so is everything under --write-back,
     /// whose queued uploads are local files no journal names.
     fn remove_unjournaled_copies(&self) {
@@ -536,7 +537,10 @@ impl Fs {
                 };
                 let path = d.join(&name);
                 let made_by = maker_of(&name);
-                if made_by.is_some_and(|pid| dead.contains(&pid)) && !journaled.contains(&path) {
+                // A journaled file that is gone leaves its `.info` alone when the worker died
+                // between removing the two (after its commit): that goes too.
+                let unneeded = !journaled.contains(&path) || !path.exists();
+                if made_by.is_some_and(|pid| dead.contains(&pid)) && unneeded {
                     remove_with_sidecar(&path);
                     tracing::debug!(path = %path.display(), "local file of a write the dead worker never answered removed");
                 }

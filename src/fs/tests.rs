@@ -3163,7 +3163,9 @@ async fn a_restored_directory_has_its_marker_attributes() {
 /// it as data left over). Both for a descriptor still open and for one already released.
 #[tokio::test]
 async fn a_local_copy_committed_before_the_death_is_removed_by_the_next_worker() {
-    for still_open in [true, false] {
+    // (descriptor still open, the copy itself still there: else only its `.info`, the death
+    // having come between removing the two)
+    for (still_open, copy_left) in [(true, true), (false, true), (true, false)] {
         let store = Arc::new(MockStore::new());
         let state = tempfile::tempdir().unwrap();
         let path = state.path().join("inodes");
@@ -3199,7 +3201,9 @@ async fn a_local_copy_committed_before_the_death_is_removed_by_the_next_worker()
             .map(|l| format!("{l}\n"))
             .collect();
         std::fs::write(&path, cut).unwrap();
-        std::fs::write(&copy, &kept).unwrap();
+        if copy_left {
+            std::fs::write(&copy, &kept).unwrap();
+        }
         if let Ok(info) = info {
             std::fs::write(
                 crate::data::staging::sidecar(std::path::Path::new(&copy)),
@@ -3215,6 +3219,10 @@ async fn a_local_copy_committed_before_the_death_is_removed_by_the_next_worker()
             "copy left (still open: {still_open})"
         );
         assert!(crate::data::staging::leftovers(&cfg.staging_dir).is_empty());
+        assert!(
+            !crate::data::staging::sidecar(std::path::Path::new(&copy)).exists(),
+            ".info left (still open: {still_open}, copy left: {copy_left})"
+        );
         if still_open {
             new.release(fh).await.unwrap();
         }
