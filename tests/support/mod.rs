@@ -731,9 +731,13 @@ impl Drop for Mount {
     }
 }
 
+/// Whether `p` is a mount point now. Only its parent is resolved: a stat of a mount whose
+/// daemon died fails (ENOTCONN), and such a mount must still count, or it is never unmounted
+/// and shows as DEAD to every later `s3mount status` on the machine.
 pub fn is_mounted(p: &Path) -> bool {
-    let Ok(canon) = std::fs::canonicalize(p) else {
-        return false;
+    let canon = match (p.parent().map(std::fs::canonicalize), p.file_name()) {
+        (Some(Ok(parent)), Some(name)) => parent.join(name),
+        _ => p.to_path_buf(),
     };
     let want = canon.display().to_string().replace(' ', "\\040");
     std::fs::read_to_string("/proc/self/mountinfo")
