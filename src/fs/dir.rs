@@ -18,6 +18,12 @@ pub struct DirEntry {
 #[derive(Clone, Debug, Default)]
 pub struct Listing {
     pub entries: BTreeMap<String, DirEntry>,
+    /// Started empty by this mount's `mkdir` and kept up to date with what it created since:
+    /// a name it lacks is absent (another client filling a directory this mount has just made,
+    /// within the metadata TTL, is the one thing it misses). A listing fetched from the store
+    /// says what was there when it was taken, so a later lookup of a name it lacks asks the
+    /// store (an object `aws s3 cp` just put shows at once, as with s3fs).
+    pub made_here: bool,
 }
 
 /// Why a key cannot be shown as a POSIX name, if it can't.

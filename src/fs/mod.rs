@@ -1131,10 +1131,9 @@ impl Fs {
             .lock()
             .get(&parent.key)
             .map(|(at, l)| (*at, l.clone()));
-        // Set when the listing was fetched (or joined) for this lookup: it may have begun before
-        // the name was created elsewhere, so a name it lacks is probed.
-        let mut refreshed = false;
-        // Set when this lookup started the listing (joined ones leave it to the first).
+        // Set when this lookup started the listing: begun after the lookup, a name it lacks is
+        // absent. One it joined, or found cached, may have begun before another client created
+        // the name: a name it lacks is probed (unless it is a directory this mount made).
         let mut started = false;
         let stale_len = cached
             .as_ref()
@@ -1173,10 +1172,7 @@ impl Fs {
                     )
                     .await
                     {
-                        Ok(Ok(listing)) => {
-                            refreshed = !started;
-                            Some((at, listing))
-                        }
+                        Ok(Ok(listing)) => Some((at, listing)),
                         _ => None,
                     },
                     None => None,
@@ -1187,7 +1183,9 @@ impl Fs {
         // probed one by one.
         let storm = started && stale_len.is_none();
         let entry = match cached {
-            Some((listed_at, listing)) if !refreshed || listing.entries.contains_key(name) => {
+            Some((listed_at, listing))
+                if started || listing.made_here || listing.entries.contains_key(name) =>
+            {
                 let entry = listing.entries.get(name).cloned();
                 // What this mount learnt after the listing was taken (a file it wrote) wins.
                 if let Some(attr) = entry

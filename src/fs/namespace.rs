@@ -474,7 +474,13 @@ impl Fs {
         if !self.cfg.metadata_ttl.is_zero() {
             self.listings.lock().put(
                 key.clone(),
-                (Instant::now(), Arc::new(super::dir::Listing::default())),
+                (
+                    Instant::now(),
+                    Arc::new(super::dir::Listing {
+                        made_here: true,
+                        ..Default::default()
+                    }),
+                ),
             );
         }
         Ok(self.remember_entry(&parent, name, &entry))
