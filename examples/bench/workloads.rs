@@ -1,7 +1,8 @@
 //! The workloads added for issue 17, beside the original figures in main.rs:
 //!
 //! - metadata at latency: `tar xpf` of a tree (time to return and until the bucket has every
-//!   object), `stat` of files by name after a remount;
+//!   object), `rsync -a` of the same tree (new, then again after a tenth changed, as a nightly
+//!   backup), `stat` of files by name after a remount;
 //! - Mountpoint's benchmark workloads (its fio jobs, done here with dd and threads so nothing
 //!   else is needed): sequential read with 1 and 4 threads, with and without O_DIRECT, a read
 //!   that skips 17 MiB at a time, the latency of a one-byte file write, `ls -f` of 100 up to
@@ -82,10 +83,15 @@ pub fn wait_for_keys(b: &Bench, prefix: &str, n: usize) {
                         .send()
                         .await
                         .unwrap();
+                // Not directory markers, nor temporary files (rsync's `.name.XXXXXX`).
                 found += p
                     .contents()
                     .iter()
-                    .filter(|o| !o.key().unwrap_or("/").ends_with('/'))
+                    .filter(|o| {
+                        let key = o.key().unwrap_or("/");
+                        !key.ends_with('/')
+                            && !key.rsplit('/').next().unwrap_or("").starts_with('.')
+                    })
                     .count();
                 token = p.next_continuation_token().map(str::to_string);
                 if token.is_none() {
@@ -160,6 +166,7 @@ pub fn metadata(b: &Bench, files: usize) {
         Err(e) => failed_row(&label, &fmt_ms(plain), &e),
     }
     drop(m);
+    rsync(b, &tree, n, plain);
 
     // stat by name after a remount: the cp -r of main.rs left `files` objects in small/.
     let plain = b.rt.block_on(async {
@@ -180,6 +187,43 @@ pub fn metadata(b: &Bench, files: usize) {
         "cd {mnt}/small && seq 0 {} | xargs stat -c %s >/dev/null",
         files - 1
     )) {
+        Ok((t, _)) => row_times(&label, plain, t),
+        Err(e) => failed_row(&label, &fmt_ms(plain), &e),
+    }
+    drop(m);
+}
+
+/// `rsync -a` of the same tree into a new directory of the mount (each file written to a
+/// temporary name, then renamed), time to return and until the bucket has every file; then,
+/// on a fresh mount as a nightly backup would find it, again after a tenth of the files
+/// changed (rsync lists and stats every destination file, sends the changed ones), against
+/// PUTs of that tenth 8 at a time.
+fn rsync(b: &Bench, tree: &std::path::Path, n: usize, plain_all: Duration) {
+    let mnt = b.mnt.display();
+    let m = b.mount();
+    let label = format!("rsync -a of {n} x 2 KiB in 20 dirs, new (vs 8 PUTs)");
+    let t = Instant::now();
+    match try_sh(&format!("rsync -a {}/ {mnt}/rsync/", tree.display())) {
+        Ok(_) => {
+            let returned = t.elapsed();
+            wait_for_keys(b, "rsync/", n);
+            row_times(&label, plain_all, returned);
+            row_times("  the same, durable in the bucket", plain_all, t.elapsed());
+        }
+        Err(e) => return failed_row(&label, &fmt_ms(plain_all), &e),
+    }
+    drop(m);
+    let changed = (n / 10).max(1);
+    for i in (0..n).step_by(n / changed) {
+        let p = tree.join(format!("d{:02}/f{i:05}", i % 20));
+        std::fs::write(&p, random_bytes(9000 + i as u64, 2048)).unwrap();
+    }
+    let keys = (0..changed).map(|i| format!("plain-rsync/f{i}")).collect();
+    let plain =
+        b.rt.block_on(plain_put_many(&b.c, keys, &random_bytes(2, 2048), PARALLEL));
+    let m = b.mount();
+    let label = format!("rsync -a again, {changed} of {n} changed, fresh mount (vs 8 PUTs)");
+    match try_sh(&format!("rsync -a {}/ {mnt}/rsync/", tree.display())) {
         Ok((t, _)) => row_times(&label, plain, t),
         Err(e) => failed_row(&label, &fmt_ms(plain), &e),
     }

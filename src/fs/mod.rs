@@ -280,7 +280,7 @@ pub struct Fs {
     listings: Arc<Mutex<ListingCache>>,
     /// Listings being fetched, so concurrent and prefetched requests for one prefix share a LIST.
     inflight: Arc<Mutex<HashMap<String, SharedListing>>>,
-    listing_generation: Arc<AtomicU64>,
+    listing_changes: Arc<ListingChanges>,
     /// Directories whose subtree was listed ahead, and when.
     walked: Mutex<LruCache<String, Instant>>,
     negative: Mutex<LruCache<String, Instant>>,
@@ -389,6 +389,61 @@ const WALK_WAIT: Duration = Duration::from_secs(1);
 /// keys again) and the sender that completes it.
 type Promises = HashMap<String, (SharedListing, tokio::sync::oneshot::Sender<Arc<Listing>>)>;
 
+/// The changes this mount made to directories, so that a listing fetched across a change of
+/// its directory (which it may miss) is returned but not cached. Per directory: rsync or tar
+/// filling one directory must not keep every other directory's listings from being cached.
+#[derive(Debug)]
+struct ListingChanges {
+    /// Counts every change; a fetch notes it when it starts.
+    count: AtomicU64,
+    /// The count at the last change of each recently changed directory, and the highest count
+    /// the map has forgotten (a directory not in it may have changed as late as that).
+    dirs: Mutex<(LruCache<String, u64>, u64)>,
+    /// The count at the last change that may concern any directory (a directory renamed).
+    everywhere: AtomicU64,
+}
+
+impl Default for ListingChanges {
+    fn default() -> Self {
+        ListingChanges {
+            count: AtomicU64::new(0),
+            dirs: Mutex::new((LruCache::new(nz(4096)), 0)),
+            everywhere: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ListingChanges {
+    fn now(&self) -> u64 {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Record a change of `dir` (None: of any directory).
+    fn changed(&self, dir: Option<&str>) {
+        let n = self.count.fetch_add(1, Ordering::AcqRel) + 1;
+        match dir {
+            Some(dir) => {
+                let mut dirs = self.dirs.lock();
+                if let Some((old, at)) = dirs.0.push(dir.to_string(), n) {
+                    if old != dir {
+                        dirs.1 = dirs.1.max(at);
+                    }
+                }
+            }
+            None => self.everywhere.store(n, Ordering::Release),
+        }
+    }
+
+    /// Did this mount change `dir` after the count was `since`?
+    fn changed_since(&self, dir: &str, since: u64) -> bool {
+        if self.everywhere.load(Ordering::Acquire) > since {
+            return true;
+        }
+        let dirs = self.dirs.lock();
+        dirs.0.peek(dir).copied().unwrap_or(dirs.1) > since
+    }
+}
+
 /// What fetching a listing needs, detached from `Fs` so it can run in a task of its own.
 #[derive(Clone)]
 struct ListingFetch {
@@ -396,9 +451,9 @@ struct ListingFetch {
     warn: Arc<WarnOnce>,
     listings: Arc<Mutex<ListingCache>>,
     inflight: Arc<Mutex<HashMap<String, SharedListing>>>,
-    /// Bumped by every change this mount makes to a directory: a listing fetched across a
-    /// change may miss it, so it is returned but not cached.
-    generation: Arc<AtomicU64>,
+    /// Changes this mount made to directories: a listing fetched across a change of its
+    /// directory may miss it, so it is returned but not cached.
+    changes: Arc<ListingChanges>,
     ttl: Duration,
 }
 
@@ -436,7 +491,7 @@ impl ListingFetch {
     }
 
     async fn fetch(&self, prefix: &str, mut on_page: Option<OnPage>) -> FsResult<Arc<Listing>> {
-        let generation = self.generation.load(Ordering::Acquire);
+        let generation = self.changes.now();
         let mut listing = Listing::default();
         let mut token = None;
         loop {
@@ -601,7 +656,7 @@ impl ListingFetch {
         pages: usize,
         promises: &mut Promises,
     ) {
-        let generation = self.generation.load(Ordering::Acquire);
+        let generation = self.changes.now();
         // The directories containing the current key, outermost first, with what they hold so far.
         let mut open: Vec<(String, Listing)> = Vec::new();
         let mut token = None;
@@ -676,16 +731,31 @@ impl ListingFetch {
     fn walked(&self, dir: String, listing: Listing, generation: u64, promises: &mut Promises) {
         let listing = Arc::new(listing);
         self.keep(dir.clone(), listing.clone(), generation);
-        let current = generation == self.generation.load(Ordering::Acquire);
+        let current = !self.changes.changed_since(&dir, generation);
         self.fulfil(&dir, promises, current.then_some(listing));
     }
 
-    /// Cache a listing fetched since `generation`, unless this mount changed a directory since.
+    /// Cache a listing fetched since `generation`, unless this mount changed the directory
+    /// since. A directory this mount made, listed again with no names but those it knows, is
+    /// still known to hold only what this mount put there (see [`Listing::made_here`]).
     fn keep(&self, dir: String, listing: Arc<Listing>, generation: u64) {
-        let mut listings = self.listings.lock();
-        if !self.ttl.is_zero() && generation == self.generation.load(Ordering::Acquire) {
-            listings.put(dir, (Instant::now(), listing));
+        if self.ttl.is_zero() || self.changes.changed_since(&dir, generation) {
+            return;
         }
+        let mut listings = self.listings.lock();
+        let listing = match listings.peek(&dir) {
+            Some((_, old))
+                if old.made_here
+                    && !listing.made_here
+                    && old.entries.keys().eq(listing.entries.keys()) =>
+            {
+                let mut l = (*listing).clone();
+                l.made_here = true;
+                Arc::new(l)
+            }
+            _ => listing,
+        };
+        listings.put(dir, (Instant::now(), listing));
     }
 }
 
@@ -737,7 +807,7 @@ impl Fs {
             inodes: Mutex::new(InodeTable::new(root)),
             listings: Arc::new(Mutex::new(LruCache::new(nz(1024)))),
             inflight: Arc::default(),
-            listing_generation: Arc::default(),
+            listing_changes: Arc::default(),
             walked: Mutex::new(LruCache::new(nz(1024))),
             negative: Mutex::new(LruCache::new(nz(16_384))),
             probes: Mutex::new(LruCache::new(nz(1024))),
@@ -851,15 +921,22 @@ impl Fs {
             warn: self.warn.clone(),
             listings: self.listings.clone(),
             inflight: self.inflight.clone(),
-            generation: self.listing_generation.clone(),
+            changes: self.listing_changes.clone(),
             ttl: self.cfg.metadata_ttl,
         }
     }
 
-    /// This mount changed a directory: listings under way may not show it.
-    pub(super) fn listings_changed(&self) {
-        self.listing_generation.fetch_add(1, Ordering::AcqRel);
-        self.inflight.lock().clear();
+    /// This mount changed the directory `dir` (None: directories anywhere): listings of it
+    /// under way may not show that.
+    pub(super) fn listings_changed(&self, dir: Option<&str>) {
+        self.listing_changes.changed(dir);
+        let mut inflight = self.inflight.lock();
+        match dir {
+            Some(dir) => {
+                inflight.remove(dir);
+            }
+            None => inflight.clear(),
+        }
     }
 
     /// `--list-metadata`: HEAD every listed file (16 at a time) so that `ls -l` shows stored

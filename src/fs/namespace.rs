@@ -46,7 +46,7 @@ impl Fs {
 
     /// Forget cached knowledge about `key` in directory `dir_key` after a change.
     pub(super) fn invalidate(&self, dir_key: &str, key: &str) {
-        self.listings_changed();
+        self.listings_changed(Some(dir_key));
         self.listings.lock().pop(dir_key);
         self.negative.lock().pop(key);
         self.negative.lock().pop(key.trim_end_matches('/'));
@@ -55,7 +55,7 @@ impl Fs {
     /// Record a change we made in the cached listing of `dir_key` (if it is cached), so the
     /// next lookups in a directory being filled need no request. `None` removes the entry.
     pub(super) fn note_entry(&self, dir_key: &str, name: &str, entry: Option<DirEntry>) {
-        self.listings_changed();
+        self.listings_changed(Some(dir_key));
         let mut listings = self.listings.lock();
         if let Some((_, listing)) = listings.get_mut(dir_key) {
             let l = Arc::make_mut(listing);

@@ -71,15 +71,23 @@ impl Fs {
         let to_dir = self.dir_inode(newparent)?;
         let name = std::str::from_utf8(name).map_err(|_| Errno::ENOENT)?;
         let newname = Self::check_new_name(newname)?;
-        let (src_key, src) = self.resolve(&from_dir, name).await?;
+        // What this mount holds within the metadata TTL answers without a request (rsync
+        // renames every file it writes: a probe of each name cost two round trips more).
+        let (src_key, src) = match self.known_entry(&from_dir, name) {
+            Some(Some(e)) => (format!("{}{name}", from_dir.key), e),
+            _ => self.resolve(&from_dir, name).await?,
+        };
         let dst_key = format!("{}{newname}", to_dir.key);
         if src_key == dst_key {
             return Ok(());
         }
-        let target = match self.resolve(&to_dir, newname).await {
-            Ok((_, e)) => Some(e),
-            Err(Errno::ENOENT) => None,
-            Err(e) => return Err(e),
+        let target = match self.known_entry(&to_dir, newname) {
+            Some(known) => known,
+            None => match self.resolve(&to_dir, newname).await {
+                Ok((_, e)) => Some(e),
+                Err(Errno::ENOENT) => None,
+                Err(e) => return Err(e),
+            },
         };
         if target.is_some() && flags & RENAME_NOREPLACE != 0 {
             return Err(Errno::EEXIST);
@@ -90,6 +98,8 @@ impl Fs {
             _ => {}
         }
         let src_ino = self.inodes.lock().find(from_dir.ino, name);
+        // The moved file's stored state, when known exactly (for the listings).
+        let mut moved_meta = None;
         if src.kind == Kind::Dir {
             let src_prefix = format!("{src_key}/");
             let dst_prefix = format!("{dst_key}/");
@@ -123,7 +133,7 @@ impl Fs {
                     i.attr.ctime = std::time::SystemTime::now();
                 }
             }
-            self.listings_changed();
+            self.listings_changed(None);
             let mut listings = self.listings.lock();
             let stale: Vec<String> = listings
                 .iter()
@@ -138,16 +148,32 @@ impl Fs {
                 Some(ino) => self.settle_writer(ino).await?,
                 None => None,
             };
-            // A file still open for writing was just committed: its HEAD from resolve is stale.
+            // A file still open for writing (or queued by --write-back) was just committed:
+            // what resolve saw is stale, what the commit stored is known.
+            let committed = match (&writer, src_ino) {
+                (Some(_), Some(ino)) => self.fresh_file_meta(ino, &src_key),
+                _ => None,
+            };
             let known = if writer.is_none() {
                 src.meta.as_ref()
             } else {
-                None
+                committed.as_ref()
             };
-            let etag = self
-                .move_object(&src_key, &dst_key, known)
-                .await
-                .map_err(|e| errno_of(&e, "rename"))?;
+            let (etag, known) = match self.move_object(&src_key, &dst_key, known).await {
+                // Changed or gone elsewhere since this mount last saw it: ask, then move that.
+                Err(StoreError::PreconditionFailed(_) | StoreError::NotFound(_))
+                    if known.is_some() =>
+                {
+                    (self.move_object(&src_key, &dst_key, None).await, None)
+                }
+                moved => (moved, known),
+            };
+            let etag = etag.map_err(|e| errno_of(&e, "rename"))?;
+            moved_meta = known.cloned().map(|mut m| {
+                m.key = dst_key.clone();
+                m.etag = etag.clone();
+                m
+            });
             if let Some(h) = writer {
                 self.retarget_writer(&h, &dst_key, etag.clone()).await;
             }
@@ -181,12 +207,73 @@ impl Fs {
                 meta: None,
             };
             self.note_entry(&to_dir.key, newname, Some(moved));
+        } else if let Some(meta) = moved_meta {
+            // Known exactly too: a directory being filled by write-then-rename (rsync, editors)
+            // keeps a listing that answers the next names without a request.
+            self.note_entry(&from_dir.key, name, None);
+            let moved = DirEntry {
+                kind: Kind::File,
+                meta: Some(meta),
+            };
+            self.note_entry(&to_dir.key, newname, Some(moved));
         } else {
             self.invalidate(&from_dir.key, &src_key);
             self.invalidate(&to_dir.key, &dst_key);
         }
-        self.keep_visible(&from_dir).await;
+        // A directory left empty keeps a marker; a rename within it leaves it not empty.
+        if from_dir.ino != to_dir.ino {
+            self.keep_visible(&from_dir).await;
+        }
         Ok(())
+    }
+
+    /// The stored state of the file `ino` at `key` as this mount last wrote or read it, with
+    /// its metadata and ETag, within the metadata TTL.
+    fn fresh_file_meta(&self, ino: u64, key: &str) -> Option<ObjectMeta> {
+        let table = self.inodes.lock();
+        let i = table.get(ino)?;
+        if i.kind.is_dir() || i.unlinked || !self.fresh(i.fetched) {
+            return None;
+        }
+        i.meta
+            .as_ref()
+            .filter(|m| m.has_metadata && m.etag.is_some() && m.key == key)
+            .cloned()
+    }
+
+    /// What this mount knows of `name` in `dir` within the metadata TTL, without a request:
+    /// Some(Some(entry)) for a file it wrote or looked up (stored metadata and ETag at hand;
+    /// a copy from it is conditional on that ETag), Some(None) for a name known absent (a
+    /// fresh negative answer, or a directory this mount made, whose listing it keeps), None
+    /// when the store must be asked (directories, anything older than the TTL).
+    fn known_entry(&self, dir: &super::Inode, name: &str) -> Option<Option<DirEntry>> {
+        let key = format!("{}{name}", dir.key);
+        if self.pending.lock().contains_key(&key) {
+            return None;
+        }
+        let known = self.inodes.lock().find(dir.ino, name);
+        if let Some(ino) = known {
+            return self.fresh_file_meta(ino, &key).map(|m| {
+                Some(DirEntry {
+                    kind: Kind::File,
+                    meta: Some(m),
+                })
+            });
+        }
+        if self
+            .negative
+            .lock()
+            .peek(&key)
+            .is_some_and(|at| self.fresh(*at))
+        {
+            return Some(None);
+        }
+        match self.listings.lock().peek(&dir.key) {
+            Some((at, l)) if l.made_here && self.fresh(*at) && !l.entries.contains_key(name) => {
+                Some(None)
+            }
+            _ => None,
+        }
     }
 
     /// Move every key below `src_prefix` to `dst_prefix` (bounded parallelism), then report.

@@ -620,7 +620,7 @@ impl Fs {
         let unlinked = self.mark_pending(&inode.key, inode.ino);
         // A listing under way (lookups after the restart start them) was taken before this
         // file is pending here: it must not answer for the file's directory.
-        self.listings_changed();
+        self.listings_changed(None);
         self.set_local_size(inode.ino, size);
         let st = WriteState {
             ino: inode.ino,

@@ -2403,7 +2403,7 @@ async fn what_a_head_told_survives_listings_of_the_same_version() {
     store.insert("f", "new data");
     let fs_items = {
         let fs2 = &fs;
-        fs2.listings_changed();
+        fs2.listings_changed(None);
         fs2.listings.lock().clear();
         let fh = fs2.opendir(ROOT_INO).await.unwrap();
         let items = fs2.readdir(fh, 0, usize::MAX, true).await.unwrap();
@@ -3321,5 +3321,170 @@ async fn local_files_the_dead_worker_never_journaled_are_removed() {
     assert_eq!(
         store.get_bytes("kept.bin").unwrap().as_ref(),
         b"journaled, then more"
+    );
+}
+
+/// rsync's way of writing each file into a directory it made: look the name up, create a
+/// temporary name, write, close, set times and mode, rename over the name. With the names of
+/// the directory known (it was made here, and every rename keeps its listing exact) and the
+/// temporary file's stored state at hand, that costs the PUT, the two metadata copies and the
+/// rename's copy and delete: no HEAD and no LIST per file.
+#[tokio::test]
+async fn write_then_rename_into_a_directory_made_here_asks_nothing() {
+    let (store, fs) = setup("");
+    let d = fs.mkdir(ROOT_INO, b"d", 0o755, ME).await.unwrap();
+    store.reset_counters();
+    let mtime = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000);
+    for i in 0..10 {
+        let name = format!("f{i}");
+        let tmp = format!(".f{i}.XyZ12");
+        assert_eq!(
+            fs.lookup(d.ino, name.as_bytes()).await.unwrap_err(),
+            Errno::ENOENT
+        );
+        assert_eq!(
+            fs.lookup(d.ino, tmp.as_bytes()).await.unwrap_err(),
+            Errno::ENOENT
+        );
+        let a = write_file(&fs, d.ino, &tmp, format!("body {i}").as_bytes()).await;
+        let times = SetAttr {
+            mtime: Some(mtime),
+            atime: Some(mtime),
+            ..Default::default()
+        };
+        fs.setattr(a.ino, None, times).await.unwrap();
+        let mode = SetAttr {
+            mode: Some(0o640),
+            ..Default::default()
+        };
+        fs.setattr(a.ino, None, mode).await.unwrap();
+        fs.rename(d.ino, tmp.as_bytes(), d.ino, name.as_bytes(), 0)
+            .await
+            .unwrap();
+    }
+    let c = &store.counters;
+    let (lists, heads) = (
+        c.list.load(Ordering::Relaxed),
+        c.head.load(Ordering::Relaxed),
+    );
+    assert_eq!(
+        (lists, heads),
+        (0, 0),
+        "LIST and HEAD requests for 10 files"
+    );
+    assert_eq!(
+        c.put.load(Ordering::Relaxed),
+        40,
+        "PUT, 2 copies, rename copy"
+    );
+    assert_eq!(c.delete.load(Ordering::Relaxed), 10);
+    let mut keys = store.keys();
+    keys.retain(|k| k.starts_with("d/"));
+    assert_eq!(keys.len(), 11, "{keys:?}"); // the marker and f0..f9
+    for i in 0..10 {
+        let key = format!("d/f{i}");
+        assert_eq!(
+            store.get_bytes(&key).unwrap(),
+            format!("body {i}").as_bytes()
+        );
+        let meta = store.head(&key).await.unwrap();
+        assert_eq!(meta.metadata.get("mode").map(String::as_str), Some("33184")); // 0100640
+        assert_eq!(
+            meta.metadata.get("mtime").map(String::as_str),
+            Some("1600000000")
+        );
+        let a = fs.lookup(d.ino, format!("f{i}").as_bytes()).await.unwrap();
+        assert_eq!((a.perm, a.size), (0o640, 6));
+    }
+}
+
+/// A file this mount wrote and another client replaced since: the rename does not move the
+/// version this mount remembers (its copy is conditional on that ETag) but asks, and moves
+/// what the bucket holds.
+#[tokio::test]
+async fn a_rename_moves_what_the_bucket_holds_when_another_client_changed_it() {
+    let (store, fs) = setup("");
+    let d = fs.mkdir(ROOT_INO, b"d", 0o755, ME).await.unwrap();
+    write_file(&fs, d.ino, "a", b"ours").await;
+    store.insert("d/a", "theirs, newer");
+    fs.rename(d.ino, b"a", d.ino, b"b", 0).await.unwrap();
+    assert_eq!(store.get_bytes("d/b").unwrap(), &b"theirs, newer"[..]);
+    assert!(store.get_bytes("d/a").is_none());
+    let b = fs.lookup(d.ino, b"b").await.unwrap();
+    assert_eq!(b.size, 13);
+}
+
+/// A directory this mount made and filled, listed again after the metadata TTL: holding only
+/// the names this mount put there, it still answers for absent names (rsync's next file costs
+/// no request); once another client has put a name there, absent names are asked for.
+#[tokio::test]
+async fn a_directory_made_here_stays_known_after_the_ttl_until_another_client_writes_there() {
+    let store = Arc::new(MockStore::new());
+    let mut cfg = test_config("");
+    cfg.metadata_ttl = std::time::Duration::from_millis(200);
+    let fs = Fs::new(store.clone(), cfg);
+    let d = fs.mkdir(ROOT_INO, b"d", 0o755, ME).await.unwrap();
+    for i in 0..5 {
+        write_file(&fs, d.ino, &format!("f{i}"), b"x").await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    store.reset_counters();
+    // The first lookup after the TTL lists the directory again (and trusts it: it began after
+    // the lookup); the names behind it cost nothing.
+    for i in 5..25 {
+        let name = format!("f{i}");
+        assert_eq!(
+            fs.lookup(d.ino, name.as_bytes()).await.unwrap_err(),
+            Errno::ENOENT
+        );
+    }
+    let c = &store.counters;
+    assert_eq!(c.list.load(Ordering::Relaxed), 1);
+    assert_eq!(c.head.load(Ordering::Relaxed), 0);
+
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    store.insert("d/theirs", "t");
+    store.reset_counters();
+    assert_eq!(fs.lookup(d.ino, b"g0").await.unwrap_err(), Errno::ENOENT);
+    assert_eq!(c.list.load(Ordering::Relaxed), 1, "listed again");
+    fs.lookup(d.ino, b"theirs").await.unwrap();
+    assert_eq!(fs.lookup(d.ino, b"g1").await.unwrap_err(), Errno::ENOENT);
+    assert!(
+        c.head.load(Ordering::Relaxed) >= 1,
+        "a name absent from a directory another client writes to is asked for"
+    );
+}
+
+/// A change this mount makes in one directory does not keep a listing of another directory,
+/// fetched meanwhile, from being cached.
+#[tokio::test]
+async fn a_change_in_one_directory_leaves_listings_of_others_cached() {
+    let (store, fs) = setup("");
+    store.insert("a/x", "1");
+    store.insert("b/y", "2");
+    let a = fs.lookup(ROOT_INO, b"a").await.unwrap();
+    let b = fs.lookup(ROOT_INO, b"b").await.unwrap();
+    store.set_latency(Some(std::time::Duration::from_millis(50)));
+    let listing = {
+        let fs = &fs;
+        async move {
+            // Starts while the mkdir's PUT is under way, ends after it.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let fh = fs.opendir(a.ino).await.unwrap();
+            fs.releasedir(fh);
+        }
+    };
+    let change = async {
+        fs.mkdir(b.ino, b"new", 0o755, ME).await.unwrap();
+    };
+    tokio::join!(listing, change);
+    store.set_latency(None);
+    store.reset_counters();
+    let fh = fs.opendir(a.ino).await.unwrap();
+    fs.releasedir(fh);
+    assert_eq!(
+        store.counters.list.load(Ordering::Relaxed),
+        0,
+        "the listing of a/ was cached"
     );
 }
