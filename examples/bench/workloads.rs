@@ -208,7 +208,7 @@ fn rsync(b: &Bench, tree: &std::path::Path, n: usize, plain_all: Duration) {
             let returned = t.elapsed();
             wait_for_keys(b, "rsync/", n);
             row_times(&label, plain_all, returned);
-            row_times("  the same, durable in the bucket", plain_all, t.elapsed());
+            row_times("  rsync, durable in the bucket", plain_all, t.elapsed());
         }
         Err(e) => return failed_row(&label, &fmt_ms(plain_all), &e),
     }

@@ -12,7 +12,7 @@
 //! held across an await. When two are held at once it is in this order, and only this order:
 //! `open_files` -> `files` -> `inodes` -> `pending`; a directory handle's `items` -> `inodes`
 //! -> `known`'s maps; a read descriptor's reader -> `inodes`; `listings` -> `negative`.
-//! `inflight`, `walked` and `dirs` are taken alone.
+//! `inflight`, `walked`, `storm_below` and `dirs` are taken alone.
 //! An open file's state (a tokio mutex) may be held across awaits and is taken before any of
 //! the maps, never while one is held.
 
@@ -283,6 +283,10 @@ pub struct Fs {
     listing_changes: Arc<ListingChanges>,
     /// Directories whose subtree was listed ahead, and when.
     walked: Mutex<LruCache<String, Instant>>,
+    /// Subdirectories listed ahead below a directory under a storm of lookups (rsync's
+    /// generator, `find -exec stat`): the first lookup in each confirms its names ahead, as the
+    /// storm's own lookup does, since the storm moves on into them.
+    storm_below: Mutex<LruCache<String, Instant>>,
     negative: Mutex<LruCache<String, Instant>>,
     /// Lookups that had to probe, per directory: (start of the window, count). A storm of them
     /// in a directory with no listing (`stat` of many files after a remount) lists it instead.
@@ -809,6 +813,7 @@ impl Fs {
             inflight: Arc::default(),
             listing_changes: Arc::default(),
             walked: Mutex::new(LruCache::new(nz(1024))),
+            storm_below: Mutex::new(LruCache::new(nz(1024))),
             negative: Mutex::new(LruCache::new(nz(16_384))),
             probes: Mutex::new(LruCache::new(nz(1024))),
             files: Mutex::new(HashMap::new()),
@@ -904,15 +909,45 @@ impl Fs {
             Some((at, l)) if self.fresh(*at) => l.clone(),
             _ => return,
         };
+        self.walk_below(parent, &parent_listing);
+    }
+
+    /// List the subdirectories of `dir` ahead (see [`ListingFetch::prefetch_subdirs`]), once
+    /// per TTL; true when this call started it.
+    fn walk_below(&self, dir: &str, listing: &Listing) -> bool {
         {
             let mut walked = self.walked.lock();
-            if walked.get(parent).is_some_and(|at| self.fresh(*at)) {
-                return;
+            if walked.get(dir).is_some_and(|at| self.fresh(*at)) {
+                return false;
             }
-            walked.put(parent.to_string(), Instant::now());
+            walked.put(dir.to_string(), Instant::now());
         }
-        self.listing_fetch()
-            .prefetch_subdirs(parent, &parent_listing);
+        self.listing_fetch().prefetch_subdirs(dir, listing);
+        true
+    }
+
+    /// A storm of lookups made this lookup list `dir`: the storm is walking a tree (rsync's
+    /// generator stats every destination name, directory after directory), so list the
+    /// subdirectories ahead too, and let the first lookup in each confirm its names ahead.
+    fn storm_walks_below(&self, dir: &str, listing: &Listing) {
+        if !self.walk_below(dir, listing) {
+            return;
+        }
+        let now = Instant::now();
+        let mut below = self.storm_below.lock();
+        for (name, e) in listing.entries.iter().take(PREFETCH_SUBDIRS) {
+            if e.kind == Kind::Dir {
+                below.put(format!("{dir}{name}/"), now);
+            }
+        }
+    }
+
+    /// Is this the first lookup in `dir` since a storm above it listed it ahead?
+    fn first_after_storm_above(&self, dir: &str) -> bool {
+        self.storm_below
+            .lock()
+            .pop(dir)
+            .is_some_and(|at| self.fresh(at))
     }
 
     fn listing_fetch(&self) -> ListingFetch {
@@ -1259,6 +1294,9 @@ impl Fs {
         // This lookup started a listing because names of a never-listed directory were being
         // probed one by one.
         let storm = started && stale_len.is_none();
+        if let (true, Some((_, listing))) = (storm, &cached) {
+            self.storm_walks_below(&parent.key, listing);
+        }
         let entry = match cached {
             Some((listed_at, listing))
                 if started || listing.made_here || listing.entries.contains_key(name) =>
@@ -1276,7 +1314,7 @@ impl Fs {
                     // s3fs's old-style directory: one HEAD per object version tells (joining
                     // one readdirplus started), remembered after.
                     Some(e) if self.unconfirmed(&e) => {
-                        if storm {
+                        if storm || self.first_after_storm_above(&parent.key) {
                             // Names probed one after the other (`xargs stat`, a build checking
                             // its files): the names behind this one are confirmed too, 16 at a
                             // time, instead of one HEAD per stat. This name goes first.

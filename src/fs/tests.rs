@@ -3488,3 +3488,51 @@ async fn a_change_in_one_directory_leaves_listings_of_others_cached() {
         "the listing of a/ was cached"
     );
 }
+
+/// rsync's generator on a fresh mount stats every destination name, directory after
+/// directory, without listing any. The storm in the top directory lists it, and lists its
+/// subdirectories ahead, whose names are then confirmed 16 at a time: not a HEAD and a LIST
+/// per name until each directory's own storm is seen.
+#[tokio::test]
+async fn a_storm_of_lookups_walking_a_tree_lists_the_tree_ahead() {
+    let store = Arc::new(MockStore::new());
+    let mut cfg = test_config("");
+    cfg.metadata_ttl = std::time::Duration::from_secs(60);
+    let fs = Fs::new(store.clone(), cfg);
+    let mut meta = UserMetadata::new();
+    meta.insert("mode".into(), "33184".into()); // 0100640
+    meta.insert("mtime".into(), "1600000000".into());
+    for d in 0..20 {
+        for f in 0..10 {
+            store.insert_with(&format!("t/d{d:02}/f{f}"), "x", meta.clone(), None);
+        }
+    }
+    let t = fs.lookup(ROOT_INO, b"t").await.unwrap();
+    store.set_latency(Some(std::time::Duration::from_millis(5)));
+    store.reset_counters();
+    let started = std::time::Instant::now();
+    let mut dirs = Vec::new();
+    for d in 0..20 {
+        dirs.push(
+            fs.lookup(t.ino, format!("d{d:02}").as_bytes())
+                .await
+                .unwrap(),
+        );
+    }
+    for (d, dir) in dirs.iter().enumerate() {
+        for f in 0..10 {
+            let a = fs
+                .lookup(dir.ino, format!("f{f}").as_bytes())
+                .await
+                .unwrap();
+            assert_eq!(a.perm, 0o640, "d{d:02}/f{f}");
+        }
+    }
+    let took = started.elapsed();
+    let lists = store.counters.list.load(Ordering::Relaxed);
+    let heads = store.counters.head.load(Ordering::Relaxed);
+    // 220 lookups: one probe per name would be 220 round trips (1.1 s at 5 ms).
+    assert!(lists <= 30, "{lists} LIST requests");
+    assert!(heads <= 230, "{heads} HEAD requests");
+    assert!(took < std::time::Duration::from_millis(700), "{took:?}");
+}
