@@ -1074,3 +1074,62 @@ fn write_back_bytes_survive_a_killed_daemon_for_recovery() {
         .any(|e| std::fs::read(e.path()).is_ok_and(|b| b == b"only here until uploaded"));
     assert!(kept, "the bytes are in the spool");
 }
+
+/// rsync into a `--write-back` mount: each file is written to a temporary name and renamed
+/// while its upload is still queued, so it is uploaded once, at its name. After the unmount
+/// (which waits for the uploads) the bucket holds every file exactly and no temporary name,
+/// and a checksum rsync from a new mount finds nothing to change (bytes, modes, times).
+#[test]
+fn rsync_into_a_write_back_mount_leaves_no_temporary_names() {
+    let server = garage();
+    let bucket = server.new_bucket();
+    let src = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for d in 0..3 {
+        std::fs::create_dir_all(src.path().join(format!("d{d}"))).unwrap();
+        for f in 0..10 {
+            let rel = format!("d{d}/f{f}");
+            let body = pattern(100 + 997 * f, (d * 10 + f) as u64);
+            std::fs::write(src.path().join(&rel), &body).unwrap();
+            files.push((rel, body));
+        }
+    }
+    let out = sh(&format!(
+        "chmod 640 '{0}'/d1/* && touch -d @1500000000 '{0}'/d2/*",
+        src.path().display()
+    ));
+    assert!(out.status.success(), "{out:?}");
+    {
+        let m = Mount::new(server, &bucket, &["--write-back"]);
+        let out = sh(&format!(
+            "rsync -a '{}/' '{}/r/'",
+            src.path().display(),
+            m.path().display()
+        ));
+        assert!(out.status.success(), "{out:?}");
+        m.unmount();
+    }
+    let keys = server.keys(&bucket);
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.rsplit('/').next().unwrap_or("").starts_with('.')),
+        "a temporary name reached the bucket: {keys:?}"
+    );
+    for (rel, body) in &files {
+        assert_eq!(
+            server.get(&bucket, &format!("r/{rel}")).as_deref(),
+            Some(&body[..]),
+            "{rel}"
+        );
+    }
+    let m = Mount::new(server, &bucket, &[]);
+    let out = sh(&format!(
+        "rsync -a -c -i '{}/' '{}/r/'",
+        src.path().display(),
+        m.path().display()
+    ));
+    assert!(out.status.success(), "{out:?}");
+    let changes = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(changes.trim().is_empty(), "rsync -c changes: {changes}");
+}

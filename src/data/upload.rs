@@ -330,6 +330,31 @@ impl StreamUpload {
         self.upload_id.is_some()
     }
 
+    /// Make the object go to `key` instead (the file was renamed before any of it was sent):
+    /// true when nothing has gone to the store under the old key (no multipart upload, no part,
+    /// no committed prefix), else false and nothing changes. The local copy's `.info` names
+    /// the new key.
+    pub fn retarget(&mut self, key: &str, content_type: Option<String>) -> bool {
+        if self.upload_id.is_some()
+            || self.prefix.is_some()
+            || self.prefix_source.is_some()
+            || self.failed.is_some()
+            || !self.inflight.is_empty()
+            || !self.done.is_empty()
+        {
+            return false;
+        }
+        self.key = key.to_string();
+        self.opts.content_type = content_type;
+        if let Some(spool) = &self.spool {
+            let text = format!("key: {key}\nkind: bytes of a streamed upload, from offset 0\n");
+            if let Err(e) = std::fs::write(super::staging::sidecar(&spool.path), text) {
+                tracing::warn!(key, path = %spool.path.display(), "cannot name the new key beside the local copy: {e}");
+            }
+        }
+        true
+    }
+
     /// Metadata for the object, as long as the upload has not started on the server.
     pub fn set_metadata(&mut self, metadata: crate::store::UserMetadata) {
         self.opts.metadata = metadata;

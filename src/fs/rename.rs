@@ -143,6 +143,21 @@ impl Fs {
             for k in stale {
                 listings.pop(&k);
             }
+        } else if target.is_none()
+            && match src_ino {
+                Some(ino) => self.retarget_unuploaded(ino, &src_key, &dst_key).await,
+                None => false,
+            }
+        {
+            // Nothing was in the bucket under the old name: the upload goes to the new one.
+            tracing::debug!(from = %src_key, to = %dst_key, "renamed before its upload: the upload moves");
+            if let Some(ino) = src_ino {
+                if let Some(i) = self.inodes.lock().get_mut(ino) {
+                    i.key = dst_key.clone();
+                    i.attr.ctime = std::time::SystemTime::now();
+                }
+            }
+            moved_meta = Some(None);
         } else {
             let writer = match src_ino {
                 Some(ino) => self.settle_writer(ino).await?,
@@ -172,7 +187,7 @@ impl Fs {
             moved_meta = known.cloned().map(|mut m| {
                 m.key = dst_key.clone();
                 m.etag = etag.clone();
-                m
+                Some(m)
             });
             if let Some(h) = writer {
                 self.retarget_writer(&h, &dst_key, etag.clone()).await;
@@ -209,11 +224,12 @@ impl Fs {
             self.note_entry(&to_dir.key, newname, Some(moved));
         } else if let Some(meta) = moved_meta {
             // Known exactly too: a directory being filled by write-then-rename (rsync, editors)
-            // keeps a listing that answers the next names without a request.
+            // keeps a listing that answers the next names without a request. (A file whose
+            // upload moved has no object yet: its entry comes from the pending upload.)
             self.note_entry(&from_dir.key, name, None);
             let moved = DirEntry {
                 kind: Kind::File,
-                meta: Some(meta),
+                meta,
             };
             self.note_entry(&to_dir.key, newname, Some(moved));
         } else {

@@ -3536,3 +3536,82 @@ async fn a_storm_of_lookups_walking_a_tree_lists_the_tree_ahead() {
     assert!(heads <= 230, "{heads} HEAD requests");
     assert!(took < std::time::Duration::from_millis(700), "{took:?}");
 }
+
+/// `--write-back` and rsync's temporary names: a file renamed while its upload is queued (or
+/// while it is still being written) is uploaded once, to its new name: no copy, no delete,
+/// never an object under the temporary name. Its times and mode set before the rename go with
+/// it; its `.info` names the new key.
+#[tokio::test]
+async fn write_back_renamed_before_its_upload_is_uploaded_once_to_the_new_name() {
+    let store = Arc::new(MockStore::new());
+    let mut cfg = test_config("");
+    cfg.write_back = true;
+    let fs = Arc::new(Fs::new(store.clone(), cfg));
+    fs.attach();
+    let d = fs.mkdir(ROOT_INO, b"d", 0o755, ME).await.unwrap();
+    store.reset_counters();
+    let mtime = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000);
+    for i in 0..10 {
+        let tmp = format!(".f{i}.XyZ12");
+        let a = write_file(&fs, d.ino, &tmp, format!("body {i}").as_bytes()).await;
+        let set = SetAttr {
+            mtime: Some(mtime),
+            mode: Some(0o640),
+            ..Default::default()
+        };
+        fs.setattr(a.ino, None, set).await.unwrap();
+        fs.rename(d.ino, tmp.as_bytes(), d.ino, format!("f{i}").as_bytes(), 0)
+            .await
+            .unwrap();
+        // Seen at its new name at once, gone from the old one.
+        let b = fs.lookup(d.ino, format!("f{i}").as_bytes()).await.unwrap();
+        assert_eq!((b.ino, b.size, b.perm), (a.ino, 6, 0o640));
+        assert_eq!(
+            fs.lookup(d.ino, tmp.as_bytes()).await.unwrap_err(),
+            Errno::ENOENT
+        );
+    }
+    // A file still open for writing, renamed, then written on: one upload, at the new name.
+    let (_, fh) = fs
+        .create(d.ino, b".open.tmp", 0o644, libc::O_WRONLY, ME)
+        .await
+        .unwrap();
+    fs.write(fh, 0, b"first ").await.unwrap();
+    fs.rename(d.ino, b".open.tmp", d.ino, b"open", 0)
+        .await
+        .unwrap();
+    fs.write(fh, 6, b"second").await.unwrap();
+    fs.flush(fh).await.unwrap();
+    fs.release(fh).await.unwrap();
+    // What waits on local disk is described by the new names (a crash reports those).
+    for e in std::fs::read_dir(fs.cfg.staging_dir.join("spool"))
+        .unwrap()
+        .flatten()
+    {
+        if e.path().extension().is_some_and(|x| x == "info") {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            assert!(!text.contains(".tmp") && !text.contains("XyZ12"), "{text}");
+        }
+    }
+    fs.drain_write_back().await;
+    let c = &store.counters;
+    assert_eq!(c.put.load(Ordering::Relaxed), 11, "one PUT a file, no copy");
+    assert_eq!(c.delete.load(Ordering::Relaxed), 0);
+    let mut keys = store.keys();
+    keys.retain(|k| k.starts_with("d/"));
+    assert_eq!(keys.len(), 12, "{keys:?}"); // the marker, f0..f9, open
+    for i in 0..10 {
+        let key = format!("d/f{i}");
+        assert_eq!(
+            store.get_bytes(&key).unwrap(),
+            format!("body {i}").as_bytes()
+        );
+        let meta = store.head(&key).await.unwrap();
+        assert_eq!(meta.metadata.get("mode").map(String::as_str), Some("33184")); // 0100640
+        assert_eq!(
+            meta.metadata.get("mtime").map(String::as_str),
+            Some("1600000000")
+        );
+    }
+    assert_eq!(store.get_bytes("d/open").unwrap(), &b"first second"[..]);
+}

@@ -1025,6 +1025,37 @@ impl Fs {
         Ok(Some(file))
     }
 
+    /// `--write-back`: a file renamed before any of it was uploaded (queued after close, or
+    /// still being written; never committed) moves where its upload will go, instead of being
+    /// uploaded, copied and deleted (rsync writes every file to a temporary name first). Only
+    /// a new file (its commit is If-None-Match, kept for the new key) of a stream that has
+    /// sent nothing. True when moved.
+    pub(super) async fn retarget_unuploaded(&self, ino: u64, src_key: &str, dst_key: &str) -> bool {
+        if !self.cfg.write_back {
+            return false;
+        }
+        let Some(file) = self.writer_of(ino) else {
+            return false;
+        };
+        let content_type = self.content_type_of(dst_key);
+        let mut st = file.state.lock().await;
+        if st.key != src_key || st.expect != PutCondition::IfNoneMatch {
+            return false;
+        }
+        let Body::Streaming(upload) = &mut st.body else {
+            return false;
+        };
+        if !upload.retarget(dst_key, content_type) {
+            return false;
+        }
+        st.key = dst_key.to_string();
+        let mut pending = self.pending.lock();
+        if let Some(p) = pending.remove(src_key) {
+            pending.insert(dst_key.to_string(), p);
+        }
+        true
+    }
+
     /// After the rename: later writes through the handle continue the object at its new key.
     pub(super) async fn retarget_writer(
         &self,
