@@ -33,6 +33,15 @@ fn setup(prefix: &str) -> (Arc<MockStore>, Fs) {
     (store, fs)
 }
 
+/// [`setup`] of a whole bucket with `--metadata-ttl` set to `ttl`.
+fn setup_with_ttl(ttl: std::time::Duration) -> (Arc<MockStore>, Fs) {
+    let store = Arc::new(MockStore::new());
+    let mut cfg = test_config("");
+    cfg.metadata_ttl = ttl;
+    let fs = Fs::new(store.clone(), cfg);
+    (store, fs)
+}
+
 async fn list_names(fs: &Fs, ino: u64) -> Vec<(String, Kind)> {
     let fh = fs.opendir(ino).await.unwrap();
     let items = fs.readdir(fh, 0, usize::MAX, true).await.unwrap();
@@ -2568,10 +2577,7 @@ async fn a_sample_before_the_first_reply_lets_plain_entries_go_out_trusted() {
 /// a name gone from the bucket is gone.
 #[tokio::test]
 async fn lookups_after_the_ttl_share_one_listing_of_the_directory() {
-    let store = Arc::new(MockStore::new());
-    let mut cfg = test_config("");
-    cfg.metadata_ttl = std::time::Duration::from_millis(200);
-    let fs = Fs::new(store.clone(), cfg);
+    let (store, fs) = setup_with_ttl(std::time::Duration::from_millis(200));
     let mut meta = UserMetadata::new();
     meta.insert("mode".into(), "33188".into()); // 0100644
     for i in 0..1000 {
@@ -2627,10 +2633,7 @@ async fn lookups_after_the_ttl_share_one_listing_of_the_directory() {
 /// A directory this mount made knows its names: new names cost no request.
 #[tokio::test]
 async fn a_name_put_by_another_client_after_a_listing_is_found_at_once() {
-    let store = Arc::new(MockStore::new());
-    let mut cfg = test_config("");
-    cfg.metadata_ttl = std::time::Duration::from_secs(60);
-    let fs = Fs::new(store.clone(), cfg);
+    let (store, fs) = setup_with_ttl(std::time::Duration::from_secs(60));
     store.insert("d/a.txt", "a");
     let dir = fs.lookup(ROOT_INO, b"d").await.unwrap();
     assert_eq!(list_names(&fs, dir.ino).await.len(), 3);
@@ -2658,10 +2661,7 @@ async fn a_name_put_by_another_client_after_a_listing_is_found_at_once() {
 /// are probed, then the directory is listed once and the rest answered from the listing.
 #[tokio::test]
 async fn a_storm_of_lookups_in_an_unlisted_directory_lists_it_once() {
-    let store = Arc::new(MockStore::new());
-    let mut cfg = test_config("");
-    cfg.metadata_ttl = std::time::Duration::from_secs(60);
-    let fs = Fs::new(store.clone(), cfg);
+    let (store, fs) = setup_with_ttl(std::time::Duration::from_secs(60));
     for i in 0..1000 {
         store.insert(&format!("src/f{i:04}.c"), "int x;");
     }
@@ -2689,10 +2689,7 @@ async fn a_storm_of_lookups_in_an_unlisted_directory_lists_it_once() {
 /// behind are confirmed 16 at a time, so `xargs stat` does not pay one round trip per file.
 #[tokio::test]
 async fn a_storm_of_lookups_confirms_the_names_behind_it_in_parallel() {
-    let store = Arc::new(MockStore::new());
-    let mut cfg = test_config("");
-    cfg.metadata_ttl = std::time::Duration::from_secs(60);
-    let fs = Fs::new(store.clone(), cfg);
+    let (store, fs) = setup_with_ttl(std::time::Duration::from_secs(60));
     const N: usize = 200;
     for i in 0..N {
         let mut meta = UserMetadata::new();
@@ -3419,10 +3416,7 @@ async fn a_rename_moves_what_the_bucket_holds_when_another_client_changed_it() {
 /// no request); once another client has put a name there, absent names are asked for.
 #[tokio::test]
 async fn a_directory_made_here_stays_known_after_the_ttl_until_another_client_writes_there() {
-    let store = Arc::new(MockStore::new());
-    let mut cfg = test_config("");
-    cfg.metadata_ttl = std::time::Duration::from_millis(200);
-    let fs = Fs::new(store.clone(), cfg);
+    let (store, fs) = setup_with_ttl(std::time::Duration::from_millis(200));
     let d = fs.mkdir(ROOT_INO, b"d", 0o755, ME).await.unwrap();
     for i in 0..5 {
         write_file(&fs, d.ino, &format!("f{i}"), b"x").await;
@@ -3495,10 +3489,7 @@ async fn a_change_in_one_directory_leaves_listings_of_others_cached() {
 /// per name until each directory's own storm is seen.
 #[tokio::test]
 async fn a_storm_of_lookups_walking_a_tree_lists_the_tree_ahead() {
-    let store = Arc::new(MockStore::new());
-    let mut cfg = test_config("");
-    cfg.metadata_ttl = std::time::Duration::from_secs(60);
-    let fs = Fs::new(store.clone(), cfg);
+    let (store, fs) = setup_with_ttl(std::time::Duration::from_secs(60));
     let mut meta = UserMetadata::new();
     meta.insert("mode".into(), "33184".into()); // 0100640
     meta.insert("mtime".into(), "1600000000".into());
