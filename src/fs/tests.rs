@@ -3375,9 +3375,19 @@ async fn write_then_rename_into_a_directory_made_here_asks_nothing() {
         "PUT, 2 copies, rename copy"
     );
     assert_eq!(c.delete.load(Ordering::Relaxed), 10);
-    let mut keys = store.keys();
-    keys.retain(|k| k.starts_with("d/"));
-    assert_eq!(keys.len(), 11, "{keys:?}"); // the marker and f0..f9
+    assert_renamed_bodies(&store, 11).await; // the marker and f0..f9
+    for i in 0..10 {
+        let a = fs.lookup(d.ino, format!("f{i}").as_bytes()).await.unwrap();
+        assert_eq!((a.perm, a.size), (0o640, 6));
+    }
+}
+
+/// The bucket holds `keys` keys under d/, and d/f0..d/f9 hold "body N" with mode 0640 and
+/// mtime 1600000000 (the rsync-like tests' files).
+async fn assert_renamed_bodies(store: &MockStore, keys: usize) {
+    let mut all = store.keys();
+    all.retain(|k| k.starts_with("d/"));
+    assert_eq!(all.len(), keys, "{all:?}");
     for i in 0..10 {
         let key = format!("d/f{i}");
         assert_eq!(
@@ -3390,8 +3400,6 @@ async fn write_then_rename_into_a_directory_made_here_asks_nothing() {
             meta.metadata.get("mtime").map(String::as_str),
             Some("1600000000")
         );
-        let a = fs.lookup(d.ino, format!("f{i}").as_bytes()).await.unwrap();
-        assert_eq!((a.perm, a.size), (0o640, 6));
     }
 }
 
@@ -3588,21 +3596,6 @@ async fn write_back_renamed_before_its_upload_is_uploaded_once_to_the_new_name()
     let c = &store.counters;
     assert_eq!(c.put.load(Ordering::Relaxed), 11, "one PUT a file, no copy");
     assert_eq!(c.delete.load(Ordering::Relaxed), 0);
-    let mut keys = store.keys();
-    keys.retain(|k| k.starts_with("d/"));
-    assert_eq!(keys.len(), 12, "{keys:?}"); // the marker, f0..f9, open
-    for i in 0..10 {
-        let key = format!("d/f{i}");
-        assert_eq!(
-            store.get_bytes(&key).unwrap(),
-            format!("body {i}").as_bytes()
-        );
-        let meta = store.head(&key).await.unwrap();
-        assert_eq!(meta.metadata.get("mode").map(String::as_str), Some("33184")); // 0100640
-        assert_eq!(
-            meta.metadata.get("mtime").map(String::as_str),
-            Some("1600000000")
-        );
-    }
+    assert_renamed_bodies(&store, 12).await; // the marker, f0..f9, open
     assert_eq!(store.get_bytes("d/open").unwrap(), &b"first second"[..]);
 }
