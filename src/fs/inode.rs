@@ -212,12 +212,15 @@ impl InodeTable {
             self.by_name.remove(&(parent, name.to_string()));
         }
         self.by_name.insert((newparent, newname.to_string()), ino);
+        let mut key = String::new();
         if let Some(i) = self.inodes.get_mut(&ino) {
             i.parent = newparent;
             i.name = newname.to_string();
+            key.clone_from(&i.key);
         }
         if let Some(j) = &self.journal {
-            j.moved(ino, newparent, newname);
+            // The caller set the new key before (a file's in rename, a directory's by rekey).
+            j.moved(ino, newparent, newname, &key);
         }
     }
 

@@ -8,7 +8,8 @@
 //! takes the mount with it anyway), and a restarted worker replays it.
 //!
 //! One record per line, fields separated by tabs, names and keys escaped (`\t`, `\n`, `\\`):
-//! `N ino parent kind name key` (a new inode), `M ino parent name` (renamed), `K old new`
+//! `N ino parent kind name key` (a new inode), `M ino parent name key` (renamed; `key` absent
+//! in records of older workers), `K old new`
 //! (keys under a renamed directory), `X parent name` (the name no longer leads to its inode),
 //! `D ino` (the kernel forgot it), `O fh ino r|w|d [REQ]` (a file opened for reading, for
 //! writing, a directory opened; REQ the kernel's request id of the open, when known), `P fh
@@ -153,8 +154,12 @@ impl Journal {
         ));
     }
 
-    pub fn moved(&self, ino: u64, parent: u64, name: &str) {
-        self.append(format!("M\t{ino}\t{parent}\t{}\n", escape(name)));
+    pub fn moved(&self, ino: u64, parent: u64, name: &str, key: &str) {
+        self.append(format!(
+            "M\t{ino}\t{parent}\t{}\t{}\n",
+            escape(name),
+            escape(key)
+        ));
     }
 
     pub fn rekeyed(&self, old_prefix: &str, new_prefix: &str) {
@@ -321,7 +326,9 @@ impl Journal {
                     r.next_ino = r.next_ino.max(ino + 1);
                     r.inodes.insert(ino, n);
                 }
-                (Some("M"), 4) => {
+                // The key came with it later: records of an older worker have none (their
+                // file keeps the key it was made with, directories are rekeyed by `K`).
+                (Some("M"), 4 | 5) => {
                     let (Some(ino), Some(parent)) = (num(1), num(2)) else {
                         continue;
                     };
@@ -333,6 +340,9 @@ impl Journal {
                         }
                         n.parent = parent;
                         n.name = name.clone();
+                        if let Some(key) = f.get(4) {
+                            n.key = unescape(key);
+                        }
                     }
                     r.names.insert((parent, name), ino);
                 }
@@ -602,6 +612,28 @@ mod tests {
         assert_eq!(r.next_ino, 300_001);
     }
 
+    /// A renamed file comes back with its new key (rsync's temporary name renamed, then the
+    /// worker died); a record of an older worker, without the key, keeps the old one.
+    #[test]
+    fn a_renamed_file_is_replayed_with_its_new_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inodes.journal");
+        let j = Journal::create(&path).unwrap();
+        j.new_inode(&named(2, 1, Kind::File, ".x.tmp", "d/.x.tmp"));
+        j.moved(2, 1, "x", "d/x");
+        j.new_inode(&named(3, 1, Kind::File, "old", "d/old"));
+        drop(j);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b"M\t3\t1\tnew\n").unwrap();
+        drop(f);
+        let r = Journal::replay(&path).unwrap();
+        assert_eq!(r.inodes[&2], named(2, 1, Kind::File, "x", "d/x"));
+        assert_eq!(r.inodes[&3], named(3, 1, Kind::File, "new", "d/old"));
+    }
+
     #[test]
     fn a_replay_gives_back_what_was_journaled() {
         let dir = tempfile::tempdir().unwrap();
@@ -612,7 +644,7 @@ mod tests {
         j.new_inode(&named(4, 1, Kind::Symlink, "link", "link"));
         j.new_inode(&named(5, 1, Kind::Special(0o010000), "fifo", "fifo"));
         j.new_inode(&named(6, 1, Kind::File, "gone", "gone"));
-        j.moved(2, 1, "lib");
+        j.moved(2, 1, "lib", "lib/");
         j.rekeyed("src/", "lib/");
         j.dropped(6);
         j.unnamed(1, "link");

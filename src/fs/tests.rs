@@ -3599,3 +3599,39 @@ async fn write_back_renamed_before_its_upload_is_uploaded_once_to_the_new_name()
     assert_renamed_bodies(&store, 12).await; // the marker, f0..f9, open
     assert_eq!(store.get_bytes("d/open").unwrap(), &b"first second"[..]);
 }
+
+/// `--supervise` with `--write-back`: a new file renamed while still open (its upload moved to
+/// the new name, nothing sent) goes on in a restarted worker under the new name: one object,
+/// at the new name, byte-exact.
+#[tokio::test]
+async fn a_restarted_worker_goes_on_with_a_file_whose_upload_moved_by_a_rename() {
+    let store = Arc::new(MockStore::new());
+    let state = tempfile::tempdir().unwrap();
+    let path = state.path().join("inodes");
+    let mut cfg = test_config("");
+    cfg.write_back = true;
+    let old = Arc::new(worker(&store, cfg.clone(), &path, 0));
+    old.attach();
+    let fh = new_file(&old, ".t.tmp").await;
+    old.write(fh, 0, b"first ").await.unwrap();
+    let ino = old.lookup(ROOT_INO, b".t.tmp").await.unwrap().ino;
+    old.rename(ROOT_INO, b".t.tmp", ROOT_INO, b"t", 0)
+        .await
+        .unwrap();
+    std::mem::forget(old);
+
+    let new = Arc::new(worker(&store, cfg, &path, 1));
+    new.attach();
+    new.adopt_writer(ino, fh).await.unwrap();
+    new.write(fh, 6, b"second").await.unwrap();
+    new.flush(fh).await.unwrap();
+    new.release(fh).await.unwrap();
+    new.drain_write_back().await;
+    assert_eq!(
+        store.get_bytes("t").as_deref(),
+        Some(&b"first second"[..]),
+        "{:?}",
+        store.keys()
+    );
+    assert_eq!(store.keys(), vec!["t".to_string()]);
+}
