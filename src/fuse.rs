@@ -75,17 +75,24 @@ fn request_of(req: &Request<'_>) -> (u64, bool) {
 /// Carry out `op`, which serves the kernel's request `req` (from [`request_of`]) and changes
 /// names or attributes, once: a resend of a request the dead worker had carried out gets
 /// `if_done` instead (the entry looked up, or nothing), and a request carried out is journaled
-/// as done before its answer goes out.
+/// as done before its answer goes out. A resend that fails with `done_errno` (EEXIST for a
+/// mkdir, ENOENT for an unlink: what carrying it out twice gives) was carried out by the dead
+/// worker after all, between its last request to the store and its journal record: it gets
+/// `if_done` too (0: no such errno).
 async fn once<T>(
     fs: &Fs,
     (id, resent): (u64, bool),
+    done_errno: i32,
     op: impl std::future::Future<Output = crate::fs::FsResult<T>>,
     if_done: impl std::future::Future<Output = crate::fs::FsResult<T>>,
 ) -> crate::fs::FsResult<T> {
     if resent && fs.was_done(id) {
         return if_done.await;
     }
-    let result = op.await;
+    let result = match op.await {
+        Err(Errno(e)) if resent && done_errno != 0 && e == done_errno => if_done.await,
+        result => result,
+    };
     if result.is_ok() {
         fs.request_done(id);
     }
@@ -352,6 +359,7 @@ impl Filesystem for FuseAdapter {
             match once(
                 &fs,
                 req,
+                libc::EEXIST,
                 fs.mknod(parent, &name, mode, rdev, caller),
                 fs.lookup(parent, &name),
             )
@@ -384,6 +392,7 @@ impl Filesystem for FuseAdapter {
             match once(
                 &fs,
                 req,
+                libc::EEXIST,
                 fs.mkdir(parent, &name, mode & !umask, caller),
                 fs.lookup(parent, &name),
             )
@@ -401,7 +410,11 @@ impl Filesystem for FuseAdapter {
         let name = name.as_bytes().to_vec();
         let req = request_of(req);
         self.run(async move {
-            match once(&fs, req, fs.unlink(parent, &name), async { Ok(()) }).await {
+            match once(&fs, req, libc::ENOENT, fs.unlink(parent, &name), async {
+                Ok(())
+            })
+            .await
+            {
                 Ok(()) => reply.ok(),
                 Err(Errno(e)) => fail!(t, reply, e),
             }
@@ -414,7 +427,11 @@ impl Filesystem for FuseAdapter {
         let name = name.as_bytes().to_vec();
         let req = request_of(req);
         self.run(async move {
-            match once(&fs, req, fs.rmdir(parent, &name), async { Ok(()) }).await {
+            match once(&fs, req, libc::ENOENT, fs.rmdir(parent, &name), async {
+                Ok(())
+            })
+            .await
+            {
                 Ok(()) => reply.ok(),
                 Err(Errno(e)) => fail!(t, reply, e),
             }
@@ -444,6 +461,7 @@ impl Filesystem for FuseAdapter {
             match once(
                 &fs,
                 req,
+                libc::EEXIST,
                 fs.symlink(parent, &name, &target, caller),
                 fs.lookup(parent, &name),
             )
@@ -470,14 +488,19 @@ impl Filesystem for FuseAdapter {
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
         let req = request_of(req);
         self.rt.spawn(async move {
-            match once(
-                &fs,
-                req,
-                fs.rename(parent, &name, newparent, &newname, flags),
-                async { Ok(()) },
-            )
-            .await
-            {
+            let (_, resent) = req;
+            let op = async {
+                match fs.rename(parent, &name, newparent, &newname, flags).await {
+                    // Its source gone: carried out by the worker that died, if the
+                    // destination is there.
+                    Err(Errno(libc::ENOENT)) if resent => {
+                        fs.finish_resent_rename(parent, &name, newparent, &newname)
+                            .await
+                    }
+                    result => result,
+                }
+            };
+            match once(&fs, req, 0, op, async { Ok(()) }).await {
                 Ok(()) => reply.ok(),
                 Err(Errno(e)) => fail!(t, reply, e),
             }
@@ -797,6 +820,7 @@ impl Filesystem for FuseAdapter {
             match once(
                 &fs,
                 req,
+                0,
                 fs.set_or_remove_xattr(ino, &name, Some(&value), flags),
                 async { Ok(()) },
             )
@@ -820,6 +844,7 @@ impl Filesystem for FuseAdapter {
             match once(
                 &fs,
                 req,
+                libc::ENODATA,
                 fs.set_or_remove_xattr(ino, &name, None, 0),
                 async { Ok(()) },
             )

@@ -564,6 +564,47 @@ fn cp_into_the_mount_survives_worker_deaths() {
     assert_no_local_copies_left(staging.path());
 }
 
+/// `rsync -a` into the mount while the worker is killed: every file is written to a temporary
+/// name and renamed, so deaths land between writes, closes, attribute changes and renames.
+/// rsync exits 0, the tree arrives exact with its modes, no temporary name is left in the
+/// bucket, and nothing is left in the state directory.
+#[test]
+fn rsync_into_the_mount_survives_worker_deaths() {
+    let s = server();
+    let bucket = s.new_bucket();
+    let staging = tempfile::tempdir().unwrap();
+    let m = killable_mount(s, &bucket, staging.path());
+    let src = tempfile::tempdir().unwrap();
+    let tree = src.path().join("tree");
+    for d in 0..3u64 {
+        let dir = tree.join(format!("d{d}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..size(100, 700) as u64 {
+            let p = dir.join(format!("f{i}"));
+            std::fs::write(&p, pattern(50 + i as usize * 31, d * 1000 + i)).unwrap();
+            let mode = if i % 2 == 0 { 0o640 } else { 0o600 };
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                .unwrap();
+        }
+    }
+    let cmd = format!("rsync -a {}/ {}/", tree.display(), m.join("r").display());
+    run_while_killing_workers(&m, &cmd);
+    assert_same_tree(&tree, &m.join("r"));
+    let mode = std::fs::metadata(m.join("r/d1/f5")).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let keys = s.keys(&bucket);
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.rsplit('/').next().unwrap_or("").starts_with('.')),
+        "a temporary name is left in the bucket: {keys:?}"
+    );
+    assert_no_local_copies_left(staging.path());
+}
+
 /// `tar xpf` of a tree of 600 files (modes restored) into the mount, the worker killed three
 /// times meanwhile: tar exits 0 (its chmod, chown and utime of the file being written at each
 /// death find it) and the mount holds exactly the tree, modes included.

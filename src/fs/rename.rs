@@ -243,6 +243,43 @@ impl Fs {
         Ok(())
     }
 
+    /// A rename the kernel sent again after a worker death, which failed because its source is
+    /// gone: if the destination is there, the dead worker carried it out (its copy and delete
+    /// reached the store before it could answer), so it is done, and the names this mount keeps
+    /// follow. Otherwise ENOENT, as for any rename of a missing name.
+    pub async fn finish_resent_rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+    ) -> FsResult<()> {
+        let from_dir = self.dir_inode(parent)?;
+        let to_dir = self.dir_inode(newparent)?;
+        let name = std::str::from_utf8(name).map_err(|_| Errno::ENOENT)?;
+        let newname = Self::check_new_name(newname)?;
+        let (dst_key, entry) = self.resolve(&to_dir, newname).await?;
+        let src_key = format!("{}{name}", from_dir.key);
+        tracing::info!(from = %src_key, to = %dst_key, "a resent rename was carried out by the worker that died");
+        {
+            let mut table = self.inodes.lock();
+            if let Some(ino) = table.find(from_dir.ino, name) {
+                if entry.kind == Kind::Dir {
+                    table.rekey(&format!("{src_key}/"), &format!("{dst_key}/"));
+                } else if let Some(i) = table.get_mut(ino) {
+                    i.key = dst_key.clone();
+                    i.meta = entry.meta.clone();
+                    i.fetched = Instant::now();
+                }
+                table.remove_name(to_dir.ino, newname);
+                table.rename_entry(ino, from_dir.ino, name, to_dir.ino, newname);
+            }
+        }
+        self.invalidate(&from_dir.key, &src_key);
+        self.invalidate(&to_dir.key, &dst_key);
+        Ok(())
+    }
+
     /// The stored state of the file `ino` at `key` as this mount last wrote or read it, with
     /// its metadata and ETag, within the metadata TTL.
     fn fresh_file_meta(&self, ino: u64, key: &str) -> Option<ObjectMeta> {
