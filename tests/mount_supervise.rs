@@ -83,6 +83,33 @@ fn killable_mount(s: &S3Server, bucket: &str, staging: &Path) -> Mount {
     )
 }
 
+/// Three directories of `per_dir` files each at `root`, of lengths growing by `stride`, modes
+/// 0640 and 0600 in turn (for the kill tests of tar and rsync, which restore them).
+fn tree_with_modes(root: &Path, per_dir: usize, stride: usize) {
+    for d in 0..3u64 {
+        let dir = root.join(format!("d{d}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..per_dir as u64 {
+            let p = dir.join(format!("f{i}"));
+            std::fs::write(&p, pattern(50 + i as usize * stride, d * 1000 + i)).unwrap();
+            let mode = if i % 2 == 0 { 0o640 } else { 0o600 };
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                .unwrap();
+        }
+    }
+}
+
+/// The permission bits of `path` are `mode`.
+fn assert_mode(path: &Path, mode: u32) {
+    let perms = std::fs::metadata(path).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&perms) & 0o777,
+        mode,
+        "{}",
+        path.display()
+    );
+}
+
 /// `diff -r a b` finds nothing.
 fn assert_same_tree(a: &Path, b: &Path) {
     let diff = sh(&format!("diff -r {} {}", a.display(), b.display()));
@@ -576,32 +603,12 @@ fn rsync_into_the_mount_survives_worker_deaths() {
     let m = killable_mount(s, &bucket, staging.path());
     let src = tempfile::tempdir().unwrap();
     let tree = src.path().join("tree");
-    for d in 0..3u64 {
-        let dir = tree.join(format!("d{d}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        for i in 0..size(100, 700) as u64 {
-            let p = dir.join(format!("f{i}"));
-            std::fs::write(&p, pattern(50 + i as usize * 31, d * 1000 + i)).unwrap();
-            let mode = if i % 2 == 0 { 0o640 } else { 0o600 };
-            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode))
-                .unwrap();
-        }
-    }
+    tree_with_modes(&tree, size(100, 700), 31);
     let cmd = format!("rsync -a {}/ {}/", tree.display(), m.join("r").display());
     run_while_killing_workers(&m, &cmd);
     assert_same_tree(&tree, &m.join("r"));
-    let mode = std::fs::metadata(m.join("r/d1/f5")).unwrap().permissions();
-    assert_eq!(
-        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
-        0o600
-    );
-    let keys = s.keys(&bucket);
-    assert!(
-        !keys
-            .iter()
-            .any(|k| k.rsplit('/').next().unwrap_or("").starts_with('.')),
-        "a temporary name is left in the bucket: {keys:?}"
-    );
+    assert_mode(&m.join("r/d1/f5"), 0o600);
+    assert_no_temporary_names(&s.keys(&bucket));
     assert_no_local_copies_left(staging.path());
 }
 
@@ -616,17 +623,7 @@ fn tar_into_the_mount_survives_worker_deaths() {
     let m = killable_mount(s, &bucket, staging.path());
     let src = tempfile::tempdir().unwrap();
     let tree = src.path().join("tree");
-    for d in 0..3u64 {
-        let dir = tree.join(format!("d{d}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        for i in 0..size(200, 700) as u64 {
-            let p = dir.join(format!("f{i}"));
-            std::fs::write(&p, pattern(50 + i as usize * 29, d * 1000 + i)).unwrap();
-            let mode = if i % 2 == 0 { 0o640 } else { 0o600 };
-            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode))
-                .unwrap();
-        }
-    }
+    tree_with_modes(&tree, size(200, 700), 29);
     let tarball = src.path().join("tree.tar");
     assert!(sh(&format!(
         "tar cf {} -C {} .",
@@ -643,12 +640,6 @@ fn tar_into_the_mount_survives_worker_deaths() {
     );
     run_while_killing_workers(&m, &cmd);
     assert_same_tree(&tree, &m.join("untar"));
-    let mode = std::fs::metadata(m.join("untar/d2/f7"))
-        .unwrap()
-        .permissions();
-    assert_eq!(
-        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
-        0o600
-    );
+    assert_mode(&m.join("untar/d2/f7"), 0o600);
     assert_no_local_copies_left(staging.path());
 }

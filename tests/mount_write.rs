@@ -1103,13 +1103,7 @@ fn rsync_into_a_write_back_mount_leaves_no_temporary_names() {
         assert!(out.status.success(), "{out:?}");
         m.unmount();
     }
-    let keys = server.keys(&bucket);
-    assert!(
-        !keys
-            .iter()
-            .any(|k| k.rsplit('/').next().unwrap_or("").starts_with('.')),
-        "a temporary name reached the bucket: {keys:?}"
-    );
+    assert_no_temporary_names(&server.keys(&bucket));
     for (rel, body) in &files {
         assert_eq!(
             server.get(&bucket, &format!("r/{rel}")).as_deref(),

@@ -731,6 +731,16 @@ impl Drop for Mount {
     }
 }
 
+/// No key's last component starts with `.`: rsync's temporary names (`.name.XXXXXX`) did not
+/// reach the bucket, or were removed.
+pub fn assert_no_temporary_names(keys: &[String]) {
+    let left: Vec<&String> = keys
+        .iter()
+        .filter(|k| k.rsplit('/').next().unwrap_or("").starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "temporary names in the bucket: {left:?}");
+}
+
 /// Whether `p` is a mount point now. Only its parent is resolved: a stat of a mount whose
 /// daemon died fails (ENOTCONN), and such a mount must still count, or it is never unmounted
 /// and shows as DEAD to every later `s3mount status` on the machine.
