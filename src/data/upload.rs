@@ -38,6 +38,11 @@ pub struct CommittedPrefix {
 
 type PartResult = StoreResult<(CompletedPart, u32, u64)>;
 
+/// What the `.info` beside a stream's local copy says: the key it is for.
+fn spool_info(key: &str) -> String {
+    format!("key: {key}\nkind: bytes of a streamed upload, from offset 0\n")
+}
+
 pub struct StreamUpload {
     store: Arc<dyn ObjectStore>,
     key: String,
@@ -347,8 +352,7 @@ impl StreamUpload {
         self.key = key.to_string();
         self.opts.content_type = content_type;
         if let Some(spool) = &self.spool {
-            let text = format!("key: {key}\nkind: bytes of a streamed upload, from offset 0\n");
-            if let Err(e) = std::fs::write(super::staging::sidecar(&spool.path), text) {
+            if let Err(e) = std::fs::write(super::staging::sidecar(&spool.path), spool_info(key)) {
                 tracing::warn!(key, path = %spool.path.display(), "cannot name the new key beside the local copy: {e}");
             }
         }
@@ -774,11 +778,7 @@ impl StreamUpload {
                         .create_new(true)
                         .mode(0o600)
                         .open(super::staging::sidecar(&path))?,
-                    format!(
-                        "key: {}\nkind: bytes of a streamed upload, from offset 0\n",
-                        self.key
-                    )
-                    .as_bytes(),
+                    spool_info(&self.key).as_bytes(),
                 )?;
                 DirectAppender::create(&path)
             });
